@@ -1,0 +1,26 @@
+"""merge-graphs: merge models trained from different initializations by aligning their units first."""
+
+from merge_graphs.api import permute
+from merge_graphs.errors import (
+    CheckpointNotFoundError,
+    MergeGraphsError,
+    SpecMismatchError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+    UnsupportedTensorError,
+)
+from merge_graphs.symmetry import (
+    SymmetrySpec,
+    compose_permutations,
+    invert_permutations,
+    random_permutations,
+    symmetry_spec,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointNotFoundError", "MergeGraphsError", "SpecMismatchError", "SymmetrySpec",
+    "UnsafeCheckpointError", "UnsupportedArchitectureError", "UnsupportedTensorError",
+    "compose_permutations", "invert_permutations", "permute", "random_permutations", "symmetry_spec",
+]

@@ -1,0 +1,25 @@
+"""Errors raised by merge-graphs. Each message names the problem and the fix."""
+
+
+class MergeGraphsError(Exception):
+    """Base class of every error merge-graphs raises on purpose."""
+
+
+class UnsupportedArchitectureError(MergeGraphsError, ValueError):
+    """The model's architecture has no symmetry spec."""
+
+
+class UnsupportedTensorError(MergeGraphsError, ValueError):
+    """A checkpoint holds a floating-point tensor that its family's spec does not describe."""
+
+
+class SpecMismatchError(MergeGraphsError, ValueError):
+    """A checkpoint's tensor shapes disagree with what its config implies."""
+
+
+class CheckpointNotFoundError(MergeGraphsError, FileNotFoundError):
+    """A model folder or Hub repository could not be found."""
+
+
+class UnsafeCheckpointError(MergeGraphsError, ValueError):
+    """Only pickle weights exist and the user has not opted in to loading them."""

@@ -1,0 +1,78 @@
+"""Symmetry specs: one small declarative module per architecture family."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from merge_graphs.errors import UnsupportedArchitectureError
+from merge_graphs.symmetry import bert, gpt2, llama, sequential
+from merge_graphs.symmetry.builder import SpecBuilder, TensorInfo, infos
+from merge_graphs.symmetry.spec import (
+    Group,
+    Permutations,
+    Space,
+    SymmetrySpec,
+    TensorSpec,
+    compose_permutations,
+    identity_permutations,
+    invert_permutations,
+    permute_state_dict,
+    permute_tensor,
+    random_permutations,
+)
+
+# config.model_type -> family module
+FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama}
+SUPPORTED = tuple(a for m in (bert, gpt2, llama) for a in m.ARCHITECTURES) + ("torch.nn.Sequential (MLP, CNN)",)
+
+
+def spec_from_config(config, tensors: Mapping[str, TensorInfo], architecture: str | None = None) -> SymmetrySpec:
+    """The spec of a Hugging Face checkpoint from its config and its tensors' shapes.
+
+    Needs no weights, so it works on lazily opened safetensors shards.
+    """
+    model_type = getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    architecture = architecture or (getattr(config, "architectures", None) or [None])[0]
+    if family is None or architecture not in family.ARCHITECTURES:
+        what = architecture or model_type or type(config).__name__
+        raise UnsupportedArchitectureError(
+            f"no symmetry spec for {what!r}. Supported: {', '.join(SUPPORTED)}. "
+            "If config.json lacks 'architectures', load the model with its class and pass it in."
+        )
+    return family.build(SpecBuilder(model_type, tensors), config, architecture)
+
+
+def symmetry_spec(model: nn.Module) -> SymmetrySpec:
+    """The permutation symmetries of a model: groups, and the label of every tensor axis.
+
+    Args:
+        model: a supported transformers model, or an ``nn.Sequential`` MLP / CNN.
+
+    Raises:
+        UnsupportedArchitectureError: the architecture has no spec; the message lists those that do.
+
+    Example:
+        >>> import transformers, merge_graphs
+        >>> cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        ...                               num_attention_heads=4, intermediate_size=64)
+        >>> spec = merge_graphs.symmetry_spec(transformers.BertModel(cfg))
+        >>> spec.groups["layers.0.mlp"].size, spec.groups["layers.0.attn.qk"].parent
+        (64, 'layers.0.attn.heads')
+    """
+    if isinstance(model, nn.Sequential):
+        return sequential.build(model)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedArchitectureError(
+            f"no symmetry spec for {type(model).__name__}. Supported: {', '.join(SUPPORTED)}.")
+    return spec_from_config(config, infos(model.state_dict()), type(model).__name__)
+
+
+__all__ = [
+    "FAMILIES", "SUPPORTED", "Group", "Permutations", "Space", "SymmetrySpec", "TensorSpec", "TensorInfo",
+    "compose_permutations", "identity_permutations", "invert_permutations", "permute_state_dict",
+    "permute_tensor", "random_permutations", "spec_from_config", "symmetry_spec",
+]

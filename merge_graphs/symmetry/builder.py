@@ -1,0 +1,162 @@
+"""Assemble a :class:`SymmetrySpec` from a family's table and a checkpoint's tensor shapes.
+
+Family modules declare groups, spaces and tensor labels; the builder keeps the labelled
+tensors that the checkpoint actually has (optional biases, an untied head), checks every
+labelled axis against the stored shape, and refuses floating-point tensors that the family
+does not describe: an unknown tensor could touch a permuted axis and silently break the
+model, so it is an error, not something to copy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from merge_graphs.errors import SpecMismatchError, UnsupportedTensorError
+from merge_graphs.symmetry.spec import Group, Space, SymmetrySpec, TensorSpec
+
+Axis = Space | Sequence[Space] | None
+
+
+class TensorInfo:
+    """Shape and dtype of one stored tensor, without its data."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorInfo:
+        return cls(tensor.shape, tensor.dtype)
+
+
+def infos(state: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of a state dict."""
+    return {k: TensorInfo.of(v) for k, v in state.items()}
+
+
+class SpecBuilder:
+    """Collects one family's declarations, then :meth:`build` checks them against a checkpoint."""
+
+    def __init__(self, family: str, tensors: Mapping[str, TensorInfo]):
+        self.family = family
+        self.stored = dict(tensors)
+        self.groups: dict[str, Group] = {}
+        self.labels: dict[str, TensorSpec] = {}
+        self.carry_patterns: list[str] = []
+
+    def group(self, name: str, size: int, parent: str | None = None) -> str:
+        self.groups[name] = Group(name, size, parent)
+        return name
+
+    def space(self, name: str, *factors: tuple[str | None, int]) -> Space:
+        return Space(name, tuple(factors))
+
+    def fixed(self, name: str, size: int) -> Space:
+        """Units with an identity of their own (tokens, input features, classes)."""
+        return Space(name, ((None, size),))
+
+    def attention(
+        self, layer: str, n_heads: int, n_kv_heads: int, head_dim: int, rope: bool
+    ) -> tuple[Space, Space, Space, Space]:
+        """Groups and spaces of one attention layer: the q, k, v outputs and the o input.
+
+        Key/value heads move as blocks (group ``{layer}.heads``); under grouped-query
+        attention the query heads that share a key/value head may swap among themselves
+        (``{layer}.query_heads``, one permutation per key/value head). Within each head, the
+        q/k dims share one permutation (``{layer}.qk``) and the v/o dims another
+        (``{layer}.vo``). RoPE rotates fixed pairs of q/k dims, so with RoPE the q/k dims stay put.
+        """
+        if n_heads % n_kv_heads:
+            raise SpecMismatchError(f"{layer}: {n_heads} query heads do not divide into {n_kv_heads} key/value heads")
+        per_kv = n_heads // n_kv_heads
+        heads = (self.group(f"{layer}.heads", n_kv_heads), n_kv_heads)
+        qk = (None if rope else self.group(f"{layer}.qk", head_dim, parent=heads[0]), head_dim)
+        vo = (self.group(f"{layer}.vo", head_dim, parent=heads[0]), head_dim)
+        query = (heads,) if per_kv == 1 else (heads, (self.group(f"{layer}.query_heads", per_kv, parent=heads[0]), per_kv))
+        return (
+            self.space(f"{layer}.q", *query, qk),
+            self.space(f"{layer}.k", heads, qk),
+            self.space(f"{layer}.v", heads, vo),
+            self.space(f"{layer}.o", *query, vo),
+        )
+
+    def tensor(self, name: str, *axes: Axis, role: str, fan_in_axis: int | None = None) -> None:
+        """Label tensor ``name``; it is kept only if the checkpoint has it.
+
+        ``fan_in_axis`` is the axis that indexes input units: 1 for ``nn.Linear`` and
+        convolutions (the default for 2-D and larger tensors), 0 for GPT-2's ``Conv1D`` and
+        for embeddings, whose rows are indexed by the token that goes in.
+        """
+        norm = tuple(None if a is None else ((a,) if isinstance(a, Space) else tuple(a)) for a in axes)
+        if fan_in_axis is None:
+            fan_in_axis = 1 if len(norm) > 1 else 0
+        self.labels[name] = TensorSpec(name, norm, role, fan_in_axis)
+
+    def carry(self, pattern: str) -> None:
+        """Copy floating-point tensors matching ``pattern`` (e.g. RoPE's frequencies) as they are."""
+        self.carry_patterns.append(pattern)
+
+    def has(self, name: str) -> bool:
+        return name in self.stored
+
+    def build(self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> SymmetrySpec:
+        tensors: dict[str, TensorSpec] = {}
+        carried: list[str] = []
+        unlabelled: list[str] = []
+        for name, info in self.stored.items():
+            label = self.labels.get(name)
+            if not info.dtype.is_floating_point or any(fnmatch.fnmatchcase(name, p) for p in self.carry_patterns):
+                carried.append(name)
+            elif label is None:
+                unlabelled.append(name)
+            else:
+                self._check_shape(label, info)
+                tensors[name] = label
+        if unlabelled:
+            shown = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
+            raise UnsupportedTensorError(
+                f"the {self.family} symmetry spec does not describe {len(unlabelled)} tensor(s): {shown}. "
+                "This checkpoint has layers the family does not know, so permuting it could change "
+                "what it computes. Open an issue with the model's config, or merge it with a tool "
+                "that does not align units."
+            )
+        used = {g for t in tensors.values() for axis in t.axes for s in axis or () for g in s.groups}
+        used |= {self.groups[g].parent for g in used if self.groups[g].parent}
+        groups = {n: g for n, g in self.groups.items() if n in used}
+        outputs = {k: v for k, v in (outputs or {}).items() if v in groups}
+        return SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes))
+
+    def _check_shape(self, label: TensorSpec, info: TensorInfo) -> None:
+        if len(label.axes) != len(info.shape):
+            raise SpecMismatchError(
+                f"{label.name}: the {self.family} spec expects {len(label.axes)} axes, "
+                f"the checkpoint has shape {info.shape}"
+            )
+        for a, axis in enumerate(label.axes):
+            if axis is None:
+                continue
+            expected = sum(s.size for s in axis)
+            if expected != info.shape[a]:
+                spaces = " + ".join(f"{s.name}[{s.size}]" for s in axis)
+                raise SpecMismatchError(
+                    f"{label.name}: axis {a} has {info.shape[a]} entries but the config implies "
+                    f"{expected} ({spaces}). The config.json does not match the weights; "
+                    "check that both come from the same checkpoint."
+                )
+
+
+def find_prefix(tensors: Mapping[str, TensorInfo], prefix: str, probe: str) -> str:
+    """``prefix + '.'`` if the base model's tensors are nested under it, else ``''``."""
+    if f"{prefix}.{probe}" in tensors:
+        return f"{prefix}."
+    if probe in tensors:
+        return ""
+    raise UnsupportedTensorError(
+        f"found neither {prefix}.{probe} nor {probe} among the checkpoint's tensors; "
+        "is this the architecture its config says?"
+    )
