@@ -1,6 +1,7 @@
 """merge-graphs: merge models trained from different initializations by aligning their units first."""
 
-from merge_graphs.api import permute
+from merge_graphs.api import neural_graph, permute
+from merge_graphs.graph import NeuralGraph
 from merge_graphs.errors import (
     CheckpointNotFoundError,
     MergeGraphsError,
@@ -12,6 +13,7 @@ from merge_graphs.errors import (
 from merge_graphs.symmetry import (
     SymmetrySpec,
     compose_permutations,
+    identity_permutations,
     invert_permutations,
     random_permutations,
     symmetry_spec,
@@ -22,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointNotFoundError", "MergeGraphsError", "SpecMismatchError", "SymmetrySpec",
     "UnsafeCheckpointError", "UnsupportedArchitectureError", "UnsupportedTensorError",
-    "compose_permutations", "invert_permutations", "permute", "random_permutations", "symmetry_spec",
+    "NeuralGraph", "compose_permutations", "identity_permutations", "invert_permutations", "neural_graph", "permute", "random_permutations", "symmetry_spec",
 ]

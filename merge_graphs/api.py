@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from merge_graphs.graph import NeuralGraph
 from merge_graphs.symmetry import SymmetrySpec, permute_state_dict, symmetry_spec
 
 
@@ -37,3 +38,19 @@ def permute(model: nn.Module, permutations: Mapping[str, torch.Tensor], spec: Sy
     out = copy.deepcopy(model)
     out.load_state_dict(state)
     return out
+
+
+def neural_graph(model: nn.Module, spec: SymmetrySpec | None = None) -> NeuralGraph:
+    """The neural graph of a model: units as nodes, weights as typed edge blocks.
+
+    The graph references the model's tensors; it copies no weights.
+
+    Example:
+        >>> import torch, merge_graphs
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> g = merge_graphs.neural_graph(mlp)
+        >>> g.num_nodes, g.num_edges
+        (14, 48)
+    """
+    spec = spec or symmetry_spec(model)
+    return NeuralGraph(spec, model.state_dict())

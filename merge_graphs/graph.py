@@ -1,0 +1,171 @@
+"""Neural graphs: a model's units as nodes, its weights as typed edge blocks.
+
+Every space of the symmetry spec becomes a node set: hidden units that a group permutes, or
+fixed units with an identity of their own (tokens, positions, input features, classes).
+Every weight matrix becomes one or more dense edge blocks from the units that feed it to the
+units it writes, typed by role (``embed``, ``attn.q``, ``mlp.down`` ...). One-dimensional
+tensors (biases, norm gains, BatchNorm statistics) become node features. Blocks reference
+the model's tensors by name and are oriented on demand, so building a graph copies nothing:
+the GNN computes a dense block's messages as matrix products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from merge_graphs.symmetry.spec import Space, SymmetrySpec, space_index
+
+
+@dataclass(frozen=True)
+class NodeSet:
+    """The nodes of one space: ``size`` nodes from ``offset`` in the global node order."""
+
+    name: str
+    space: Space
+    offset: int
+    role: str
+    depth: float
+
+    @property
+    def size(self) -> int:
+        return self.space.size
+
+    @property
+    def fixed(self) -> bool:
+        """Fixed nodes keep their index under every permutation (tokens, classes)."""
+        return not self.space.groups
+
+
+@dataclass(frozen=True)
+class EdgeBlock:
+    """A dense block of edges: the slice of ``tensor`` from node set ``src`` to ``dst``."""
+
+    tensor: str
+    src: str
+    dst: str
+    role: str
+    src_axis: int
+    src_slice: slice
+    dst_slice: slice
+
+
+@dataclass(frozen=True)
+class NodeFeature:
+    """A 1-D tensor (or a slice of one) giving one value per node of ``nodes``."""
+
+    tensor: str
+    nodes: str
+    role: str
+    index: slice
+
+
+class NeuralGraph:
+    """The neural graph of one model over its named tensors.
+
+    Attributes:
+        spec: the symmetry spec it was built from.
+        node_sets: node sets by name, in order of first appearance from inputs to outputs.
+        edges: dense edge blocks, one per (weight tensor, concatenated part).
+        node_features: per-node values (biases, norm gains, statistics).
+        num_nodes: the number of nodes.
+        num_edges: the number of edges (a convolution's edge carries its whole kernel).
+    """
+
+    def __init__(self, spec: SymmetrySpec, tensors: Mapping[str, torch.Tensor]):
+        self.spec = spec
+        self.tensors = tensors
+        self.edges: list[EdgeBlock] = []
+        self.node_features: list[NodeFeature] = []
+        order: list[Space] = []
+
+        def visit(space: Space):
+            if space not in order:
+                order.append(space)
+
+        for t in spec.tensors.values():
+            if len(t.axes) == 1:
+                for s, part in _parts(t.axes[0]):
+                    self.node_features.append(NodeFeature(t.name, s.name, t.role, part))
+                continue
+            src_axis = t.fan_in_axis
+            dst_axis = 1 - src_axis
+            roles = t.role.split("|")
+            for src, src_part in _parts(t.axes[src_axis]):
+                visit(src)
+                for k, (dst, dst_part) in enumerate(_parts(t.axes[dst_axis])):
+                    visit(dst)
+                    role = roles[k] if len(roles) > 1 else t.role
+                    self.edges.append(EdgeBlock(t.name, src.name, dst.name, role, src_axis, src_part, dst_part))
+        for f in self.node_features:
+            visit(spec.spaces[f.nodes])
+
+        first_role = {}
+        for e in self.edges:
+            first_role.setdefault(e.dst, e.role)
+        for e in self.edges:
+            first_role.setdefault(e.src, e.role)
+        # Fixed units first met as an edge's source are the model's inputs, at depth 0; the
+        # other sets are ranked by first appearance, which follows the forward pass.
+        inputs = {e.src for e in self.edges if not spec.spaces[e.src].groups} - {e.dst for e in self.edges}
+        ranked = [s.name for s in order if s.name not in inputs]
+        self.node_sets: dict[str, NodeSet] = {}
+        offset = 0
+        for s in order:
+            depth = 0.0 if s.name in inputs else (ranked.index(s.name) + 1) / len(ranked)
+            self.node_sets[s.name] = NodeSet(s.name, s, offset, _node_role(s, first_role.get(s.name)), depth)
+            offset += s.size
+        self.num_nodes = offset
+        self.num_edges = sum(
+            (e.src_slice.stop - e.src_slice.start) * (e.dst_slice.stop - e.dst_slice.start) for e in self.edges
+        )
+
+    def block(self, edge: EdgeBlock) -> torch.Tensor:
+        """The edge block as ``(dst, src, *kernel)``: row ``i`` holds node ``i``'s incoming weights."""
+        w = self.tensors[edge.tensor]
+        w = w.narrow(edge.src_axis, edge.src_slice.start, edge.src_slice.stop - edge.src_slice.start)
+        dst_axis = 1 - edge.src_axis
+        w = w.narrow(dst_axis, edge.dst_slice.start, edge.dst_slice.stop - edge.dst_slice.start)
+        return w.transpose(0, 1) if edge.src_axis == 0 else w
+
+    def feature(self, feature: NodeFeature) -> torch.Tensor:
+        """The values of one node feature, one per node of its node set."""
+        return self.tensors[feature.tensor][feature.index]
+
+    def node_order(self, permutations: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Global node index ``idx``: node ``i`` of the permuted model's graph is node ``idx[i]`` here."""
+        parts = [ns.offset + space_index(ns.space, self.spec.groups, permutations) for ns in self.node_sets.values()]
+        return torch.cat(parts)
+
+    def __repr__(self) -> str:
+        return (
+            f"NeuralGraph(family={self.spec.family!r}, node_sets={len(self.node_sets)}, "
+            f"nodes={self.num_nodes}, edge_blocks={len(self.edges)}, edges={self.num_edges})"
+        )
+
+
+def _parts(spaces) -> list[tuple[Space, slice]]:
+    out, offset = [], 0
+    for s in spaces or ():
+        out.append((s, slice(offset, offset + s.size)))
+        offset += s.size
+    return out
+
+
+def _node_role(space: Space, edge_role: str | None) -> str:
+    """Hidden units of one kind share a role across families; fixed units are named.
+
+    ``edge_role`` is the role of the first edge into the set (or out of it, for sets that
+    only feed others, like an attention layer's o input).
+    """
+    if not space.groups:
+        return f"fixed.{space.name}"
+    if space.name == "residual":
+        return "residual"
+    if edge_role == "conv":
+        return "conv"
+    if edge_role is None or edge_role == "linear":
+        return "hidden"
+    return "mlp" if edge_role.startswith("mlp") else edge_role

