@@ -23,3 +23,7 @@ class CheckpointNotFoundError(MergeGraphsError, FileNotFoundError):
 
 class UnsafeCheckpointError(MergeGraphsError, ValueError):
     """Only pickle weights exist and the user has not opted in to loading them."""
+
+
+class RemoteCodeError(UnsafeCheckpointError):
+    """The checkpoint needs Python code from its repository and the user has not opted in to running it."""

@@ -227,9 +227,9 @@ def interpolation_curve(
     The whole state dict is interpolated, buffers included: BatchNorm running statistics
     are averaged like weights, which is not the statistics of the averaged network. REPAIR-
     style renormalization is out of scope here; recompute the statistics inside ``loss_fn``
-    if you need them. The scratch copy keeps ``model_a``'s train/eval mode; ``loss_fn``
-    decides the mode and whether gradients are tracked (:func:`cross_entropy` and
-    :func:`accuracy` use eval mode without gradients).
+    if you need them. ``loss_fn`` runs under ``torch.no_grad()``; the scratch copy keeps
+    ``model_a``'s train/eval mode, so ``loss_fn`` decides the mode (:func:`cross_entropy`
+    and :func:`accuracy` switch to eval mode).
 
     Args:
         model_a, model_b: the endpoints (``model_b`` is usually already aligned to ``model_a``).
@@ -262,7 +262,8 @@ def interpolation_curve(
             for name, t in target.items():
                 if t.is_floating_point() and not kept(name):
                     t.copy_(_lerp(sd_a[name], sd_b[name], alpha))
-        loss = float(loss_fn(scratch))
+        with torch.no_grad():
+            loss = float(loss_fn(scratch))
         logger.debug("interpolation alpha=%.3f loss=%.6g", alpha, loss)
         losses.append(loss)
     curve = InterpolationCurve(alphas, losses, label)

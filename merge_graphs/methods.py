@@ -1,0 +1,377 @@
+"""Merge methods: combine the tensors that N aligned models hold at one position.
+
+The definitions, parameter names and defaults follow mergekit's (``merge_methods/linear.py``,
+``slerp.py``, ``generalized_task_arithmetic.py``, ``registry.py`` and ``sparsify.py``), so a
+recipe means the same thing in both tools.
+
+Conventions of :func:`merge_tensors`:
+
+* ``tensors`` holds the models that are not the base; ``base`` is passed on its own.
+  For ``task_arithmetic``, ``ties``, ``dare_linear`` and ``dare_ties``, a mergekit recipe that
+  lists its ``base_model`` among ``models`` maps here by dropping that entry and passing its
+  tensor as ``base``: mergekit skips the base's ``weight`` and ``density`` for these methods.
+* ``slerp`` takes ``base`` (the ``t = 0`` end, as in mergekit) and exactly one other tensor
+  (the ``t = 1`` end), whether or not the recipe lists the base among its models.
+* ``linear`` takes no ``base``: mergekit averages ``base_model`` like any other model (adding
+  it to the inputs if it is not listed), so pass it in ``tensors`` with its own ``weight``.
+* Parameter values are scalars. mergekit's gradients and per-tensor-name filters must be
+  evaluated for the tensor at hand before calling.
+* A per-model parameter set in ``parameters`` applies to every model that does not set it
+  itself, as a top-level ``parameters:`` entry does in a mergekit recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Above this |cosine| slerp falls back to lerp, as in mergekit: the slerp weights divide by
+# sin(theta), which vanishes for (anti-)colinear tensors.
+DOT_THRESHOLD = 0.9995
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: the name recipes use, e.g. ``"ties"``.
+        needs_base: whether :func:`merge_tensors` requires ``base``.
+        global_parameters: ``{name: default}`` for parameters that apply to the whole merge;
+            a default of ``None`` means the parameter is required.
+        model_parameters: ``{name: default}`` for parameters set per model, likewise.
+        fn: ``fn(tensors, base, model_parameters, parameters, generator) -> Tensor``, called
+            with floating tensors of one dtype and fully resolved parameters.
+    """
+
+    name: str
+    needs_base: bool
+    global_parameters: Mapping[str, Any]
+    model_parameters: Mapping[str, Any]
+    fn: Callable[..., Tensor]
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    needs_base: bool,
+    global_parameters: Mapping[str, Any],
+    model_parameters: Mapping[str, Any],
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator adding a merge function to :data:`METHODS` under ``name``.
+
+    Example:
+        >>> import torch
+        >>> from merge_graphs.methods import METHODS, merge_tensors, register
+        >>> @register("first", needs_base=False, global_parameters={}, model_parameters={})
+        ... def first(tensors, base, model_parameters, parameters, generator):
+        ...     return tensors[0]
+        >>> merge_tensors("first", [torch.ones(2), torch.zeros(2)])
+        tensor([1., 1.])
+        >>> del METHODS["first"]
+    """
+
+    def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is already registered; pick another name")
+        METHODS[name] = MergeMethod(
+            name=name,
+            needs_base=needs_base,
+            global_parameters=MappingProxyType(dict(global_parameters)),
+            model_parameters=MappingProxyType(dict(model_parameters)),
+            fn=fn,
+        )
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered merge method called ``name``; ValueError listing the known ones if none."""
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; known methods: {_names(METHODS)}")
+    return METHODS[name]
+
+
+def merge_tensors(
+    method: str,
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Merge one tensor position of several aligned models.
+
+    Args:
+        method: a name in :data:`METHODS`.
+        tensors: the non-base models' tensors, all of one shape (see the module docstring).
+        base: the base model's tensor, for methods that need one.
+        model_parameters: one mapping per entry of ``tensors``, e.g. ``{"weight": 0.5}``.
+        parameters: the merge's global parameters, e.g. ``{"normalize": False}``, plus
+            per-model ones that every model shares.
+        generator: the random source of ``dare_*`` pruning; pass a seeded one to reproduce a
+            merge. ``None`` uses torch's global generator, as mergekit does.
+
+    Returns:
+        The merged tensor in the dtype of the reference tensor: ``base`` for methods that need
+        one, else ``tensors[0]``. The arithmetic runs in at least float32. A non-floating
+        reference (e.g. integer position ids) comes back unchanged: such tensors are copied,
+        never averaged.
+
+    Example:
+        >>> import torch
+        >>> from merge_graphs.methods import merge_tensors
+        >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+        >>> merge_tensors("linear", [a, b], model_parameters=[{"weight": 1.0}, {"weight": 3.0}])
+        tensor([2.5000, 5.0000])
+        >>> merge_tensors("task_arithmetic", [b], base=a, parameters={"weight": 1.0, "lambda": 0.5})
+        tensor([2., 4.])
+    """
+    m = get_method(method)
+    tensors = list(tensors)
+    if m.needs_base and base is None:
+        raise ValueError(f"merge method {m.name!r} needs a base model: set base_model in the recipe")
+    if not m.needs_base and base is not None:
+        raise ValueError(
+            f"merge method {m.name!r} takes no separate base: mergekit averages base_model like "
+            "any other model here, so pass its tensor in tensors with its own parameters"
+        )
+    if base is None and not tensors:
+        raise ValueError(f"merge method {m.name!r} got no tensors to merge; pass at least one")
+    global_values, model_values = _resolve_parameters(m, len(tensors), model_parameters, parameters or {})
+
+    reference = base if base is not None else tensors[0]
+    shapes = {tuple(t.shape) for t in tensors} | {tuple(reference.shape)}
+    if len(shapes) > 1:
+        raise ValueError(f"merge method {m.name!r} got tensors of different shapes {sorted(shapes)}; align them first")
+    if not reference.dtype.is_floating_point:
+        return reference
+
+    work = torch.promote_types(reference.dtype, torch.float32)
+    merged = m.fn(
+        [t.to(work) for t in tensors],
+        None if base is None else base.to(work),
+        model_values,
+        global_values,
+        generator,
+    )
+    return merged.to(reference.dtype)
+
+
+def _names(names: Any) -> str:
+    return ", ".join(sorted(names)) or "none"
+
+
+def _lookup(name: str, default: Any, *sources: Mapping[str, Any]) -> Any:
+    # mergekit treats an explicit None like an absent entry and falls through to the next level
+    for source in sources:
+        if source.get(name) is not None:
+            return source[name]
+    return default
+
+
+def _resolve_parameters(
+    m: MergeMethod,
+    n: int,
+    model_parameters: Sequence[Mapping[str, Any]] | None,
+    parameters: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    allowed = {**m.global_parameters, **m.model_parameters}
+    for name in parameters:
+        if name not in allowed:
+            raise ValueError(f"unknown parameter {name!r} for merge method {m.name!r}; allowed: {_names(allowed)}")
+    if model_parameters is None:
+        model_parameters = [{}] * n
+    if len(model_parameters) != n:
+        raise ValueError(
+            f"merge method {m.name!r} got {len(model_parameters)} model_parameters entries for "
+            f"{n} tensors; give one mapping per tensor (the base takes none)"
+        )
+    for mp in model_parameters:
+        for name in mp:
+            if name in m.global_parameters:
+                raise ValueError(
+                    f"{name!r} is a global parameter of merge method {m.name!r}, not a per-model one; "
+                    "set it in parameters"
+                )
+            if name not in m.model_parameters:
+                raise ValueError(
+                    f"unknown per-model parameter {name!r} for merge method {m.name!r}; "
+                    f"allowed: {_names(m.model_parameters)}"
+                )
+
+    global_values = {name: _lookup(name, default, parameters) for name, default in m.global_parameters.items()}
+    model_values = [
+        {name: _lookup(name, default, mp, parameters) for name, default in m.model_parameters.items()}
+        for mp in model_parameters
+    ]
+    for where, values in [("", global_values)] + [(f" for model {i}", v) for i, v in enumerate(model_values)]:
+        for name, value in values.items():
+            if value is None:
+                raise ValueError(f"merge method {m.name!r} needs parameter {name!r}{where}; set it in the recipe")
+    return global_values, model_values
+
+
+def _per_model(values: Sequence[float], like: Tensor) -> Tensor:
+    """``values`` as a tensor broadcasting against ``like``, which is stacked along dim 0."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+
+
+@register("linear", needs_base=False, global_parameters={"normalize": True}, model_parameters={"weight": None})
+def linear(tensors, base, model_parameters, parameters, generator):
+    """sum_i w_i t_i, divided by sum_i w_i when ``normalize``."""
+    stacked = torch.stack(tensors)
+    weights = [p["weight"] for p in model_parameters]
+    merged = (_per_model(weights, stacked) * stacked).sum(dim=0)
+    if parameters["normalize"]:
+        # mergekit divides anyway and writes inf/nan; no recipe means that
+        if sum(weights) == 0:
+            raise ValueError("linear merge with normalize needs weights that do not sum to 0; change the weights or set normalize: false")
+        merged = merged / sum(weights)
+    return merged
+
+
+def _unit(v: Tensor, eps: float = 1e-8) -> Tensor:
+    # a (near) zero tensor is left as is, so its cosine with anything is 0, as in mergekit
+    norm = v.norm()
+    return v / norm if norm > eps else v
+
+
+@register("slerp", needs_base=True, global_parameters={"t": None}, model_parameters={})
+def slerp(tensors, base, model_parameters, parameters, generator):
+    """Spherical interpolation from ``base`` (t=0) to the other tensor (t=1), each flattened
+    to one vector; lerp where they are (anti-)colinear."""
+    if len(tensors) != 1:
+        raise ValueError(
+            f"slerp merges exactly two models, base_model (t=0) and one other (t=1), but got "
+            f"{1 + len(tensors)}; pass the base as base and the other model alone in tensors"
+        )
+    t = parameters["t"]
+    v0, v1 = base, tensors[0]
+    dot = (_unit(v0) * _unit(v1)).sum().item()
+    if abs(dot) > DOT_THRESHOLD:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(dot)
+    s0 = math.sin((1 - t) * theta) / math.sin(theta)
+    s1 = math.sin(t * theta) / math.sin(theta)
+    return s0 * v0 + s1 * v1
+
+
+def _rescale_l1(delta: Tensor, pruned: Tensor, eps: float = 1e-7) -> Tensor:
+    # mergekit's `rescale` restores the L1 norm of the delta; for random pruning the factor
+    # concentrates at 1/density on large tensors
+    before, after = delta.abs().sum(), pruned.abs().sum()
+    if before < eps or after < eps:
+        return pruned
+    return pruned * (before / after)
+
+
+def _magnitude_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
+    """Keep the int(density * numel) entries of largest |delta|; ties go to the lower flat index."""
+    if density >= 1:
+        return delta
+    k = int(density * delta.numel())
+    if k < 1:
+        raise ValueError(
+            f"density {density} keeps no entry of a tensor with {delta.numel()} elements; raise density"
+        )
+    keep = torch.argsort(delta.abs().flatten(), descending=True, stable=True)[:k]
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[keep] = 1
+    pruned = delta * mask.view_as(delta)
+    return _rescale_l1(delta, pruned) if rescale else pruned
+
+
+def _random_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
+    """Keep each entry independently with probability density (DARE)."""
+    if density >= 1:
+        return delta
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    pruned = delta * mask
+    return _rescale_l1(delta, pruned) if rescale else pruned
+
+
+def _generalized_task_arithmetic(tensors, base, model_parameters, parameters, generator, *, prune, consensus):
+    """base + lambda * mix of the (pruned) deltas t_i - base, as mergekit's GTATask.
+
+    With ``consensus`` (TIES "sum"), an entry keeps only the weighted deltas whose sign matches
+    the sign of their sum (a zero sum counts as positive; pruned zeros never match), and
+    ``normalize`` divides by the summed weights of exactly those models.
+    """
+    if not tensors:
+        return base
+    deltas = []
+    for t, p in zip(tensors, model_parameters):
+        delta = t - base
+        if prune is not None:
+            delta = prune(delta, p["density"], parameters["rescale"], generator)
+        deltas.append(delta)
+    deltas = torch.stack(deltas)
+    weights = _per_model([p["weight"] for p in model_parameters], deltas)
+    weighted = deltas * weights
+    if consensus:
+        majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+        agree = weighted.sign() == majority
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (weights * agree).sum(dim=0)
+        # where no model survives, mixed is 0 and the base stays
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weights.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
+    if parameters["normalize"]:
+        mixed = mixed / divisor
+    return base + parameters["lambda"] * mixed
+
+
+def _gta_globals(normalize: bool, rescale: bool) -> dict[str, Any]:
+    # int8_mask only changes the dtype of mergekit's sign mask; accepted so recipes carry over
+    return {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0}
+
+
+# density is declared for every task-arithmetic method, as in mergekit, though only the pruning
+# methods read it
+_GTA_MODEL = {"weight": None, "density": 1.0}
+
+
+@register("task_arithmetic", needs_base=True, global_parameters=_gta_globals(False, False), model_parameters=_GTA_MODEL)
+def task_arithmetic(tensors, base, model_parameters, parameters, generator):
+    """base + lambda * sum_i w_i (t_i - base), divided by sum_i w_i when ``normalize``."""
+    return _generalized_task_arithmetic(tensors, base, model_parameters, parameters, generator, prune=None, consensus=False)
+
+
+@register("ties", needs_base=True, global_parameters=_gta_globals(True, False), model_parameters=_GTA_MODEL)
+def ties(tensors, base, model_parameters, parameters, generator):
+    """TIES: magnitude pruning of each delta, sign consensus by sum, disjoint mean."""
+    return _generalized_task_arithmetic(
+        tensors, base, model_parameters, parameters, generator, prune=_magnitude_prune, consensus=True
+    )
+
+
+@register("dare_linear", needs_base=True, global_parameters=_gta_globals(False, True), model_parameters=_GTA_MODEL)
+def dare_linear(tensors, base, model_parameters, parameters, generator):
+    """DARE: random pruning of each delta, rescaled to its L1 norm, then task arithmetic."""
+    return _generalized_task_arithmetic(
+        tensors, base, model_parameters, parameters, generator, prune=_random_prune, consensus=False
+    )
+
+
+@register("dare_ties", needs_base=True, global_parameters=_gta_globals(False, True), model_parameters=_GTA_MODEL)
+def dare_ties(tensors, base, model_parameters, parameters, generator):
+    """DARE pruning with TIES sign consensus."""
+    return _generalized_task_arithmetic(
+        tensors, base, model_parameters, parameters, generator, prune=_random_prune, consensus=True
+    )

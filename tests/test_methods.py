@@ -1,0 +1,357 @@
+"""Merge methods against hand-computed results, mergekit's quirks, dtypes and error messages."""
+
+import doctest
+import math
+
+import pytest
+import torch
+
+from merge_graphs import methods
+from merge_graphs.methods import METHODS, get_method, merge_tensors, register
+
+
+def close(actual, expected, atol=1e-6):
+    expected = torch.as_tensor(expected, dtype=torch.float32)
+    assert actual.shape == expected.shape
+    assert torch.allclose(actual.float(), expected, atol=atol), (actual, expected)
+
+
+def test_doctests():
+    assert doctest.testmod(methods).failed == 0
+
+
+def test_registry_defaults_match_mergekit():
+    assert set(METHODS) >= {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
+    assert dict(METHODS["linear"].global_parameters) == {"normalize": True}
+    assert dict(METHODS["linear"].model_parameters) == {"weight": None}
+    assert dict(METHODS["slerp"].global_parameters) == {"t": None}
+    expected = {  # (normalize, rescale) per mergekit's registry.py
+        "task_arithmetic": (False, False),
+        "ties": (True, False),
+        "dare_linear": (False, True),
+        "dare_ties": (False, True),
+    }
+    for name, (normalize, rescale) in expected.items():
+        m = get_method(name)
+        assert m.needs_base
+        assert dict(m.global_parameters) == {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0}
+        assert dict(m.model_parameters) == {"weight": None, "density": 1.0}
+    assert not METHODS["linear"].needs_base and METHODS["slerp"].needs_base
+
+
+# linear
+
+
+A, B, C = [1.0, 2.0], [3.0, 4.0], [5.0, 0.0]
+
+
+def test_linear_three_models_normalized():
+    out = merge_tensors("linear", [torch.tensor(A), torch.tensor(B), torch.tensor(C)],
+                        model_parameters=[{"weight": 1}, {"weight": 2}, {"weight": 1}])
+    close(out, [(1 + 6 + 5) / 4, (2 + 8 + 0) / 4])
+
+
+def test_linear_unnormalized():
+    out = merge_tensors("linear", [torch.tensor(A), torch.tensor(B), torch.tensor(C)],
+                        model_parameters=[{"weight": 1}, {"weight": 2}, {"weight": 1}],
+                        parameters={"normalize": False})
+    close(out, [12.0, 10.0])
+
+
+def test_linear_global_weight_applies_to_models_without_their_own():
+    out = merge_tensors("linear", [torch.tensor(A), torch.tensor(B)],
+                        model_parameters=[{}, {"weight": 3.0}], parameters={"weight": 1.0})
+    close(out, [(1 + 9) / 4, (2 + 12) / 4])
+
+
+def test_linear_on_matrices():
+    a, b = torch.ones(2, 3), torch.full((2, 3), 4.0)
+    out = merge_tensors("linear", [a, b], model_parameters=[{"weight": 2.0}, {"weight": 1.0}])
+    close(out, [[2.0] * 3] * 2)
+
+
+# slerp
+
+
+def slerp(a, b, t):
+    return merge_tensors("slerp", [torch.tensor(b)], base=torch.tensor(a), parameters={"t": t})
+
+
+def test_slerp_endpoints_base_is_t0():
+    a, b = [2.0, 0.0], [0.0, 3.0]
+    close(slerp(a, b, 0.0), a)
+    close(slerp(a, b, 1.0), b)
+
+
+def test_slerp_orthogonal_closed_form():
+    # theta = pi/2, so s0 = cos(t pi/2), s1 = sin(t pi/2)
+    close(slerp([1.0, 0.0], [0.0, 1.0], 0.5), [math.sqrt(0.5), math.sqrt(0.5)])
+    close(slerp([2.0, 0.0], [0.0, 3.0], 0.5), [math.sqrt(2), 1.5 * math.sqrt(2)])
+    close(slerp([2.0, 0.0], [0.0, 3.0], 1 / 3), [math.sqrt(3), 1.5])
+
+
+def test_slerp_flattens_matrices():
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    out = merge_tensors("slerp", [b], base=a, parameters={"t": 0.5})
+    close(out, [[math.sqrt(0.5), 0.0], [0.0, math.sqrt(0.5)]])
+
+
+def test_slerp_colinear_falls_back_to_lerp():
+    close(slerp([1.0, 2.0], [3.0, 6.0], 0.5), [2.0, 4.0])
+    close(slerp([1.0, 2.0], [-2.0, -4.0], 0.5), [-0.5, -1.0])  # anti-colinear too
+    # cos = 1/sqrt(1.0004) = 0.9998 > 0.9995: lerp
+    close(slerp([1.0, 0.0], [1.0, 0.02], 0.25), [1.0, 0.005])
+
+
+def test_slerp_just_below_threshold_is_spherical():
+    # cos = 1/sqrt(1.0016) = 0.9992 < 0.9995: slerp
+    t = 0.25
+    theta = math.acos(1 / math.sqrt(1.0016))
+    s0 = math.sin((1 - t) * theta) / math.sin(theta)
+    s1 = math.sin(t * theta) / math.sin(theta)
+    close(slerp([1.0, 0.0], [1.0, 0.04], t), [s0 + s1, s1 * 0.04])
+
+
+def test_slerp_zero_tensor_counts_as_orthogonal():
+    # mergekit leaves a zero vector unnormalized, so its cosine is 0 and theta = pi/2
+    close(slerp([0.0, 0.0], [2.0, 4.0], 1 / 3), [2 * 0.5, 4 * 0.5])
+
+
+# task arithmetic
+
+BASE = [1.0, 2.0, 3.0]
+T1, T2 = [2.0, 2.0, 2.0], [0.0, 4.0, 3.0]  # deltas [1, 0, -1] and [-1, 2, 0]
+W = [{"weight": 0.5}, {"weight": 1.0}]
+
+
+def ta(**parameters):
+    return merge_tensors("task_arithmetic", [torch.tensor(T1), torch.tensor(T2)], base=torch.tensor(BASE),
+                         model_parameters=W, parameters=parameters)
+
+
+def test_task_arithmetic():
+    close(ta(), [1 - 0.5, 2 + 2, 3 - 0.5])  # mixed delta [-0.5, 2, -0.5]
+
+
+def test_task_arithmetic_lambda_and_normalize():
+    close(ta(**{"lambda": 2.0}), [0.0, 6.0, 2.0])
+    close(ta(normalize=True), [1 - 0.5 / 1.5, 2 + 2 / 1.5, 3 - 0.5 / 1.5])
+    close(ta(normalize=True, **{"lambda": 3.0}), [1 - 1.0, 2 + 4.0, 3 - 1.0])
+
+
+def test_task_arithmetic_ignores_density():
+    out = merge_tensors("task_arithmetic", [torch.tensor(T1), torch.tensor(T2)], base=torch.tensor(BASE),
+                        model_parameters=[{"weight": 0.5, "density": 0.1}, {"weight": 1.0, "density": 0.1}])
+    close(out, [0.5, 4.0, 2.5])
+
+
+def test_task_arithmetic_without_other_models_returns_base():
+    close(merge_tensors("task_arithmetic", [], base=torch.tensor(BASE)), BASE)
+
+
+# ties: 3 models, hand-worked
+#   base 1 everywhere; deltas (weights 1, 0.5, 2; densities 0.6, 0.4, 1):
+#   d1 = [ 3, -1,  0.5,  2, -4]  keep int(0.6*5)=3 largest |.|: [3, 0, 0, 2, -4]
+#   d2 = [-2, -3,  1,   -1,  0.2] keep 2:                      [-2, -3, 0, 0, 0]
+#   d3 = [ 1,  2, -0.1,  4, -1]  keep all
+#   weighted: [3,0,0,2,-4], [-1,-1.5,0,0,0], [2,4,-0.2,8,-2]; sum [4, 2.5, -0.2, 10, -6]
+#   agreeing (nonzero, sign of sum): {1,3}, {3}, {3}, {1,3}, {1,3}
+#   mixed [5, 4, -0.2, 10, -6]; divisor (weights of agreeing) [3, 2, 2, 3, 3]
+
+TIES_BASE = [1.0] * 5
+TIES_D = [[3, -1, 0.5, 2, -4], [-2, -3, 1, -1, 0.2], [1, 2, -0.1, 4, -1]]
+TIES_P = [{"weight": 1.0, "density": 0.6}, {"weight": 0.5, "density": 0.4}, {"weight": 2.0, "density": 1.0}]
+
+
+def ties(method="ties", model_parameters=TIES_P, **parameters):
+    base = torch.tensor(TIES_BASE)
+    return merge_tensors(method, [base + torch.tensor(d) for d in TIES_D], base=base,
+                         model_parameters=model_parameters, parameters=parameters)
+
+
+def test_ties_three_models_hand_worked():
+    close(ties(), [1 + 5 / 3, 1 + 4 / 2, 1 - 0.2 / 2, 1 + 10 / 3, 1 - 6 / 3])
+
+
+def test_ties_unnormalized_and_lambda():
+    close(ties(normalize=False), [6.0, 5.0, 0.8, 11.0, -5.0])
+    close(ties(**{"lambda": 0.5}), [1 + 2.5 / 3, 1 + 1.0, 1 - 0.05, 1 + 5 / 3, 1 - 1.0])
+    close(ties(int8_mask=True), ties())
+
+
+def test_ties_rescale_restores_l1_norm():
+    # d1 pruned keeps |3|+|2|+|-4| = 9 of its 10.5; d2 (kept [-2, -3], scaled) never agrees
+    s1 = 10.5 / 9
+    out = ties(normalize=False, rescale=True)
+    close(out, [1 + 3 * s1 + 2, 1 + 4, 1 - 0.2, 1 + 2 * s1 + 8, 1 - 4 * s1 - 2], atol=1e-5)
+
+
+def test_ties_zero_sum_counts_as_positive_and_empty_entries_keep_base():
+    base = torch.zeros(2)
+    out = merge_tensors("ties", [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], base=base,
+                        parameters={"weight": 1.0})
+    close(out, [1.0, 0.0])
+
+
+def test_dare_ties_at_density_one_is_sign_consensus_without_normalize():
+    # no pruning; weighted [3,-1,.5,2,-4], [-1,-1.5,.5,-.5,.1], [2,4,-.2,8,-2]; sum [4,1.5,.8,9.5,-5.9]
+    full = [{"weight": p["weight"]} for p in TIES_P]
+    close(ties("dare_ties", full), [1 + 5, 1 + 4, 1 + 1, 1 + 10, 1 - 6])
+    close(ties("dare_linear", full), [1 + 4, 1 + 1.5, 1 + 0.8, 1 + 9.5, 1 - 5.9])
+
+
+# dare
+
+
+def test_dare_is_deterministic_given_a_generator():
+    base = torch.zeros(1000)
+    others = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    kw = dict(base=base, parameters={"weight": 1.0, "density": 0.3})
+    for method in ("dare_linear", "dare_ties"):
+        a = merge_tensors(method, others, generator=torch.Generator().manual_seed(7), **kw)
+        b = merge_tensors(method, others, generator=torch.Generator().manual_seed(7), **kw)
+        c = merge_tensors(method, others, generator=torch.Generator().manual_seed(8), **kw)
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+
+
+def test_dare_rescale_keeps_l1_norm_and_is_unbiased():
+    # 3000 copies of one 1000-vector, pruned as one tensor: the L1 rescale factor is ~1/density
+    # and the mean over the copies estimates E[dare(delta)] with std |delta| / sqrt(3000 * 0.3/0.7)
+    density = 0.3
+    g = torch.Generator().manual_seed(0)
+    delta = (1 + torch.rand(1000, generator=g)) * torch.randn(1000, generator=g).sign()
+    tiled = delta.expand(3000, 1000).contiguous()
+    out = merge_tensors("dare_linear", [tiled], base=torch.zeros_like(tiled),
+                        parameters={"weight": 1.0, "density": density},
+                        generator=torch.Generator().manual_seed(1))
+    assert abs(out.abs().sum() / tiled.abs().sum() - 1) < 1e-5
+    kept = out != 0
+    assert abs(kept.float().mean().item() - density) < 0.005
+    assert torch.allclose(out[kept] / tiled[kept], torch.full_like(out[kept], 1 / density), rtol=0.01)
+    assert torch.allclose(out.mean(dim=0), delta, rtol=0.15)
+
+
+def test_dare_without_rescale_keeps_values():
+    delta = torch.arange(1.0, 10001.0)
+    out = merge_tensors("dare_linear", [delta], base=torch.zeros_like(delta),
+                        parameters={"weight": 1.0, "density": 0.5, "rescale": False},
+                        generator=torch.Generator().manual_seed(0))
+    kept = out != 0
+    assert torch.equal(out[kept], delta[kept])
+    assert abs(kept.float().mean().item() - 0.5) < 0.03
+
+
+# dtypes
+
+
+def test_bf16_round_trip_computes_in_float32():
+    g = torch.Generator().manual_seed(0)
+    base, x, y = (torch.randn(64, generator=g).bfloat16() for _ in range(3))
+    kw = dict(base=base, parameters={"weight": 0.7, "density": 0.5})
+    out = merge_tensors("ties", [x, y], **kw)
+    assert out.dtype == torch.bfloat16
+    ref = merge_tensors("ties", [x.float(), y.float()], base=base.float(), parameters=kw["parameters"])
+    assert torch.equal(out, ref.bfloat16())
+    out = merge_tensors("slerp", [x], base=base, parameters={"t": 0.3})
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, merge_tensors("slerp", [x.float()], base=base.float(), parameters={"t": 0.3}).bfloat16())
+
+
+def test_output_takes_the_reference_dtype():
+    out = merge_tensors("linear", [torch.ones(2, dtype=torch.float16), torch.zeros(2)],
+                        parameters={"weight": 1.0})
+    assert out.dtype == torch.float16
+    close(out, [0.5, 0.5])
+
+
+def test_non_float_tensors_come_back_unchanged():
+    ids = torch.arange(5)
+    assert merge_tensors("linear", [ids, ids + 1], parameters={"weight": 1.0}) is ids
+    assert merge_tensors("ties", [ids + 1], base=ids, parameters={"weight": 1.0}) is ids
+
+
+def test_inputs_are_not_modified():
+    base, x = torch.zeros(4), torch.tensor([1.0, -2.0, 3.0, -4.0])
+    merge_tensors("ties", [x], base=base, parameters={"weight": 2.0, "density": 0.5, "rescale": True})
+    assert torch.equal(base, torch.zeros(4)) and torch.equal(x, torch.tensor([1.0, -2.0, 3.0, -4.0]))
+
+
+# errors
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(ValueError, match=r"unknown merge method 'tie'.*dare_linear, dare_ties, linear, slerp"):
+        merge_tensors("tie", [torch.ones(2)])
+
+
+def test_unknown_global_parameter():
+    with pytest.raises(ValueError, match=r"unknown parameter 'dens' for merge method 'ties'; allowed: density, int8_mask"):
+        merge_tensors("ties", [torch.ones(2)], base=torch.zeros(2), parameters={"weight": 1, "dens": 0.5})
+
+
+def test_unknown_model_parameter():
+    with pytest.raises(ValueError, match=r"unknown per-model parameter 'density' for merge method 'linear'; allowed: weight"):
+        merge_tensors("linear", [torch.ones(2)], model_parameters=[{"weight": 1, "density": 0.5}])
+    with pytest.raises(ValueError, match=r"unknown per-model parameter 'weight' for merge method 'slerp'; allowed: none"):
+        merge_tensors("slerp", [torch.ones(2)], base=torch.zeros(2), model_parameters=[{"weight": 0.5}], parameters={"t": 0.5})
+
+
+def test_global_parameter_given_per_model():
+    with pytest.raises(ValueError, match=r"'normalize' is a global parameter of merge method 'ties'"):
+        merge_tensors("ties", [torch.ones(2)], base=torch.zeros(2), model_parameters=[{"weight": 1, "normalize": True}])
+
+
+@pytest.mark.parametrize("method", ["slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_missing_base(method):
+    with pytest.raises(ValueError, match=rf"merge method '{method}' needs a base model: set base_model"):
+        merge_tensors(method, [torch.ones(2), torch.zeros(2)], parameters={"t": 0.5} if method == "slerp" else {"weight": 1})
+
+
+def test_base_given_to_linear():
+    with pytest.raises(ValueError, match=r"'linear' takes no separate base.*pass its tensor in tensors"):
+        merge_tensors("linear", [torch.ones(2)], base=torch.zeros(2), parameters={"weight": 1})
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_slerp_needs_exactly_two_models(n):
+    with pytest.raises(ValueError, match=rf"slerp merges exactly two models.*got {n + 1}"):
+        merge_tensors("slerp", [torch.ones(2)] * n, base=torch.zeros(2), parameters={"t": 0.5})
+
+
+def test_missing_required_parameters():
+    with pytest.raises(ValueError, match=r"merge method 'slerp' needs parameter 't'; set it"):
+        merge_tensors("slerp", [torch.ones(2)], base=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"merge method 'linear' needs parameter 'weight' for model 1"):
+        merge_tensors("linear", [torch.ones(2), torch.ones(2)], model_parameters=[{"weight": 1}, {}])
+
+
+def test_model_parameters_count_must_match():
+    with pytest.raises(ValueError, match=r"got 1 model_parameters entries for 2 tensors"):
+        merge_tensors("linear", [torch.ones(2), torch.ones(2)], model_parameters=[{"weight": 1}])
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match=r"different shapes \[\(2,\), \(3,\)\]"):
+        merge_tensors("ties", [torch.ones(3)], base=torch.zeros(2), parameters={"weight": 1})
+
+
+def test_no_tensors():
+    with pytest.raises(ValueError, match=r"got no tensors to merge"):
+        merge_tensors("linear", [])
+
+
+def test_linear_zero_weight_sum():
+    with pytest.raises(ValueError, match=r"weights that do not sum to 0"):
+        merge_tensors("linear", [torch.ones(2), torch.ones(2)], model_parameters=[{"weight": 1}, {"weight": -1}])
+
+
+def test_ties_density_too_small():
+    with pytest.raises(ValueError, match=r"density 0.1 keeps no entry of a tensor with 5 elements"):
+        merge_tensors("ties", [torch.ones(5)], base=torch.zeros(5), parameters={"weight": 1, "density": 0.1})
+
+
+def test_register_rejects_duplicates():
+    with pytest.raises(ValueError, match=r"merge method 'ties' is already registered"):
+        register("ties", needs_base=False, global_parameters={}, model_parameters={})(lambda *a: None)
