@@ -237,7 +237,10 @@ def linear(tensors, base, model_parameters, parameters, generator):
     if parameters["normalize"]:
         # mergekit divides anyway and writes inf/nan; no recipe means that
         if sum(weights) == 0:
-            raise ValueError("linear merge with normalize needs weights that do not sum to 0; change the weights or set normalize: false")
+            raise ValueError(
+                "linear merge with normalize needs weights that do not sum to 0; "
+                "change the weights or set normalize: false"
+            )
         merged = merged / sum(weights)
     return merged
 
@@ -329,9 +332,9 @@ def _generalized_task_arithmetic(tensors, base, model_parameters, parameters, ge
         divisor[divisor == 0] = 1
     else:
         mixed = weighted.sum(dim=0)
-        divisor = weights.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
+        divisor = weights.sum().item()
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
     if parameters["normalize"]:
         mixed = mixed / divisor
     return base + parameters["lambda"] * mixed
@@ -350,7 +353,9 @@ _GTA_MODEL = {"weight": None, "density": 1.0}
 @register("task_arithmetic", needs_base=True, global_parameters=_gta_globals(False, False), model_parameters=_GTA_MODEL)
 def task_arithmetic(tensors, base, model_parameters, parameters, generator):
     """base + lambda * sum_i w_i (t_i - base), divided by sum_i w_i when ``normalize``."""
-    return _generalized_task_arithmetic(tensors, base, model_parameters, parameters, generator, prune=None, consensus=False)
+    return _generalized_task_arithmetic(
+        tensors, base, model_parameters, parameters, generator, prune=None, consensus=False
+    )
 
 
 @register("ties", needs_base=True, global_parameters=_gta_globals(True, False), model_parameters=_GTA_MODEL)

@@ -1,0 +1,92 @@
+"""Matching: solvers agree, permuted copies are recovered exactly, refinement never hurts."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import merge_graphs as mg
+from merge_graphs.match import objective, solve, transport_plan, weight_matching
+from tiny_models import FACTORIES, make
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_emd_and_assignment_give_the_same_matching(n, seed):
+    sim = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    exact, emd = solve(sim, "exact"), solve(sim, "emd")
+    # Ties aside, the optimum is unique; compare the value, then the matching itself.
+    rows = torch.arange(n)
+    assert sim[rows, exact].sum() == pytest.approx(sim[rows, emd].sum().item(), abs=1e-9)
+    assert torch.equal(exact, emd)
+
+
+def test_solvers_recover_a_planted_permutation():
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(50, generator=g)
+    sim = torch.eye(50)[perm] * 5 + 0.1 * torch.randn(50, 50, generator=g)
+    for solver in ("exact", "emd", "sinkhorn"):
+        assert torch.equal(solve(sim, solver), perm), solver
+    with pytest.raises(ValueError, match="unknown solver"):
+        solve(sim, "hungarian")
+    with pytest.raises(ValueError, match="transport_plan"):
+        solve(sim[:, :10])
+
+
+def test_transport_plan_has_uniform_marginals():
+    sim = torch.randn(6, 9, generator=torch.Generator().manual_seed(1))
+    for kwargs in ({}, {"reg": 0.05}):
+        plan = transport_plan(sim, **kwargs)
+        assert plan.shape == (6, 9)
+        np.testing.assert_allclose(plan.sum(1), np.full(6, 1 / 6), atol=1e-4)
+        np.testing.assert_allclose(plan.sum(0), np.full(9, 1 / 9), atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["exact", "emd"])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_weight_matching_recovers_a_permuted_copy(name, solver):
+    model = make(name)
+    spec = mg.symmetry_spec(model)
+    perms = mg.random_permutations(spec, seed=5)
+    shuffled = mg.permute(model, perms, spec)
+    found = weight_matching(spec, model.state_dict(), shuffled.state_dict(), solver=solver)
+    expected = mg.invert_permutations(spec, perms)
+    for group in spec.groups:
+        assert torch.equal(found.permutations[group], expected[group]), group
+    assert found.objective_after > found.objective_before
+    aligned = found.apply(shuffled.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(aligned[k], v), k
+
+
+@pytest.mark.parametrize("name", ["mlp", "bert-seqcls", "gpt2-lm", "llama-lm"])
+def test_a_model_matched_with_itself_gives_the_identity(name):
+    model = make(name)
+    spec = mg.symmetry_spec(model)
+    found = weight_matching(spec, model.state_dict(), model.state_dict())
+    for group, p in mg.identity_permutations(spec).items():
+        assert torch.equal(found.permutations[group], p), group
+    assert found.iterations == 1
+
+
+def test_refinement_starts_from_init_and_never_lowers_the_objective():
+    a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
+    spec = mg.symmetry_spec(a)
+    init = mg.random_permutations(spec, seed=3)
+    start, _ = objective(spec, a.state_dict(), b.state_dict(), init)
+    refined = weight_matching(spec, a.state_dict(), b.state_dict(), init=init)
+    assert refined.objective_before == pytest.approx(start)
+    assert refined.objective_after >= start
+    assert set(refined.summary()) == set(spec.groups)
+
+
+def test_matching_a_subset_of_groups_leaves_the_others_alone():
+    model = make("bert")
+    spec = mg.symmetry_spec(model)
+    perms = mg.random_permutations(spec, seed=6)
+    shuffled = mg.permute(model, perms, spec)
+    found = weight_matching(spec, model.state_dict(), shuffled.state_dict(), groups=["layers.0.mlp"])
+    assert torch.equal(found.permutations["residual"], torch.arange(24))
+    with pytest.raises(ValueError, match="unknown groups"):
+        weight_matching(spec, model.state_dict(), shuffled.state_dict(), groups=["nope"])
