@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from merge_graphs.activations import Calibration, activation_matching, prepare_inputs
+from merge_graphs.errors import SpecMismatchError
 from merge_graphs.graph import NeuralGraph
-from merge_graphs.symmetry import SymmetrySpec, permute_state_dict, symmetry_spec
+from merge_graphs.match import Alignment, weight_matching
+from merge_graphs.methods import get_method, merge_tensors
+from merge_graphs.symmetry import SymmetrySpec, identity_permutations, permute_state_dict, symmetry_spec
+from merge_graphs.verify import check_function_preserved
+
+logger = logging.getLogger(__name__)
+
+ALIGN_METHODS = ("none", "weight", "activation")
 
 
 def permute(model: nn.Module, permutations: Mapping[str, torch.Tensor], spec: SymmetrySpec | None = None) -> nn.Module:
@@ -34,10 +45,7 @@ def permute(model: nn.Module, permutations: Mapping[str, torch.Tensor], spec: Sy
         True
     """
     spec = spec or symmetry_spec(model)
-    state = permute_state_dict(spec, model.state_dict(), permutations)
-    out = copy.deepcopy(model)
-    out.load_state_dict(state)
-    return out
+    return _with_state(model, permute_state_dict(spec, model.state_dict(), permutations))
 
 
 def neural_graph(model: nn.Module, spec: SymmetrySpec | None = None) -> NeuralGraph:
@@ -54,3 +62,183 @@ def neural_graph(model: nn.Module, spec: SymmetrySpec | None = None) -> NeuralGr
     """
     spec = spec or symmetry_spec(model)
     return NeuralGraph(spec, model.state_dict())
+
+
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    method: str = "weight",
+    *,
+    solver: str = "exact",
+    refine: bool = False,
+    calibration: Calibration | None = None,
+    tokenizer: Any = None,
+    groups: list[str] | None = None,
+    seed: int = 0,
+) -> Alignment:
+    """Find the permutation of ``model_b``'s units that best matches ``model_a``'s.
+
+    Args:
+        model_a: the reference model.
+        model_b: a model of the same architecture and size, e.g. trained from another seed.
+        method: ``"weight"`` (data-free Git Re-Basin weight matching), ``"activation"``
+            (correlation of activations on ``calibration``) or ``"none"``.
+        solver: ``"exact"``, ``"emd"`` or ``"sinkhorn"`` (see :func:`merge_graphs.match.solve`).
+        refine: after activation matching, refine with weight matching.
+        calibration: inputs for activation matching: a tensor, a dict of model inputs, or a
+            list of texts (with ``tokenizer``).
+        tokenizer: the reference model's tokenizer, for calibration texts.
+        groups: match only these root groups (and their children); others stay in place.
+        seed: seed for the order in which weight matching visits groups.
+
+    Example:
+        >>> import torch, merge_graphs
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> a = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> b = merge_graphs.permute(a, merge_graphs.random_permutations(merge_graphs.symmetry_spec(a), seed=1))
+        >>> alignment = merge_graphs.align(a, b)
+        >>> torch.equal(merge_graphs.permute(b, alignment.permutations)[0].weight, a[0].weight)
+        True
+    """
+    spec = compatible_spec(model_a, model_b)
+    if method == "none":
+        return Alignment(spec, identity_permutations(spec), "none")
+    if method == "weight":
+        return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), solver=solver, groups=groups, seed=seed)
+    if method == "activation":
+        if calibration is None:
+            raise ValueError("activation matching needs calibration inputs: pass calibration=... (a tensor, "
+                             "a dict of model inputs, or texts with tokenizer=...), or use method='weight'")
+        inputs = _to_device(prepare_inputs(calibration, tokenizer), model_a)
+        found = activation_matching(spec, model_a, model_b, inputs, solver=solver, seed=seed)
+        if refine:
+            refined = weight_matching(spec, model_a.state_dict(), model_b.state_dict(), init=found.permutations,
+                                      solver=solver, groups=groups, seed=seed)
+            refined.method, refined.seconds = "activation+weight", refined.seconds + found.seconds
+            return refined
+        return found
+    raise ValueError(f"unknown alignment method {method!r}; choose one of {ALIGN_METHODS}")
+
+
+_align = align  # merge_models' ``align`` argument shadows the function inside it
+
+
+def merge_models(
+    models: Sequence[nn.Module],
+    method: str = "linear",
+    align: str = "weight",
+    *,
+    weights: Sequence[float] | None = None,
+    base_model: nn.Module | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    solver: str = "exact",
+    calibration: Calibration | None = None,
+    tokenizer: Any = None,
+    seed: int = 0,
+    verify: bool = True,
+) -> nn.Module:
+    """Align every model to a reference, then merge them tensor by tensor.
+
+    The reference is ``base_model`` if given, else ``models[0]``; the result is a new model of
+    the reference's class, in the reference's unit order. Methods that need a base
+    (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``slerp``) take it from
+    ``base_model``, as in mergekit; ``linear`` averages ``models`` only.
+
+    Args:
+        models: the models to merge (a base model listed here too is ignored for methods
+            that take a base, as mergekit does).
+        method: a merge method of :mod:`merge_graphs.methods`.
+        align: ``"weight"``, ``"activation"`` or ``"none"`` (plain mergekit-style merging).
+        weights: one weight per model (mergekit's ``weight``); 1.0 each by default.
+        base_model: the base for task-vector methods, and the reference for alignment.
+        parameters: the method's global parameters, e.g. ``{"t": 0.5}`` for slerp.
+        model_parameters: per-model parameters, e.g. ``[{"density": 0.5}, ...]``.
+        solver, calibration, tokenizer: as in :func:`align`.
+        seed: seeds the alignment's visiting order and ``dare_*`` pruning.
+        verify: check every alignment preserves its model's function before merging.
+
+    Example:
+        >>> import torch, merge_graphs
+        >>> a = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> b = merge_graphs.permute(a, merge_graphs.random_permutations(merge_graphs.symmetry_spec(a), seed=1))
+        >>> merged = merge_graphs.merge_models([a, b], method="linear", align="weight")
+        >>> torch.allclose(merged[0].weight, a[0].weight)
+        True
+    """
+    if not models:
+        raise ValueError("merge_models needs at least one model")
+    reference = base_model if base_model is not None else models[0]
+    spec = symmetry_spec(reference)
+    needs_base = get_method(method).needs_base
+    if needs_base and base_model is None:
+        raise ValueError(f"merge method {method!r} needs a base: pass base_model=...")
+    merged_models = [m for m in models if not (needs_base and m is base_model)]
+    if weights is not None and len(weights) != len(models):
+        raise ValueError(f"got {len(weights)} weights for {len(models)} models; give one weight per model")
+    per_model = list(model_parameters) if model_parameters is not None else [{} for _ in models]
+    per_model = [
+        {"weight": 1.0 if weights is None else weights[i], **per_model[i]}
+        for i, m in enumerate(models) if not (needs_base and m is base_model)
+    ]
+
+    states = []
+    for m in merged_models:
+        if m is reference:
+            states.append(reference.state_dict())
+            continue
+        alignment = _align(reference, m, align, solver=solver, calibration=calibration,
+                            tokenizer=tokenizer, seed=seed)
+        aligned = alignment.apply(m.state_dict())
+        if verify and align != "none":
+            check_function_preserved(m, _with_state(m, aligned), spec, alignment.permutations)
+        logger.info("aligned %s: objective %.4g -> %.4g", type(m).__name__, alignment.objective_before,
+                    alignment.objective_after)
+        states.append(aligned)
+
+    base_state = base_model.state_dict() if needs_base else None
+    generator = torch.Generator().manual_seed(seed)
+    merged = {}
+    for name, ref in reference.state_dict().items():
+        if name not in spec.tensors:
+            merged[name] = ref.clone()
+            continue
+        merged[name] = merge_tensors(
+            method, [s[name] for s in states], base=None if base_state is None else base_state[name],
+            model_parameters=per_model, parameters=parameters, generator=generator,
+        )
+    return _with_state(reference, merged)
+
+
+def compatible_spec(model_a: nn.Module, model_b: nn.Module) -> SymmetrySpec:
+    """The spec two models share, or :class:`SpecMismatchError` naming the first difference."""
+    spec_a, spec_b = symmetry_spec(model_a), symmetry_spec(model_b)
+    if spec_a.family != spec_b.family:
+        raise SpecMismatchError(f"cannot align a {spec_a.family} model with a {spec_b.family} model; "
+                                "merge models of one architecture")
+    for name, g in spec_a.groups.items():
+        other = spec_b.groups.get(name)
+        if other is None or other.size != g.size:
+            raise SpecMismatchError(
+                f"group {name!r} has {g.size} units in the first model and "
+                f"{'none' if other is None else other.size} in the second; alignment needs models of "
+                "the same size (for MLPs of different widths use merge_graphs.fusion)")
+    shapes_a = {k: v.shape for k, v in model_a.state_dict().items()}
+    shapes_b = {k: v.shape for k, v in model_b.state_dict().items()}
+    if shapes_a != shapes_b:
+        diff = sorted(set(shapes_a) ^ set(shapes_b)) or sorted(k for k in shapes_a if shapes_a[k] != shapes_b[k])
+        raise SpecMismatchError(f"the models' tensors differ ({', '.join(diff[:3])}); merge models of one "
+                                "architecture and size")
+    return spec_a
+
+
+def _with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
+
+
+def _to_device(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

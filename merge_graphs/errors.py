@@ -27,3 +27,7 @@ class UnsafeCheckpointError(MergeGraphsError, ValueError):
 
 class RemoteCodeError(UnsafeCheckpointError):
     """The checkpoint needs Python code from its repository and the user has not opted in to running it."""
+
+
+class AlignmentError(MergeGraphsError, RuntimeError):
+    """An alignment failed its function-preservation check."""
