@@ -55,11 +55,12 @@ def pickle_message(found: str, folder: Path) -> str:
 class Checkpoint:
     """A lazy view of a Hugging Face model folder's named tensors.
 
-    Opening reads only ``config.json`` existence and the weight index; shapes and dtypes
+    Opening checks the folder and reads the weight index, nothing more; shapes and dtypes
     (:meth:`infos`) come from the safetensors headers; :meth:`get` reads one tensor from the
-    memory-mapped file. Supports ``model.safetensors``, sharded ``model.safetensors.index.json``
-    and, only with ``allow_pickle=True``, ``pytorch_model.bin`` (sharded or not, read with
-    ``torch.load(weights_only=True, mmap=True)``). Like ``from_pretrained``, a single
+    memory-mapped file, and :meth:`items` walks the tensors shard by shard. Supports
+    ``model.safetensors``, sharded ``model.safetensors.index.json`` and, only with
+    ``allow_pickle=True``, ``pytorch_model.bin`` (sharded or not, read with
+    ``torch.load(weights_only=True, mmap=True)``, one shard cached at a time). Like ``from_pretrained``, a single
     ``model.safetensors`` wins over an index, and safetensors over pickles.
 
     Tensor names are those stored in the file: tied weights saved once (e.g. a tied
@@ -100,7 +101,6 @@ class Checkpoint:
         self.format: Literal["safetensors", "pickle"]
         self._shards: dict[str, list[str] | None] = self._find_weights()  # file -> names (None: not read yet)
         self._where: dict[str, str] | None = None
-        self._handles: dict[tuple[str, str], Any] = {}
         self._pickle_cache: tuple[str, dict[str, torch.Tensor]] | None = None
 
     @classmethod
@@ -120,7 +120,8 @@ class Checkpoint:
             token=token, cache_dir=cache_dir,
         )
         ckpt = cls(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        ckpt.source = parse_model_ref(ref)
+        source = parse_model_ref(ref)
+        ckpt.source = ModelRef(repo_id=source.repo_id, revision=revision) if revision else source
         return ckpt
 
     # -- opening --------------------------------------------------------------------------
@@ -209,7 +210,7 @@ class Checkpoint:
         return archs[0]
 
     def shards(self) -> dict[str, list[str]]:
-        """``{weight file: tensor names}`` in file order (one file for an unsharded checkpoint)."""
+        """``{weight file: tensor names}``, files sorted by name (one file for an unsharded checkpoint)."""
         for file, names in self._shards.items():
             if names is None:
                 self._shards[file] = self._read_names(file)
@@ -224,11 +225,11 @@ class Checkpoint:
         out: dict[str, TensorInfo] = {}
         for file, names in self.shards().items():
             if self.format == "safetensors":
-                f = self._handle(file, "cpu")
-                for name in names:
-                    sl = f.get_slice(name)
-                    dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-                    out[name] = TensorInfo(sl.get_shape(), dtype) if dtype else TensorInfo.of(f.get_tensor(name))
+                with self._open(file, "cpu") as f:
+                    for name in names:
+                        sl = f.get_slice(name)
+                        dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                        out[name] = TensorInfo(sl.get_shape(), dtype) if dtype else TensorInfo.of(f.get_tensor(name))
             else:
                 state = self._load_pickle(file)
                 out.update((name, TensorInfo.of(state[name])) for name in names)
@@ -237,21 +238,36 @@ class Checkpoint:
     # -- data -----------------------------------------------------------------------------
 
     def get(self, name: str, *, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Read one tensor (from the memory-mapped file; only its bytes are read).
+        """Read one tensor from the memory-mapped file (only its bytes are read).
+
+        Each call returns a tensor of its own: changing it in place changes neither the file
+        nor what later calls return.
 
         Raises:
             KeyError: no tensor of that name; the message suggests close names.
         """
         file = self._locate(name)
-        if self.format == "safetensors":
-            return self._handle(file, str(torch.device(device))).get_tensor(name)
-        return self._load_pickle(file)[name].to(device)
+        if self.format == "pickle":
+            return self._load_pickle(file)[name].to(device, copy=True)
+        # A fresh handle per call: tensors from one safetensors handle share its copy-on-write
+        # mapping, so an in-place change to one would show in the next read of the same name.
+        with self._open(file, device) as f:
+            return f.get_tensor(name)
 
     def items(self, *, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` for every tensor, shard by shard, one tensor at a time."""
-        for names in self.shards().values():
-            for name in names:
-                yield name, self.get(name, device=device)
+        """Yield ``(name, tensor)`` for every tensor, shard by shard, one tensor at a time.
+
+        Each shard is opened once; what was yielded is not kept, so memory stays at one tensor
+        (plus whatever the caller holds on to).
+        """
+        for file, names in self.shards().items():
+            if self.format == "pickle":
+                for name in names:
+                    yield name, self.get(name, device=device)
+                continue
+            with self._open(file, device) as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(name)
@@ -268,17 +284,6 @@ class Checkpoint:
     def keys(self) -> list[str]:
         """Same as :meth:`names` (so ``dict(checkpoint.items())`` and ``**``-style code work)."""
         return self.names()
-
-    def close(self) -> None:
-        """Release open file handles and cached pickle data (reopened on demand)."""
-        self._handles.clear()
-        self._pickle_cache = None
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, format={self.format!r}, shards={len(self._shards)})"
@@ -300,20 +305,18 @@ class Checkpoint:
 
     def _read_names(self, file: str) -> list[str]:
         if self.format == "safetensors":
-            return list(self._handle(file, "cpu").keys())
+            with self._open(file, "cpu") as f:
+                return list(f.keys())
         return list(self._load_pickle(file))
 
-    def _handle(self, file: str, device: str) -> Any:
-        key = (file, device)
-        if key not in self._handles:
-            try:
-                self._handles[key] = safe_open(str(self.path / file), framework="pt", device=device)
-            except Exception as err:  # safetensors raises its own SafetensorError for a bad header
-                raise CheckpointNotFoundError(
-                    f"cannot read {self.path / file} as safetensors ({err}); the file is damaged or incomplete: "
-                    "download it again."
-                ) from err
-        return self._handles[key]
+    def _open(self, file: str, device: str | torch.device) -> Any:
+        try:
+            return safe_open(str(self.path / file), framework="pt", device=str(torch.device(device)))
+        except Exception as err:  # safetensors raises its own SafetensorError for a bad header
+            raise CheckpointNotFoundError(
+                f"cannot read {self.path / file} as safetensors ({err}); the file is damaged or incomplete: "
+                "download it again."
+            ) from err
 
     def _load_pickle(self, file: str) -> dict[str, torch.Tensor]:
         if self._pickle_cache is None or self._pickle_cache[0] != file:

@@ -183,6 +183,11 @@ def resolve(
         folder = Path(snapshot_download(repo_id, revision=model.revision, allow_patterns=patterns, **common))
         # Pin the commit the first call resolved, so the weights come from the same one.
         commit = folder.name if _COMMIT.match(folder.name) else model.revision
+        if not (folder / "config.json").is_file():
+            raise CheckpointNotFoundError(
+                f"Hub repository {str(model)!r} has no config.json at commit {commit}, so it is not a transformers "
+                "model repository (an adapter, a GGUF or another format?). Pass the id of a transformers model."
+            )
 
         weights = _index_shards(folder, SAFE_INDEX) or [SAFE_WEIGHTS]
         logger.info("fetching weights of %s: %d safetensors file(s)", model, len(weights))

@@ -93,6 +93,6 @@ def parse_model_ref(ref: str | os.PathLike[str] | ModelRef) -> ModelRef:
     if "/" not in text and not text.startswith((".", "~")):
         hint = " Hub ids need their organization, e.g. 'openai-community/gpt2' rather than 'gpt2'."
     raise CheckpointNotFoundError(
-        f"model {text!r} not found: there is no folder {str(path.absolute())!r}, and it is not a Hub id "
-        f"({problem}). {HUB_ID_HELP}.{hint}"
+        f"model {text!r} not found: the folder {str(path.absolute())!r} does not exist, and {text!r} is not a "
+        f"Hub id ({problem}). {HUB_ID_HELP}.{hint}"
     )

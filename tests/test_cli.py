@@ -1,0 +1,31 @@
+"""The merge-graphs command."""
+
+import json
+import subprocess
+import sys
+
+from merge_graphs.cli import main
+from tiny_models import make, minilm_path
+
+
+def test_inspect_reports_groups_and_graph_of_a_real_checkpoint(capsys):
+    assert main(["inspect", minilm_path(), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "bert" and report["groups"]["residual"]["size"] == 384
+    assert report["groups"]["layers.0.attn.qk"] == {"size": 32, "parent": "layers.0.attn.heads"}
+    assert report["carried"] == ["embeddings.position_ids"]
+    assert report["graph"]["edges"] == 22682112
+
+
+def test_inspect_a_saved_tiny_llama(tmp_path, capsys):
+    make("llama-lm").save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.attn.query_heads" in out and "RoPE" in out
+
+
+def test_missing_model_exits_non_zero_with_a_message(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "merge_graphs.cli", "inspect", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
