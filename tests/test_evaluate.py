@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-import doctest
 
 import pytest
 import torch
 from torch import nn
 
-from merge_graphs import evaluate, zoo
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.evaluate import (
     InterpolationCurve,
@@ -235,8 +233,3 @@ def test_digits_pair_has_a_naive_barrier(digits_pair):
     flat = interpolation_curve(a, copy.deepcopy(a), lambda m: cross_entropy(m, x_te, y_te), points=3)
     assert flat.barrier == pytest.approx(0.0, abs=1e-6)
 
-
-def test_docstring_examples():
-    for module in (evaluate, zoo):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-        assert result.attempted > 5 and result.failed == 0, module.__name__

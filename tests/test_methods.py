@@ -1,12 +1,10 @@
 """Merge methods against hand-computed results, mergekit's quirks, dtypes and error messages."""
 
-import doctest
 import math
 
 import pytest
 import torch
 
-from merge_graphs import methods
 from merge_graphs.methods import METHODS, get_method, merge_tensors, register
 
 
@@ -14,10 +12,6 @@ def close(actual, expected, atol=1e-6):
     expected = torch.as_tensor(expected, dtype=torch.float32)
     assert actual.shape == expected.shape
     assert torch.allclose(actual.float(), expected, atol=atol), (actual, expected)
-
-
-def test_doctests():
-    assert doctest.testmod(methods).failed == 0
 
 
 def test_registry_defaults_match_mergekit():
