@@ -156,7 +156,12 @@ def _along(
 def _unit_rows(x, spaces, axis, g, sizes) -> torch.Tensor:
     """``(units of g, everything else)``: one row of parameters per unit, in float32."""
     rows = []
-    _along(x.float(), spaces, axis, g, sizes, lambda u: rows.append(u) or u)
+
+    def keep(u):
+        rows.append(u)
+        return u
+
+    _along(x.float(), spaces, axis, g, sizes, keep)
     return torch.cat(rows, 1)
 
 

@@ -267,8 +267,9 @@ def _match_block(spec, a, b, perms, group, children, solver) -> Permutations:
     """The best permutation of ``group`` (and its children) with every other group fixed."""
     occ = list(_occurrences(spec, a, b, perms, {group, *children}))
     n = spec.groups[group].size
+    device = occ[0][1].device
     if not children:
-        sim = torch.zeros(n, n)
+        sim = torch.zeros(n, n, device=device)
         for factors, pa, pb in occ:
             i = factors.index(group)
             sim += pa.movedim(i, 0).reshape(n, -1) @ pb.movedim(i, 0).reshape(n, -1).T
@@ -278,14 +279,14 @@ def _match_block(spec, a, b, perms, group, children, solver) -> Permutations:
     pair = {c: torch.arange(spec.groups[c].size).repeat(n, n, 1) for c in children}
     for _ in range(2):
         for c in children:
-            m = torch.zeros(n, n, spec.groups[c].size, spec.groups[c].size)
+            m = torch.zeros(n, n, spec.groups[c].size, spec.groups[c].size, device=device)
             for factors, pa, pb in occ:
                 if c in factors:
                     m += _child_similarity(factors, pa, pb, c, pair)
             pair[c] = torch.stack([
                 torch.stack([solve(m[i, j]) for j in range(n)]) for i in range(n)
             ])
-    score = torch.zeros(n, n)
+    score = torch.zeros(n, n, device=device)
     for factors, pa, pb in occ:
         for j in range(n):
             pbj = _apply_children(factors, pb[j].expand(n, *pb.shape[1:]), pair, j)
@@ -304,7 +305,7 @@ def _apply_children(factors, pb_rows, pair, j):
     for k, c in enumerate(factors[1:], start=1):
         if c not in pair:
             continue
-        idx = pair[c][:, j]  # (n, size)
+        idx = pair[c][:, j].to(out.device)  # (n, size)
         shape = [idx.shape[0]] + [1] * (out.dim() - 1)
         shape[k] = idx.shape[1]
         expand = list(out.shape)
@@ -318,7 +319,7 @@ def _child_similarity(factors, pa, pb, child, pair):
     n = pa.shape[0]
     k = factors.index(child)
     size = pa.shape[k]
-    out = torch.zeros(n, n, size, size)
+    out = torch.zeros(n, n, size, size, device=pa.device)
     others_fixed = [c for c in factors[1:] if c is not None and c != child]
     for j in range(n):
         pbj = pb[j].expand(n, *pb.shape[1:])
