@@ -198,7 +198,7 @@ def merge_models(
         states.append(aligned)
 
     base_state = base_model.state_dict() if needs_base else None
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=next(reference.parameters()).device).manual_seed(seed)
     merged = {}
     for name, ref in reference.state_dict().items():
         if name not in spec.tensors:
