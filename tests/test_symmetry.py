@@ -30,9 +30,16 @@ def test_random_permutation_preserves_function(name):
     perms = mg.random_permutations(spec, seed=1)
     permuted = mg.permute(model, perms, spec)
     assert_same_function(model, permuted, spec, perms, example_input(model))
-    # The permutation really moved the weights: a no-op would pass the check above too.
-    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, permuted.state_dict()[k])]
-    assert len(moved) >= len(spec.tensors) // 2
+    # Negative control: the check above can fail. Leaving one tensor that a hidden group
+    # touches unpermuted must change the outputs.
+    state = permute_state_dict(spec, model.state_dict(), perms)
+    name, _ = next(t for g in spec.groups if g != "residual" for t in spec.touching(g)
+                   if len(spec.tensors[t[0]].axes) > 1)
+    state[name] = model.state_dict()[name]
+    broken = mg.permute(model, {}, spec)
+    broken.load_state_dict(state)
+    with pytest.raises(AssertionError):
+        assert_same_function(model, broken, spec, perms, example_input(model))
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))

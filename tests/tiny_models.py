@@ -56,10 +56,13 @@ def make(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = FACTORIES[name]()
     with torch.no_grad():
-        # Default init sets norm gains to 1 and biases to 0, which hides axis mistakes.
+        # transformers' init (std 0.02, unit gains, zero biases) leaves outputs that hardly
+        # depend on the hidden units, which would hide axis mistakes: use O(1) activations.
         for n, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_()
