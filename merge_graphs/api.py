@@ -121,7 +121,6 @@ def align(
     raise ValueError(f"unknown alignment method {method!r}; choose one of {ALIGN_METHODS}")
 
 
-_align = align  # merge_models' ``align`` argument shadows the function inside it
 
 
 def merge_models(
@@ -140,6 +139,8 @@ def merge_models(
     verify: bool = True,
 ) -> nn.Module:
     """Align every model to a reference, then merge them tensor by tensor.
+
+    The same steps as :func:`align_models` then :func:`merge_states`.
 
     The reference is ``base_model`` if given, else ``models[0]``; the result is a new model of
     the reference's class, in the reference's unit order. Methods that need a base
@@ -170,45 +171,85 @@ def merge_models(
     if not models:
         raise ValueError("merge_models needs at least one model")
     reference = base_model if base_model is not None else models[0]
-    spec = symmetry_spec(reference)
     needs_base = get_method(method).needs_base
     if needs_base and base_model is None:
         raise ValueError(f"merge method {method!r} needs a base: pass base_model=...")
-    merged_models = [m for m in models if not (needs_base and m is base_model)]
     if weights is not None and len(weights) != len(models):
         raise ValueError(f"got {len(weights)} weights for {len(models)} models; give one weight per model")
     per_model = list(model_parameters) if model_parameters is not None else [{} for _ in models]
-    per_model = [
-        {"weight": 1.0 if weights is None else weights[i], **per_model[i]}
-        for i, m in enumerate(models) if not (needs_base and m is base_model)
-    ]
+    per_model = [{"weight": 1.0 if weights is None else weights[i], **p} for i, p in enumerate(per_model)]
+    keep = [i for i, m in enumerate(models) if not (needs_base and m is base_model)]
+    merged_models = [models[i] for i in keep]
+    alignments = align_models(reference, merged_models, align, solver=solver, calibration=calibration,
+                              tokenizer=tokenizer, seed=seed, verify=verify)
+    states = [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)]
+    merged = merge_states(
+        symmetry_spec(reference), reference.state_dict(), states, method,
+        base_state=base_model.state_dict() if needs_base else None,
+        model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed,
+    )
+    return _with_state(reference, merged)
 
-    states = []
-    for m in merged_models:
+
+def align_models(
+    reference: nn.Module,
+    models: Sequence[nn.Module],
+    method: str = "weight",
+    *,
+    verify: bool = True,
+    progress: bool = False,
+    **kwargs: Any,
+) -> list[Alignment]:
+    """Align each of ``models`` to ``reference`` (the reference itself gets the identity).
+
+    Keyword arguments are those of :func:`align`. With ``verify``, each permutation is checked
+    to leave its model's function unchanged on a small random input.
+    """
+    from tqdm.auto import tqdm
+
+    out = []
+    for m in tqdm(models, desc="aligning", disable=not progress or len(models) < 2):
         if m is reference:
-            states.append(reference.state_dict())
+            out.append(align(reference, m, "none"))
             continue
-        alignment = _align(reference, m, align, solver=solver, calibration=calibration,
-                            tokenizer=tokenizer, seed=seed)
-        aligned = alignment.apply(m.state_dict())
-        if verify and align != "none":
-            check_function_preserved(m, _with_state(m, aligned), spec, alignment.permutations)
-        logger.info("aligned %s: objective %.4g -> %.4g", type(m).__name__, alignment.objective_before,
-                    alignment.objective_after)
-        states.append(aligned)
+        alignment = align(reference, m, method, **kwargs)
+        if verify and method != "none":
+            check_function_preserved(m, _with_state(m, alignment.apply(m.state_dict())), alignment.spec,
+                                     alignment.permutations)
+        logger.info("aligned %s (%s): objective %.4g -> %.4g in %.1fs", type(m).__name__, alignment.method,
+                    alignment.objective_before, alignment.objective_after, alignment.seconds)
+        out.append(alignment)
+    return out
 
-    base_state = base_model.state_dict() if needs_base else None
-    generator = torch.Generator(device=next(reference.parameters()).device).manual_seed(seed)
+
+def merge_states(
+    spec: SymmetrySpec,
+    reference: Mapping[str, torch.Tensor],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    method: str = "linear",
+    *,
+    base_state: Mapping[str, torch.Tensor] | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Merge aligned named tensors one name at a time.
+
+    Tensors the spec does not label (integer ids, buffers) are copied from ``reference``.
+    ``seed`` makes ``dare_*`` pruning reproducible.
+    """
+    device = next(iter(reference.values())).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     merged = {}
-    for name, ref in reference.state_dict().items():
+    for name, ref in reference.items():
         if name not in spec.tensors:
             merged[name] = ref.clone()
             continue
         merged[name] = merge_tensors(
             method, [s[name] for s in states], base=None if base_state is None else base_state[name],
-            model_parameters=per_model, parameters=parameters, generator=generator,
+            model_parameters=model_parameters, parameters=parameters, generator=generator,
         )
-    return _with_state(reference, merged)
+    return merged
 
 
 def compatible_spec(model_a: nn.Module, model_b: nn.Module) -> SymmetrySpec:

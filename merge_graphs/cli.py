@@ -1,14 +1,61 @@
-"""The ``merge-graphs`` command: a thin layer over the Python API."""
+"""The ``merge-graphs`` command: a thin layer over the Python API.
+
+    merge-graphs RECIPE [--out DIR] [--push-to-hub REPO] [--device auto|cpu|cuda] [--dry-run] [--force] [--quiet]
+    merge-graphs inspect MODEL [--json]
+    merge-graphs push FOLDER REPO_ID [--private] [--revision REV]
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 
 from merge_graphs import __version__
 from merge_graphs.errors import MergeGraphsError
+
+MAX_GROUP_ROWS = 12
+
+
+def run(args: argparse.Namespace) -> int:
+    from merge_graphs.run import run_recipe
+
+    result = run_recipe(args.recipe, out=args.out, push_to_hub=args.push_to_hub, device=args.device,
+                        dry_run=args.dry_run, overwrite=True if args.force else None, progress=not args.quiet)
+    if args.dry_run:
+        print("dry run, nothing loaded or written:")
+        for line in result.plan:
+            print(f"  {line}")
+        return 0
+    if args.quiet:
+        return 0
+    if result.recipe.source_format == "mergekit":
+        print("mergekit recipe: merged without alignment, as mergekit does")
+    for entry, a in zip(result.merged, result.alignments):
+        if a.method == "none":
+            continue
+        gain = a.objective_after - a.objective_before
+        print(f"aligned {entry} ({a.method}, {a.iterations} sweeps, {a.seconds:.1f}s): "
+              f"matching objective {a.objective_before:.4g} -> {a.objective_after:.4g} ({gain:+.4g})")
+        rows = list(a.summary().items())
+        width = max(len(g) for g, _ in rows)
+        for group, row in rows[:MAX_GROUP_ROWS]:
+            print(f"  {group:<{width}}  {row['before']:>11.4g} -> {row['after']:<11.4g}")
+        if len(rows) > MAX_GROUP_ROWS:
+            print(f"  ... {len(rows) - MAX_GROUP_ROWS} more groups in the model card")
+    if result.scores:
+        print("held-out loss (lower is better):")
+        width = max(len(k) for k in result.scores)
+        for name, value in result.scores.items():
+            print(f"  {name:<{width}}  {value:.4f}")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    print(f"time: {stages}; total {math.fsum(result.stage_seconds.values()):.1f}s")
+    print(f"wrote {result.output}")
+    if result.commit_url:
+        print(f"pushed: {result.commit_url}")
+    return 0
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -30,7 +77,8 @@ def inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.model}: {spec.family}, {len(spec.tensors)} labelled tensors, carried: {', '.join(spec.carried) or 'none'}")
+    print(f"{args.model}: {spec.family}, {len(spec.tensors)} labelled tensors, "
+          f"carried: {', '.join(spec.carried) or 'none'}")
     print(f"neural graph: {graph.num_nodes} nodes in {len(graph.node_sets)} sets, {graph.num_edges} edges")
     width = max(len(n) for n in spec.groups)
     for name, g in spec.groups.items():
@@ -41,23 +89,60 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="merge-graphs", description=__doc__)
+def push(args: argparse.Namespace) -> int:
+    from merge_graphs.io.push import push_folder
+
+    url = push_folder(args.folder, args.repo_id, private=args.private or None, revision=args.revision,
+                      commit_message=args.message)
+    print(f"pushed: {url}")
+    return 0
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="merge-graphs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"merge-graphs {__version__}")
-    parser.add_argument("--quiet", action="store_true", help="only errors")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("inspect", help="show a model's symmetry groups and neural graph size")
-    p.add_argument("model", help="a local folder, or a Hub id org/name[@revision]")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (runs pickle)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(run=inspect)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
+    parser.add_argument("--quiet", action="store_true", help="print errors only")
+    if command == "inspect":
+        commands = parser.add_subparsers(dest="command", required=True)
+        p = commands.add_parser("inspect", help="show a model's symmetry groups and neural-graph size")
+        p.add_argument("model", help="a local folder, or a Hub id org/name[@revision]")
+        p.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (runs pickle)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(handler=inspect)
+    elif command == "push":
+        commands = parser.add_subparsers(dest="command", required=True)
+        p = commands.add_parser("push", help="push a written model folder to the Hub")
+        p.add_argument("folder")
+        p.add_argument("repo_id", help="your-name/model-name")
+        p.add_argument("--private", action="store_true")
+        p.add_argument("--revision", help="a branch to push to (created if missing)")
+        p.add_argument("--message", help="commit message")
+        p.set_defaults(handler=push)
+    else:
+        parser.add_argument("recipe", help="a recipe YAML file (merge-graphs or mergekit format)")
+        parser.add_argument("--out", help="output folder (overrides output.path)")
+        parser.add_argument("--push-to-hub", metavar="REPO", help="push the result to this Hub repo")
+        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        parser.add_argument("--dry-run", action="store_true", help="validate and plan; load no weights")
+        parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+        parser.set_defaults(handler=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = _parser(command if command in ("inspect", "push") else None).parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(message)s")
     try:
-        return args.run(args)
-    except MergeGraphsError as e:
+        return args.handler(args)
+    except (MergeGraphsError, FileExistsError) as e:
         print(f"merge-graphs: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("merge-graphs: interrupted; no output folder was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,3 +31,7 @@ class RemoteCodeError(UnsafeCheckpointError):
 
 class AlignmentError(MergeGraphsError, RuntimeError):
     """An alignment failed its function-preservation check."""
+
+
+class RecipeError(MergeGraphsError, ValueError):
+    """A recipe is invalid; the message names the field, the bad value and the fix."""

@@ -28,8 +28,11 @@ import logging
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from merge_graphs.errors import SpecMismatchError
@@ -369,3 +372,55 @@ def plot_curves(
     fig.savefig(path, format="png")
     logger.info("wrote interpolation plot %s", path)
     return path
+
+
+def text_loss(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str | os.PathLike,
+    *,
+    window: int | None = None,
+    max_windows: int = 64,
+    batch_size: int = 16,
+) -> float:
+    """Mean next-token cross-entropy of a causal LM on held-out text (nats per token).
+
+    The text (a file path, or the text itself) is tokenized once and cut into consecutive
+    windows of ``window`` tokens (default: the model's context, at most 128); the first
+    ``max_windows`` windows are scored, so the figure is deterministic.
+
+    Example:
+        >>> import transformers
+        >>> from merge_graphs.evaluate import text_loss
+        >>> cfg = transformers.GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+        >>> model = transformers.GPT2LMHeadModel(cfg)
+        >>> class Bytes:  # a tokenizer stand-in: one token per byte
+        ...     def __call__(self, text):
+        ...         return {"input_ids": list(text.encode())}
+        >>> round(text_loss(model, Bytes(), "hello world " * 20, window=16), 1)  # about log(300)
+        5.7
+    """
+    if isinstance(text, os.PathLike) or ("\n" not in text and len(text) < 4096 and Path(text).is_file()):
+        text = Path(text).read_text(encoding="utf-8")
+    ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).flatten()
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 128)
+    window = window or min(context, 128)
+    n = min(max_windows, len(ids) // window)
+    if n == 0:
+        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than one window of {window}")
+    windows = ids[: n * window].view(n, window)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                batch = batch.to(device)
+                logits = model(input_ids=batch).logits[:, :-1].float()
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                         reduction="sum").item()
+                count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return total / count
