@@ -1,0 +1,88 @@
+"""Recipe validation: every error names the field, the bad value and the fix."""
+
+import pytest
+
+from merge_graphs.errors import RecipeError
+from merge_graphs.recipe import load_recipe
+
+TWO = [{"model": "org/a"}, {"model": "org/b"}]
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"models": []}, r"'models': list at least one model"),
+    ({"models": [{"weight": 1}]}, r"'models.0.model': required field is missing"),
+    ({"models": TWO, "dtpye": "float32"}, r"'dtpye': unknown field; check the spelling"),
+    ({"models": TWO, "dtype": "float8"}, r"'dtype': Input should be 'float32', 'bfloat16' or 'float16' \(got 'float8'\)"),
+    ({"models": TWO, "align": {"method": "magic"}}, r"'align.method': .*'weight'.*\(got 'magic'\)"),
+    ({"models": TWO, "align": {"solver": "hungarian"}}, r"'align.solver': .*'exact'.*\(got 'hungarian'\)"),
+    ({"models": TWO, "align": {"method": "activation"}}, r"'align': method 'activation' needs calibration data"),
+    ({"models": TWO, "align": {"method": "gnn"}}, r"'align': method 'gnn' needs the pretrained GNN.*use 'weight'"),
+    ({"models": TWO, "align": {"method": "activation", "calibration": {}}}, r"exactly one of 'texts'"),
+    ({"models": TWO, "merge": {"method": "average"}}, r"'merge.method': unknown merge method 'average'; choose one of"),
+    ({"models": TWO, "merge": {"method": "ties"}}, r"merge method 'ties' needs base_model: add base_model"),
+    ({"models": TWO, "merge": {"method": "slerp", "parameters": {"t": 0.5}}, "base_model": "org/base"},
+     r"slerp merges exactly two models"),
+    ({"models": TWO, "merge": {"parameters": {"t": 0.5}}}, r"merge.parameters: linear has no parameter \['t'\]"),
+    ({"models": [{"model": "a", "parameters": {"density": 0.5}}]}, r"models\[0\].parameters: linear has no parameter"),
+    ({"models": TWO, "output": {"push_to_hub": {"repo_id": "nonamespace"}}},
+     r"'output.push_to_hub.repo_id': repo_id must look like 'your-name/model-name', got 'nonamespace'"),
+    ({"models": TWO, "tokenizer_source": "union"}, r"'union' is not supported"),
+    ({"models": TWO, "evaluate": {"data": "x.txt", "max_windows": 0}}, r"'evaluate.max_windows'"),
+])
+def test_each_error_names_the_field_and_the_fix(recipe, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe)
+
+
+def test_yaml_and_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe("models: [a")
+    with pytest.raises(RecipeError, match="a YAML mapping"):
+        load_recipe("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="recipe file .*missing.yaml.* not found"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_defaults_and_round_trip():
+    r = load_recipe({"models": TWO})
+    assert (r.align.method, r.align.solver, r.merge.method) == ("weight", "exact", "linear")
+    again = load_recipe(r.to_yaml())
+    assert again == r
+
+
+def test_mergekit_recipe_runs_without_alignment():
+    r = load_recipe("""
+merge_method: ties
+base_model: org/base
+models:
+  - model: org/base
+  - model: org/ft-1
+    parameters: {weight: 0.6, density: 0.5}
+  - model: org/ft-2
+    parameters: {weight: 0.4, density: 0.5}
+parameters: {normalize: true}
+dtype: bfloat16
+""")
+    assert r.source_format == "mergekit" and r.align.method == "none"
+    assert [m.model for m in r.models] == ["org/ft-1", "org/ft-2"]  # the base is the base, not a model
+    assert r.models[0].merge_parameters() == {"weight": 0.6, "density": 0.5}
+    assert r.merge.parameters == {"normalize": True} and r.dtype == "bfloat16"
+    assert r.refs() == ["org/base", "org/ft-1", "org/ft-2"]
+
+
+def test_mergekit_features_we_do_not_support_are_named():
+    with pytest.raises(RecipeError, match="'slices' are not supported"):
+        load_recipe({"merge_method": "linear", "slices": []})
+    with pytest.raises(RecipeError, match=r"keys \['chat_template'\] are not supported"):
+        load_recipe({"merge_method": "linear", "models": TWO, "chat_template": "chatml"})
+
+
+def test_relative_folders_resolve_against_the_recipe_file(tmp_path):
+    (tmp_path / "models" / "a").mkdir(parents=True)
+    (tmp_path / "held.txt").write_text("x")
+    path = tmp_path / "r.yaml"
+    path.write_text("models:\n  - model: models/a\n  - model: org/hub-model\nevaluate: {data: held.txt}\n")
+    r = load_recipe(str(path))
+    assert r.models[0].model == str(tmp_path / "models" / "a")
+    assert r.models[1].model == "org/hub-model"  # not a folder there: a Hub id
+    assert r.evaluate.data == str(tmp_path / "held.txt")
