@@ -203,9 +203,7 @@ def weight_matching(
         improved = False
         for i in torch.randperm(len(todo), generator=gen).tolist():
             g = todo[i]
-            old = _block_score(spec, state_a, state_b, perms, g, children[g])
-            found = _match_block(spec, state_a, state_b, perms, g, children[g], solver)
-            new = _block_score(spec, state_a, state_b, {**perms, **found}, g, children[g])
+            found, old, new = _match_block(spec, state_a, state_b, perms, g, children[g], solver)
             if new > old + 1e-6 * max(abs(old), 1.0):
                 perms.update(found)
                 improved = True
@@ -263,8 +261,9 @@ def _one_axis(spec: SymmetrySpec, name: str, axis: int) -> SymmetrySpec:
     return SymmetrySpec(spec.family, spec.groups, {name: type(t)(name, only, t.role, t.fan_in_axis)})
 
 
-def _match_block(spec, a, b, perms, group, children, solver) -> Permutations:
-    """The best permutation of ``group`` (and its children) with every other group fixed."""
+def _match_block(spec, a, b, perms, group, children, solver) -> tuple[Permutations, float, float]:
+    """The best permutation of ``group`` (and its children) with every other group fixed,
+    and the block's objective under the current and the found permutations."""
     occ = list(_occurrences(spec, a, b, perms, {group, *children}))
     n = spec.groups[group].size
     device = occ[0][1].device
@@ -273,7 +272,13 @@ def _match_block(spec, a, b, perms, group, children, solver) -> Permutations:
         for factors, pa, pb in occ:
             i = factors.index(group)
             sim += pa.movedim(i, 0).reshape(n, -1) @ pb.movedim(i, 0).reshape(n, -1).T
-        return {group: solve(sim, solver)}
+        # The linearized objective, as in Git Re-Basin: a group that meets itself on a second
+        # axis (a residual-to-residual matrix) is held at its current permutation there.
+        found = solve(sim, solver)
+        rows = torch.arange(n, device=device)
+        old = float(sim[rows, perms[group].to(device)].sum())
+        return {group: found}, old, float(sim[rows, found.to(device)].sum())
+    old = _block_score(spec, a, b, perms, group, children)
     # Heads: for every (A head, B head) pair find the best within-head permutations, then
     # match heads on the scores those permutations reach.
     pair = {c: torch.arange(spec.groups[c].size).repeat(n, n, 1) for c in children}
@@ -288,15 +293,23 @@ def _match_block(spec, a, b, perms, group, children, solver) -> Permutations:
             ])
     score = torch.zeros(n, n, device=device)
     for factors, pa, pb in occ:
-        for j in range(n):
-            pbj = _apply_children(factors, pb[j].expand(n, *pb.shape[1:]), pair, j)
-            score[:, j] += (pa * pbj).flatten(1).sum(1)
+        kids = [c for c in factors[1:] if c is not None]
+        if not kids:
+            score += pa.reshape(n, -1) @ pb.reshape(n, -1).T
+        elif len(kids) == 1:
+            # <A_i, B_j with its child units reordered by pair(i, j)> read off the child similarity.
+            m = _child_similarity(factors, pa, pb, kids[0], pair)
+            score += m.gather(3, pair[kids[0]].to(device).unsqueeze(-1)).squeeze(-1).sum(-1)
+        else:
+            for j in range(n):
+                pbj = _apply_children(factors, pb[j].expand(n, *pb.shape[1:]), pair, j)
+                score[:, j] += (pa * pbj).flatten(1).sum(1)
     heads = solve(score, solver)
     found = {group: heads}
     rows = torch.arange(n)
     for c in children:
         found[c] = pair[c][rows, heads]
-    return found
+    return found, old, float(score[rows.to(device), heads.to(device)].sum())
 
 
 def _apply_children(factors, pb_rows, pair, j):
@@ -319,8 +332,12 @@ def _child_similarity(factors, pa, pb, child, pair):
     n = pa.shape[0]
     k = factors.index(child)
     size = pa.shape[k]
-    out = torch.zeros(n, n, size, size, device=pa.device)
     others_fixed = [c for c in factors[1:] if c is not None and c != child]
+    if not others_fixed:
+        xa = pa.movedim(k, 1).reshape(n, size, -1)
+        xb = pb.movedim(k, 1).reshape(n, size, -1)
+        return torch.einsum("icr,jdr->ijcd", xa, xb)
+    out = torch.zeros(n, n, size, size, device=pa.device)
     for j in range(n):
         pbj = pb[j].expand(n, *pb.shape[1:])
         if others_fixed:
