@@ -168,6 +168,18 @@ class Recipe(_Strict):
                              "vocabulary; use 'base', 'first' or one of the models")
         return self
 
+    def merged_entries(self) -> list[ModelEntry]:
+        """The models that are merged: all of ``models`` but the base of a task-vector method."""
+        if not get_method(self.merge.method).needs_base:
+            return list(self.models)
+        return [m for m in self.models if m.model != self.base_model]
+
+    def model_parameters(self) -> list[dict[str, Any]]:
+        """Per merged model: its parameters, with ``weight`` 1.0 unless set per model or globally."""
+        default = {} if "weight" in self.merge.parameters else {"weight": 1.0}
+        wants_weight = "weight" in get_method(self.merge.method).model_parameters
+        return [{**(default if wants_weight else {}), **m.merge_parameters()} for m in self.merged_entries()]
+
     def refs(self) -> list[str]:
         """Every model reference, base first, without repeats."""
         out = [self.base_model] if self.base_model else []

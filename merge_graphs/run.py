@@ -104,9 +104,8 @@ def run_recipe(
     reference_ref = recipe.base_model or recipe.models[0].model
     reference = models[reference_ref]
     base = models[recipe.base_model] if recipe.base_model and _needs_base(recipe) else None
-    entries = [m for m in recipe.models if not (base is not None and m.model == recipe.base_model)]
-    merged_models = [models[m.model] for m in entries]
-    result.merged = [m.model for m in entries]
+    result.merged = [m.model for m in recipe.merged_entries()]
+    merged_models = [models[ref] for ref in result.merged]
 
     with _stage(result, "align"):
         calibration, tokenizer = _calibration(recipe, folders[reference_ref])
@@ -121,7 +120,7 @@ def run_recipe(
         return merge_states(
             spec, reference.state_dict(), [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)],
             recipe.merge.method, base_state=base.state_dict() if base is not None else None,
-            model_parameters=[m.merge_parameters() for m in entries], parameters=recipe.merge.parameters,
+            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters,
             seed=recipe.seed,
         )
 
@@ -274,13 +273,17 @@ def _out_dtype(recipe: Recipe, reference_folder: Path) -> torch.dtype:
 
 
 def _tokenizer_folder(recipe: Recipe, folders: Mapping[str, Path]) -> Path | None:
+    from merge_graphs.io import resolve
+    from merge_graphs.io.writer import tokenizer_files
+
     source = recipe.tokenizer_source
     if source in (None, "base"):
-        return folders[recipe.base_model or recipe.models[0].model]
-    if source == "first":
-        return folders[recipe.models[0].model]
-    if source in folders:
-        return folders[source]
-    from merge_graphs.io import resolve
-
-    return resolve(source)
+        folder = folders[recipe.base_model or recipe.models[0].model]
+    elif source == "first":
+        folder = folders[recipe.models[0].model]
+    else:
+        folder = folders.get(source) or resolve(source)
+    if source is None and not tokenizer_files(Path(folder)):
+        logger.warning("%s has no tokenizer files; the output folder will have none", folder)
+        return None
+    return folder

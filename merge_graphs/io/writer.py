@@ -157,7 +157,7 @@ def _check_extra_name(name: str) -> PurePosixPath:
     return rel
 
 
-def _tokenizer_files(folder: Path) -> list[Path]:
+def tokenizer_files(folder: Path) -> list[Path]:
     """Top-level files of ``folder`` that :data:`TOKENIZER_PATTERNS` match, sorted."""
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in TOKENIZER_PATTERNS))
@@ -171,7 +171,7 @@ def _copy_tokenizer(source: Any, folder: Path) -> list[str]:
     if not src.is_dir():
         raise CheckpointNotFoundError(f"tokenizer source {str(src)!r} is not a folder: pass the local folder of the model "
                                       "whose tokenizer to copy (a Hub id must be downloaded first, see merge_graphs.io.resolve)")
-    files = _tokenizer_files(src)
+    files = tokenizer_files(src)
     if not files:
         raise CheckpointNotFoundError(
             f"no tokenizer files in {str(src)!r} (looked for {', '.join(TOKENIZER_PATTERNS)}); choose another "

@@ -1,0 +1,171 @@
+"""Running recipes end to end: the CLI, the output folder, dry runs, interruptions, mergekit recipes."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+import yaml
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+import merge_graphs as mg
+import merge_graphs.run as run_module
+from merge_graphs.cli import main
+from merge_graphs.run import run_recipe
+from tiny_models import minilm_path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def gpt2(seed):
+    torch.manual_seed(seed)
+    cfg = T.GPT2Config(vocab_size=30522, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=101,
+                       eos_token_id=102)
+    return T.GPT2LMHeadModel(cfg).eval()
+
+
+def save(model, folder: Path) -> str:
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(minilm_path()) / name, folder / name)
+    return str(folder)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A tiny GPT-2 and a permuted copy of it, saved with MiniLM's tokenizer."""
+    a = gpt2(0)
+    spec = mg.symmetry_spec(a)
+    b = mg.permute(a, mg.random_permutations(spec, seed=3), spec)
+    return a, save(a, tmp_path / "a"), save(b, tmp_path / "b")
+
+
+def write_recipe(tmp_path, recipe) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_cli_aligns_a_permuted_copy_back_and_writes_a_loadable_folder(tmp_path, pair, capsys):
+    a, folder_a, folder_b = pair
+    recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": folder_b}],
+                                     "output": {"path": str(tmp_path / "out"), "shard_size": "100KB"}})
+    assert main([recipe]) == 0
+    out = capsys.readouterr().out
+    assert "aligned" in out and "wrote" in out and "layers.0.mlp" in out
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for k, v in a.state_dict().items():
+        assert torch.allclose(merged.state_dict()[k], v, atol=1e-6), k
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "merge-graphs.yaml", "README.md", "vocab.txt"} <= files
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert {"merge", "merge-graphs"} <= set(card.data.tags) and card.data.library_name == "transformers"
+    assert "weight" in card.text and "layers.0.mlp" in card.text
+    assert T.AutoTokenizer.from_pretrained(tmp_path / "out")("hello")["input_ids"]
+
+
+def test_evaluate_section_scores_parents_naive_and_merged(tmp_path):
+    folders = [save(gpt2(s), tmp_path / f"m{s}") for s in (0, 1)]
+    held = tmp_path / "held.txt"
+    held.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    result = run_recipe({"models": [{"model": f} for f in folders], "evaluate": {"data": str(held)},
+                         "output": {"path": str(tmp_path / "out")}}, progress=False)
+    assert set(result.scores) == {*folders, "naive", "merged"}
+    assert all(v > 0 for v in result.scores.values())
+    assert set(result.stage_seconds) == {"load", "align", "merge", "evaluate", "write"}
+
+
+def test_dry_run_loads_no_weights(tmp_path, pair, monkeypatch, capsys):
+    _, folder_a, folder_b = pair
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run must not load a model")
+
+    monkeypatch.setattr(run_module, "_load", refuse)
+    monkeypatch.setattr("merge_graphs.io.Checkpoint.get", refuse)
+    recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": "org/on-the-hub"}],
+                                     "output": {"path": str(tmp_path / "out")}})
+    assert main([recipe, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "GPT2LMHeadModel (gpt2)" in out and "download org/on-the-hub" in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", ["merge_states", "write_model_folder"])
+def test_an_interrupted_run_leaves_no_output_folder(tmp_path, pair, monkeypatch, capsys, stage):
+    _, folder_a, folder_b = pair
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if stage == "merge_states":
+        monkeypatch.setattr(run_module, "merge_states", interrupt)
+    else:
+        monkeypatch.setattr(T.PreTrainedModel, "save_pretrained", interrupt)
+    recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": folder_b}],
+                                     "output": {"path": str(tmp_path / "out")}})
+    assert main([recipe]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "recipe.yaml"]
+
+
+def test_existing_output_needs_force(tmp_path, pair, capsys):
+    _, folder_a, folder_b = pair
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": folder_b}],
+                                     "output": {"path": str(tmp_path / "out")}})
+    assert main([recipe]) == 1
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").exists()
+    assert main([recipe, "--force", "--quiet"]) == 0
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
+
+
+def test_bad_recipe_fails_before_loading_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_module, "_load", lambda *a, **k: pytest.fail("loaded a model"))
+    recipe = write_recipe(tmp_path, {"models": [{"model": "x"}], "merge": {"method": "ties"}})
+    assert main([recipe]) == 1
+    assert "needs base_model" in capsys.readouterr().err
+    missing = write_recipe(tmp_path, {"models": [{"model": str(tmp_path / "nope")}],
+                                      "output": {"path": str(tmp_path / "out")}})
+    assert main([missing]) == 1
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_mismatched_architectures_get_a_clear_error(tmp_path):
+    folder_a = save(gpt2(0), tmp_path / "a")
+    bert = T.BertModel(T.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32))
+    folder_b = save(bert, tmp_path / "b")
+    with pytest.raises(mg.SpecMismatchError, match="gpt2 model with a bert model"):
+        run_recipe({"models": [{"model": folder_a}, {"model": folder_b}], "output": {"path": str(tmp_path / "o")}},
+                   progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_mergekit_recipe_gives_mergekits_linear_tensors(tmp_path):
+    """Two fine-tunes of one base, merged by a mergekit recipe: mergekit's linear is
+    sum(w_i * t_i) / sum(w_i) per tensor, with no alignment."""
+    base = gpt2(0)
+    tunes = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        tuned = gpt2(0)
+        with torch.no_grad():
+            for p in tuned.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        tunes.append(tuned)
+    folders = [save(m, tmp_path / f"ft{i}") for i, m in enumerate(tunes)]
+    save(base, tmp_path / "base")
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": folders[0], "parameters": {"weight": 0.7}},
+                   {"model": folders[1], "parameters": {"weight": 0.3}}],
+    })
+    assert main([recipe, "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    a, b = (load_file(Path(f) / "model.safetensors") for f in folders)
+    for k in a:
+        assert torch.allclose(merged[k], (0.7 * a[k] + 0.3 * b[k]) / 1.0, atol=1e-7), k
