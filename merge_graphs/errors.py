@@ -35,3 +35,7 @@ class AlignmentError(MergeGraphsError, RuntimeError):
 
 class RecipeError(MergeGraphsError, ValueError):
     """A recipe is invalid; the message names the field, the bad value and the fix."""
+
+
+class PushError(MergeGraphsError, RuntimeError):
+    """Pushing a model folder to the Hugging Face Hub failed; the local folder is left as it was."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from merge_graphs.errors import PushError
@@ -45,10 +46,11 @@ def _uri_error() -> tuple[type[BaseException], ...]:
 
 
 def _retry_hint(folder: Path, repo_id: str, revision: str | None) -> str:
-    rev = f" --revision {revision}" if revision else ""
+    rev = f" --revision {shlex.quote(revision)}" if revision else ""
+    path, repo = shlex.quote(str(folder)), shlex.quote(repo_id)
     return (
         f"The local folder {str(folder)!r} is intact; nothing in it was changed or deleted. Retry with "
-        f"`merge-graphs push {folder} {repo_id}{rev}` (or `hf upload {repo_id} {folder} .{rev}`)."
+        f"`merge-graphs push {path} {repo}{rev}` (or `hf upload {repo} {path} .{rev}`)."
     )
 
 
@@ -80,7 +82,7 @@ def _server_message(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _explain(err: BaseException, *, folder: Path, repo_id: str, revision: str | None, endpoint: str,
+def _explain(err: BaseException, *, repo_id: str, revision: str | None, endpoint: str,
              token: str | bool | None) -> str:
     """What happened and what to do, for an error raised by huggingface_hub while pushing."""
     from huggingface_hub.errors import (
@@ -199,7 +201,7 @@ def push_folder(
             # README.md metadata ...
             message = f"cannot push {str(folder)!r} to {repo_id!r}: {_server_message(err)}"
         else:
-            message = _explain(err, folder=folder, repo_id=repo_id, revision=revision, endpoint=where, token=token)
+            message = _explain(err, repo_id=repo_id, revision=revision, endpoint=where, token=token)
         message = _redact(f"{message}\n{_retry_hint(folder, repo_id, revision)}", secrets)
         logger.debug("push of %s to %s failed: %s", folder, repo_id, type(err).__name__)
         raise PushError(message) from err
