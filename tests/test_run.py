@@ -169,3 +169,41 @@ def test_mergekit_recipe_gives_mergekits_linear_tensors(tmp_path):
     a, b = (load_file(Path(f) / "model.safetensors") for f in folders)
     for k in a:
         assert torch.allclose(merged[k], (0.7 * a[k] + 0.3 * b[k]) / 1.0, atol=1e-7), k
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path_factory):
+    from hub_server import patch_default_endpoint, running_hub
+
+    with running_hub(monkeypatch, tmp_path_factory.mktemp("hf_home")) as fake:
+        patch_default_endpoint(monkeypatch, fake.endpoint)
+        yield fake
+
+
+def test_recipe_pushes_to_the_hub_and_the_card_is_visible(tmp_path, pair, hub, monkeypatch, capsys):
+    from huggingface_hub import HfApi, snapshot_download
+
+    _, folder_a, folder_b = pair
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo = f"{hub.user}/merged"
+    recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": folder_b}],
+                                     "output": {"path": str(tmp_path / "out"),
+                                                "push_to_hub": {"repo_id": repo, "private": True}}})
+    assert main([recipe]) == 0
+    assert "pushed:" in capsys.readouterr().out
+    info = HfApi(endpoint=hub.endpoint, token=hub.token).model_info(repo)
+    assert {"merge", "merge-graphs"} <= set(info.card_data.tags)
+    local = snapshot_download(repo, endpoint=hub.endpoint, token=hub.token, cache_dir=tmp_path / "cache")
+    pushed, written = (load_file(Path(f) / "model.safetensors") for f in (local, tmp_path / "out"))
+    assert all(torch.equal(pushed[k], written[k]) for k in written)
+
+
+def test_failed_push_keeps_the_folder_and_says_how_to_retry(tmp_path, pair, hub, monkeypatch, capsys):
+    _, folder_a, folder_b = pair
+    monkeypatch.setenv("HF_TOKEN", "hf_not_the_right_token_000000000000")
+    recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": folder_b}],
+                                     "output": {"path": str(tmp_path / "out")}})
+    assert main([recipe, "--push-to-hub", f"{hub.user}/merged"]) == 1
+    err = capsys.readouterr().err
+    assert "hf auth login" in err and "merge-graphs push" in err and "hf_not_the_right_token" not in err
+    assert (tmp_path / "out" / "config.json").exists()
