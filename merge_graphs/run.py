@@ -21,6 +21,7 @@ import torch
 from merge_graphs.api import _with_state, align_models, merge_states
 from merge_graphs.errors import RecipeError
 from merge_graphs.match import Alignment
+from merge_graphs.methods import get_method
 from merge_graphs.recipe import Recipe, load_recipe
 from merge_graphs.symmetry import identity_permutations
 
@@ -103,7 +104,7 @@ def run_recipe(
         models = {ref: _load(folder, recipe, device) for ref, folder in folders.items()}
     reference_ref = recipe.base_model or recipe.models[0].model
     reference = models[reference_ref]
-    base = models[recipe.base_model] if recipe.base_model and _needs_base(recipe) else None
+    base = models[recipe.base_model] if get_method(recipe.merge.method).needs_base else None
     result.merged = [m.model for m in recipe.merged_entries()]
     merged_models = [models[ref] for ref in result.merged]
 
@@ -179,12 +180,6 @@ def _device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device 'cuda' asked for but torch sees no GPU; use --device cpu")
     return torch.device(device)
-
-
-def _needs_base(recipe: Recipe) -> bool:
-    from merge_graphs.methods import get_method
-
-    return get_method(recipe.merge.method).needs_base
 
 
 def _load(folder: Path, recipe: Recipe, device: torch.device) -> torch.nn.Module:
