@@ -1,0 +1,22 @@
+"""The permutation-equivariant graph neural network over neural graphs.
+
+``GraphEncoder`` turns a :class:`~merge_graphs.graph.NeuralGraph` into node embeddings that
+permute exactly as the model's units do; ``group_embeddings`` and ``pooled_embedding`` read
+per-group and whole-model (invariant) embeddings from them; ``embed`` does all three for a
+model. Irregular edges are reduced by :mod:`merge_graphs.gnn.scatter`.
+"""
+
+from merge_graphs.gnn.encoder import (
+    Embeddings,
+    GraphEncoder,
+    default_encoder,
+    embed,
+    group_embeddings,
+    pooled_embedding,
+    structural_links,
+)
+
+__all__ = [
+    "Embeddings", "GraphEncoder", "default_encoder", "embed", "group_embeddings", "pooled_embedding",
+    "structural_links",
+]
