@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedTensorError
-from merge_graphs.symmetry.spec import Group, Space, SymmetrySpec, TensorSpec
+from merge_graphs.symmetry.spec import ROTATION_KINDS, Group, Norm, Space, SymmetrySpec, TensorSpec
 
 Axis = Space | Sequence[Space] | None
 
@@ -48,6 +48,8 @@ class SpecBuilder:
         self.groups: dict[str, Group] = {}
         self.labels: dict[str, TensorSpec] = {}
         self.carry_patterns: list[str] = []
+        self.norm_table: list[Norm] = []
+        self.ties: dict[str, str] = {}
 
     def group(self, name: str, size: int, parent: str | None = None) -> str:
         self.groups[name] = Group(name, size, parent)
@@ -101,10 +103,21 @@ class SpecBuilder:
         """Copy floating-point tensors matching ``pattern`` (e.g. RoPE's frequencies) as they are."""
         self.carry_patterns.append(pattern)
 
+    def norm(self, weight: str, bias: str | None, readers: Sequence[tuple[str, str | None]]) -> None:
+        """Declare a pre-norm: its gain and bias tensors and the ``(weight, bias)`` pairs that read
+        its output. Entries the checkpoint lacks are dropped at :meth:`build`."""
+        self.norm_table.append(Norm(weight, bias, tuple(readers)))
+
+    def tie(self, name: str, source: str) -> None:
+        """``name`` (an LM head) is tied to ``source`` and may be stored only as ``source``."""
+        self.ties[name] = source
+
     def has(self, name: str) -> bool:
         return name in self.stored
 
-    def build(self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> SymmetrySpec:
+    def build(
+        self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = (), rotation: str | None = None
+    ) -> SymmetrySpec:
         tensors: dict[str, TensorSpec] = {}
         carried: list[str] = []
         unlabelled: list[str] = []
@@ -129,7 +142,17 @@ class SpecBuilder:
         used |= {self.groups[g].parent for g in used if self.groups[g].parent}
         groups = {n: g for n, g in self.groups.items() if n in used}
         outputs = {k: v for k, v in (outputs or {}).items() if v in groups}
-        return SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes))
+        if rotation is not None and rotation not in ROTATION_KINDS:
+            raise ValueError(f"unknown rotation kind {rotation!r}; choose one of {sorted(ROTATION_KINDS)}")
+        tied = {k: v for k, v in self.ties.items() if v in tensors}
+        present = set(tensors) | set(tied)
+        norms = tuple(
+            Norm(n.weight, n.bias if n.bias in tensors else None,
+                 tuple((w, bias if bias in tensors else None) for w, bias in n.readers if w in present))
+            for n in self.norm_table if n.weight in tensors
+        )
+        return SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes),
+                            norms, rotation, tied)
 
     def _check_shape(self, label: TensorSpec, info: TensorInfo) -> None:
         if len(label.axes) != len(info.shape):

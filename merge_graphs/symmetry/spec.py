@@ -74,6 +74,33 @@ class TensorSpec:
         return self.axes[axis] or ()
 
 
+@dataclass(frozen=True)
+class Norm:
+    """A normalization that reads the residual stream, and the linear maps that read its output.
+
+    Folding (:mod:`merge_graphs.rotation`) moves the norm's gain (and a LayerNorm's bias) into
+    its readers, which is what lets the residual stream rotate.
+
+    Attributes:
+        weight: the gain tensor.
+        bias: the bias tensor (LayerNorm), or None (RMSNorm).
+        readers: ``(weight, bias or None)`` of every linear map that reads the norm's output.
+            Empty when the norm's output is the model's output (a bare model's final norm):
+            such a norm cannot be folded.
+    """
+
+    weight: str
+    bias: str | None
+    readers: tuple[tuple[str, str | None], ...]
+
+
+# SymmetrySpec.rotation: which orthogonal maps of the residual stream the folded model admits.
+ROTATION_KINDS = {
+    "free": "any orthogonal map (RMSNorm is rotation invariant)",
+    "fix_ones": "orthogonal maps that fix the all-ones direction (LayerNorm subtracts the mean)",
+}
+
+
 @dataclass
 class SymmetrySpec:
     """The permutation symmetries of one model, over its named tensors.
@@ -87,6 +114,11 @@ class SymmetrySpec:
             ``last_hidden_state`` lives in the residual stream); all other outputs are
             invariant under every permutation.
         notes: facts about the family that users should know (e.g. RoPE fixes q/k dims).
+        norms: the pre-norms of a pre-norm family, with the tensors that read them (folding).
+        rotation: after folding, the orthogonal maps the residual stream admits: ``"free"``,
+            ``"fix_ones"`` (see :data:`ROTATION_KINDS`) or None (permutations only).
+        tied: tensors that may be stored as another tensor (an LM head tied to the embedding):
+            ``{name: source}``.
     """
 
     family: str
@@ -95,6 +127,9 @@ class SymmetrySpec:
     carried: tuple[str, ...] = ()
     outputs: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    norms: tuple[Norm, ...] = ()
+    rotation: str | None = None
+    tied: dict[str, str] = field(default_factory=dict)
 
     @property
     def spaces(self) -> dict[str, Space]:

@@ -1,0 +1,668 @@
+"""Beyond permutations: norm folding and orthogonal alignment of the residual stream.
+
+In a pre-norm transformer (GPT-2, the Llama family) every layer reads the residual stream
+through a norm. Once each norm's gain (and a LayerNorm's bias) is folded into the layers that
+read its output, the norms compute ``n(h) = h / rms(h)`` (RMSNorm) or ``(h - mean(h)) / std(h)``
+(LayerNorm), and the stream admits an orthogonal change of basis, of which the residual
+permutation is a special case:
+
+* RMSNorm: any orthogonal ``Q`` (``rms(h Q) = rms(h)``);
+* LayerNorm: an orthogonal ``Q`` that fixes the all-ones direction (``Q 1 = 1``), so that it
+  commutes with the mean subtraction;
+* post-LayerNorm encoders (BERT, RoBERTa): none. Their LayerNorm output *is* the stream carried
+  to the next block, so its gain and bias cannot be folded away; they keep permutations only.
+
+**Convention.** Residual vectors are rows. Rotating a model by ``Q`` turns its residual stream
+``h`` into ``h Q`` at every block boundary: every tensor axis that indexes the residual stream
+is multiplied by ``Q`` on that axis, ``new[..., j, ...] = sum_i old[..., i, ...] Q[i, j]``. That
+single rule covers writers and readers in either storage layout: a token embedding ``E``
+(vocab x d) becomes ``E Q``; an ``nn.Linear`` writer (``o_proj``, ``down_proj``: d x in)
+becomes ``Q^T W`` and its bias ``b Q``; an ``nn.Linear`` reader (``q_proj``, ``lm_head``:
+out x d) becomes ``W Q``; GPT-2's ``Conv1D`` stores (in, out), so its writers become ``W Q``
+and its readers ``Q^T W``. A residual permutation ``perm`` of :mod:`merge_graphs.symmetry`
+(``new = old[perm]``) is the rotation ``Q = I[:, perm]`` (:func:`permutation_matrix`).
+
+**Folding** (:func:`fold_norms`) works on named tensors: for a reader ``y = W n'(h) + b`` of a
+norm ``n'(h) = g * n(h) + beta``, ``W <- W diag(g)`` and ``b <- b + W beta``; the gain becomes 1
+and the bias 0. Under LayerNorm the writers into the stream (token and position embeddings,
+attention and MLP output projections and their biases) are also centred, ``W <- W (I - 11^T/d)``
+on the residual axis: LayerNorm subtracts the mean anyway, so this changes nothing the model
+computes, and it puts every model in one canonical form (the stream is mean-free), so two models
+differ only by what a rotation can explain.
+
+**Tied heads.** Folding the final norm into the LM head gives the head ``E diag(g)``, which is no
+longer the embedding ``E``: the folded model is untied (``config.tie_word_embeddings = False``,
+``lm_head.weight`` stored on its own) and keeps its class. GPT-2's LM head has no bias slot for
+``E beta_f``. The folded GPT-2 carries it through the all-ones direction instead: LayerNorm's
+normalized output ``n(h)`` is mean-free, so the folded final norm has gain 1 and bias **1** (all
+ones), and the head's weight is ``E diag(g) (I - 11^T/d) + (E beta_f) 1^T / d``: the first part
+sees ``n(h)`` exactly as before and nothing of the ones, the second sees only the ones and adds
+``E beta_f`` to the logits. A bias of all ones is fixed by every admissible ``Q``, so rotations
+and averaging leave it alone, and the folded model is an ordinary ``GPT2LMHeadModel``.
+
+A bare model (``GPT2Model``, ``LlamaModel``) outputs its final norm: that norm is kept as it is
+(folding still preserves the outputs) and such a model cannot be rotated.
+
+:func:`rotation_alignment` finds ``Q`` (and the permutations of every other group) that map a
+model B onto a model A: data-free from the shared embedding matrices, or from residual-stream
+activations on calibration inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from merge_graphs.errors import AlignmentError, SpecMismatchError, UnsupportedArchitectureError
+from merge_graphs.match import Alignment, objective, weight_matching
+from merge_graphs.symmetry import symmetry_spec
+from merge_graphs.symmetry.spec import (
+    ROTATION_KINDS,
+    SymmetrySpec,
+    TensorSpec,
+    identity_permutations,
+    permute_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fold_norms", "folded_model", "permutation_matrix",
+    "procrustes", "random_rotation", "rotate", "rotate_model", "rotation_alignment", "rotation_kind",
+]
+
+#: The residual stream's group in every family spec.
+RESIDUAL = "residual"
+
+#: What :func:`rotation_alignment` fits ``Q`` on without calibration data.
+FITS = ("embeddings", "alternate")
+
+
+# --- what a family admits ---------------------------------------------------------------------
+
+def rotation_kind(spec: SymmetrySpec) -> str:
+    """The orthogonal maps the folded residual stream admits: ``"free"`` or ``"fix_ones"``.
+
+    Raises:
+        UnsupportedArchitectureError: the family has no such symmetry; the message says why.
+    """
+    if spec.rotation in ROTATION_KINDS and RESIDUAL in spec.groups:
+        return spec.rotation
+    if spec.family in ("bert", "roberta"):
+        raise UnsupportedArchitectureError(
+            f"{spec.family} is a post-LayerNorm encoder: its residual stream cannot be rotated, so norm "
+            "folding and residual rotation do not apply. Each block's LayerNorm output is itself the stream "
+            "carried to the next block (h <- LayerNorm(h + f(h))), so the LayerNorm gains and biases act on "
+            "the stream and cannot be folded into the layers that read it, and the masked-LM head (its "
+            "LayerNorm and the decoder tied to the embeddings) breaks it too. Only permutations of the "
+            "residual stream preserve such a model: align it with permutations (weight or activation "
+            "matching) instead."
+        )
+    raise UnsupportedArchitectureError(
+        f"{spec.family} models have no pre-norm residual stream, so there is no norm to fold and no "
+        "rotation symmetry; align them with permutations (weight or activation matching). Rotations "
+        "apply to pre-norm transformers: GPT-2 and the Llama family (Llama, Mistral, Qwen2)."
+    )
+
+
+def _residual_axis(t: TensorSpec) -> int | None:
+    found = [a for a, axis in enumerate(t.axes) if any(RESIDUAL in s.groups for s in axis or ())]
+    if not found:
+        return None
+    if len(found) > 1 or len(t.axes[found[0]]) != 1 or t.axes[found[0]][0].groups != (RESIDUAL,):
+        raise NotImplementedError(f"{t.name}: rotations need one axis that indexes only the residual stream")
+    return found[0]
+
+
+def _norm_tensors(spec: SymmetrySpec) -> set[str]:
+    return {n for norm in spec.norms for n in (norm.weight, norm.bias) if n}
+
+
+def _along(x: torch.Tensor, axis: int, v: torch.Tensor) -> torch.Tensor:
+    """``v`` shaped to broadcast along ``axis`` of ``x``."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _times(x: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
+    """``x`` multiplied by the matrix ``q`` on ``axis``: ``new[.., j, ..] = sum_i x[.., i, ..] q[i, j]``."""
+    return torch.tensordot(x, q.to(x.dtype), dims=([axis], [0])).movedim(-1, axis)
+
+
+# --- folding ----------------------------------------------------------------------------------
+
+def fold_norms(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> tuple[SymmetrySpec, dict[str, torch.Tensor]]:
+    """Fold every pre-norm's gain and bias into the layers that read its output.
+
+    Works on named tensors; ``state`` is not modified (tensors that do not change are shared).
+    Folding is idempotent: folding a folded state returns the same tensors (to round-off).
+
+    Args:
+        spec: the model's symmetry spec (its ``norms`` table says which tensors read each norm).
+        state: the model's named tensors. A tied LM head may be missing: it is built from the
+            embedding it is tied to.
+
+    Returns:
+        ``(folded spec, folded state)``. The folded spec describes the folded tensors (an LM head
+        that was tied now stands alone: ``tied`` is empty) and lists in ``notes`` what changed
+        beyond the values, e.g. an untied head or GPT-2's final norm bias of all ones.
+
+    Raises:
+        UnsupportedArchitectureError: a family without the symmetry (post-LN BERT, MLPs).
+    """
+    kind = rotation_kind(spec)
+    layer_norm = kind == "fix_ones"
+    out = dict(state)
+    tensors = dict(spec.tensors)
+    changes: list[str] = []
+    for name, source in spec.tied.items():
+        if name not in out:
+            out[name] = out[source]
+        if name not in tensors:
+            tensors[name] = TensorSpec(name, spec.tensors[source].axes, "unembed", 1)
+        changes.append(f"{name} was tied to {source}; the folded model stores it on its own "
+                       "(tie_word_embeddings=False)")
+    readers = {w for norm in spec.norms for w, _ in norm.readers}
+    norm_params = _norm_tensors(spec)
+    for norm in spec.norms:
+        gain = out[norm.weight]
+        beta = out[norm.bias] if norm.bias else None
+        if not norm.readers:
+            changes.append(f"{norm.weight} is kept as it is: its output is the model's output")
+            continue
+        ones_channel = beta is not None and any(b is None for _, b in norm.readers)
+        if ones_channel and not layer_norm:
+            raise NotImplementedError(f"{norm.bias}: a norm bias can be folded into a reader without a bias "
+                                      "only under LayerNorm, whose output is mean-free")
+        for w, b in norm.readers:
+            weight = _work(out[w])
+            axis = _residual_axis(tensors[w])
+            new = weight * _along(weight, axis, _work(gain))
+            shift = torch.tensordot(weight, _work(beta), dims=([axis], [0])) if beta is not None else None
+            if ones_channel:
+                # The norm's output n(h) is mean-free: the head may use the all-ones direction.
+                new = new - new.mean(axis, keepdim=True)
+            if shift is not None and b is not None:
+                out[b] = (_work(out[b]) + shift).to(out[b].dtype)
+            elif shift is not None:
+                # No bias slot: the all-ones bias of the folded norm feeds shift / d per unit.
+                new = new + shift.unsqueeze(axis) / gain.numel()
+            out[w] = new.to(out[w].dtype)
+        out[norm.weight] = torch.ones_like(gain)
+        if beta is not None:
+            out[norm.bias] = torch.ones_like(beta) if ones_channel else torch.zeros_like(beta)
+            if ones_channel:
+                changes.append(f"{norm.bias} is all ones: it carries the folded bias of "
+                               f"{', '.join(w for w, b in norm.readers if b is None)} through the all-ones direction")
+    if layer_norm:
+        for name, t in tensors.items():
+            if name in readers or name in norm_params or name not in out:
+                continue
+            axis = _residual_axis(t)
+            if axis is not None:
+                x = _work(out[name])
+                out[name] = (x - x.mean(axis, keepdim=True)).to(out[name].dtype)
+    folded = dataclasses.replace(spec, tensors=tensors, tied={}, notes=spec.notes + tuple(changes))
+    for c in changes:
+        logger.info("folding: %s", c)
+    return folded, out
+
+
+def folded_model(model: nn.Module) -> nn.Module:
+    """A new model of the same class computing the same function, with its norms folded.
+
+    The norm gains are 1 and biases 0 (GPT-2's final norm: bias all ones, see the module
+    docstring); a tied LM head is untied (``config.tie_word_embeddings = False``). The model
+    saves with ``save_pretrained`` and loads back with ``from_pretrained`` as an ordinary
+    checkpoint of its class. ``model`` is not modified.
+
+    Example:
+        >>> import torch, transformers
+        >>> cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=24, tie_word_embeddings=True)
+        >>> model = transformers.LlamaForCausalLM(cfg).eval()
+        >>> folded = folded_model(model)
+        >>> folded.config.tie_word_embeddings, bool(folded.model.norm.weight.eq(1).all())
+        (False, True)
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> torch.allclose(model(ids).logits, folded(ids).logits, atol=1e-5)
+        True
+    """
+    spec = symmetry_spec(model)
+    _, state = fold_norms(spec, model.state_dict())
+    return _rebuild(model, state, untie=bool(spec.tied))
+
+
+def _rebuild(model: nn.Module, state: Mapping[str, torch.Tensor], untie: bool) -> nn.Module:
+    config = copy.deepcopy(model.config)
+    if untie and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    param = next(model.parameters())
+    out = type(model)(config).to(device=param.device, dtype=param.dtype)
+    out.load_state_dict(state)
+    return out.train(model.training)
+
+
+# --- rotations --------------------------------------------------------------------------------
+
+def check_rotation(q: torch.Tensor, kind: str, *, size: int | None = None, atol: float = 1e-4) -> None:
+    """Raise ``ValueError`` unless ``q`` is a rotation the folded residual stream admits.
+
+    Args:
+        q: a ``(d, d)`` matrix.
+        kind: ``"free"`` (RMSNorm: any orthogonal matrix) or ``"fix_ones"`` (LayerNorm: orthogonal
+            with ``q @ 1 == 1``).
+        size: the residual width ``d``, if known.
+        atol: tolerance on ``q^T q - I`` and ``q 1 - 1`` (largest entry).
+    """
+    if kind not in ROTATION_KINDS:
+        raise ValueError(f"unknown rotation kind {kind!r}; choose one of {sorted(ROTATION_KINDS)}")
+    if q.dim() != 2 or q.shape[0] != q.shape[1] or (size is not None and q.shape[0] != size):
+        want = f"({size}, {size})" if size is not None else "square"
+        raise ValueError(f"a residual rotation must be a {want} matrix, got shape {tuple(q.shape)}")
+    q64 = q.detach().double().cpu()
+    eye = torch.eye(q.shape[0], dtype=torch.float64)
+    err = float((q64.T @ q64 - eye).abs().max())
+    if err > atol:
+        raise ValueError(f"the residual map is not orthogonal (largest entry of Q^T Q - I is {err:.3g}); "
+                         "only orthogonal maps preserve what a folded model computes")
+    if kind == "fix_ones":
+        drift = float((q64.sum(1) - 1).abs().max())
+        if drift > atol:
+            raise ValueError(
+                f"this rotation moves the all-ones direction (largest entry of Q 1 - 1 is {drift:.3g}). Under "
+                "LayerNorm a residual rotation must fix it (Q 1 = 1): LayerNorm subtracts the mean of the "
+                "stream, and only a Q that maps the all-ones vector to itself commutes with that. Build Q "
+                "in the complement of the all-ones vector (merge_graphs.rotation.random_rotation(d, "
+                "'fix_ones') or procrustes(..., 'fix_ones')).")
+
+
+def _complement(d: int) -> torch.Tensor:
+    """``(d, d - 1)`` orthonormal basis of the vectors orthogonal to all-ones (a Householder reflection)."""
+    u = torch.full((d,), d ** -0.5, dtype=torch.float64)
+    v = u.clone()
+    v[0] -= 1.0
+    if float(v.norm()) < 1e-12:
+        return torch.eye(d, dtype=torch.float64)[:, 1:]
+    h = torch.eye(d, dtype=torch.float64) - 2.0 * torch.outer(v, v) / (v @ v)
+    return h[:, 1:]
+
+
+def _embed_fixing_ones(r: torch.Tensor) -> torch.Tensor:
+    """The ``(d, d)`` rotation that acts as ``r`` on the complement of all-ones and fixes all-ones."""
+    d = r.shape[0] + 1
+    n = _complement(d)
+    return n @ r @ n.T + torch.full((d, d), 1.0 / d, dtype=torch.float64)
+
+
+def random_rotation(d: int, kind: str = "free", seed: int = 0) -> torch.Tensor:
+    """A random (Haar) orthogonal ``(d, d)`` matrix of ``kind``, float32, deterministic given ``seed``.
+
+    Example:
+        >>> q = random_rotation(5, "fix_ones", seed=0)
+        >>> bool(torch.allclose(q @ torch.ones(5), torch.ones(5), atol=1e-6))
+        True
+    """
+    if kind not in ROTATION_KINDS:
+        raise ValueError(f"unknown rotation kind {kind!r}; choose one of {sorted(ROTATION_KINDS)}")
+    g = torch.Generator().manual_seed(seed)
+    k = d if kind == "free" else d - 1
+    a = torch.randn(k, k, generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+    return (q if kind == "free" else _embed_fixing_ones(q)).float()
+
+
+def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """The rotation equal to the residual permutation ``perm`` (``new = old[perm]``): ``I[:, perm]``."""
+    return torch.eye(len(perm))[:, perm]
+
+
+def procrustes(m: torch.Tensor, kind: str = "free") -> torch.Tensor:
+    """The admissible ``Q`` maximizing ``<m, Q>`` (orthogonal Procrustes).
+
+    For matrices ``X_b, X_a`` (rows: shared items) with ``m = X_b^T X_a`` this is the ``Q`` that
+    minimizes ``||X_b Q - X_a||``. With ``kind="fix_ones"`` the problem is solved in the
+    complement of the all-ones vector and ``Q`` fixes all-ones. Returns float32.
+    """
+    m = m.detach().double().cpu()
+    if kind == "fix_ones":
+        n = _complement(m.shape[0])
+        u, _, vh = torch.linalg.svd(n.T @ m @ n)
+        return _embed_fixing_ones(u @ vh).float()
+    if kind != "free":
+        raise ValueError(f"unknown rotation kind {kind!r}; choose one of {sorted(ROTATION_KINDS)}")
+    u, _, vh = torch.linalg.svd(m)
+    return (u @ vh).float()
+
+
+def _check_folded(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> None:
+    for norm in spec.norms:
+        if not norm.readers:
+            raise UnsupportedArchitectureError(
+                f"{norm.weight} is the last layer of this {spec.family} model (a bare model without a head): "
+                "its output is the model's output, in the residual basis, with a per-unit gain that does not "
+                "commute with a rotation. Rotate a model with its LM head (e.g. ...ForCausalLM / GPT2LMHeadModel).")
+        gain = state[norm.weight].float()
+        bias = state[norm.bias].float() if norm.bias else None
+        if not torch.equal(gain, torch.ones_like(gain)) or (
+                bias is not None and not (torch.equal(bias, torch.zeros_like(bias))
+                                          or torch.equal(bias, torch.ones_like(bias)))):
+            raise ValueError(f"{norm.weight} is not folded (gain 1{', bias 0 or 1' if bias is not None else ''}); "
+                             "fold the norms first: fold_norms(spec, state) or folded_model(model)")
+
+
+def rotate(spec: SymmetrySpec, state: Mapping[str, torch.Tensor], q: torch.Tensor, *,
+           check: bool = True) -> dict[str, torch.Tensor]:
+    """Rotate a folded model's residual stream by ``q``: the stream ``h`` becomes ``h @ q``.
+
+    Every axis that indexes the residual stream is multiplied by ``q`` on that axis (see the
+    module docstring for what that means for each layout); norm gains and biases (all ones or
+    zeros after folding) are left alone. Other tensors are shared with ``state``.
+
+    Args:
+        spec: the folded model's spec (from :func:`fold_norms`).
+        state: the folded model's named tensors.
+        q: a ``(d, d)`` rotation admissible for the family (:func:`check_rotation`).
+        check: verify ``q`` and that the state is folded.
+
+    Raises:
+        ValueError: an inadmissible ``q`` or an unfolded state.
+        UnsupportedArchitectureError: a post-LN family or a bare model.
+    """
+    kind = rotation_kind(spec)
+    if check:
+        check_rotation(q, kind, size=spec.groups[RESIDUAL].size)
+        _check_folded(spec, state)
+    skip = _norm_tensors(spec)
+    out = dict(state)
+    for name, t in spec.tensors.items():
+        if name in skip or name not in out:
+            continue
+        axis = _residual_axis(t)
+        if axis is not None:
+            x = out[name]
+            out[name] = _times(_work(x), axis, q.to(x.device)).to(x.dtype)
+    return out
+
+
+def rotate_model(model: nn.Module, q: torch.Tensor) -> nn.Module:
+    """A folded copy of ``model`` with its residual stream rotated by ``q`` (same function)."""
+    spec = symmetry_spec(model)
+    folded_spec, state = fold_norms(spec, model.state_dict())
+    return _rebuild(model, rotate(folded_spec, state, q), untie=True)
+
+
+# --- alignment --------------------------------------------------------------------------------
+
+@dataclass
+class RotationAlignment(Alignment):
+    """How to map model B onto model A with norm folding, a residual rotation and permutations.
+
+    ``spec`` is the *folded* spec; ``permutations`` hold every group but the residual stream
+    (identity there: ``rotation`` replaces it). Objectives are those of the folded models.
+
+    Attributes:
+        rotation: ``Q`` (d x d): B's folded residual stream ``h`` becomes ``h @ Q``.
+        kind: ``"free"`` or ``"fix_ones"``.
+        fit: what ``Q`` was fitted on: ``"embeddings"``, ``"alternate"`` (embeddings, then
+            alternating with weight matching on every tensor) or ``"activations"``.
+        fit_error: ``||X_b Q - X_a|| / ||X_a||`` on what ``Q`` was fitted on (the embedding
+            matrices, or the calibration activations).
+        fit_error_before: the same with ``Q = I``.
+        source_spec: B's unfolded spec, used to fold B's tensors.
+
+    Unlike a permutation-only :class:`Alignment`, ``permutations`` alone do not map B onto A:
+    use :meth:`apply` (fold, permute, rotate) and merge with A folded (:meth:`reference`).
+    """
+
+    rotation: torch.Tensor | None = None
+    kind: str = "free"
+    fit: str = "embeddings"
+    fit_error: float = math.nan
+    fit_error_before: float = math.nan
+    source_spec: SymmetrySpec | None = None
+
+    def apply(self, b, *, verify: bool = True):
+        """B folded, permuted and rotated into A's folded basis.
+
+        ``b`` may be named tensors (returns named tensors of the folded model) or a model
+        (returns a new model of its class, untied; with ``verify``, checked to compute what ``b``
+        computes). Average it with ``folded_model(model_a)`` (see :meth:`reference`).
+        """
+        if isinstance(b, nn.Module):
+            state = self.apply(b.state_dict())
+            out = _rebuild(b, state, untie=True)
+            if verify:
+                check_same_function(b, out)
+            return out
+        _, state = fold_norms(self.source_spec or self.spec, b)
+        state = permute_state_dict(self.spec, state, self.permutations)
+        return rotate(self.spec, state, self.rotation)
+
+    def reference(self, model_a: nn.Module) -> nn.Module:
+        """A folded: the model to merge B's aligned copy with."""
+        return folded_model(model_a)
+
+
+def check_same_function(model: nn.Module, other: nn.Module, tolerance: float = 1e-4) -> float:
+    """Raise :class:`AlignmentError` unless ``other`` computes ``model``'s outputs on a small
+    random input (relative to the output scale); returns the largest relative difference."""
+    from merge_graphs.verify import forward, random_input
+
+    inputs = random_input(model)
+    before, after = forward(model, inputs), forward(other, inputs)
+    worst = 0.0
+    for key, a in before.items():
+        if key not in after or after[key].shape != a.shape:
+            continue
+        diff = float((a.float() - after[key].float()).abs().max() / a.float().abs().max().clamp_min(1e-12))
+        worst = max(worst, diff)
+        if diff > tolerance:
+            raise AlignmentError(
+                f"folding/rotating {type(model).__name__} changed its output {key!r} by {diff:.2g} of its scale "
+                f"(tolerance {tolerance:g}); nothing was written. Please report it with the model's config.")
+    return worst
+
+
+def _shared_spec(model_a: nn.Module, model_b: nn.Module) -> tuple[SymmetrySpec, SymmetrySpec]:
+    spec_a, spec_b = symmetry_spec(model_a), symmetry_spec(model_b)
+    rotation_kind(spec_a)
+    if spec_a.family != spec_b.family:
+        raise SpecMismatchError(f"cannot align a {spec_a.family} model with a {spec_b.family} model")
+    for name in ("vocab",):
+        va, vb = spec_a.spaces.get(name), spec_b.spaces.get(name)
+        if va is not None and vb is not None and va.size != vb.size:
+            raise SpecMismatchError(
+                f"the models' vocabularies differ ({va.size} vs {vb.size} tokens): their tokenizers differ, "
+                "so their embedding rows do not describe the same tokens and there is no shared matrix to fit a "
+                "residual rotation on. Merge models that share a tokenizer.")
+    for name, t in spec_a.tensors.items():
+        other = spec_b.tensors.get(name)
+        shape_a = tuple(sum(s.size for s in ax) if ax else None for ax in t.axes)
+        shape_b = None if other is None else tuple(sum(s.size for s in ax) if ax else None for ax in other.axes)
+        if shape_a != shape_b and not (other is None and name in spec_a.tied):
+            raise SpecMismatchError(f"{name} differs between the models ({shape_a} vs {shape_b}); "
+                                    "alignment needs models of one architecture and size")
+    return spec_a, spec_b
+
+
+def _embeddings(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Token and position embeddings stacked: rows are shared items, columns the residual stream."""
+    rows = []
+    for name, t in spec.tensors.items():
+        if t.role.startswith("embed") and name in state:
+            axis = _residual_axis(t)
+            rows.append(_work(state[name]).movedim(axis, -1).reshape(-1, spec.groups[RESIDUAL].size))
+    if not rows:
+        raise SpecMismatchError(f"the {spec.family} spec labels no embedding matrix to fit a rotation on")
+    return torch.cat(rows)
+
+
+def _cross(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``M = sum_t B_t^T A_t`` over every rotated tensor (residual axis last): ``<A, rotate(B, Q)> = <M, Q>`` + const."""
+    d = spec.groups[RESIDUAL].size
+    skip = _norm_tensors(spec)
+    m = torch.zeros(d, d, dtype=torch.float64)
+    for name, t in spec.tensors.items():
+        if name in skip or name not in a:
+            continue
+        axis = _residual_axis(t)
+        if axis is None:
+            continue
+        xa = _work(a[name]).movedim(axis, -1).reshape(-1, d)
+        xb = _work(b[name]).movedim(axis, -1).reshape(-1, d)
+        m += (xb.T @ xa).double().cpu()
+    return m
+
+
+def _fit_error(xb: torch.Tensor, xa: torch.Tensor, q: torch.Tensor) -> float:
+    return float((xb @ q.to(xb.dtype) - xa).norm() / xa.norm().clamp_min(1e-12))
+
+
+def _hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Residual stream at every block boundary, ``(tokens, d)`` per boundary (masked tokens dropped)."""
+    device = next(model.parameters()).device
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    per_layer: list[list[torch.Tensor]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                batch = {k: v[start:start + batch_size].to(device) for k, v in inputs.items()
+                         if isinstance(v, torch.Tensor)}
+                hidden = model(**batch, output_hidden_states=True).hidden_states
+                keep = None if mask is None else mask[start:start + batch_size].to(device).bool().reshape(-1)
+                for i, h in enumerate(hidden):
+                    h = h.float().reshape(-1, h.shape[-1])
+                    if keep is not None:
+                        h = h[keep]
+                    if len(per_layer) <= i:
+                        per_layer.append([])
+                    per_layer[i].append(h)
+    finally:
+        model.train(was_training)
+    return [torch.cat(h) for h in per_layer]
+
+
+def rotation_alignment(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    calibration: Mapping[str, torch.Tensor] | None = None,
+    fit: str = "alternate",
+    max_iter: int = 10,
+    solver: str = "exact",
+    groups: list[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> RotationAlignment:
+    """Align model B to model A with norm folding, a residual rotation ``Q`` and permutations.
+
+    Both models are folded (:func:`fold_norms`). Then:
+
+    * data-free (``calibration=None``): ``Q`` from orthogonal Procrustes between the two models'
+      embedding matrices (token and position embeddings stacked; the models must share a
+      vocabulary), then weight matching (:func:`merge_graphs.match.weight_matching`) of every
+      permutation group except the residual stream on B rotated by ``Q``. With
+      ``fit="alternate"`` the two steps then alternate, each maximizing the same objective
+      (``sum over tensors of <A, B'>``; the ``Q`` step is Procrustes over every tensor that
+      touches the stream), until a round no longer improves it or ``max_iter`` rounds;
+      ``fit="embeddings"`` keeps the embedding ``Q``.
+    * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``): ``Q`` from
+      Procrustes between the two folded models' residual-stream activations at every block
+      boundary (``output_hidden_states``; each boundary weighted equally), then weight matching
+      with ``Q`` fixed.
+
+    Under LayerNorm ``Q`` fixes the all-ones direction (Procrustes in its complement).
+
+    Args:
+        model_a: the reference model.
+        model_b: a model of the same architecture and size.
+        calibration: inputs for the activation fit.
+        fit: ``"alternate"`` or ``"embeddings"`` (data-free only).
+        max_iter: the most alternation rounds (and weight-matching sweeps per round: 100).
+        solver: the assignment solver of weight matching.
+        groups: the root groups to match (default: every group but the residual stream).
+        seed: weight matching's visiting order.
+        batch_size: calibration batch size.
+
+    Raises:
+        UnsupportedArchitectureError: post-LN families, bare models.
+        SpecMismatchError: different architectures, sizes or vocabularies.
+    """
+    start = time.perf_counter()
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; choose one of {FITS}")
+    spec, spec_b = _shared_spec(model_a, model_b)
+    kind = rotation_kind(spec)
+    folded_spec, a = fold_norms(spec, model_a.state_dict())
+    _, b = fold_norms(spec_b, model_b.state_dict())
+    _check_folded(folded_spec, a)
+    roots = [g for g, grp in folded_spec.groups.items() if grp.parent is None and g != RESIDUAL]
+    if groups is not None:
+        unknown = set(groups) - set(roots) - {RESIDUAL}
+        if unknown:
+            raise ValueError(f"unknown groups {sorted(unknown)}; the spec has {sorted(roots)}")
+        roots = [g for g in roots if g in set(groups)]
+    eye = torch.eye(folded_spec.groups[RESIDUAL].size)
+    before, group_before = objective(folded_spec, a, b, identity_permutations(folded_spec))
+
+    def matched(q, init):
+        if not roots:
+            return identity_permutations(folded_spec), 0
+        wm = weight_matching(folded_spec, a, rotate(folded_spec, b, q, check=False), init=init,
+                             solver=solver, groups=roots, seed=seed)
+        return wm.permutations, wm.iterations
+
+    if calibration is not None:
+        fa, fb = _rebuild(model_a, a, untie=True), _rebuild(model_b, b, untie=True)
+        ha, hb = _hidden_states(fa, calibration, batch_size), _hidden_states(fb, calibration, batch_size)
+        m = sum((xb.double().T @ xa.double()) / (xa.norm() * xb.norm()).double().clamp_min(1e-12)
+                for xa, xb in zip(ha, hb))
+        q = procrustes(m, kind)
+        xa = torch.cat([x / x.norm() for x in ha])
+        xb = torch.cat([x / x.norm() for x in hb])
+        fit_used = "activations"
+        perms, iterations = matched(q, None)
+    else:
+        xa, xb = _embeddings(folded_spec, a), _embeddings(folded_spec, b)
+        q = procrustes(xb.T.double() @ xa.double(), kind)
+        perms, iterations = matched(q, None)
+        fit_used = fit
+        if fit == "alternate":
+            best = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)[0]
+            for _ in range(max_iter):
+                b_perm = permute_state_dict(folded_spec, b, perms)
+                q_new = procrustes(_cross(folded_spec, a, b_perm), kind)
+                perms_new, sweeps = matched(q_new, perms)
+                iterations += sweeps
+                value = objective(folded_spec, a, rotate(folded_spec, b, q_new, check=False), perms_new)[0]
+                if value <= best + 1e-6 * max(abs(best), 1.0):
+                    break
+                q, perms, best = q_new, perms_new, value
+    after, group_after = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)
+    seconds = time.perf_counter() - start
+    logger.info("rotation alignment (%s): objective %.4g -> %.4g, fit error %.3g -> %.3g in %.1fs", fit_used,
+                before, after, _fit_error(xb, xa, eye), _fit_error(xb, xa, q), seconds)
+    return RotationAlignment(
+        folded_spec, perms, f"weight+rotation({fit_used})", before, after, group_before, group_after, seconds,
+        iterations, rotation=q, kind=kind, fit=fit_used, fit_error=_fit_error(xb, xa, q),
+        fit_error_before=_fit_error(xb, xa, eye), source_spec=spec_b,
+    )
+

@@ -1,0 +1,249 @@
+"""Norm folding and residual rotations: function preservation, admissibility, recovery, refusals."""
+
+import pytest
+import torch
+import transformers as T
+from tiny_models import GPT2, example_input, make, outputs
+
+import merge_graphs as mg
+from merge_graphs.rotation import (
+    RESIDUAL,
+    check_rotation,
+    fold_norms,
+    folded_model,
+    permutation_matrix,
+    procrustes,
+    random_rotation,
+    rotate,
+    rotate_model,
+    rotation_alignment,
+    rotation_kind,
+)
+from merge_graphs.symmetry import permute_state_dict
+
+PRE_NORM = ["gpt2", "gpt2-lm", "llama", "llama-lm", "llama-lm-mha-tied-bias", "mistral-lm", "qwen2-lm",
+            "qwen2-lm-tied"]
+LMS = [n for n in PRE_NORM if n.endswith(("-lm", "-tied", "-bias"))]
+POST_NORM = ["bert", "bert-mlm", "bert-seqcls", "roberta", "roberta-mlm"]
+
+
+def assert_close(a, b, what=""):
+    scale = a.abs().max()
+    diff = (a - b).abs().max()
+    assert diff <= 1e-4 * scale, f"{what}: max abs difference {diff:.3g} vs scale {scale:.3g}"
+
+
+def assert_same_outputs(model, other, inputs):
+    before, after = outputs(model, inputs), outputs(other, inputs)
+    assert before.keys() == after.keys()
+    for key, a in before.items():
+        assert_close(a, after[key], key)
+
+
+@pytest.mark.parametrize("name", PRE_NORM)
+def test_folding_preserves_outputs(name):
+    model = make(name)
+    folded = folded_model(model)
+    assert type(folded) is type(model)
+    assert_same_outputs(model, folded, example_input(model))
+    spec = mg.symmetry_spec(model)
+    state = folded.state_dict()
+    for norm in spec.norms:
+        if norm.readers:  # a bare model's final norm is its output: kept
+            assert torch.equal(state[norm.weight], torch.ones_like(state[norm.weight])), norm.weight
+    if spec.tied:
+        assert folded.config.tie_word_embeddings is False
+        assert folded.lm_head.weight.data_ptr() != folded.get_input_embeddings().weight.data_ptr()
+    if spec.rotation == "fix_ones":  # GPT-2: the writers are centred, the stream is mean-free
+        wte = state[next(n for n in state if n.endswith("wte.weight"))]
+        assert wte.mean(1).abs().max() < 1e-6
+
+
+def test_folding_is_idempotent_and_does_not_touch_the_input():
+    model = make("gpt2-lm")
+    spec = mg.symmetry_spec(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    folded_spec, once = fold_norms(spec, model.state_dict())
+    _, twice = fold_norms(folded_spec, once)
+    for k, v in once.items():
+        assert_close(v, twice[k], k)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    # GPT-2's head has no bias slot: the final norm's bias becomes all ones and carries it.
+    assert torch.equal(once["transformer.ln_f.bias"], torch.ones(GPT2["n_embd"]))
+    assert torch.equal(once["transformer.h.0.ln_1.bias"], torch.zeros(GPT2["n_embd"]))
+    assert any("all ones" in n for n in folded_spec.notes) and any("tie_word_embeddings" in n for n in folded_spec.notes)
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "qwen2-lm-tied"])
+def test_folded_model_saves_and_loads_as_its_class(name, tmp_path):
+    model = make(name)
+    folded = folded_model(model)
+    folded.save_pretrained(tmp_path)
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert_same_outputs(model, loaded, example_input(model))
+
+
+@pytest.mark.parametrize("name", LMS)
+def test_admissible_rotation_preserves_outputs_and_rotates_the_stream(name):
+    model = make(name)
+    folded = folded_model(model)
+    spec = mg.symmetry_spec(folded)
+    kind = rotation_kind(spec)
+    assert kind == ("fix_ones" if name.startswith("gpt2") else "free")
+    q = random_rotation(spec.groups[RESIDUAL].size, kind, seed=5)
+    rotated = rotate_model(model, q)
+    inputs = example_input(model)
+    assert_same_outputs(model, rotated, inputs)
+    # The convention: the residual stream h becomes h @ Q at every block boundary.
+    with torch.no_grad():
+        h = folded(**inputs, output_hidden_states=True).hidden_states
+        h_rot = rotated(**inputs, output_hidden_states=True).hidden_states
+    for i, (x, y) in enumerate(zip(h, h_rot)):
+        assert_close(x @ q, y, f"hidden state {i}")
+
+
+def test_a_residual_permutation_is_the_rotation_by_a_permutation_matrix():
+    model = make("gpt2-lm")
+    spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
+    perm = torch.randperm(GPT2["n_embd"], generator=torch.Generator().manual_seed(0))
+    by_rotation = rotate(spec, state, permutation_matrix(perm))
+    by_permutation = permute_state_dict(spec, state, {RESIDUAL: perm})
+    for k, v in by_permutation.items():
+        assert torch.allclose(v, by_rotation[k], atol=1e-6), k
+
+
+def test_inadmissible_rotation_is_rejected_under_layernorm():
+    model = make("gpt2-lm")
+    spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
+    d = spec.groups[RESIDUAL].size
+    free = random_rotation(d, "free", seed=1)
+    with pytest.raises(ValueError, match="all-ones direction.*LayerNorm subtracts the mean"):
+        check_rotation(free, "fix_ones")
+    with pytest.raises(ValueError, match="all-ones"):
+        rotate(spec, state, free)
+    check_rotation(free, "free")  # fine under RMSNorm
+    check_rotation(random_rotation(d, "fix_ones", seed=1), "fix_ones")
+    # Why: forcing it through changes what the model computes.
+    forced = folded_model(model)
+    forced.load_state_dict(rotate(spec, state, free, check=False))
+    with pytest.raises(AssertionError):
+        assert_same_outputs(model, forced, example_input(model))
+
+
+def test_non_orthogonal_or_misshapen_maps_and_unfolded_states_are_rejected():
+    model = make("llama-lm")
+    spec = mg.symmetry_spec(model)
+    d = spec.groups[RESIDUAL].size
+    with pytest.raises(ValueError, match="not orthogonal"):
+        check_rotation(2 * torch.eye(d), "free")
+    folded_spec, state = fold_norms(spec, model.state_dict())
+    with pytest.raises(ValueError, match=r"\(32, 32\)"):
+        rotate(folded_spec, state, torch.eye(d + 1))
+    with pytest.raises(ValueError, match="fold the norms first"):
+        rotate(folded_spec, model.state_dict(), torch.eye(d))
+
+
+def test_bare_model_folds_but_does_not_rotate():
+    model = make("llama")
+    spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
+    with pytest.raises(mg.UnsupportedArchitectureError, match="output is the model's output"):
+        rotate(spec, state, torch.eye(spec.groups[RESIDUAL].size))
+
+
+@pytest.mark.parametrize("name", POST_NORM + ["mlp"])
+def test_post_norm_families_refuse_and_say_why(name):
+    model = make(name)
+    spec = mg.symmetry_spec(model)
+    why = "post-LayerNorm.*LayerNorm output is itself the stream.*permutations" if name != "mlp" else "no pre-norm"
+    with pytest.raises(mg.UnsupportedArchitectureError, match=why):
+        fold_norms(spec, model.state_dict())
+    with pytest.raises(mg.UnsupportedArchitectureError, match=why):
+        rotation_alignment(model, make(name, seed=1))
+
+
+def _scrambled(model, seed):
+    """A folded copy of ``model`` with every group permuted and the residual stream rotated."""
+    folded = folded_model(model)
+    spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
+    perms = mg.random_permutations(spec, seed=seed)
+    q0 = random_rotation(spec.groups[RESIDUAL].size, rotation_kind(spec), seed=seed)
+    state = rotate(spec, permute_state_dict(spec, state, perms), q0)
+    folded.load_state_dict(state)
+    return folded, permutation_matrix(perms[RESIDUAL]) @ q0
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied"])
+@pytest.mark.parametrize("data", ["data-free", "calibration"])
+def test_rotation_and_permutations_are_recovered(name, data):
+    model = make(name)
+    scrambled, q_total = _scrambled(model, seed=3)
+    assert_same_outputs(model, scrambled, example_input(model))
+    calibration = None
+    if data == "calibration":
+        ids = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+        calibration = {"input_ids": ids}
+    alignment = rotation_alignment(model, scrambled, calibration=calibration)
+    # B's stream is A's times q_total: the alignment rotates it back.
+    assert torch.allclose(alignment.rotation, q_total.T, atol=1e-4)
+    aligned = alignment.apply(scrambled)
+    reference = alignment.reference(model)
+    ref_state = reference.state_dict()
+    for k, v in aligned.state_dict().items():
+        assert_close(ref_state[k], v, k)
+    assert alignment.fit_error < 1e-4 < alignment.fit_error_before
+    assert alignment.objective_after > alignment.objective_before
+    # Merging the folded A with the aligned B by plain averaging gives A back.
+    merged = reference.__class__(reference.config)
+    merged.load_state_dict({k: (v + aligned.state_dict()[k]) / 2 for k, v in ref_state.items()})
+    assert_same_outputs(model, merged.eval(), example_input(model))
+
+
+def test_alignment_of_unrelated_models_preserves_b_and_never_lowers_the_objective():
+    a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
+    found = {fit: rotation_alignment(a, b, fit=fit) for fit in ("embeddings", "alternate")}
+    for alignment in found.values():
+        assert alignment.objective_after >= alignment.objective_before
+        assert alignment.fit_error <= alignment.fit_error_before
+        aligned = alignment.apply(b)  # verified: computes what b computes
+        assert_same_outputs(b, aligned, example_input(b))
+        assert alignment.permutations[RESIDUAL].equal(torch.arange(GPT2["n_embd"]))
+    # Alternating starts from the embedding fit and only accepts rounds that improve the objective.
+    assert found["alternate"].objective_after >= found["embeddings"].objective_after - 1e-6
+
+
+def test_different_vocabularies_are_refused():
+    a = make("gpt2-lm")
+    torch.manual_seed(0)
+    b = T.GPT2LMHeadModel(T.GPT2Config(**{**GPT2, "vocab_size": 64})).eval()
+    with pytest.raises(mg.SpecMismatchError, match="vocabularies differ.*tokenizers differ"):
+        rotation_alignment(a, b)
+
+
+def test_procrustes_under_the_all_ones_constraint():
+    g = torch.Generator().manual_seed(0)
+    xa = torch.randn(50, 6, generator=g)
+    xa = xa - xa.mean(1, keepdim=True)
+    q0 = random_rotation(6, "fix_ones", seed=2)
+    q = procrustes((xa @ q0).T @ xa, "fix_ones")
+    assert torch.allclose(q, q0.T, atol=1e-5)
+    check_rotation(q, "fix_ones")
+    free = procrustes(torch.randn(6, 6, generator=g), "free")
+    check_rotation(free, "free")
+
+
+def test_specs_declare_their_norms_and_rotation_kind():
+    gpt2 = mg.symmetry_spec(make("gpt2-lm"))
+    assert gpt2.rotation == "fix_ones" and gpt2.tied == {"lm_head.weight": "transformer.wte.weight"}
+    assert [n.readers for n in gpt2.norms][:2] == [
+        (("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"),),
+        (("transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias"),),
+    ]
+    llama = mg.symmetry_spec(make("llama-lm"))
+    assert llama.rotation == "free" and not llama.tied
+    assert llama.norms[0].bias is None and [w for w, _ in llama.norms[0].readers] == [
+        f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv"]
+    assert llama.norms[-1].readers == (("lm_head.weight", None),)
+    assert mg.symmetry_spec(make("llama")).norms[-1].readers == ()
+    assert mg.symmetry_spec(make("bert-mlm")).rotation is None
