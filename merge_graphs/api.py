@@ -74,6 +74,7 @@ def align(
     calibration: Calibration | None = None,
     tokenizer: Any = None,
     groups: list[str] | None = None,
+    residual: str = "permutation",
     seed: int = 0,
 ) -> Alignment:
     """Find the permutation of ``model_b``'s units that best matches ``model_a``'s.
@@ -89,6 +90,11 @@ def align(
             list of texts (with ``tokenizer``).
         tokenizer: the reference model's tokenizer, for calibration texts.
         groups: match only these root groups (and their children); others stay in place.
+        residual: ``"permutation"``, or ``"rotation"`` for pre-norm models (GPT-2, Llama family):
+            fold the norms and align the residual stream with an orthogonal map (Procrustes on the
+            embeddings, or on residual activations with ``method="activation"``), alternated with
+            permutations of the other groups. Returns a
+            :class:`~merge_graphs.rotation.RotationAlignment`; merge its ``apply(b)`` with A folded.
         seed: seed for the order in which weight matching visits groups.
 
     Example:
@@ -102,14 +108,17 @@ def align(
         True
     """
     spec = compatible_spec(model_a, model_b)
+    if residual == "rotation":
+        return _rotation_alignment(model_a, model_b, method, solver=solver, calibration=calibration,
+                                   tokenizer=tokenizer, groups=groups, seed=seed)
+    if residual != "permutation":
+        raise ValueError(f"unknown residual alignment {residual!r}; choose 'permutation' or 'rotation'")
     if method == "none":
         return Alignment(spec, identity_permutations(spec), "none")
     if method == "weight":
         return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), solver=solver, groups=groups, seed=seed)
     if method == "activation":
-        if calibration is None:
-            raise ValueError("activation matching needs calibration inputs: pass calibration=... (a tensor, "
-                             "a dict of model inputs, or texts with tokenizer=...), or use method='weight'")
+        _require_calibration(calibration)
         inputs = _to_device(prepare_inputs(calibration, tokenizer), model_a)
         found = activation_matching(spec, model_a, model_b, inputs, solver=solver, seed=seed)
         if refine:
@@ -119,6 +128,34 @@ def align(
             return refined
         return found
     raise ValueError(f"unknown alignment method {method!r}; choose one of {ALIGN_METHODS}")
+
+
+def _require_calibration(calibration) -> None:
+    if calibration is None:
+        raise ValueError("activation matching needs calibration inputs: pass calibration=... (a tensor, "
+                         "a dict of model inputs, or texts with tokenizer=...), or use method='weight'")
+
+
+def _rotation_alignment(model_a, model_b, method, *, solver, calibration, tokenizer, groups, seed) -> Alignment:
+    from merge_graphs.rotation import rotation_alignment
+
+    if method not in ("weight", "activation"):
+        raise ValueError(f"residual='rotation' works with method 'weight' (data-free) or 'activation', not {method!r}")
+    inputs = None
+    if method == "activation":
+        _require_calibration(calibration)
+        inputs = _to_device(prepare_inputs(calibration, tokenizer), model_a)
+    return rotation_alignment(model_a, model_b, calibration=inputs, solver=solver, groups=groups, seed=seed)
+
+
+def identity_alignment(model: nn.Module, residual: str = "permutation") -> Alignment:
+    """The alignment of ``model`` with itself, in the basis that ``residual`` merges in."""
+    if residual == "rotation":
+        from merge_graphs.rotation import identity_alignment as folded_identity
+
+        return folded_identity(model)
+    spec = symmetry_spec(model)
+    return Alignment(spec, identity_permutations(spec), "none")
 
 
 
@@ -133,6 +170,7 @@ def merge_models(
     parameters: Mapping[str, Any] | None = None,
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     solver: str = "exact",
+    residual: str = "permutation",
     calibration: Calibration | None = None,
     tokenizer: Any = None,
     seed: int = 0,
@@ -156,7 +194,8 @@ def merge_models(
         base_model: the base for task-vector methods, and the reference for alignment.
         parameters: the method's global parameters, e.g. ``{"t": 0.5}`` for slerp.
         model_parameters: per-model parameters, e.g. ``[{"density": 0.5}, ...]``.
-        solver, calibration, tokenizer: as in :func:`align`.
+        solver, residual, calibration, tokenizer: as in :func:`align`. With
+            ``residual="rotation"`` the result is the reference's class with folded norms.
         seed: seeds the alignment's visiting order and ``dare_*`` pruning.
         verify: check every alignment preserves its model's function before merging.
 
@@ -180,15 +219,25 @@ def merge_models(
     per_model = [{"weight": 1.0 if weights is None else weights[i], **p} for i, p in enumerate(per_model)]
     keep = [i for i, m in enumerate(models) if not (needs_base and m is base_model)]
     merged_models = [models[i] for i in keep]
-    alignments = align_models(reference, merged_models, align, solver=solver, calibration=calibration,
-                              tokenizer=tokenizer, seed=seed, verify=verify)
+    alignments = align_models(reference, merged_models, align, residual=residual, solver=solver,
+                              calibration=calibration, tokenizer=tokenizer, seed=seed, verify=verify)
     states = [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)]
+    basis = identity_alignment(reference, residual)
     merged = merge_states(
-        symmetry_spec(reference), reference.state_dict(), states, method,
-        base_state=base_model.state_dict() if needs_base else None,
+        basis.spec, basis.apply(reference.state_dict()), states, method,
+        base_state=basis.apply(base_model.state_dict()) if needs_base else None,
         model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed,
     )
-    return _with_state(reference, merged)
+    return _with_state(output_skeleton(reference, residual), merged)
+
+
+def output_skeleton(reference: nn.Module, residual: str = "permutation") -> nn.Module:
+    """The model class and config a merge is written as: the reference, folded for rotations."""
+    if residual == "rotation":
+        from merge_graphs.rotation import folded_model
+
+        return folded_model(reference)
+    return reference
 
 
 def align_models(
@@ -207,13 +256,17 @@ def align_models(
     """
     from tqdm.auto import tqdm
 
+    from merge_graphs.rotation import RotationAlignment
+
     out = []
     for m in tqdm(models, desc="aligning", disable=not progress or len(models) < 2):
         if m is reference:
-            out.append(align(reference, m, "none"))
+            out.append(identity_alignment(reference, kwargs.get("residual", "permutation")))
             continue
         alignment = align(reference, m, method, **kwargs)
-        if verify and method != "none":
+        if verify and isinstance(alignment, RotationAlignment):
+            alignment.apply(m, verify=True)
+        elif verify and method != "none":
             check_function_preserved(m, _with_state(m, alignment.apply(m.state_dict())), alignment.spec,
                                      alignment.permutations)
         logger.info("aligned %s (%s): objective %.4g -> %.4g in %.1fs", type(m).__name__, alignment.method,

@@ -7,7 +7,7 @@ A merge-graphs recipe::
       - model: ./model-b
         weight: 0.5
     base_model: org/base              # optional: the reference, and the base of task-vector methods
-    align: {method: weight, solver: exact, refine: false}
+    align: {method: weight, solver: exact, residual: permutation}
     merge: {method: linear, parameters: {normalize: true}}
     dtype: bfloat16
     output: {path: ./merged, shard_size: 5GB, push_to_hub: {repo_id: me/merged, private: true}}
@@ -73,6 +73,7 @@ class Align(_Strict):
     method: Literal["none", "weight", "activation", "gnn"] = "weight"
     solver: Literal["exact", "emd", "sinkhorn"] = "exact"
     refine: bool = False
+    residual: Literal["permutation", "rotation"] = "permutation"
     groups: list[str] | None = None
     calibration: Calibration | None = None
 
@@ -81,6 +82,9 @@ class Align(_Strict):
         if self.method == "activation" and self.calibration is None:
             raise ValueError("method 'activation' needs calibration data: add calibration: {texts: [...]} or "
                              "{file: path}, or use method 'weight' (data-free)")
+        if self.residual == "rotation" and self.method not in ("weight", "activation"):
+            raise ValueError("residual 'rotation' needs method 'weight' (data-free) or 'activation' "
+                             "(rotation fitted on calibration activations)")
         if self.method == "gnn":
             raise ValueError("method 'gnn' needs the pretrained GNN, which this version does not ship yet; "
                              "use 'weight' (data-free) or 'activation'")

@@ -666,3 +666,16 @@ def rotation_alignment(
         fit_error_before=_fit_error(xb, xa, eye), source_spec=spec_b,
     )
 
+
+
+def identity_alignment(model: nn.Module) -> RotationAlignment:
+    """The alignment of a model with itself: fold its norms, permute and rotate nothing.
+
+    Merging in the folded basis needs the reference (and a task-vector base) folded too.
+    """
+    spec = symmetry_spec(model)
+    kind = rotation_kind(spec)
+    folded_spec, _ = fold_norms(spec, model.state_dict())
+    d = spec.groups["residual"].size
+    return RotationAlignment(folded_spec, identity_permutations(folded_spec), "none", rotation=torch.eye(d),
+                             kind=kind, source_spec=spec)

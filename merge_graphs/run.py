@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-from merge_graphs.api import _with_state, align_models, merge_states
+from merge_graphs.api import _with_state, align_models, identity_alignment, merge_states, output_skeleton
 from merge_graphs.errors import RecipeError
 from merge_graphs.match import Alignment
 from merge_graphs.methods import get_method
 from merge_graphs.recipe import Recipe, load_recipe
-from merge_graphs.symmetry import identity_permutations
 
 logger = logging.getLogger(__name__)
 
@@ -112,28 +111,30 @@ def run_recipe(
         calibration, tokenizer = _calibration(recipe, folders[reference_ref])
         result.alignments = align_models(
             reference, merged_models, recipe.align.method, solver=recipe.align.solver,
-            refine=recipe.align.refine, groups=recipe.align.groups, calibration=calibration,
+            refine=recipe.align.refine, groups=recipe.align.groups, residual=recipe.align.residual,
+            calibration=calibration,
             tokenizer=tokenizer, seed=recipe.seed, progress=progress,
         )
-    spec = result.alignments[0].spec
+    basis = identity_alignment(reference, recipe.align.residual)
+    skeleton = output_skeleton(reference, recipe.align.residual)
 
     def merged_with(alignments: list[Alignment]) -> dict[str, torch.Tensor]:
         return merge_states(
-            spec, reference.state_dict(), [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)],
-            recipe.merge.method, base_state=base.state_dict() if base is not None else None,
+            basis.spec, basis.apply(reference.state_dict()),
+            [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)],
+            recipe.merge.method, base_state=basis.apply(base.state_dict()) if base is not None else None,
             model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters,
             seed=recipe.seed,
         )
 
     with _stage(result, "merge"):
-        merged = _with_state(reference, merged_with(result.alignments))
+        merged = _with_state(skeleton, merged_with(result.alignments))
 
     if recipe.evaluate:
         with _stage(result, "evaluate"):
             naive = None
             if recipe.align.method != "none":
-                unaligned = [Alignment(spec, identity_permutations(spec), "none")] * len(merged_models)
-                naive = _with_state(reference, merged_with(unaligned))
+                naive = _with_state(skeleton, merged_with([basis] * len(merged_models)))
             result.scores = _evaluate(recipe, models, naive, merged, folders[reference_ref])
 
     from merge_graphs.io.card import model_card
@@ -193,6 +194,7 @@ def _load(folder: Path, recipe: Recipe, device: torch.device) -> torch.nn.Module
 
 def _plan(recipe: Recipe, target: Path | None, repo_id: str | None) -> list[str]:
     from merge_graphs.io import Checkpoint, parse_model_ref
+    from merge_graphs.rotation import rotation_kind
     from merge_graphs.symmetry import spec_from_config
 
     plan = []
@@ -203,8 +205,12 @@ def _plan(recipe: Recipe, target: Path | None, repo_id: str | None) -> list[str]
             continue
         ckpt = Checkpoint(parsed.path, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
         spec = spec_from_config(ckpt.config, ckpt.infos(), ckpt.architecture)
+        if recipe.align.residual == "rotation":
+            rotation_kind(spec)  # post-LN families refuse here, before anything is loaded
         plan.append(f"{ref}: {ckpt.architecture} ({spec.family}), {len(spec.groups)} groups, {len(ckpt.names())} tensors")
-    plan.append(f"align with {recipe.align.method}" + (f" ({recipe.align.solver})" if recipe.align.method != "none" else ""))
+    align = recipe.align
+    plan.append(f"align with {align.method}" + (f" ({align.solver}, residual {align.residual})"
+                                                if align.method != "none" else ""))
     plan.append(f"merge with {recipe.merge.method} {recipe.merge.parameters or ''}".rstrip())
     if target is not None:
         plan.append(f"write {target}")

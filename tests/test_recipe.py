@@ -28,6 +28,8 @@ TWO = [{"model": "org/a"}, {"model": "org/b"}]
      r"'output.push_to_hub.repo_id': repo_id must look like 'your-name/model-name', got 'nonamespace'"),
     ({"models": TWO, "tokenizer_source": "union"}, r"'union' is not supported"),
     ({"models": TWO, "evaluate": {"data": "x.txt", "max_windows": 0}}, r"'evaluate.max_windows'"),
+    ({"models": TWO, "align": {"method": "none", "residual": "rotation"}}, r"residual 'rotation' needs method"),
+    ({"models": TWO, "align": {"residual": "orthogonal"}}, r"'align.residual'.*'rotation'.*\(got 'orthogonal'\)"),
 ])
 def test_each_error_names_the_field_and_the_fix(recipe, message):
     with pytest.raises(RecipeError, match=message):

@@ -207,3 +207,30 @@ def test_failed_push_keeps_the_folder_and_says_how_to_retry(tmp_path, pair, hub,
     err = capsys.readouterr().err
     assert "hf auth login" in err and "merge-graphs push" in err and "hf_not_the_right_token" not in err
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_rotation_recipe_merges_a_rotated_copy_back_and_the_folder_loads(tmp_path):
+    from merge_graphs.rotation import folded_model, random_rotation, rotate_model
+
+    a = gpt2(0)
+    spec = mg.symmetry_spec(a)
+    b = rotate_model(folded_model(mg.permute(a, mg.random_permutations(spec, seed=4), spec)),
+                     random_rotation(16, "fix_ones", seed=5))
+    folders = [save(a, tmp_path / "a"), save(b, tmp_path / "b")]
+    run_recipe({"models": [{"model": f} for f in folders], "align": {"method": "weight", "residual": "rotation"},
+                "output": {"path": str(tmp_path / "out")}}, progress=False)
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(0, 30522, (2, 9))
+    with torch.no_grad():
+        want, got = a(ids).logits, merged(ids).logits
+    assert (want - got).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_rotation_is_refused_for_post_ln_encoders_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_module, "_load", lambda *a, **k: pytest.fail("loaded a model"))
+    bert = T.BertModel(T.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32))
+    folder = save(bert, tmp_path / "bert")
+    with pytest.raises(mg.UnsupportedArchitectureError, match="post-LayerNorm"):
+        run_recipe({"models": [{"model": folder}, {"model": folder}],
+                    "align": {"method": "weight", "residual": "rotation"}}, dry_run=True)
