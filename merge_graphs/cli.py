@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 
 from merge_graphs import __version__
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if a.method == "none":
             continue
         gain = a.objective_after - a.objective_before
-        print(f"aligned {entry} ({a.method}, {a.iterations} sweeps, {a.seconds:.1f}s): "
+        print(f"aligned {_short(entry)} ({a.method}, {a.iterations} sweeps, {a.seconds:.1f}s): "
               f"matching objective {a.objective_before:.4g} -> {a.objective_after:.4g} ({gain:+.4g})")
         rows = list(a.summary().items())
         width = max(len(g) for g, _ in rows)
@@ -47,15 +48,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"  ... {len(rows) - MAX_GROUP_ROWS} more groups in the model card")
     if result.scores:
         print("held-out loss (lower is better):")
-        width = max(len(k) for k in result.scores)
-        for name, value in result.scores.items():
-            print(f"  {name:<{width}}  {value:.4f}")
+        names = {k: _short(k) for k in result.scores}
+        width = max(len(n) for n in names.values())
+        for key, value in result.scores.items():
+            print(f"  {names[key]:<{width}}  {value:.4f}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     print(f"time: {stages}; total {math.fsum(result.stage_seconds.values()):.1f}s")
-    print(f"wrote {result.output}")
+    print(f"wrote {_short(str(result.output))}")
     if result.commit_url:
         print(f"pushed: {result.commit_url}")
     return 0
+
+
+def _short(ref: str) -> str:
+    """A model folder below the working directory as a relative path; anything else as given."""
+    if os.path.isabs(ref):
+        rel = os.path.relpath(ref)
+        return ref if rel.startswith("..") else rel
+    return ref
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -135,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = _parser(command if command in ("inspect", "push") else None).parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    # Our own bars and summary report progress; transformers' per-file bars are noise here.
+    hf_logging.disable_progress_bar()
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
         disable_progress_bars()
     try:
         return args.handler(args)

@@ -395,14 +395,15 @@ def text_loss(
         >>> cfg = transformers.GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2, n_positions=32)
         >>> model = transformers.GPT2LMHeadModel(cfg)
         >>> class Bytes:  # a tokenizer stand-in: one token per byte
-        ...     def __call__(self, text):
+        ...     def __call__(self, text, verbose=True):
         ...         return {"input_ids": list(text.encode())}
         >>> round(text_loss(model, Bytes(), "hello world " * 20, window=16), 1)  # about log(300)
         5.7
     """
     if isinstance(text, os.PathLike) or ("\n" not in text and len(text) < 4096 and Path(text).is_file()):
         text = Path(text).read_text(encoding="utf-8")
-    ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).flatten()
+    # The whole text is longer than the model's context on purpose: it is cut into windows below.
+    ids = torch.as_tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long).flatten()
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 128)
     window = window or min(context, 128)
     n = min(max_windows, len(ids) // window)
