@@ -380,14 +380,14 @@ def text_loss(
     text: str | os.PathLike,
     *,
     window: int | None = None,
-    max_windows: int = 64,
+    max_windows: int | None = 64,
     batch_size: int = 16,
 ) -> float:
     """Mean next-token cross-entropy of a causal LM on held-out text (nats per token).
 
     The text (a file path, or the text itself) is tokenized once and cut into consecutive
     windows of ``window`` tokens (default: the model's context, at most 128); the first
-    ``max_windows`` windows are scored, so the figure is deterministic.
+    ``max_windows`` windows (all with None) are scored, so the figure is deterministic.
 
     Example:
         >>> import transformers
@@ -406,7 +406,7 @@ def text_loss(
     ids = torch.as_tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long).flatten()
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 128)
     window = window or min(context, 128)
-    n = min(max_windows, len(ids) // window)
+    n = len(ids) // window if max_windows is None else min(max_windows, len(ids) // window)
     if n == 0:
         raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than one window of {window}")
     windows = ids[: n * window].view(n, window)

@@ -207,3 +207,312 @@ def train_digits_mlp(
     x_tr, y_tr, _, _ = load_digits_split(split_seed)
     model = make_mlp(widths, activation, seed=seed)
     return train_classifier(model, x_tr, y_tr, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size)
+
+
+# --- Tiny byte-level GPT-2 language models on Python standard-library docstrings ---------------
+#
+# The corpus is English prose (with code examples) from the docstrings of a fixed list of
+# standard-library modules, read with ``inspect`` in a fresh interpreter: it is on every
+# machine that has Python, needs no download, and is distributed under the PSF license, so
+# models trained on it (and a small held-out sample of it) can ship in the repository.
+# Docstrings change between Python releases, so the corpus (and the models trained on it) is
+# reproducible for one Python version; :func:`docstring_corpus_sha256` identifies it.
+
+#: Modules whose docstrings make the training text (about 0.7 MB on Python 3.11). Only modules
+#: that every CPython build has (no tkinter, sqlite3, lzma, ...), in a fixed order.
+DOCSTRING_TRAIN_MODULES = (
+    "builtins", "abc", "argparse", "ast", "asyncio.base_events", "asyncio.events", "asyncio.futures",
+    "asyncio.locks", "asyncio.queues", "asyncio.streams", "asyncio.tasks", "base64", "bisect", "calendar",
+    "cmd", "codecs", "collections", "collections.abc", "colorsys", "configparser", "contextlib", "copy",
+    "copyreg", "csv", "dataclasses", "datetime", "decimal", "dis", "email.message", "email.parser",
+    "email.utils", "enum", "filecmp", "fnmatch", "ftplib", "functools", "getopt", "gettext", "glob",
+    "graphlib", "gzip", "hashlib", "heapq", "hmac", "html", "html.parser", "http.client", "http.cookiejar",
+    "http.server", "imaplib", "importlib", "importlib.abc", "importlib.metadata", "inspect", "io",
+    "ipaddress", "itertools", "json", "json.decoder", "json.encoder", "keyword", "linecache", "locale",
+    "logging", "logging.handlers", "mailbox", "math", "mimetypes", "numbers", "operator", "optparse",
+    "pathlib", "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint", "pydoc", "queue", "quopri",
+    "random", "re", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib",
+    "socket", "socketserver", "stat", "string", "struct", "subprocess", "tarfile", "tempfile", "threading",
+    "timeit", "tokenize", "trace", "traceback", "types", "typing", "unittest.case", "unittest.mock",
+    "unittest.suite", "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref",
+    "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zipimport",
+)
+
+#: Modules whose docstrings make the held-out text (about 45 KB): disjoint from the training
+#: modules, and any docstring that also occurs in the training text is dropped.
+DOCSTRING_HELDOUT_MODULES = ("difflib", "textwrap", "fractions", "statistics")
+
+#: The byte-level GPT-2 of the offline quickstart: 264k parameters, about 1.06 MB in float32.
+BYTE_GPT2 = {"n_embd": 80, "n_layer": 3, "n_head": 4, "n_positions": 128}
+
+#: Token ids 0-255 are the bytes themselves; 256 is ``<|endoftext|>`` (bos = eos).
+BYTE_VOCAB_SIZE = 257
+BYTE_EOS = "<|endoftext|>"
+
+
+def _cleaned_doc(obj) -> str | None:
+    doc = getattr(obj, "__doc__", None)  # not inspect.getdoc: that inherits docstrings from bases
+    if not isinstance(doc, str) or not doc.strip():
+        return None
+    import inspect
+
+    return inspect.cleandoc(doc)
+
+
+def module_docstrings(modules: Sequence[str]) -> list[str]:
+    """The docstrings of ``modules`` in a fixed order, each once.
+
+    For every module, in the given order: the module's docstring, then (by name) those of its
+    public classes and functions defined in it, each class followed by its public methods,
+    properties and ``__init__`` written in the class body. Docstrings are cleaned with
+    ``inspect.cleandoc``; repeats (``"Return self==value."``) are kept at their first occurrence
+    only. What other imported libraries add to stdlib modules can still change the result:
+    :func:`load_docstring_corpus` runs this in a fresh interpreter.
+
+    Raises:
+        RuntimeError: Python runs with ``-OO``, which strips docstrings.
+
+    Example:
+        >>> docs = module_docstrings(["colorsys"])
+        >>> docs[0].splitlines()[0]
+        'Conversion functions between RGB and other color systems.'
+    """
+    import importlib
+    import inspect
+    import sys
+    import warnings
+
+    if sys.flags.optimize >= 2:
+        raise RuntimeError("Python runs with -OO, which strips docstrings; run without it to build the corpus")
+    found: list[str | None] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module_name in modules:
+            module = importlib.import_module(module_name)
+            found.append(_cleaned_doc(module))
+            for name, obj in sorted(vars(module).items()):
+                if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                    continue
+                if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+                    continue
+                found.append(_cleaned_doc(obj))
+                if not inspect.isclass(obj):
+                    continue
+                for member_name, member in sorted(vars(obj).items()):
+                    if member_name.startswith("_") and member_name != "__init__":
+                        continue
+                    if isinstance(member, (classmethod, staticmethod)):
+                        member = member.__func__
+                    if not (inspect.isroutine(member) or isinstance(member, property)):
+                        continue
+                    # Only members written in the class itself: other libraries add methods to
+                    # stdlib classes (transformers adds ``warning_once`` to ``logging.Logger``).
+                    qualname = getattr(getattr(member, "fget", member), "__qualname__", "")
+                    if qualname.startswith(f"{obj.__qualname__}."):
+                        found.append(_cleaned_doc(member))
+    seen: set[str] = set()
+    out = []
+    for doc in found:
+        if doc and doc not in seen:
+            seen.add(doc)
+            out.append(doc)
+    return out
+
+
+def load_docstring_corpus(split: str = "train") -> str:
+    """The standard-library docstring corpus: ``"train"`` or ``"heldout"`` text.
+
+    Docstrings are joined by blank lines. The held-out text comes from
+    :data:`DOCSTRING_HELDOUT_MODULES`, which the training modules do not include, and leaves out
+    every docstring that also occurs in the training text.
+
+    Example:
+        >>> heldout = load_docstring_corpus("heldout")
+        >>> 20_000 < len(heldout.encode()) < 60_000
+        True
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'heldout'")
+    train = _fresh_module_docstrings(DOCSTRING_TRAIN_MODULES)
+    if split == "train":
+        return "\n\n".join(train)
+    seen = set(train)
+    return "\n\n".join(d for d in _fresh_module_docstrings(DOCSTRING_HELDOUT_MODULES) if d not in seen)
+
+
+def _fresh_module_docstrings(modules: Sequence[str]) -> list[str]:
+    """:func:`module_docstrings` in a new, isolated interpreter (``python -I -S``) that imports
+    nothing but the standard library, so the corpus does not depend on what the caller imported."""
+    import inspect
+    import json
+    import subprocess
+    import sys
+
+    source = "\n".join(["from __future__ import annotations", "import json, sys",
+                        inspect.getsource(_cleaned_doc), inspect.getsource(module_docstrings),
+                        "json.dump(module_docstrings(json.loads(sys.argv[1])), sys.stdout)"])
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", source, json.dumps(list(modules))],
+                          capture_output=True, text=True, encoding="utf-8", check=False)
+    if done.returncode:
+        raise RuntimeError(f"reading the standard library's docstrings failed:\n{done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def docstring_corpus_sha256(text: str) -> str:
+    """The SHA-256 of a corpus text's UTF-8 bytes (to tell whether two machines built the same corpus)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte (what a ByteLevel tokenizer shows)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def byte_tokenizer(model_max_length: int = BYTE_GPT2["n_positions"]):
+    """A Hugging Face fast tokenizer whose token ids are the UTF-8 bytes of the text (plus ``<|endoftext|>``).
+
+    A ``tokenizers`` ByteLevel BPE with no merges: id ``b`` is byte ``b``, id 256 the end of
+    text (bos = eos; no padding token). It saves with ``save_pretrained`` and loads back with
+    ``AutoTokenizer.from_pretrained`` offline; decoding round-trips any valid UTF-8 text.
+
+    Example:
+        >>> tok = byte_tokenizer()
+        >>> tok("héllo")["input_ids"] == list("héllo".encode())
+        True
+        >>> tok.decode(tok("héllo")["input_ids"])
+        'héllo'
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = _bytes_to_unicode()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    vocab[BYTE_EOS] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BYTE_EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BYTE_EOS, eos_token=BYTE_EOS,
+                                   clean_up_tokenization_spaces=False, model_max_length=model_max_length)
+
+
+def make_byte_gpt2(seed: int | None = None, **config):
+    """A fresh byte-level ``GPT2LMHeadModel`` (vocabulary 257, no dropout), initialized from ``seed``.
+
+    ``config`` overrides :data:`BYTE_GPT2` and any other ``GPT2Config`` field. With a seed the
+    global random state is left as it was.
+
+    Example:
+        >>> m = make_byte_gpt2(0, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+        >>> m.config.vocab_size, sum(p.numel() for p in m.parameters())
+        (257, 7552)
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = dict(BYTE_GPT2, vocab_size=BYTE_VOCAB_SIZE, bos_token_id=256, eos_token_id=256,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    fields.update(config)
+    cfg = GPT2Config(**fields)
+    ctx = _seeded(seed) if seed is not None else contextlib.nullcontext()
+    with ctx:
+        model = GPT2LMHeadModel(cfg)
+    return model.eval()
+
+
+def train_byte_gpt2(
+    text: str | bytes,
+    seed: int,
+    *,
+    steps: int = 800,
+    batch_size: int = 32,
+    seq_len: int | None = None,
+    lr: float = 1e-3,
+    warmup: int = 100,
+    final_lr_fraction: float = 0.1,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    threads: int | None = 1,
+    **config,
+):
+    """A byte-level GPT-2 (:func:`make_byte_gpt2`) trained on ``text`` with next-byte cross-entropy.
+
+    Each step takes ``batch_size`` windows of ``seq_len`` bytes (default: the model's context)
+    at random offsets of the text; AdamW (betas 0.9/0.95, weight decay on matrices only) with a
+    linear warmup over ``warmup`` steps, then a cosine decay to ``final_lr_fraction * lr``;
+    gradients clipped to norm ``grad_clip``.
+
+    Deterministic: ``seed`` sets the initial weights (torch's global generator, seeded inside a
+    forked state) and the batch offsets (a local generator), and training runs on ``threads``
+    CPU threads (1 by default; 2 threads give different floating-point sums, hence different
+    weights; the previous setting is restored). Two seeds give the classic pair for alignment:
+    same data and hyperparameters, different initialization and batch order.
+
+    Returns:
+        The model, in eval mode.
+
+    Example:
+        >>> import torch
+        >>> small = dict(n_embd=16, n_layer=1, n_head=2, n_positions=16, steps=3, batch_size=2, warmup=1)
+        >>> a = train_byte_gpt2("the quick brown fox " * 10, seed=0, **small)
+        >>> b = train_byte_gpt2("the quick brown fox " * 10, seed=0, **small)
+        >>> all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        True
+    """
+    import math
+
+    data = torch.frombuffer(bytearray(text.encode("utf-8") if isinstance(text, str) else text), dtype=torch.uint8)
+    data = data.long()
+    model = make_byte_gpt2(seed, **config)
+    seq_len = seq_len or model.config.n_positions
+    if seq_len > model.config.n_positions:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {model.config.n_positions}")
+    if len(data) <= seq_len:
+        raise ValueError(f"the text has {len(data)} bytes; training needs more than one window of {seq_len}")
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(seq_len)
+    start = time.perf_counter()
+    model.train()
+    with _seeded(seed), _threads(threads):
+        for step in range(steps):
+            starts = torch.randint(0, len(data) - seq_len + 1, (batch_size,), generator=gen)
+            batch = data[starts[:, None] + offsets]
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            sched.step()
+            if step % 100 == 0 or step == steps - 1:
+                logger.info("byte GPT-2 seed %d step %d/%d: train loss %.4f", seed, step + 1, steps, loss.item())
+    model.eval()
+    logger.info("trained byte GPT-2 (seed %d, %d steps) in %.1f s", seed, steps, time.perf_counter() - start)
+    return model
+
+
+__all__ += [
+    "BYTE_GPT2", "DOCSTRING_HELDOUT_MODULES", "DOCSTRING_TRAIN_MODULES", "byte_tokenizer", "docstring_corpus_sha256",
+    "load_docstring_corpus", "make_byte_gpt2", "module_docstrings", "train_byte_gpt2",
+]
