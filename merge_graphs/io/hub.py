@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
 
 from merge_graphs.errors import CheckpointNotFoundError, UnsafeCheckpointError
 from merge_graphs.io.refs import ModelRef, parse_model_ref
+from merge_graphs.io.writer import TOKENIZER_PATTERNS
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 METADATA_PATTERNS = (
     "config.json",
     "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
+    *TOKENIZER_PATTERNS,
     SAFE_INDEX,
     PICKLE_INDEX,
 )
