@@ -112,9 +112,6 @@ class SpecBuilder:
         """``name`` (an LM head) is tied to ``source`` and may be stored only as ``source``."""
         self.ties[name] = source
 
-    def has(self, name: str) -> bool:
-        return name in self.stored
-
     def build(
         self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = (), rotation: str | None = None
     ) -> SymmetrySpec:
