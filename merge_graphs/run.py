@@ -83,7 +83,8 @@ def run_recipe(
     from merge_graphs.io import resolve
 
     recipe = load_recipe(recipe)
-    target = Path(out or recipe.output.path or "") if (out or recipe.output.path) else None
+    destination = out or recipe.output.path
+    target = Path(destination) if destination else None
     if target is None and not dry_run:
         raise RecipeError("no output folder: set output.path in the recipe, or pass --out DIR")
     repo_id = push_to_hub or (recipe.output.push_to_hub.repo_id if recipe.output.push_to_hub else None)
@@ -144,7 +145,7 @@ def run_recipe(
         card = model_card(
             base_models=recipe.refs(), merge_method=recipe.merge.method, align_method=recipe.align.method,
             parameters=recipe.merge.parameters, alignment_summary=_summary(result.alignments),
-            recipe_yaml=recipe.to_yaml(), scores=result.scores,
+            recipe_yaml=recipe.to_yaml(), scores=result.scores, notes=_card_notes(recipe),
         )
         result.output = write_model_folder(
             merged, target, shard_size=recipe.output.shard_size, dtype=_out_dtype(recipe, folders[reference_ref]),
@@ -161,6 +162,15 @@ def run_recipe(
                 commit_message=(hub.commit_message if hub else None) or "Upload merge made with merge-graphs",
             )
     return result
+
+
+def _card_notes(recipe: Recipe) -> list[str]:
+    if recipe.align.residual != "rotation":
+        return []
+    return ["Before matching, every norm's gain and bias were folded into the layers that read it, and the "
+            "residual stream of each model was rotated onto the reference's (orthogonal Procrustes, alternated "
+            "with the permutations). The merged model computes in that folded basis: its norms have unit gains "
+            "and its LM head is untied."]
 
 
 @contextmanager
