@@ -3,6 +3,7 @@
     merge-graphs RECIPE [--out DIR] [--push-to-hub REPO] [--device auto|cpu|cuda] [--dry-run] [--force] [--quiet]
     merge-graphs inspect MODEL [--json]
     merge-graphs push FOLDER REPO_ID [--private] [--revision REV]
+    merge-graphs bench gpt2 [--pairs N] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -143,6 +144,12 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "bench":
+        from merge_graphs.bench import main as bench
+
+        rest = list(argv)
+        rest.remove("bench")
+        return bench(rest)
     args = _parser(command if command in ("inspect", "push") else None).parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(message)s")
     from transformers.utils import logging as hf_logging

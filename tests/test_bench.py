@@ -1,0 +1,38 @@
+"""The benchmark command's CI smoke run: ``gpt2_suite(quick=True)`` (one pair, a few training steps)."""
+
+import json
+import math
+
+import pytest
+
+from merge_graphs.bench import METHODS, gpt2_suite, main
+
+
+@pytest.mark.slow
+def test_gpt2_suite_quick(tmp_path, capsys):
+    report = gpt2_suite(quick=True, out=tmp_path)
+    written = json.loads((tmp_path / "bench-gpt2.json").read_text(encoding="utf-8"))
+    assert written["settings"]["quick"] and written["settings"]["pairs"] == 1
+    (pair,) = written["pairs"]
+    assert set(pair["methods"]) == set(METHODS) == set(written["summary"])
+    for name, row in pair["methods"].items():
+        for key in ("barrier", "removed", "midpoint", "align_s"):
+            assert math.isfinite(row[key]), (name, key, row[key])
+        assert len(row["curve"]["losses"]) == 11 and all(math.isfinite(v) for v in row["curve"]["losses"])
+        assert row["barrier"] >= 0
+    assert pair["methods"]["naive"]["barrier"] > 0
+    # Folding (and rotating B) preserves each parent's function: the curve's endpoints are the parents' losses.
+    for name in ("rotation", "rotation+activation", "naive", "weight", "activation"):
+        losses = pair["methods"][name]["curve"]["losses"]
+        assert losses[0] == pytest.approx(pair["loss_a"], abs=1e-4), name
+        assert losses[-1] == pytest.approx(pair["loss_b"], abs=1e-4), name
+    assert (tmp_path / "bench-gpt2.png").stat().st_size > 0
+    assert report["summary"] == written["summary"]
+
+    # The command reuses the cached models (identical training metadata) and prints the table.
+    assert main(["gpt2", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
+    again = json.loads((tmp_path / "bench-gpt2.json").read_text(encoding="utf-8"))
+    assert again["pairs"][0]["train_s"] == [None, None]
+    assert again["pairs"][0]["loss_a"] == pair["loss_a"]
+    table = capsys.readouterr().out
+    assert all(name in table for name in METHODS) and "machine:" in table
