@@ -1,6 +1,7 @@
 """Benchmarks: how much of naive averaging's loss barrier each alignment method removes.
 
     python -m merge_graphs.bench gpt2 [--pairs N] [--steps S] [--quick] [--out DIR] [--jobs J]
+    python -m merge_graphs.bench mlp [--pairs N] [--steps EPOCHS] [--quick] [--out DIR]
 
 Suite ``gpt2``: ``pairs`` pairs of byte-level GPT-2 language models (the quickstart's
 architecture, data and training recipe, :data:`merge_graphs.quickstart.TRAINING`; pair ``i`` is
@@ -23,6 +24,15 @@ the barrier (the largest excess over the line between the endpoint losses), the 
 the share of the naive barrier removed and the alignment time are reported, with the median
 and range over pairs. ``OUT/bench-gpt2.json`` holds every figure, ``OUT/bench-gpt2.png`` the
 curves of pair 0. ``--quick`` (one pair, a few training steps, few windows) is the CI smoke run.
+
+Suite ``mlp``: ``pairs`` (default 5) pairs of 64-512-512-512-10 ReLU MLPs trained here on
+scikit-learn's digits (:func:`merge_graphs.zoo.train_digits_mlp`, 20 epochs, deterministic; pair
+``i`` is seeds ``2i`` and ``2i + 1``). For each pair and each method of :data:`MLP_METHODS`
+(``naive``, ``weight``, ``activation`` on the first 512 training inputs, ``activation+weight``:
+activation matching refined by weight matching) the test cross-entropy at 11 points from A to
+aligned B, the barrier, the share of the naive barrier removed, the midpoint (alpha 0.5) test loss
+and accuracy and the alignment time; ``OUT/bench-mlp.json`` and ``OUT/bench-mlp.png`` (pair 0).
+``--quick`` (one pair of 64-128-128-10 MLPs, 10 epochs) is the CI smoke run.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ from merge_graphs.evaluate import InterpolationCurve, interpolate_state_dicts, p
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "SUITES", "gpt2_suite", "main"]
+__all__ = ["METHODS", "MLP_METHODS", "SUITES", "gpt2_suite", "main", "mlp_suite"]
 
 #: Method name -> (``align`` method, residual alignment, needs calibration).
 METHODS: dict[str, tuple[str, str, bool]] = {
@@ -65,6 +75,16 @@ POINTS = 11
 WINDOWS = 64
 CALIBRATION = (64, 128)
 QUICK = {"steps": 60, "windows": 8, "calibration": (16, 128)}
+
+#: MLP suite: method name -> (``align`` method, ``refine``, needs calibration).
+MLP_METHODS: dict[str, tuple[str, bool, bool]] = {
+    "naive": ("none", False, False),
+    "weight": ("weight", False, False),
+    "activation": ("activation", False, True),
+    "activation+weight": ("activation", True, True),
+}
+MLP = {"widths": (64, 512, 512, 512, 10), "epochs": 20, "calibration": 512}
+MLP_QUICK = {"widths": (64, 128, 128, 10), "epochs": 10}
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -178,10 +198,15 @@ def _pair(a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], float], calibr
             "alignment": alignment.method, "curve": curve.to_dict(),
         }
         logger.info("%s: barrier %.4f, midpoint %.4f, aligned in %.2f s", name, curve.barrier, curve.midpoint, seconds)
-    naive = out["methods"]["naive"]["barrier"]
-    for row in out["methods"].values():
-        row["removed"] = 1.0 - row["barrier"] / naive if naive > 0 else math.nan
+    _add_removed(out["methods"])
     return out
+
+
+def _add_removed(methods: Mapping[str, dict[str, Any]]) -> None:
+    """Set each method's ``removed``: the share of the ``naive`` barrier that it removes."""
+    naive = methods["naive"]["barrier"]
+    for row in methods.values():
+        row["removed"] = 1.0 - row["barrier"] / naive if naive > 0 else math.nan
 
 
 def _spread(values: Sequence[float]) -> dict[str, float]:
@@ -193,6 +218,20 @@ def machine() -> dict[str, Any]:
     return {"processor": platform.processor() or platform.machine(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
+
+
+def _summary(results: Sequence[Mapping[str, Any]], methods: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
+    return {name: {key: _spread([r["methods"][name][key] for r in results]) for key in keys} for name in methods}
+
+
+def _write(report: dict[str, Any], out: Path, suite: str, plot: str, total_start: float) -> dict[str, Any]:
+    """Stamp the total time, write ``bench-SUITE.json`` and record the files written."""
+    report["total_s"] = time.perf_counter() - total_start
+    path = out / f"bench-{suite}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report["files"] = {"json": str(path), "png": str(plot)}
+    logger.info("wrote %s and %s", path, plot)
+    return report
 
 
 def gpt2_suite(pairs: int = 3, steps: int = 800, quick: bool = False, out: str | os.PathLike | None = None,
@@ -227,11 +266,7 @@ def gpt2_suite(pairs: int = 3, steps: int = 800, quick: bool = False, out: str |
         row["seeds"] = [2 * i, 2 * i + 1]
         row["train_s"] = [train_seconds[2 * i], train_seconds[2 * i + 1]]
         results.append(row)
-    summary = {
-        name: {key: _spread([r["methods"][name][key] for r in results])
-               for key in ("barrier", "removed", "midpoint", "align_s")}
-        for name in METHODS
-    }
+    summary = _summary(results, list(METHODS), ("barrier", "removed", "midpoint", "align_s"))
     report = {
         "suite": "gpt2",
         "settings": {"pairs": pairs, "steps": steps, "quick": quick, "jobs": jobs, "heldout_windows": windows,
@@ -247,19 +282,114 @@ def gpt2_suite(pairs: int = 3, steps: int = 800, quick: bool = False, out: str |
                        out / "bench-gpt2.png",
                        title=f"byte GPT-2, seeds {results[0]['seeds'][0]}/{results[0]['seeds'][1]}, {steps} steps",
                        ylabel="held-out loss (nats/byte)")
-    report["total_s"] = time.perf_counter() - total_start
-    path = out / "bench-gpt2.json"
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    report["files"] = {"json": str(path), "png": str(plot)}
-    logger.info("wrote %s and %s", path, plot)
-    return report
+    return _write(report, out, "gpt2", plot, total_start)
+
+
+def mlp_suite(pairs: int = 5, steps: int | None = None, quick: bool = False, out: str | os.PathLike | None = None,
+              jobs: int = 1, *, progress: bool = False) -> dict[str, Any]:
+    """Run the MLP different-seed suite on digits (``steps``: training epochs, default 20); writes
+    ``bench-mlp.json`` and ``bench-mlp.png`` into ``out`` and returns every figure (see the module
+    docstring). ``jobs`` is accepted for the command's sake; training is sequential."""
+    from tqdm.auto import tqdm
+
+    import merge_graphs as mg
+    from merge_graphs.evaluate import accuracy, cross_entropy
+
+    total_start = time.perf_counter()
+    out = Path(out if out is not None else DEFAULT_OUT)
+    widths, epochs = MLP["widths"], MLP["epochs"]
+    if quick:
+        pairs, widths, epochs = 1, MLP_QUICK["widths"], MLP_QUICK["epochs"]
+    if steps is not None and not quick:
+        epochs = steps
+    if pairs < 1 or epochs < 1:
+        raise ValueError(f"pairs and epochs must be at least 1; got {pairs} and {epochs}")
+    out.mkdir(parents=True, exist_ok=True)
+    x_train, _, x_test, y_test = zoo.load_digits_split()
+    calibration = x_train[:MLP["calibration"]]
+
+    def loss(model: nn.Module) -> float:
+        return cross_entropy(model, x_test, y_test)
+
+    results = []
+    train_wall = 0.0
+    for i in tqdm(range(pairs), desc="pairs", disable=not progress):
+        seeds = [2 * i, 2 * i + 1]
+        start = time.perf_counter()
+        a, b = (zoo.train_digits_mlp(s, widths, epochs=epochs) for s in seeds)
+        train_wall += time.perf_counter() - start
+        row: dict[str, Any] = {"seeds": seeds, "loss_a": loss(a), "loss_b": loss(b),
+                               "acc_a": accuracy(a, x_test, y_test), "acc_b": accuracy(b, x_test, y_test),
+                               "methods": {}}
+        state_a = a.state_dict()
+        scratch = copy.deepcopy(a)
+        for name in tqdm(MLP_METHODS, desc="methods", leave=False, disable=not progress):
+            method, refine, needs_data = MLP_METHODS[name]
+            start = time.perf_counter()
+            alignment = mg.align(a, b, method, refine=refine, calibration=calibration if needs_data else None)
+            seconds = time.perf_counter() - start
+            state_b = alignment.apply(b.state_dict())
+            curve = _curve(a, state_a, state_b, loss, name)
+            scratch.load_state_dict(interpolate_state_dicts(state_a, state_b, 0.5))
+            row["methods"][name] = {
+                "barrier": curve.barrier, "midpoint": curve.midpoint,
+                "midpoint_acc": accuracy(scratch, x_test, y_test), "align_s": seconds,
+                "alignment": alignment.method, "curve": curve.to_dict(),
+            }
+            logger.info("pair %d %s: barrier %.4f, midpoint %.4f, aligned in %.2f s", i, name, curve.barrier,
+                        curve.midpoint, seconds)
+        _add_removed(row["methods"])
+        results.append(row)
+    report = {
+        "suite": "mlp",
+        "settings": {"pairs": pairs, "quick": quick, "widths": list(widths), "epochs": epochs,
+                     "activation": "relu", "data": "sklearn digits (load_digits_split(0))",
+                     "test_inputs": len(x_test), "calibration": len(calibration), "points": POINTS},
+        "machine": machine(),
+        "methods": {name: {"align": m, "refine": r, "calibration": d} for name, (m, r, d) in MLP_METHODS.items()},
+        "pairs": results,
+        "summary": _summary(results, list(MLP_METHODS), ("barrier", "removed", "midpoint", "midpoint_acc", "align_s")),
+        "train_wall_s": train_wall,
+    }
+    plot = plot_curves({name: InterpolationCurve.from_dict(row["curve"]) for name, row in results[0]["methods"].items()},
+                       out / "bench-mlp.png",
+                       title=f"digits MLP {'-'.join(map(str, widths))}, seeds {results[0]['seeds'][0]}/"
+                             f"{results[0]['seeds'][1]}, {epochs} epochs",
+                       ylabel="test cross-entropy")
+    return _write(report, out, "mlp", plot, total_start)
+
+
+def _cell(s: Mapping[str, float], fmt: str, scale: float = 1.0) -> str:
+    return f"{s['median'] * scale:{fmt}} [{s['min'] * scale:{fmt}}, {s['max'] * scale:{fmt}}]"
+
+
+def _machine_line(m: Mapping[str, Any]) -> str:
+    return (f"machine: {m['processor']} ({m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} "
+            f"threads, Python {m['python']})")
+
+
+def _format_mlp(report: Mapping[str, Any]) -> str:
+    settings = report["settings"]
+    lines = [(f"mlp suite: {settings['pairs']} pair(s), {'-'.join(map(str, settings['widths']))} MLPs, "
+              f"{settings['epochs']} epochs per model, test cross-entropy on {settings['test_inputs']} digits; "
+              "median [min, max] over pairs"),
+             (f"{'method':18s} {'barrier':>24s} {'% removed':>24s} {'midpoint loss':>24s} {'midpoint acc %':>21s} "
+              f"{'align s':>21s}")]
+    for name, s in report["summary"].items():
+        lines.append(f"{name:18s} {_cell(s['barrier'], '.4f'):>24s} {_cell(s['removed'], '.1f', 100):>24s} "
+                     f"{_cell(s['midpoint'], '.4f'):>24s} {_cell(s['midpoint_acc'], '.1f', 100):>21s} "
+                     f"{_cell(s['align_s'], '.2f'):>21s}")
+    parents = [f"{r['seeds'][0]}/{r['seeds'][1]}: {100 * r['acc_a']:.1f}% / {100 * r['acc_b']:.1f}% "
+               f"(loss {r['loss_a']:.4f} / {r['loss_b']:.4f})" for r in report["pairs"]]
+    lines.append("parents' test accuracy (A / B): " + "; ".join(parents))
+    lines.append(_machine_line(report["machine"]))
+    return "\n".join(lines)
 
 
 def format_table(report: Mapping[str, Any]) -> str:
     """The summary table: per method, median [min, max] over pairs."""
-    def cell(s: Mapping[str, float], fmt: str, scale: float = 1.0) -> str:
-        return f"{s['median'] * scale:{fmt}} [{s['min'] * scale:{fmt}}, {s['max'] * scale:{fmt}}]"
-
+    if report.get("suite") == "mlp":
+        return _format_mlp(report)
     settings = report["settings"]
     m = report["machine"]
     lines = [(f"gpt2 suite: {settings['pairs']} pair(s), {settings['steps']} steps per model, "
@@ -267,23 +397,23 @@ def format_table(report: Mapping[str, Any]) -> str:
               "median [min, max] over pairs"),
              f"{'method':21s} {'barrier':>24s} {'% removed':>24s} {'midpoint':>24s} {'align s':>21s}"]
     for name, s in report["summary"].items():
-        lines.append(f"{name:21s} {cell(s['barrier'], '.4f'):>24s} {cell(s['removed'], '.1f', 100):>24s} "
-                     f"{cell(s['midpoint'], '.4f'):>24s} {cell(s['align_s'], '.2f'):>21s}")
+        lines.append(f"{name:21s} {_cell(s['barrier'], '.4f'):>24s} {_cell(s['removed'], '.1f', 100):>24s} "
+                     f"{_cell(s['midpoint'], '.4f'):>24s} {_cell(s['align_s'], '.2f'):>21s}")
     parents = [f"{r['seeds'][0]}/{r['seeds'][1]}: {r['loss_a']:.4f} / {r['loss_b']:.4f}" for r in report["pairs"]]
     lines.append("parents (A / B): " + "; ".join(parents))
-    lines.append(f"machine: {m['processor']} ({m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} "
-                 f"threads, Python {m['python']})")
+    lines.append(_machine_line(m))
     return "\n".join(lines)
 
 
-SUITES = {"gpt2": gpt2_suite}
+SUITES = {"gpt2": gpt2_suite, "mlp": mlp_suite}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m merge_graphs.bench", description=__doc__.split("\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
-    parser.add_argument("--pairs", type=int, default=3, help="seed pairs (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=800, help="training steps per model (default %(default)s)")
+    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, mlp 5)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per model (gpt2, default 800) or epochs (mlp, default 20)")
     parser.add_argument("--quick", action="store_true", help="one pair, a few steps and windows (CI smoke run)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results and cached models (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="train this many models at once (default %(default)s)")
@@ -297,8 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     start = time.perf_counter()
     try:
-        report = SUITES[args.suite](pairs=args.pairs, steps=args.steps, quick=args.quick, out=args.out,
-                                    jobs=args.jobs, progress=not args.quiet)
+        sizes = {k: v for k, v in (("pairs", args.pairs), ("steps", args.steps)) if v is not None}
+        report = SUITES[args.suite](**sizes, quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -1,11 +1,12 @@
-"""The benchmark command's CI smoke run: ``gpt2_suite(quick=True)`` (one pair, a few training steps)."""
+"""The benchmark command's CI smoke runs: ``gpt2_suite(quick=True)`` (one pair, a few training steps) and
+``mlp --quick`` (one pair of small digits MLPs)."""
 
 import json
 import math
 
 import pytest
 
-from merge_graphs.bench import METHODS, gpt2_suite, main
+from merge_graphs.bench import METHODS, MLP_METHODS, gpt2_suite, main
 
 
 @pytest.mark.slow
@@ -36,3 +37,27 @@ def test_gpt2_suite_quick(tmp_path, capsys):
     assert again["pairs"][0]["loss_a"] == pair["loss_a"]
     table = capsys.readouterr().out
     assert all(name in table for name in METHODS) and "machine:" in table
+
+
+def test_mlp_suite_quick(tmp_path, capsys):
+    assert main(["mlp", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
+    written = json.loads((tmp_path / "bench-mlp.json").read_text(encoding="utf-8"))
+    assert written["suite"] == "mlp" and written["settings"]["quick"] and written["settings"]["pairs"] == 1
+    (pair,) = written["pairs"]
+    assert set(pair["methods"]) == set(MLP_METHODS) == set(written["summary"])
+    assert {"naive", "weight", "activation", "activation+weight"} == set(MLP_METHODS)
+    for key in ("loss_a", "loss_b", "acc_a", "acc_b"):
+        assert math.isfinite(pair[key]), key
+    for name, row in pair["methods"].items():
+        for key in ("barrier", "removed", "midpoint", "midpoint_acc", "align_s"):
+            assert math.isfinite(row[key]), (name, key, row[key])
+        losses = row["curve"]["losses"]
+        assert len(losses) == 11 and all(math.isfinite(v) for v in losses)
+        # Permuting B's units preserves its function: the curve's endpoints are the parents' losses.
+        assert losses[0] == pytest.approx(pair["loss_a"], abs=1e-5), name
+        assert losses[-1] == pytest.approx(pair["loss_b"], abs=1e-5), name
+        assert row["midpoint"] == pytest.approx(losses[5]), name
+    assert pair["methods"]["naive"]["barrier"] > 0
+    assert (tmp_path / "bench-mlp.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in MLP_METHODS) and "machine:" in table
