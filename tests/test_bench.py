@@ -61,3 +61,17 @@ def test_mlp_suite_quick(tmp_path, capsys):
     assert (tmp_path / "bench-mlp.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert all(name in table for name in MLP_METHODS) and "machine:" in table
+
+
+@pytest.mark.slow
+def test_minilm_suite_quick(tmp_path, capsys):
+    assert main(["minilm", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
+    report = json.loads((tmp_path / "bench-minilm.json").read_text())
+    assert {(r["noise"], r["method"]) for r in report["rows"]} == {
+        (n, m) for n in (0.0, 0.05) for m in ("weight", "activation")}
+    for row in report["rows"]:
+        assert 0.0 <= row["recovered"] <= 1.0 and set(row["by_kind"]) >= {"residual", "mlp", "heads"}
+    # Without noise a permuted copy is recovered exactly: weight matching is exact on it.
+    exact = next(r for r in report["rows"] if r["noise"] == 0.0 and r["method"] == "weight")
+    assert exact["recovered"] == 1.0
+    assert "fraction of units recovered" in capsys.readouterr().out
