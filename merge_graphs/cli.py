@@ -3,7 +3,7 @@
     merge-graphs RECIPE [--out DIR] [--push-to-hub REPO] [--device auto|cpu|cuda] [--dry-run] [--force] [--quiet]
     merge-graphs inspect MODEL [--json]
     merge-graphs push FOLDER REPO_ID [--private] [--revision REV]
-    merge-graphs bench {gpt2,mlp,minilm} [--pairs N] [--quick] [--out DIR]
+    merge-graphs bench SUITE [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR]
 """
 
 from __future__ import annotations

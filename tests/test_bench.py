@@ -75,3 +75,14 @@ def test_minilm_suite_quick(tmp_path, capsys):
     exact = next(r for r in report["rows"] if r["noise"] == 0.0 and r["method"] == "weight")
     assert exact["recovered"] == 1.0
     assert "fraction of units recovered" in capsys.readouterr().out
+
+
+def test_suites_are_registered_and_unknown_names_are_refused():
+    from merge_graphs.bench import SUITES, run_suite
+
+    assert {"gpt2", "mlp", "minilm"} <= set(SUITES)
+    assert all(callable(s.run) and callable(s.format) for s in SUITES.values())
+    with pytest.raises(ValueError, match="unknown benchmark suite 'nope'"):
+        run_suite("nope")
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        run_suite("gpt2", lr=-1.0)

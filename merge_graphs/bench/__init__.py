@@ -1,0 +1,71 @@
+"""Benchmarks: how much of naive averaging's loss barrier each alignment method removes, how
+many permuted units each recovers, and what it costs.
+
+    merge-graphs bench SUITE [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J] [--quiet]
+    python -m merge_graphs.bench SUITE ...
+
+Each suite prints a table, writes every figure to ``OUT/bench-SUITE.json`` (``out/bench`` by
+default) and, where it draws curves, ``OUT/bench-SUITE.png``. ``--quick`` is the reduced run
+that CI does. The suites (one module each; see their docstrings):
+
+* ``gpt2`` (:mod:`merge_graphs.bench.gpt2`): different-seed byte-level GPT-2 language models;
+* ``mlp`` (:mod:`merge_graphs.bench.mlp`): different-seed MLPs on scikit-learn's digits;
+* ``minilm`` (:mod:`merge_graphs.bench.minilm`): the real MiniLM-L6 against permuted, noised copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+
+from merge_graphs.bench import gpt2, minilm, mlp
+from merge_graphs.bench.common import DEFAULT_OUT, SUITES, Suite, register
+from merge_graphs.bench.gpt2 import METHODS, gpt2_suite
+from merge_graphs.bench.minilm import minilm_suite
+from merge_graphs.bench.mlp import MLP_METHODS, mlp_suite
+
+__all__ = ["METHODS", "MLP_METHODS", "SUITES", "Suite", "gpt2", "gpt2_suite", "main", "minilm", "minilm_suite", "mlp",
+           "mlp_suite", "register", "run_suite"]
+
+
+def run_suite(name: str, **options) -> dict:
+    """Run the suite ``name`` with the ``options`` its function accepts (others are ignored)."""
+    if name not in SUITES:
+        raise ValueError(f"unknown benchmark suite {name!r}; choose one of {sorted(SUITES)}")
+    run = SUITES[name].run
+    accepted = inspect.signature(run).parameters
+    return run(**{k: v for k, v in options.items() if k in accepted and v is not None})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``merge-graphs bench`` command."""
+    parser = argparse.ArgumentParser(prog="merge-graphs bench", description=__doc__.split("\n")[0])
+    parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
+    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, mlp 5)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per model (gpt2, default 800) or epochs (mlp, default 20)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of the trained models (gpt2)")
+    parser.add_argument("--quick", action="store_true", help="one pair, a few steps and windows (CI smoke run)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results and cached models (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=None, help="train this many models at once (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no log lines or progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet:
+        hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    try:
+        report = run_suite(args.suite, pairs=args.pairs, steps=args.steps, lr=args.lr, quick=args.quick,
+                           out=args.out, jobs=args.jobs, progress=not args.quiet)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    print(SUITES[args.suite].format(report))
+    print(f"wall time {time.perf_counter() - start:.1f} s; wrote {' and '.join(report['files'].values())}")
+    return 0
