@@ -37,7 +37,7 @@ from merge_graphs.symmetry.spec import (
 
 logger = logging.getLogger(__name__)
 
-SOLVERS = ("exact", "emd", "sinkhorn")
+SOLVERS = ("exact", "emd", "sinkhorn", "torch", "auto")
 
 
 def solve(similarity: torch.Tensor, solver: str = "exact", reg: float = 0.05) -> torch.Tensor:
@@ -45,8 +45,13 @@ def solve(similarity: torch.Tensor, solver: str = "exact", reg: float = 0.05) ->
 
     Args:
         similarity: ``(n, n)`` similarities between A's units (rows) and B's units (columns).
-        solver: ``"exact"``, ``"emd"`` or ``"sinkhorn"``.
+        solver: ``"exact"``, ``"emd"``, ``"sinkhorn"``, ``"torch"`` (the auction of
+            :mod:`merge_graphs.assignment`, on the similarity's device, optimal to float32
+            resolution) or ``"auto"``: ``"torch"`` for a similarity on a GPU, ``"exact"`` on CPU.
         reg: entropic regularization for ``"sinkhorn"``, relative to the cost's scale.
+
+    Returns:
+        The permutation as a CPU ``LongTensor``, whatever the solver's device.
 
     Example:
         >>> import torch
@@ -54,6 +59,12 @@ def solve(similarity: torch.Tensor, solver: str = "exact", reg: float = 0.05) ->
         >>> solve(torch.tensor([[0., 1.], [1., 0.]])).tolist()
         [1, 0]
     """
+    if solver == "auto":
+        solver = "exact" if similarity.device.type == "cpu" else "torch"
+    if solver == "torch":
+        from merge_graphs.assignment import auction
+
+        return auction(similarity).cpu()
     s = similarity.detach().double().cpu().numpy()
     n = s.shape[0]
     if s.shape != (n, n):
@@ -264,20 +275,24 @@ def _one_axis(spec: SymmetrySpec, name: str, axis: int) -> SymmetrySpec:
 def _match_block(spec, a, b, perms, group, children, solver) -> tuple[Permutations, float, float]:
     """The best permutation of ``group`` (and its children) with every other group fixed,
     and the block's objective under the current and the found permutations."""
-    occ = list(_occurrences(spec, a, b, perms, {group, *children}))
     n = spec.groups[group].size
-    device = occ[0][1].device
     if not children:
-        sim = torch.zeros(n, n, device=device)
-        for factors, pa, pb in occ:
+        # Tensor by tensor: the residual stream touches every tensor of the model, so its
+        # similarity is accumulated while holding one (A, B) pair at a time (lazy checkpoints).
+        sim = None
+        for factors, pa, pb in _occurrences(spec, a, b, perms, {group}):
             i = factors.index(group)
-            sim += pa.movedim(i, 0).reshape(n, -1) @ pb.movedim(i, 0).reshape(n, -1).T
+            part = pa.movedim(i, 0).reshape(n, -1) @ pb.movedim(i, 0).reshape(n, -1).T
+            sim = part if sim is None else sim.add_(part)
+        device = sim.device
         # The linearized objective, as in Git Re-Basin: a group that meets itself on a second
         # axis (a residual-to-residual matrix) is held at its current permutation there.
         found = solve(sim, solver)
         rows = torch.arange(n, device=device)
         old = float(sim[rows, perms[group].to(device)].sum())
         return {group: found}, old, float(sim[rows, found.to(device)].sum())
+    occ = list(_occurrences(spec, a, b, perms, {group, *children}))  # one attention layer's tensors
+    device = occ[0][1].device
     old = _block_score(spec, a, b, perms, group, children)
     # Heads: for every (A head, B head) pair find the best within-head permutations, then
     # match heads on the scores those permutations reach.

@@ -3,6 +3,12 @@
 :func:`run_recipe` is what ``merge-graphs recipe.yaml`` calls. It validates the recipe before
 touching any model, writes the output folder atomically (complete or absent), and keeps the
 local folder when a push fails.
+
+A recipe takes one of two paths (:func:`execution_path`, shown in the ``--dry-run`` plan and
+in :attr:`RunResult.path`): *streamed* (:mod:`merge_graphs.stream`: tensor by tensor, memory
+bounded by a few tensors) whenever alignment is ``none`` or ``weight`` with a permuted
+residual stream and nothing needs whole models, else *in-memory* (whole ``transformers``
+models: activation matching, rotations, held-out evaluation).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from merge_graphs.api import _with_state, align_models, identity_alignment, merge_states, output_skeleton
 from merge_graphs.errors import RecipeError
 from merge_graphs.match import Alignment
+from merge_graphs.memory import PeakRSS
 from merge_graphs.methods import get_method
 from merge_graphs.recipe import Recipe, load_recipe
 
@@ -42,6 +49,11 @@ class RunResult:
             ``naive`` (unaligned average) and ``merged``; lower is better.
         commit_url: the Hub commit, when pushed.
         plan: for a dry run, what would happen.
+        path: ``"streamed"`` or ``"in-memory"`` (see :func:`execution_path`), and
+        path_reason: why.
+        stage_peak_rss: the process's peak resident memory during each stage, in bytes
+            (sampled, see :class:`~merge_graphs.memory.PeakRSS`). The streamed path's stages
+            are load, align, verify (the function-preservation check), merge+write, push.
     """
 
     recipe: Recipe
@@ -52,6 +64,9 @@ class RunResult:
     scores: dict[str, float] | None = None
     commit_url: str | None = None
     plan: list[str] = field(default_factory=list)
+    path: str = ""
+    path_reason: str = ""
+    stage_peak_rss: dict[str, int] = field(default_factory=dict)
 
 
 def run_recipe(
@@ -63,6 +78,7 @@ def run_recipe(
     dry_run: bool = False,
     overwrite: bool | None = None,
     progress: bool = True,
+    streaming: bool | None = None,
 ) -> RunResult:
     """Run a merge recipe end to end.
 
@@ -74,14 +90,14 @@ def run_recipe(
         dry_run: validate and plan; read only configs and tensor headers of local models.
         overwrite: replace an existing output folder (overrides ``output.overwrite``).
         progress: show progress bars.
+        streaming: ``None`` takes the path :func:`execution_path` picks; ``False`` forces the
+            in-memory path (to compare the two); ``True`` insists on streaming.
 
     Raises:
         RecipeError, CheckpointNotFoundError, SpecMismatchError, AlignmentError, PushError:
             each with a message that says what to fix. Nothing is left at the output path
             unless the run completed.
     """
-    from merge_graphs.io import resolve
-
     recipe = load_recipe(recipe)
     destination = out or recipe.output.path
     target = Path(destination) if destination else None
@@ -94,18 +110,117 @@ def run_recipe(
                               "(output.overwrite: true) to replace it once the new merge is complete")
     device = _device(device)
     result = RunResult(recipe)
+    result.path, result.path_reason = execution_path(recipe)
+    if streaming is False and result.path == "streamed":
+        result.path, result.path_reason = "in-memory", "asked for (streaming=False)"
+    elif streaming and result.path != "streamed":
+        raise RecipeError(f"this recipe cannot be streamed: {result.path_reason}; drop streaming=True")
+    result.merged = [m.model for m in recipe.merged_entries()]
     if dry_run:
-        result.plan = _plan(recipe, target, repo_id)
+        result.plan = _plan(recipe, target, repo_id, result)
         return result
 
+    if result.path == "streamed":
+        _run_streamed(recipe, result, target, overwrite, device, progress)
+    else:
+        _run_in_memory(recipe, result, target, overwrite, device, progress)
+    if repo_id:
+        from merge_graphs.io.push import push_folder
+
+        with _stage(result, "push"):
+            hub = recipe.output.push_to_hub
+            result.commit_url = push_folder(
+                result.output, repo_id, private=hub.private if hub else None, revision=hub.revision if hub else None,
+                commit_message=(hub.commit_message if hub else None) or "Upload merge made with merge-graphs",
+            )
+    return result
+
+
+def execution_path(recipe: Recipe) -> tuple[str, str]:
+    """Which path :func:`run_recipe` takes for ``recipe``, and why: ``("streamed", ...)`` or
+    ``("in-memory", ...)``.
+
+    The streamed path (:mod:`merge_graphs.stream`) reads the checkpoints tensor by tensor and
+    holds a few tensors at a time, whatever the model size; it runs alignment ``none`` and
+    ``weight`` with a permuted residual stream, every merge method, and no ``evaluate``
+    section. Recipes that need forward passes or whole models (activation or GNN matching, a
+    rotated residual stream, held-out scoring) load every model whole.
+
+    Example:
+        >>> from merge_graphs.recipe import load_recipe
+        >>> from merge_graphs.run import execution_path
+        >>> execution_path(load_recipe({"models": [{"model": "a"}, {"model": "b"}]}))[0]
+        'streamed'
+        >>> execution_path(load_recipe({"models": [{"model": "a"}], "align": {"method": "activation",
+        ...                             "calibration": {"texts": ["hi"]}}}))
+        ('in-memory', "align method 'activation' runs forward passes on whole models")
+    """
+    from merge_graphs.stream import STREAM_ALIGN_METHODS
+
+    align = recipe.align
+    if align.method not in STREAM_ALIGN_METHODS:
+        return "in-memory", f"align method {align.method!r} runs forward passes on whole models"
+    if align.residual != "permutation":
+        return "in-memory", "a rotated residual stream folds the norms of whole models"
+    if recipe.evaluate:
+        return "in-memory", "the evaluate section scores whole models"
+    return "streamed", "tensor by tensor, a few tensors in memory at a time"
+
+
+def _run_streamed(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, device: torch.device,
+                  progress: bool) -> None:
+    """Align, check, merge and write tensor by tensor (see :mod:`merge_graphs.stream`)."""
+    from tqdm.auto import tqdm
+
+    from merge_graphs.io import Checkpoint
+    from merge_graphs.io.writer import write_tensor_folder
+    from merge_graphs.stream import ModelTensors, align_checkpoints, compatible_checkpoints, merged_tensors
+    from merge_graphs.stream_verify import check_alignment
+
     with _stage(result, "load"):
-        folders = {ref: resolve(ref, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
-                   for ref in recipe.refs()}
+        folders = _resolve_all(recipe)
+        ckpts = {ref: ModelTensors(Checkpoint(folder, allow_pickle=recipe.allow_pickle,
+                                              trust_remote_code=recipe.trust_remote_code), device)
+                 for ref, folder in folders.items()}
+        reference = ckpts[recipe.base_model or recipe.models[0].model]
+        merged = [ckpts[ref] for ref in result.merged]
+        spec = compatible_checkpoints(reference, list(ckpts.values()))
+        stored = reference.checkpoint.infos()
+        layout = {name: stored[name] for name in reference.stored()}
+    with _stage(result, "align"):
+        result.alignments = align_checkpoints(
+            reference, merged, recipe.align.method, spec=spec, solver=recipe.align.solver,
+            groups=recipe.align.groups, seed=recipe.seed, progress=progress,
+        )
+    with _stage(result, "verify"):
+        for ckpt, alignment in zip(merged, result.alignments):
+            if alignment.method != "none":
+                check_alignment(ckpt.checkpoint, alignment)
+    with _stage(result, "merge+write"):
+        base = ckpts[recipe.base_model] if get_method(recipe.merge.method).needs_base else None
+        tensors = merged_tensors(
+            spec, reference, merged, result.alignments, recipe.merge.method, base=base,
+            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, seed=recipe.seed,
+        )
+        result.output = write_tensor_folder(
+            tqdm(tensors, total=len(layout), desc="merging", disable=not progress), layout,
+            reference.checkpoint.config, target, shard_size=recipe.output.shard_size,
+            dtype=_out_dtype(recipe, reference.checkpoint.path),
+            generation_config=_generation_config(reference.checkpoint.path),
+            tokenizer_from=_tokenizer_folder(recipe, folders),
+            extra_files=_extra_files(recipe, result), overwrite=overwrite,
+        )
+
+
+def _run_in_memory(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, device: torch.device,
+                   progress: bool) -> None:
+    """Load every model whole, align, merge (and evaluate), then write."""
+    with _stage(result, "load"):
+        folders = _resolve_all(recipe)
         models = {ref: _load(folder, recipe, device) for ref, folder in folders.items()}
     reference_ref = recipe.base_model or recipe.models[0].model
     reference = models[reference_ref]
     base = models[recipe.base_model] if get_method(recipe.merge.method).needs_base else None
-    result.merged = [m.model for m in recipe.merged_entries()]
     merged_models = [models[ref] for ref in result.merged]
 
     with _stage(result, "align"):
@@ -138,30 +253,14 @@ def run_recipe(
                 naive = _with_state(skeleton, merged_with([basis] * len(merged_models)))
             result.scores = _evaluate(recipe, models, naive, merged, folders[reference_ref])
 
-    from merge_graphs.io.card import model_card
     from merge_graphs.io.writer import write_model_folder
 
     with _stage(result, "write"):
-        card = model_card(
-            base_models=recipe.refs(), merge_method=recipe.merge.method, align_method=recipe.align.method,
-            parameters=recipe.merge.parameters, alignment_summary=_summary(result.alignments),
-            recipe_yaml=recipe.to_yaml(), scores=result.scores, notes=_card_notes(recipe),
-        )
         result.output = write_model_folder(
             merged, target, shard_size=recipe.output.shard_size, dtype=_out_dtype(recipe, folders[reference_ref]),
             tokenizer_from=_tokenizer_folder(recipe, folders),
-            extra_files={"merge-graphs.yaml": recipe.to_yaml(), "README.md": card}, overwrite=overwrite,
+            extra_files=_extra_files(recipe, result), overwrite=overwrite,
         )
-    if repo_id:
-        from merge_graphs.io.push import push_folder
-
-        with _stage(result, "push"):
-            hub = recipe.output.push_to_hub
-            result.commit_url = push_folder(
-                result.output, repo_id, private=hub.private if hub else None, revision=hub.revision if hub else None,
-                commit_message=(hub.commit_message if hub else None) or "Upload merge made with merge-graphs",
-            )
-    return result
 
 
 def _card_notes(recipe: Recipe) -> list[str]:
@@ -177,10 +276,43 @@ def _card_notes(recipe: Recipe) -> list[str]:
 def _stage(result: RunResult, name: str) -> Iterator[None]:
     start = time.perf_counter()
     logger.info("%s ...", name)
+    meter = PeakRSS()
     try:
-        yield
+        with meter:
+            yield
     finally:
         result.stage_seconds[name] = time.perf_counter() - start
+        result.stage_peak_rss[name] = meter.peak
+        logger.info("%s: %.1fs, peak RSS %.2f GB", name, result.stage_seconds[name], meter.peak / 1e9)
+
+
+def _resolve_all(recipe: Recipe) -> dict[str, Path]:
+    """Every model reference of the recipe as a local folder (Hub ids are downloaded)."""
+    from merge_graphs.io import resolve
+
+    return {ref: resolve(ref, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
+            for ref in recipe.refs()}
+
+
+def _extra_files(recipe: Recipe, result: RunResult) -> dict[str, str]:
+    """The recipe and the model card, written beside the weights."""
+    from merge_graphs.io.card import model_card
+
+    card = model_card(
+        base_models=recipe.refs(), merge_method=recipe.merge.method, align_method=recipe.align.method,
+        parameters=recipe.merge.parameters, alignment_summary=_summary(result.alignments),
+        recipe_yaml=recipe.to_yaml(), scores=result.scores, notes=_card_notes(recipe),
+    )
+    return {"merge-graphs.yaml": recipe.to_yaml(), "README.md": card}
+
+
+def _generation_config(folder: Path) -> Any:
+    """The reference's generation config, written again beside the merge (None if it has none)."""
+    if not (folder / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(folder)
 
 
 def _device(device: str) -> torch.device:
@@ -202,7 +334,7 @@ def _load(folder: Path, recipe: Recipe, device: torch.device) -> torch.nn.Module
     return model.to(device)
 
 
-def _plan(recipe: Recipe, target: Path | None, repo_id: str | None) -> list[str]:
+def _plan(recipe: Recipe, target: Path | None, repo_id: str | None, result: RunResult) -> list[str]:
     from merge_graphs.io import Checkpoint, parse_model_ref
     from merge_graphs.rotation import rotation_kind
     from merge_graphs.symmetry import spec_from_config
@@ -222,6 +354,7 @@ def _plan(recipe: Recipe, target: Path | None, repo_id: str | None) -> list[str]
     plan.append(f"align with {align.method}" + (f" ({align.solver}, residual {align.residual})"
                                                 if align.method != "none" else ""))
     plan.append(f"merge with {recipe.merge.method} {recipe.merge.parameters or ''}".rstrip())
+    plan.append(f"path: {result.path} ({result.path_reason})")
     if target is not None:
         plan.append(f"write {target}")
     if repo_id:

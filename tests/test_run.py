@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import merge_graphs as mg
 import merge_graphs.run as run_module
 from merge_graphs.cli import main
+from merge_graphs.methods import merge_tensors
 from merge_graphs.run import run_recipe
 from tiny_models import minilm_path
 
@@ -90,22 +91,37 @@ def test_dry_run_loads_no_weights(tmp_path, pair, monkeypatch, capsys):
     assert main([recipe, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "GPT2LMHeadModel (gpt2)" in out and "download org/on-the-hub" in out
+    assert "path: streamed (tensor by tensor" in out
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("stage", ["merge_states", "write_model_folder"])
+@pytest.mark.parametrize("stage", ["merge_states", "write_model_folder", "merge_tensors", "write_tensor_folder"])
 def test_an_interrupted_run_leaves_no_output_folder(tmp_path, pair, monkeypatch, capsys, stage):
     _, folder_a, folder_b = pair
+    calls = []
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    if stage == "merge_states":
+    def interrupt_later(*args, **kwargs):
+        # after some tensors are on disk: the first shard is half written
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return merge_tensors(*args, **kwargs)
+
+    if stage == "merge_states":  # the in-memory path
+        monkeypatch.setattr(run_module, "execution_path", lambda recipe: ("in-memory", "test"))
         monkeypatch.setattr(run_module, "merge_states", interrupt)
-    else:
+    elif stage == "write_model_folder":
+        monkeypatch.setattr(run_module, "execution_path", lambda recipe: ("in-memory", "test"))
         monkeypatch.setattr(T.PreTrainedModel, "save_pretrained", interrupt)
+    elif stage == "merge_tensors":  # the streamed path, while merging and writing shards
+        monkeypatch.setattr("merge_graphs.stream.merge_tensors", interrupt_later)
+    else:  # the streamed path, after the weights, while writing the config
+        monkeypatch.setattr(T.PretrainedConfig, "save_pretrained", interrupt)
     recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": folder_b}],
-                                     "output": {"path": str(tmp_path / "out")}})
+                                     "output": {"path": str(tmp_path / "out"), "shard_size": "10KB"}})
     assert main([recipe]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "recipe.yaml"]

@@ -17,7 +17,7 @@ from tiny_models import example_input, make, minilm_path, outputs
 from merge_graphs.errors import CheckpointNotFoundError
 from merge_graphs.io import writer as writer_module
 from merge_graphs.io.card import model_card
-from merge_graphs.io.writer import TOKENIZER_PATTERNS, parse_size, write_model_folder
+from merge_graphs.io.writer import TOKENIZER_PATTERNS, parse_size, write_model_folder, write_tensor_folder
 
 AUTO = {"bert": transformers.AutoModel, "gpt2-lm": transformers.AutoModelForCausalLM,
         "llama-lm": transformers.AutoModelForCausalLM,
@@ -482,3 +482,114 @@ def test_card_with_only_local_models_still_parses(tmp_path):
 def test_card_recipe_containing_a_fence():
     text = card(recipe_yaml="note: |\n  ```\n  x\n  ```\n")
     assert "````yaml\nnote: |\n  ```\n  x\n  ```\n````" in text
+
+
+# --- streamed writing (write_tensor_folder) ------------------------------------------------------
+
+
+def saved_checkpoint(tmp_path, name: str):
+    from merge_graphs.io import Checkpoint
+
+    model = make(name)
+    model.save_pretrained(tmp_path / "source")
+    return model, Checkpoint(tmp_path / "source")
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm-mha-tied-bias", "bert"])
+def test_tensor_stream_is_written_in_transformers_shards_and_loads_identically(tmp_path, name):
+    model, ckpt = saved_checkpoint(tmp_path, name)
+    out = write_tensor_folder(ckpt.items(), ckpt.infos(), ckpt.config, tmp_path / "streamed", shard_size="20KB")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                          for i in range(1, len(shards) + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards) and set(index["weight_map"]) == set(ckpt.names())
+    assert index["metadata"]["total_size"] == sum(p.stat().st_size for p in out.glob("*.safetensors")) - sum(
+        8 + int.from_bytes((out / s).read_bytes()[:8], "little") for s in shards)
+    for shard in shards:  # as transformers splits: under the limit unless one tensor is not
+        with safe_open(out / shard, "pt") as f:
+            count = len(f.keys())
+        assert count == 1 or (out / shard).stat().st_size <= 20_000 + 4_096
+    stored = stored_tensors(out)
+    assert all(torch.equal(stored[k], ckpt.get(k)) for k in ckpt.names())
+    loaded = AUTO[name].from_pretrained(out)
+    assert_same_outputs(model, loaded, name)
+    assert_tied_like(model, loaded)
+    assert only_entry(tmp_path) == ["source", "streamed"]
+
+
+def test_tensor_stream_casts_to_dtype_and_records_it(tmp_path):
+    _, ckpt = saved_checkpoint(tmp_path, "llama-lm")
+    out = write_tensor_folder(ckpt.items(), ckpt.infos(), ckpt.config, tmp_path / "bf16", dtype="bf16")
+    stored = stored_tensors(out)
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    assert all(torch.equal(stored[k], ckpt.get(k).to(torch.bfloat16)) for k in ckpt.names())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_tensor_stream_holds_one_tensor_at_a_time(tmp_path):
+    """Each tensor is on disk (and released) before the next one is asked for: no shard buffer."""
+    import weakref
+
+    _, ckpt = saved_checkpoint(tmp_path, "llama-lm")
+    previous: list[weakref.ref] = []
+
+    def tensors():
+        for name in ckpt.names():
+            assert all(ref() is None for ref in previous), "the writer still holds an earlier tensor"
+            tensor = ckpt.get(name)
+            previous.append(weakref.ref(tensor))
+            yield name, tensor
+            del tensor
+
+    write_tensor_folder(tensors(), ckpt.infos(), ckpt.config, tmp_path / "out", shard_size="1MB")
+    assert len(previous) == len(ckpt.names())
+
+
+@pytest.mark.parametrize("fault", ["short", "long", "order", "shape"])
+def test_a_tensor_stream_that_disagrees_with_its_layout_leaves_nothing(tmp_path, fault):
+    _, ckpt = saved_checkpoint(tmp_path, "gpt2-lm")
+    items = list(ckpt.items())
+    if fault == "short":
+        items = items[:-1]
+    elif fault == "long":
+        items = [*items, ("extra", torch.zeros(1))]
+    elif fault == "order":
+        items[0], items[1] = items[1], items[0]
+    else:
+        items[0] = (items[0][0], items[0][1][:1])
+    with pytest.raises(ValueError, match="layout"):
+        write_tensor_folder(iter(items), ckpt.infos(), ckpt.config, tmp_path / "out", shard_size="20KB")
+    assert only_entry(tmp_path) == ["source"]
+
+
+def test_an_interrupted_tensor_stream_leaves_nothing_and_keeps_the_old_folder(tmp_path):
+    _, ckpt = saved_checkpoint(tmp_path, "gpt2-lm")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+
+    def interrupted():
+        for i, item in enumerate(ckpt.items()):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        write_tensor_folder(interrupted(), ckpt.infos(), ckpt.config, tmp_path / "out", shard_size="20KB",
+                            overwrite=True)
+    assert only_entry(tmp_path) == ["out", "source"] and os.listdir(tmp_path / "out") == ["keep.txt"]
+    with pytest.raises(FileExistsError):
+        write_tensor_folder(ckpt.items(), ckpt.infos(), ckpt.config, tmp_path / "out")
+
+
+def test_tensor_stream_writes_generation_config_tokenizer_and_extras(tmp_path):
+    _, ckpt = saved_checkpoint(tmp_path, "gpt2-lm")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "source")
+    out = write_tensor_folder(ckpt.items(), ckpt.infos(), ckpt.config, tmp_path / "out",
+                              generation_config=generation, tokenizer_from=minilm_path(),
+                              extra_files={"README.md": "card", "merge-graphs.yaml": "merge: {}\n"})
+    files = set(os.listdir(out))
+    assert {"config.json", "generation_config.json", "README.md", "merge-graphs.yaml", "vocab.txt"} <= files
+    assert transformers.GenerationConfig.from_pretrained(out).to_dict() == generation.to_dict()
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]

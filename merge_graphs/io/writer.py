@@ -7,6 +7,11 @@ beside the target, and renames it onto the target only once everything is writte
 error or Ctrl-C nothing is at the target path, and an existing folder is replaced only by a
 complete one (``overwrite=True``).
 
+:func:`write_tensor_folder` writes the same folder from a stream of named tensors and a config,
+without a model object: each tensor goes to disk as it arrives (the safetensors headers are
+written first, from the planned shapes), so a merge of models larger than memory holds one
+tensor, not one shard.
+
 :func:`parse_size` reads shard sizes the way transformers and mergekit write them.
 """
 
@@ -14,19 +19,22 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import logging
 import math
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
 from merge_graphs.errors import CheckpointNotFoundError
+from merge_graphs.symmetry.builder import TensorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -301,40 +309,192 @@ def write_model_folder(
             "torch modules with safetensors.torch.save_file(module.state_dict(), path)")
     max_shard = parse_size(shard_size)
     save_dtype = _save_dtype(dtype) if dtype is not None else None
+    extras = _check_extras(extra_files)
+    with _atomic_folder(path, overwrite, type(model).__name__) as (tmp, target):
+        _write_model(model, tmp, max_shard=max_shard, dtype=save_dtype)
+        _write_companions(tmp, tokenizer_from, extras)
+    return target
+
+
+def write_tensor_folder(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    layout: Mapping[str, TensorInfo],
+    config: Any,
+    path: str | os.PathLike[str],
+    *,
+    shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+    generation_config: Any = None,
+    tokenizer_from: str | os.PathLike[str] | Any | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a stream of named tensors as a Hugging Face model folder at ``path``, atomically.
+
+    The folder is the one :func:`write_model_folder` writes (same atomic temporary folder and
+    rename, same ``overwrite`` rules, tokenizer and extra files), built from ``config`` and the
+    tensors instead of a model object. Shards are planned from ``layout`` before any tensor
+    arrives (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` and
+    ``model.safetensors.index.json`` past ``shard_size``, as transformers names them); each
+    tensor is written to its shard as it comes, so at most one tensor (and its cast copy) is
+    held here.
+
+    Args:
+        tensors: ``(name, tensor)`` pairs in ``layout``'s order, e.g. a generator that merges
+            one tensor at a time.
+        layout: ``{name: TensorInfo}`` of every tensor to write, in order, with its stored
+            dtype (floating-point ones are then cast to ``dtype``).
+        config: the model's ``transformers`` config; a copy is written, with ``dtype`` recorded.
+        path, shard_size, dtype, tokenizer_from, extra_files, overwrite: as for
+            :func:`write_model_folder`.
+        generation_config: a ``GenerationConfig`` to write as ``generation_config.json``.
+
+    Returns:
+        The absolute path of the written folder.
+
+    Raises:
+        ValueError: a tensor arrives out of ``layout``'s order or with another shape, or the
+            stream ends early or runs long; nothing is left at ``path``.
+        FileExistsError, CheckpointNotFoundError, TypeError: as for :func:`write_model_folder`.
+
+    Example:
+        >>> import tempfile, os, torch, transformers
+        >>> from merge_graphs.io.writer import write_tensor_folder
+        >>> from merge_graphs.symmetry.builder import TensorInfo
+        >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=20, hidden_size=8,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+        >>> state = model.state_dict()
+        >>> layout = {k: TensorInfo.of(v) for k, v in state.items()}
+        >>> with tempfile.TemporaryDirectory() as parent:
+        ...     out = write_tensor_folder(state.items(), layout, model.config, os.path.join(parent, "m"),
+        ...                               shard_size="2KB", dtype="bfloat16")
+        ...     loaded = transformers.AutoModel.from_pretrained(out)
+        ...     len(os.listdir(out)) > 3, loaded.embeddings.word_embeddings.weight.dtype
+        (True, torch.bfloat16)
+    """
+    max_shard = parse_size(shard_size)
+    save_dtype = _save_dtype(dtype) if dtype is not None else None
+    extras = _check_extras(extra_files)
+    stored = {name: TensorInfo(info.shape, save_dtype if save_dtype is not None and info.dtype.is_floating_point
+                               else info.dtype) for name, info in layout.items()}
+    unknown = sorted({str(i.dtype) for i in stored.values() if i.dtype not in _safetensors_codes()})
+    if unknown:
+        raise ValueError(f"cannot write tensors of dtype {', '.join(unknown)} as safetensors")
+    with _atomic_folder(path, overwrite, type(config).__name__) as (tmp, target):
+        _write_shards(iter(tensors), stored, tmp, max_shard)
+        config = copy.deepcopy(config)
+        floating = [i.dtype for i in stored.values() if i.dtype.is_floating_point]
+        if floating:
+            config.dtype = str(floating[0]).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        _write_companions(tmp, tokenizer_from, extras)
+    return target
+
+
+def _safetensors_codes() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors dtype code (the reader's table, inverted)."""
+    from merge_graphs.io.checkpoint import _SAFETENSORS_DTYPES  # io.hub imports this module
+
+    return {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def _shard_plan(layout: Mapping[str, TensorInfo], max_shard: int) -> list[list[str]]:
+    """Tensor names split into shards of at most ``max_shard`` bytes, in order (a larger
+    tensor gets a shard of its own), as transformers splits them."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, info in layout.items():
+        nbytes = _nbytes(info)
+        if shards[-1] and size + nbytes > max_shard:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _nbytes(info: TensorInfo) -> int:
+    return math.prod(info.shape) * info.dtype.itemsize
+
+
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], layout: Mapping[str, TensorInfo], folder: Path,
+                  max_shard: int) -> None:
+    """Write ``tensors`` into safetensors shards as they arrive (headers first, from ``layout``)."""
+    from merge_graphs.io.hub import SAFE_INDEX, SAFE_WEIGHTS  # io.hub imports this module
+
+    codes = _safetensors_codes()
+    shards = _shard_plan(layout, max_shard)
+    files = ([SAFE_WEIGHTS] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file, names in zip(files, shards):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            info = layout[name]
+            header[name] = {"dtype": codes[info.dtype], "shape": list(info.shape),
+                            "data_offsets": [offset, offset + _nbytes(info)]}
+            offset += _nbytes(info)
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+        with open(folder / file, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            f.writelines(_tensor_bytes(name, next(tensors, None), layout[name]) for name in names)
+    extra = next(tensors, None)
+    if extra is not None:
+        raise ValueError(f"got tensor {extra[0]!r} after the last one the layout names; give the layout every tensor")
+    if len(shards) > 1:
+        index = {"metadata": {"total_parameters": sum(math.prod(i.shape) for i in layout.values()),
+                              "total_size": sum(_nbytes(i) for i in layout.values())},
+                 "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
+        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _tensor_bytes(expected: str, item: tuple[str, torch.Tensor] | None, info: TensorInfo) -> memoryview:
+    """The raw little-endian bytes of one arriving tensor, checked against the layout and cast."""
+    if item is None:
+        raise ValueError(f"the tensor stream ended before {expected!r}; give every tensor the layout names")
+    name, tensor = item
+    if name != expected or tuple(tensor.shape) != info.shape:
+        raise ValueError(f"expected tensor {expected!r} of shape {list(info.shape)}, got {name!r} of shape "
+                         f"{list(tensor.shape)}; give the tensors in the layout's order")
+    flat = tensor.detach().to("cpu", info.dtype).contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _check_extras(extra_files: Mapping[str, str | bytes] | None) -> dict[PurePosixPath, str | bytes]:
+    """Extra files by safe relative path; ValueError / TypeError for bad names or contents."""
     extras = {_check_extra_name(name): content for name, content in (extra_files or {}).items()}
     for name, content in extras.items():
         if not isinstance(content, (str, bytes)):
             raise TypeError(f"extra file {str(name)!r} must be str or bytes, got {type(content).__name__}")
+    return extras
 
+
+@contextmanager
+def _atomic_folder(path: str | os.PathLike[str], overwrite: bool, what: str) -> Iterator[tuple[Path, Path]]:
+    """Yield ``(temporary folder, target)``; the folder is renamed onto the target when the
+    block ends, and removed (nothing at the target) when it raises, Ctrl-C included."""
     target = Path(os.path.abspath(os.fspath(Path(path).expanduser())))
     if not target.name or target.parent == target:
         raise ValueError(f"cannot write a model folder at {str(target)!r}: choose a folder path such as 'merged-model'")
     _check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-
     tmp = _make_sibling_dir(target, "tmp")
-    logger.info("writing %s to %s (via %s)", type(model).__name__, target, tmp.name)
+    logger.info("writing %s to %s (via %s)", what, target, tmp.name)
     try:
-        _write_contents(model, tmp, max_shard=max_shard, dtype=save_dtype, tokenizer_from=tokenizer_from,
-                        extras=extras)
+        yield tmp, target
         _move_into_place(tmp, target, overwrite)
     except BaseException:
         _remove(tmp)
         raise
     logger.info("wrote %s: %s", target, ", ".join(sorted(os.listdir(target))))
-    return target
 
 
-def _write_contents(
-    model: Any,
-    folder: Path,
-    *,
-    max_shard: int,
-    dtype: torch.dtype | None,
-    tokenizer_from: Any,
-    extras: Mapping[PurePosixPath, str | bytes],
-) -> None:
-    """Write config, weights, tokenizer and extra files into the (temporary) ``folder``."""
+def _write_model(model: Any, folder: Path, *, max_shard: int, dtype: torch.dtype | None) -> None:
+    """Write a model's config (and generation config) and weights into the (temporary) ``folder``."""
     state_dict = _cast_state_dict(model, dtype) if dtype is not None else None
     # save_pretrained writes dtype and architectures into model.config: give it a copy.
     original_config = model.config
@@ -349,6 +509,10 @@ def _write_contents(
         # save_pretrained recorded the in-memory model's dtype; record the saved one.
         config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(folder)
+
+
+def _write_companions(folder: Path, tokenizer_from: Any, extras: Mapping[PurePosixPath, str | bytes]) -> None:
+    """Write the tokenizer and the extra files (model card, recipe) into ``folder``."""
     if tokenizer_from is not None:
         copied = _copy_tokenizer(tokenizer_from, folder)
         logger.info("tokenizer files from %s: %s", tokenizer_from, ", ".join(copied))

@@ -1,0 +1,223 @@
+"""The streamed recipe path (merge_graphs.stream): same tensors as the in-memory path, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+import transformers as T
+from safetensors import safe_open
+from tiny_models import FACTORIES, example_input, make, outputs
+
+import merge_graphs as mg
+from merge_graphs.errors import AlignmentError
+from merge_graphs.io import Checkpoint
+from merge_graphs.memory import PeakRSS, rss_bytes
+from merge_graphs.methods import METHODS
+from merge_graphs.run import run_recipe
+from merge_graphs.stream import ELEMENTWISE
+
+# nn.Sequential models have no config.json, so no checkpoint folder: they merge in memory only.
+FAMILIES = [name for name in FACTORIES if name not in ("mlp", "cnn")]
+
+
+def stored(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def save(model, folder, dtype=None, shard="20KB") -> str:
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder, max_shard_size=shard)
+    return str(folder)
+
+
+def merge_both_ways(tmp_path, recipe: dict):
+    """Run ``recipe`` on the in-memory and on the streamed path; both results and outputs."""
+    results = {}
+    for path in ("in-memory", "streamed"):
+        out = tmp_path / path
+        results[path] = run_recipe({**recipe, "output": {"path": str(out), "shard_size": "30KB"}},
+                                   streaming=path == "streamed", progress=False)
+        assert results[path].path == path
+    return results, stored(tmp_path / "in-memory"), stored(tmp_path / "streamed")
+
+
+def assert_identical(memory: dict[str, torch.Tensor], streamed: dict[str, torch.Tensor]) -> None:
+    assert memory.keys() == streamed.keys()
+    for name, tensor in memory.items():
+        assert streamed[name].dtype == tensor.dtype, name
+        assert torch.equal(streamed[name], tensor), name
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_streamed_and_in_memory_paths_write_identical_tensors(tmp_path, name):
+    folders = [save(make(name, seed), tmp_path / f"m{seed}") for seed in (0, 1)]
+    results, memory, streamed = merge_both_ways(tmp_path, {"models": [{"model": f} for f in folders]})
+    assert_identical(memory, streamed)
+    found = [r.alignments[1].permutations for r in results.values()]
+    assert all(torch.equal(found[0][g], found[1][g]) for g in found[0])
+    assert results["streamed"].alignments[1].method == "weight"
+    assert set(results["streamed"].stage_seconds) == {"load", "align", "verify", "merge+write"}
+
+
+PARAMETERS = {"slerp": {"t": 0.3}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
+              "dare_ties": {"density": 0.5}}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_merge_method_streams_to_the_in_memory_tensors(tmp_path, method):
+    folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1, 2)]
+    parameters = PARAMETERS.get(method, {})
+    needs_base = METHODS[method].needs_base
+    models = folders[1:2] if method == "slerp" else folders[1:] if needs_base else folders
+    recipe = {"models": [{"model": f} for f in models], "merge": {"method": method, "parameters": parameters}}
+    if needs_base:
+        recipe["base_model"] = folders[0]
+    _, memory, streamed = merge_both_ways(tmp_path, recipe)
+    assert_identical(memory, streamed)
+
+
+@pytest.mark.parametrize("method", sorted(ELEMENTWISE))
+def test_elementwise_methods_merge_large_tensors_in_row_blocks_to_the_same_tensors(tmp_path, monkeypatch, method):
+    monkeypatch.setattr("merge_graphs.stream.ROW_BLOCK", 100)  # every matrix in blocks of a few rows
+    folders = [save(make("gpt2-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1, 2)]
+    recipe = {"models": [{"model": f} for f in folders], "merge": {"method": method}}
+    if METHODS[method].needs_base:
+        recipe = {**recipe, "models": recipe["models"][1:], "base_model": folders[0]}
+    _, memory, streamed = merge_both_ways(tmp_path, recipe)
+    assert_identical(memory, streamed)
+
+
+def test_bf16_checkpoints_round_trip(tmp_path):
+    """bf16 in, float32 matching, bf16 out (the reference's dtype): as on the in-memory path."""
+    folders = [save(make("qwen2-lm", seed), tmp_path / f"m{seed}", dtype=torch.bfloat16) for seed in (0, 1)]
+    results, memory, streamed = merge_both_ways(tmp_path, {"models": [{"model": f} for f in folders]})
+    assert_identical(memory, streamed)
+    assert {t.dtype for t in streamed.values()} == {torch.bfloat16}
+    a = results["streamed"].alignments[1]
+    assert a.objective_after > a.objective_before
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert loaded.dtype == torch.bfloat16
+
+
+def test_recipe_dtype_is_written(tmp_path):
+    folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1)]
+    _, memory, streamed = merge_both_ways(tmp_path, {"models": [{"model": f} for f in folders],
+                                                     "align": {"method": "none"}, "dtype": "float16"})
+    assert_identical(memory, streamed)
+    assert {t.dtype for t in streamed.values()} == {torch.float16}
+
+
+def test_a_permuted_copy_merges_back_and_the_sharded_folder_loads(tmp_path):
+    a = make("llama-lm-mha-tied-bias")
+    spec = mg.symmetry_spec(a)
+    b = mg.permute(a, mg.random_permutations(spec, seed=3), spec)
+    folders = [save(a, tmp_path / "a"), save(b, tmp_path / "b")]
+    result = run_recipe({"models": [{"model": f} for f in folders],
+                         "output": {"path": str(tmp_path / "out"), "shard_size": "10KB"}}, progress=False)
+    assert result.path == "streamed"
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                          for i in range(1, len(shards) + 1)]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert set(index["weight_map"]) == set(Checkpoint(folders[0]).names())
+    assert {"config.json", "generation_config.json", "README.md", "merge-graphs.yaml"} <= set(files)
+    merged = T.AutoModel.from_pretrained(tmp_path / "out")  # the bare model from the causal LM's folder
+    causal = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert causal.lm_head.weight.data_ptr() == causal.model.embed_tokens.weight.data_ptr()  # still tied
+    inputs = example_input(a)
+    want, got = outputs(a, inputs), outputs(causal, inputs)
+    assert torch.allclose(want["logits"], got["logits"], atol=1e-5)
+    assert torch.allclose(merged.embed_tokens.weight, a.model.embed_tokens.weight)
+
+
+def test_a_failing_check_writes_nothing(tmp_path, monkeypatch):
+    folders = [save(make("gpt2-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1)]
+
+    def broken(ckpt, alignment, **kwargs):
+        raise AlignmentError("permuting changed the output")
+
+    monkeypatch.setattr("merge_graphs.stream_verify.check_alignment", broken)
+    with pytest.raises(AlignmentError):
+        run_recipe({"models": [{"model": f} for f in folders], "output": {"path": str(tmp_path / "out")}},
+                   progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1"]
+
+
+def test_the_check_catches_a_wrong_permutation(tmp_path):
+    """A permutation the model does not admit (MLP units moved in one tensor only) is refused."""
+    from merge_graphs.stream import ModelTensors, align_checkpoints
+    from merge_graphs.stream_verify import check_alignment
+
+    folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1)]
+    a, b = (Checkpoint(f) for f in folders)
+    alignment = align_checkpoints(ModelTensors(a), [ModelTensors(b)])[0]
+    assert check_alignment(b, alignment) < 1e-5
+    spec = alignment.spec
+    bad = {**spec.tensors}
+    bad.pop("model.layers.1.mlp.down_proj.weight")  # its MLP axis no longer follows the permutation
+    alignment.spec = mg.symmetry.SymmetrySpec(spec.family, spec.groups, bad, spec.carried, spec.outputs)
+    with pytest.raises(AlignmentError, match="changed its output"):
+        check_alignment(b, alignment)
+
+
+class LiveTensors:
+    """Counts the tensors read from checkpoints that are still alive, and their bytes."""
+
+    def __init__(self):
+        self.count = self.bytes = self.max_count = self.max_bytes = self.reads = 0
+
+    def track(self, tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.numel() * tensor.element_size()
+        self.count, self.bytes, self.reads = self.count + 1, self.bytes + size, self.reads + 1
+        self.max_count, self.max_bytes = max(self.max_count, self.count), max(self.max_bytes, self.bytes)
+        weakref.finalize(tensor, self.release, size)
+        return tensor
+
+    def release(self, size: int) -> None:
+        self.count, self.bytes = self.count - 1, self.bytes - size
+
+
+def deep_llama(seed: int) -> T.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=12,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+def test_memory_stays_bounded_by_a_few_tensors(tmp_path, monkeypatch):
+    """Inputs of 2 x 32 MB merged (weight matching, linear) while holding a few tensors read from
+    them at a time, and less extra resident memory than one input model."""
+    small = [save(make("llama-lm", seed), tmp_path / f"s{seed}") for seed in (0, 1)]
+    run_recipe({"models": [{"model": f} for f in small], "output": {"path": str(tmp_path / "warm")}},
+               progress=False)  # imports and first-call allocations, outside the measurement
+    folders = [save(deep_llama(seed), tmp_path / f"m{seed}", shard="8MB") for seed in (0, 1)]
+    ckpt = Checkpoint(folders[0])
+    sizes = [i.dtype.itemsize * torch.Size(i.shape).numel() for i in ckpt.infos().values()]
+    model_bytes, largest = sum(sizes), max(sizes)
+    assert model_bytes > 30e6 and len(sizes) > 100
+
+    live = LiveTensors()
+    get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name, **kw: live.track(get(self, name, **kw)))
+    baseline = rss_bytes()
+    with PeakRSS(interval=0.002) as meter:
+        result = run_recipe({"models": [{"model": f} for f in folders],
+                             "output": {"path": str(tmp_path / "out"), "shard_size": "8MB"}}, progress=False)
+    assert result.path == "streamed" and result.alignments[1].iterations > 1
+    assert live.reads > 3 * len(sizes)  # coordinate descent re-reads from the files ...
+    assert live.max_count <= 4 and live.max_bytes <= 4 * largest  # ... and holds a few tensors
+    assert meter.peak - baseline < model_bytes / 2  # measured: 2.5-9 MB for two 32 MB models
+    assert max(result.stage_peak_rss.values()) >= baseline
+    merged = stored(tmp_path / "out")
+    assert len(merged) == len(sizes)
