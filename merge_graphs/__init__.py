@@ -13,6 +13,7 @@ from merge_graphs.errors import (
     UnsupportedArchitectureError,
     UnsupportedTensorError,
 )
+from merge_graphs.gnn import embed
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.match import Alignment
 from merge_graphs.recipe import Recipe, load_recipe
@@ -46,6 +47,7 @@ __all__ = [
     "UnsupportedTensorError",
     "align",
     "compose_permutations",
+    "embed",
     "identity_permutations",
     "invert_permutations",
     "load_recipe",

@@ -20,7 +20,7 @@ from merge_graphs.verify import check_function_preserved
 
 logger = logging.getLogger(__name__)
 
-ALIGN_METHODS = ("none", "weight", "activation")
+ALIGN_METHODS = ("none", "weight", "activation", "gnn")
 
 
 def permute(model: nn.Module, permutations: Mapping[str, torch.Tensor], spec: SymmetrySpec | None = None) -> nn.Module:
@@ -83,9 +83,10 @@ def align(
         model_a: the reference model.
         model_b: a model of the same architecture and size, e.g. trained from another seed.
         method: ``"weight"`` (data-free Git Re-Basin weight matching), ``"activation"``
-            (correlation of activations on ``calibration``) or ``"none"``.
+            (correlation of activations on ``calibration``), ``"gnn"`` (data-free: similarity of
+            the pretrained GNN's node embeddings, attention heads as blocks) or ``"none"``.
         solver: ``"exact"``, ``"emd"`` or ``"sinkhorn"`` (see :func:`merge_graphs.match.solve`).
-        refine: after activation matching, refine with weight matching.
+        refine: after activation or GNN matching, refine with weight matching started from it.
         calibration: inputs for activation matching: a tensor, a dict of model inputs, or a
             list of texts (with ``tokenizer``).
         tokenizer: the reference model's tokenizer, for calibration texts.
@@ -117,6 +118,10 @@ def align(
         return Alignment(spec, identity_permutations(spec), "none")
     if method == "weight":
         return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), solver=solver, groups=groups, seed=seed)
+    if method == "gnn":
+        from merge_graphs.gnn.match import gnn_align
+
+        return gnn_align(model_a, model_b, spec, refine=refine, solver=solver, groups=groups, seed=seed)
     if method == "activation":
         _require_calibration(calibration)
         inputs = _to_device(prepare_inputs(calibration, tokenizer), model_a)

@@ -4,6 +4,8 @@
     merge-graphs inspect MODEL [--json]
     merge-graphs push FOLDER REPO_ID [--private] [--revision REV]
     merge-graphs bench SUITE [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR]
+    merge-graphs embed MODEL [MODEL ...] [--allow-pickle]
+    merge-graphs pretrain-gnn [--out DIR] [--steps N] [--seed S] ...
 """
 
 from __future__ import annotations
@@ -109,6 +111,28 @@ def push(args: argparse.Namespace) -> int:
     return 0
 
 
+def embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from merge_graphs.gnn import default_encoder
+    from merge_graphs.gnn import embed as embed_model
+    from merge_graphs.io.model import load_model
+
+    encoder = default_encoder()
+    pooled = []
+    for ref in args.models:
+        pooled.append(embed_model(load_model(ref, allow_pickle=args.allow_pickle), encoder).pooled)
+    x = torch.nn.functional.normalize(torch.stack(pooled).float(), dim=1)
+    similarity = x @ x.T
+    names = [_short(m) for m in args.models]
+    width = max(8, *(len(n) for n in names))
+    print("cosine similarity of pooled GNN embeddings")
+    print(" " * width + "".join(f"  {i:>6}" for i in range(len(names))))
+    for i, name in enumerate(names):
+        print(f"{name:<{width}}" + "".join(f"  {v:6.3f}" for v in similarity[i].tolist()) + f"  [{i}]")
+    return 0
+
+
 def _parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="merge-graphs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,6 +154,12 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         p.add_argument("--revision", help="a branch to push to (created if missing)")
         p.add_argument("--message", help="commit message")
         p.set_defaults(handler=push)
+    elif command == "embed":
+        commands = parser.add_subparsers(dest="command", required=True)
+        p = commands.add_parser("embed", help="pairwise similarity of models by their pooled GNN embeddings")
+        p.add_argument("models", nargs="+", help="local folders, or Hub ids org/name[@revision]")
+        p.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (runs pickle)")
+        p.set_defaults(handler=embed)
     else:
         parser.add_argument("recipe", help="a recipe YAML file (merge-graphs or mergekit format)")
         parser.add_argument("--out", help="output folder (overrides output.path)")
@@ -150,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         rest = list(argv)
         rest.remove("bench")
         return bench(rest)
-    args = _parser(command if command in ("inspect", "push") else None).parse_args(argv)
+    if command == "pretrain-gnn":
+        from merge_graphs.gnn.pretrain import main as pretrain
+
+        rest = list(argv)
+        rest.remove("pretrain-gnn")
+        return pretrain(rest)
+    args = _parser(command if command in ("inspect", "push", "embed") else None).parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(message)s")
     from transformers.utils import logging as hf_logging
 

@@ -85,9 +85,6 @@ class Align(_Strict):
         if self.residual == "rotation" and self.method not in ("weight", "activation"):
             raise ValueError("residual 'rotation' needs method 'weight' (data-free) or 'activation' "
                              "(rotation fitted on calibration activations)")
-        if self.method == "gnn":
-            raise ValueError("method 'gnn' needs the pretrained GNN, which this version does not ship yet; "
-                             "use 'weight' (data-free) or 'activation'")
         return self
 
 

@@ -32,13 +32,14 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiL
 
 
 def load_digits_split(
-    seed: int = 0, test_fraction: float = 0.2
+    seed: int = 0, test_fraction: float = 0.2, *, standardize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits (1797 images, 64 features, 10 classes), split and standardized.
 
     The data ships inside scikit-learn, so this works offline. The split is stratified and
     fixed by ``seed``; features are standardized with the training set's mean and standard
-    deviation (constant features are only centred).
+    deviation (constant features are only centred), or with ``standardize=False`` left as the
+    pixel intensities 0-16.
 
     Returns:
         ``(x_train, y_train, x_test, y_test)``: float32 features ``(n, 64)``, int64 labels.
@@ -54,9 +55,10 @@ def load_digits_split(
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y)
-    mean = x_tr.mean(axis=0)
-    std = x_tr.std(axis=0)
-    std[std == 0] = 1.0
+    mean, std = 0.0, 1.0
+    if standardize:
+        mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
+        std[std == 0] = 1.0
 
     def prep(a):
         return torch.as_tensor((a - mean) / std, dtype=torch.float32)
@@ -468,16 +470,51 @@ def train_byte_gpt2(
         >>> all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
         True
     """
+    model = make_byte_gpt2(seed, **config)
+    return train_byte_lm(model, text, seed, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                         warmup=warmup, final_lr_fraction=final_lr_fraction, weight_decay=weight_decay,
+                         grad_clip=grad_clip, threads=threads)
+
+
+def train_byte_lm(
+    model,
+    text: str | bytes,
+    seed: int,
+    *,
+    masked: bool = False,
+    mask_id: int | None = None,
+    steps: int = 800,
+    batch_size: int = 32,
+    seq_len: int | None = None,
+    lr: float = 1e-3,
+    warmup: int = 100,
+    final_lr_fraction: float = 0.1,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    threads: int | None = 1,
+):
+    """Train a byte-level transformers LM in place on ``text``: next-byte cross-entropy, or with
+    ``masked`` BERT's masked-LM loss (15% of bytes replaced by ``mask_id``).
+
+    The loop of :func:`train_byte_gpt2` (same optimizer, schedule and determinism), for any
+    model whose ``forward(input_ids=..., labels=...)`` returns a loss and whose vocabulary
+    holds the 256 bytes: GPT-2, Llama and BERT alike. The initial weights are the model's own.
+
+    Returns:
+        The model, in eval mode.
+    """
     import math
 
     data = torch.frombuffer(bytearray(text.encode("utf-8") if isinstance(text, str) else text), dtype=torch.uint8)
     data = data.long()
-    model = make_byte_gpt2(seed, **config)
-    seq_len = seq_len or model.config.n_positions
-    if seq_len > model.config.n_positions:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {model.config.n_positions}")
+    context = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    seq_len = seq_len or context
+    if seq_len > context:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {context}")
     if len(data) <= seq_len:
         raise ValueError(f"the text has {len(data)} bytes; training needs more than one window of {seq_len}")
+    if masked and mask_id is None:
+        raise ValueError("masked-LM training needs mask_id: the id of the mask token")
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -498,7 +535,11 @@ def train_byte_gpt2(
         for step in range(steps):
             starts = torch.randint(0, len(data) - seq_len + 1, (batch_size,), generator=gen)
             batch = data[starts[:, None] + offsets]
-            loss = model(input_ids=batch, labels=batch).loss
+            if masked:
+                hide = torch.rand(batch.shape, generator=gen) < 0.15
+                loss = model(input_ids=batch.masked_fill(hide, mask_id), labels=batch.masked_fill(~hide, -100)).loss
+            else:
+                loss = model(input_ids=batch, labels=batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -506,13 +547,103 @@ def train_byte_gpt2(
             opt.step()
             sched.step()
             if step % 100 == 0 or step == steps - 1:
-                logger.info("byte GPT-2 seed %d step %d/%d: train loss %.4f", seed, step + 1, steps, loss.item())
+                logger.info("%s seed %d step %d/%d: train loss %.4f", type(model).__name__, seed, step + 1, steps,
+                            loss.item())
     model.eval()
-    logger.info("trained byte GPT-2 (seed %d, %d steps) in %.1f s", seed, steps, time.perf_counter() - start)
+    logger.info("trained %s (seed %d, %d steps) in %.1f s", type(model).__name__, seed, steps,
+                time.perf_counter() - start)
     return model
 
 
 __all__ += [
     "BYTE_GPT2", "DOCSTRING_HELDOUT_MODULES", "DOCSTRING_TRAIN_MODULES", "byte_tokenizer", "docstring_corpus_sha256",
-    "load_docstring_corpus", "make_byte_gpt2", "module_docstrings", "train_byte_gpt2",
+    "load_docstring_corpus", "make_byte_gpt2", "module_docstrings", "train_byte_gpt2", "train_byte_lm",
 ]
+
+
+
+# --- Tiny BERT classifiers reading a digit as a sequence of pixel tokens ----------------------------
+#
+# A post-LayerNorm encoder with a sequence-classification head, as people fine-tune BERT, on data
+# that ships offline and that a model of 300k parameters learns in a minute on one CPU core.
+
+#: The digits BERT of the ``bert`` benchmark: 3 post-LN layers, width 64, 4 heads (157k parameters).
+DIGITS_BERT = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256}
+
+#: Token ids 0-16 are pixel intensities; 17 is ``[CLS]``, whose final state the pooler reads.
+DIGITS_CLS = 17
+
+
+class SequenceLogits(nn.Module):
+    """A transformers sequence classifier seen as ``x -> logits``, ``x[:, 0]`` the token ids and ``x[:, 1]``
+    the attention mask, so that :func:`train_classifier` and :mod:`merge_graphs.evaluate`'s metrics serve it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+
+
+def load_digit_tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`load_digits_split` (``seed``) as token sequences: ``[CLS]`` then the 64 pixel intensities (0-16).
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``: ``x`` int64 ``(n, 2, 65)`` (token ids, attention
+        mask; see :class:`SequenceLogits`), ``y`` the digits.
+
+    Example:
+        >>> x_tr, y_tr, x_te, y_te = load_digit_tokens()
+        >>> x_tr.shape, int(x_tr[:, 0, 1:].max()), x_tr[0, 0, 0].item() == DIGITS_CLS
+        (torch.Size([1437, 2, 65]), 16, True)
+    """
+    x_tr, y_tr, x_te, y_te = load_digits_split(seed, standardize=False)
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        ids = torch.cat([torch.full((len(x), 1), DIGITS_CLS), x.round().long()], 1)
+        return torch.stack([ids, torch.ones_like(ids)], 1)
+
+    return tokens(x_tr), y_tr, tokens(x_te), y_te
+
+
+def make_digits_bert(seed: int | None = None, **config):
+    """A fresh ``BertForSequenceClassification`` over digit tokens (:data:`DIGITS_BERT`, vocabulary 18,
+    context 65, 10 labels, no dropout), initialized from ``seed``; ``config`` overrides any ``BertConfig``
+    field. With a seed the global random state is left as it was.
+
+    Example:
+        >>> m = make_digits_bert(0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        >>> m.config.vocab_size, m.config.num_labels
+        (18, 10)
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    fields = dict(DIGITS_BERT, vocab_size=DIGITS_CLS + 1, pad_token_id=None, max_position_embeddings=65,
+                  type_vocab_size=1, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    fields.update(config)
+    ctx = _seeded(seed) if seed is not None else contextlib.nullcontext()
+    with ctx:
+        model = BertForSequenceClassification(BertConfig(**fields))
+    return model.eval()
+
+
+def train_digits_bert(seed: int, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 32, split_seed: int = 0,
+                      **config):
+    """A :func:`make_digits_bert` model (``seed``) trained on :func:`load_digit_tokens` (``split_seed``) with
+    :func:`train_classifier` (Adam, deterministic, one thread); returns the ``BertForSequenceClassification``.
+
+    Example:
+        >>> m = train_digits_bert(0, epochs=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                       intermediate_size=32)
+        >>> type(m).__name__
+        'BertForSequenceClassification'
+    """
+    x_tr, y_tr, _, _ = load_digit_tokens(split_seed)
+    model = make_digits_bert(seed, **config)
+    train_classifier(SequenceLogits(model), x_tr, y_tr, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size)
+    return model.eval()
+
+
+__all__ += ["DIGITS_BERT", "DIGITS_CLS", "SequenceLogits", "load_digit_tokens", "make_digits_bert",
+            "train_digits_bert"]

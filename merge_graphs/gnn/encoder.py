@@ -364,20 +364,23 @@ class Embeddings:
 
 
 def default_encoder() -> GraphEncoder:
-    """The encoder :func:`embed` uses when given none.
+    """The pretrained encoder that ships in ``merge_graphs/gnn/weights/`` (a fresh copy each call).
 
-    For now a randomly initialized network with a fixed seed (equivariant, not yet trained);
-    the pretrained weights replace it once they ship.
+    Raises:
+        CheckpointNotFoundError: the weights are missing from this installation.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return GraphEncoder().eval()
+    from merge_graphs.gnn.checkpoint import load_encoder
+
+    return load_encoder()
 
 
 def embed(model_or_graph, encoder: GraphEncoder | None = None) -> Embeddings:
     """Node, group and pooled embeddings of a model (an ``nn.Module``) or of its neural graph.
 
-    Runs without gradients; the encoder is moved to the device of the model's weights.
+    ``encoder`` defaults to the pretrained one (:func:`default_encoder`). Runs without
+    gradients; the encoder is moved to the device of the model's weights. ``.pooled`` is a
+    permutation-invariant ``(dim,)`` vector of the whole model: compare models by its cosine
+    similarity.
     """
     if isinstance(model_or_graph, NeuralGraph):
         graph = model_or_graph

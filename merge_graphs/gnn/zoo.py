@@ -1,0 +1,251 @@
+"""The model zoo the GNN is pretrained on: small models of every family, trained on CPU.
+
+Digits MLPs of several widths, depths and activations, and tiny byte-level BERT (masked LM),
+GPT-2 and Llama models on the standard-library docstring corpus, each from several seeds.
+Every model is deterministic given its entry (architecture, training, seed): it is trained
+by the trainers of :mod:`merge_graphs.zoo` on one CPU thread, saved as safetensors plus a
+metadata json in a cache folder, and loaded from there while the metadata matches.
+
+Seeds listed in an architecture's ``heldout`` are never trained on: the benchmark measures
+on them (a permuted copy of one, and independent pairs of two).
+
+Example:
+    >>> from merge_graphs.gnn.zoo import zoo_entries
+    >>> entries = zoo_entries()
+    >>> sorted({e.family for e in entries})
+    ['bert', 'gpt2', 'llama', 'mlp']
+    >>> all(e.heldout == (e.seed in e.arch.heldout) for e in entries)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from merge_graphs import zoo as trainers
+
+logger = logging.getLogger(__name__)
+
+ZOO_VERSION = 1
+DEFAULT_CACHE = Path("out/zoo")
+WINDOW = 32  # bytes per LM training / evaluation window
+MASK_ID = trainers.BYTE_VOCAB_SIZE  # BERT's [MASK]: one id past the byte vocabulary
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture and training recipe of the zoo, trained from each of ``seeds``."""
+
+    name: str
+    family: str
+    config: dict
+    training: dict
+    seeds: tuple[int, ...]
+    heldout: tuple[int, ...]
+
+
+_LM = {"steps": 600, "batch_size": 16, "seq_len": WINDOW, "lr": 3e-3, "warmup": 30}
+ARCHS = (
+    Arch("mlp-32", "mlp", {"widths": (64, 32, 10), "activation": "relu"}, {"epochs": 10}, tuple(range(6)), (4, 5)),
+    Arch("mlp-64x2", "mlp", {"widths": (64, 64, 64, 10), "activation": "relu"}, {"epochs": 10}, tuple(range(6)),
+         (4, 5)),
+    Arch("mlp-128x2-gelu", "mlp", {"widths": (64, 128, 128, 10), "activation": "gelu"}, {"epochs": 10, "lr": 3e-3},
+         tuple(range(6)), (4, 5)),
+    Arch("mlp-48x3-tanh", "mlp", {"widths": (64, 48, 48, 48, 10), "activation": "tanh"}, {"epochs": 10},
+         tuple(range(6)), (4, 5)),
+    Arch("gpt2-32", "gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": WINDOW}, _LM, tuple(range(5)),
+         (3, 4)),
+    Arch("llama-32", "llama", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": WINDOW},
+         _LM, tuple(range(5)), (3, 4)),
+    Arch("bert-32", "bert", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "intermediate_size": 64, "max_position_embeddings": WINDOW},
+         {**_LM, "lr": 2e-3}, tuple(range(5)), (3, 4)),
+)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One model of the zoo: an architecture and a seed."""
+
+    arch: Arch
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch.name}-s{self.seed}"
+
+    @property
+    def family(self) -> str:
+        return self.arch.family
+
+    @property
+    def heldout(self) -> bool:
+        return self.seed in self.arch.heldout
+
+    def metadata(self) -> dict:
+        """What determines the weights; a cached model is reused only while this matches."""
+        return {"zoo_version": ZOO_VERSION, "arch": asdict(self.arch) | {"seeds": None, "heldout": None},
+                "seed": self.seed, "torch": torch.__version__.split("+")[0]}
+
+
+@dataclass
+class ZooModel:
+    """A trained zoo model and its entry."""
+
+    entry: ZooEntry
+    model: nn.Module = field(repr=False)
+
+
+def zoo_entries(archs: Iterable[Arch] = ARCHS, *, heldout: bool | None = None) -> list[ZooEntry]:
+    """Every (architecture, seed) of the zoo; only held-out or only training seeds with ``heldout``."""
+    out = [ZooEntry(a, s) for a in archs for s in a.seeds]
+    return out if heldout is None else [e for e in out if e.heldout == heldout]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@functools.lru_cache(maxsize=2)
+def corpus_text(split: str) -> bytes:
+    """The docstring corpus (``"train"`` or ``"heldout"``) as UTF-8 bytes, read once per process
+    (reading it starts a fresh interpreter)."""
+    return trainers.load_docstring_corpus(split).encode("utf-8")
+
+
+def corpus_bytes(split: str) -> torch.Tensor:
+    """The docstring corpus as a 1-D tensor of byte ids."""
+    return torch.frombuffer(bytearray(corpus_text(split)), dtype=torch.uint8).long()
+
+
+@functools.lru_cache(maxsize=1)
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits split every zoo MLP is trained on."""
+    return trainers.load_digits_split(0)
+
+
+def lm_windows(split: str, n: int, seed: int = 0) -> torch.Tensor:
+    """``(n, WINDOW)`` byte windows of the corpus at random offsets fixed by ``seed``."""
+    data = corpus_bytes(split)
+    starts = torch.randint(0, len(data) - WINDOW, (n,), generator=torch.Generator().manual_seed(seed))
+    return data[starts[:, None] + torch.arange(WINDOW)]
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build(entry: ZooEntry) -> nn.Module:
+    """The untrained model of an entry, initialized from its seed."""
+    arch = entry.arch
+    if arch.family == "mlp":
+        return trainers.make_mlp(arch.config["widths"], arch.config["activation"], seed=entry.seed)
+    if arch.family == "gpt2":
+        return trainers.make_byte_gpt2(entry.seed, **arch.config)
+    import transformers as T
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(entry.seed)
+        if arch.family == "llama":
+            cfg = T.LlamaConfig(vocab_size=trainers.BYTE_VOCAB_SIZE, bos_token_id=256, eos_token_id=256,
+                                pad_token_id=None, **arch.config)
+            return T.LlamaForCausalLM(cfg).eval()
+        if arch.family == "bert":
+            cfg = T.BertConfig(vocab_size=MASK_ID + 1, pad_token_id=0, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0, type_vocab_size=1, **arch.config)
+            return T.BertForMaskedLM(cfg).eval()
+    raise ValueError(f"unknown zoo family {arch.family!r}")
+
+
+def train(entry: ZooEntry, model: nn.Module | None = None, **overrides) -> nn.Module:
+    """Train an entry's model (fresh from its seed unless ``model`` is given) with its recipe;
+    ``overrides`` change the recipe (a few more steps for a perturbed copy)."""
+    model = model if model is not None else build(entry)
+    training = {**entry.arch.training, **overrides}
+    seed = training.pop("seed", entry.seed)
+    if entry.family == "mlp":
+        x, y, _, _ = digits()
+        n = training.pop("samples", len(x))
+        return trainers.train_classifier(model, x[:n], y[:n], seed=seed, **training)
+    masked = entry.family == "bert"
+    return trainers.train_byte_lm(model, corpus_text("train"), seed, masked=masked, mask_id=MASK_ID, **training)
+
+
+def further_training(entry: ZooEntry, model: nn.Module, seed: int, steps: int = 5) -> nn.Module:
+    """``model`` (a copy, trained in place) after a few more steps on its own data: a perturbation
+    that moves weights the way training does, not isotropically."""
+    if entry.family == "mlp":
+        return train(entry, model, seed=seed, epochs=1, samples=64 * steps, lr=3e-4)
+    return train(entry, model, seed=seed, steps=steps, warmup=1, lr=3e-4, final_lr_fraction=1.0)
+
+
+def loss_fn(entry: ZooEntry, split: str = "heldout") -> Callable[[nn.Module], float]:
+    """The loss of an entry's models on ``split``: digits cross-entropy (test set for
+    ``"heldout"``), or the LM loss on 64 windows of the docstrings (BERT: a fixed 15% of bytes
+    masked). Pseudo-labels pick their teacher on ``"train"``; benchmarks report ``"heldout"``."""
+    if entry.family == "mlp":
+        from merge_graphs.evaluate import cross_entropy
+
+        x_tr, y_tr, x, y = digits()
+        x, y = (x, y) if split == "heldout" else (x_tr[:512], y_tr[:512])
+        return lambda m: cross_entropy(m, x, y)
+    batch = lm_windows(split, 64, seed=2)
+    if entry.family != "bert":
+        inputs, labels = batch, batch
+    else:
+        hide = torch.rand(batch.shape, generator=torch.Generator().manual_seed(0)) < 0.15
+        inputs, labels = batch.masked_fill(hide, MASK_ID), batch.masked_fill(~hide, -100)
+
+    def lm_loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            return float(model(input_ids=inputs.to(device), labels=labels.to(device)).loss)
+
+    return lm_loss
+
+
+def calibration(entry: ZooEntry, n: int = 64) -> dict[str, torch.Tensor]:
+    """Inputs for activation matching (training data, never the held-out text)."""
+    if entry.family == "mlp":
+        return {"input": digits()[0][:256]}
+    return {"input_ids": lm_windows("train", n, seed=1)}
+
+
+def load_model(entry: ZooEntry, cache: str | os.PathLike = DEFAULT_CACHE) -> nn.Module:
+    """An entry's trained model, from ``cache`` if its metadata matches, else trained and saved."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(cache)
+    weights, meta = folder / f"{entry.name}.safetensors", folder / f"{entry.name}.json"
+    model = build(entry)
+    fresh = weights.is_file() and meta.is_file()
+    if fresh and json.loads(meta.read_text()).get("entry") == _jsonable(entry.metadata()):
+        model.load_state_dict(load_file(weights))
+        return model.eval()
+    model = train(entry, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Clones: tied tensors (an LM head stored as the embedding) would otherwise share memory.
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, weights)
+    meta.write_text(json.dumps({"entry": _jsonable(entry.metadata()), "heldout_loss": loss_fn(entry)(model)}, indent=1))
+    return model
+
+
+def load_zoo(
+    entries: Iterable[ZooEntry] | None = None, cache: str | os.PathLike = DEFAULT_CACHE, *, progress: bool = False
+) -> list[ZooModel]:
+    """Trained models of ``entries`` (default: the whole zoo), trained on first use (a few minutes)."""
+    entries = list(entries) if entries is not None else zoo_entries()
+    return [ZooModel(e, load_model(e, cache)) for e in tqdm(entries, desc="zoo", disable=not progress)]
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))

@@ -1,0 +1,159 @@
+"""The shipped GNN: equivariant on every family, loads, aligns, merges, compares models; pretraining learns."""
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+import transformers as T
+import yaml
+from tiny_models import FACTORIES, make, minilm_path
+
+import merge_graphs as mg
+from merge_graphs.cli import main
+from merge_graphs.errors import CheckpointNotFoundError
+from merge_graphs.gnn import default_encoder, embed
+from merge_graphs.gnn import zoo as gnn_zoo
+from merge_graphs.gnn.checkpoint import WEIGHTS_DIR, encoder_info, load_encoder
+from merge_graphs.gnn.encoder import GraphEncoder
+from merge_graphs.gnn.match import recovered_fraction
+from merge_graphs.gnn.pretrain import PretrainConfig, _graph, contrastive_loss, node_targets, perturb, pretrain
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return default_encoder()
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_trained_encoder_is_equivariant(name, trained):
+    model = make(name)
+    spec = mg.symmetry_spec(model)
+    perms = mg.random_permutations(spec, seed=5)
+    a, b = embed(model, trained), embed(mg.permute(model, perms, spec), trained)
+    order = a.graph.node_order(perms)
+    nodes_a = torch.cat([a.nodes[n] for n in a.graph.node_sets])
+    nodes_b = torch.cat([b.nodes[n] for n in b.graph.node_sets])
+    assert rel(nodes_b, nodes_a[order]) < 1e-5
+    assert rel(b.pooled, a.pooled) < 1e-5
+
+
+def test_shipped_weights_are_small_and_described():
+    info = encoder_info()
+    assert (WEIGHTS_DIR / "encoder.safetensors").stat().st_size < 4_000_000
+    assert {"version", "dim", "layers", "command", "seed", "zoo", "heldout"} <= set(info)
+    assert default_encoder().dim == info["dim"]
+
+
+def test_missing_weights_raise_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="pretrain-gnn"):
+        load_encoder(tmp_path)
+
+
+def test_align_gnn_recovers_a_permuted_mlp():
+    a = mg.zoo.train_digits_mlp(seed=0, widths=(64, 32, 32, 10), epochs=3)
+    spec = mg.symmetry_spec(a)
+    perms = mg.random_permutations(spec, seed=2)
+    b = mg.permute(a, perms, spec)
+    for refine in (False, True):
+        found = mg.align(a, b, method="gnn", refine=refine)
+        assert recovered_fraction(spec, found.permutations, perms) == 1.0
+        assert found.method == ("gnn+weight" if refine else "gnn")
+
+
+def test_align_gnn_matches_attention_heads_as_blocks():
+    a = make("llama-lm")
+    spec = mg.symmetry_spec(a)
+    perms = mg.random_permutations(spec, seed=4)
+    found = mg.align(a, mg.permute(a, perms, spec), method="gnn")
+    assert recovered_fraction(spec, found.permutations, perms) == 1.0
+
+
+def test_embed_is_public_and_pooled_is_invariant():
+    model = make("gpt2-lm")
+    spec = mg.symmetry_spec(model)
+    out = mg.embed(model)
+    again = mg.embed(mg.permute(model, mg.random_permutations(spec, seed=1), spec))
+    assert out.pooled.shape == (default_encoder().dim,) and rel(again.pooled, out.pooled) < 1e-5
+
+
+def tiny_zoo(tmp_path):
+    mlp = gnn_zoo.Arch("mlp-t", "mlp", {"widths": (64, 12, 10), "activation": "relu"}, {"epochs": 2}, (0, 1, 2), (2,))
+    entries = gnn_zoo.zoo_entries([mlp], heldout=False)
+    return gnn_zoo.load_zoo(entries, tmp_path / "zoo")
+
+
+def test_zoo_models_are_cached_and_reused(tmp_path):
+    models = tiny_zoo(tmp_path)
+    meta = json.loads((tmp_path / "zoo" / "mlp-t-s0.json").read_text())
+    assert meta["entry"]["seed"] == 0 and meta["heldout_loss"] > 0
+    again = tiny_zoo(tmp_path)  # loaded, not retrained: identical weights
+    for x, y in zip(models, again):
+        assert all(torch.equal(x.model.state_dict()[k], v) for k, v in y.model.state_dict().items())
+    assert [m.entry.name for m in models] == ["mlp-t-s0", "mlp-t-s1"]  # seed 2 is held out
+
+
+@pytest.mark.slow
+def test_pretraining_lowers_the_loss_and_is_deterministic(tmp_path):
+    models = tiny_zoo(tmp_path)
+    config = PretrainConfig(dim=16, layers=1, steps=60, stage2_from=0.5, lr=1e-2, seed=0)
+    rng = random.Random(123)
+    probes = []
+    for zm in models:
+        b, perms, _ = perturb(zm.entry, zm.model, rng, max_noise=0.3)
+        ga, gb = _graph(zm.model, "cpu"), _graph(b, "cpu")
+        probes.append((ga, gb, node_targets(ga, perms)))
+
+    def probe_loss(encoder):
+        with torch.no_grad():
+            return sum(float(contrastive_loss(encoder, *p, 0.05)) for p in probes)
+
+    torch.manual_seed(config.seed)
+    before = probe_loss(GraphEncoder(config.dim, config.layers).eval())
+    encoder, history = pretrain(config, models)
+    assert probe_loss(encoder) < 0.8 * before
+    assert 2 in history["stage"] and len(history["teachers"]) == 1  # one stage-2 pair, labelled
+    again, _ = pretrain(config, models)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in encoder.state_dict().items())
+
+
+def test_recipe_with_gnn_alignment_runs_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=30522, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=101,
+                       eos_token_id=102)
+    a = T.GPT2LMHeadModel(cfg).eval()
+    spec = mg.symmetry_spec(a)
+    b = mg.permute(a, mg.random_permutations(spec, seed=3), spec)
+    folders = []
+    for name, model in (("a", a), ("b", b)):
+        model.save_pretrained(tmp_path / name)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            shutil.copy(f"{minilm_path()}/{f}", tmp_path / name / f)
+        folders.append(str(tmp_path / name))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"models": [{"model": f} for f in folders], "align": {"method": "gnn"},
+                                      "output": {"path": str(tmp_path / "out")}}))
+    assert main([str(recipe), "--quiet"]) == 0
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for k, v in a.state_dict().items():  # a permuted copy, aligned back, averages to the original
+        assert torch.allclose(merged.state_dict()[k], v, atol=1e-6), k
+
+
+def test_cli_embed_prints_a_similarity_table(tmp_path, capsys):
+    folders = []
+    for i, (name, seed) in enumerate((("bert", 0), ("bert", 1))):
+        model = make(name, seed=seed)
+        model.save_pretrained(tmp_path / f"m{i}")
+        folders.append(str(tmp_path / f"m{i}"))
+    assert main(["embed", *folders, folders[0]]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.rstrip().endswith("]")]
+    assert len(rows) == 3 and "cosine similarity" in out
+    table = torch.tensor([[float(x) for x in r.split()[1:4]] for r in rows])
+    assert torch.allclose(table.diagonal(), torch.ones(3), atol=1e-4)
+    assert torch.allclose(table, table.T, atol=1e-4) and abs(table[0, 2] - 1) < 1e-4
