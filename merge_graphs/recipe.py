@@ -7,7 +7,7 @@ A merge-graphs recipe::
       - model: ./model-b
         weight: 0.5
     base_model: org/base              # optional: the reference, and the base of task-vector methods
-    align: {method: weight, solver: exact, residual: permutation}
+    align: {method: weight, solver: auto, residual: permutation}
     merge: {method: linear, parameters: {normalize: true}}
     dtype: bfloat16
     output: {path: ./merged, shard_size: 5GB, push_to_hub: {repo_id: me/merged, private: true}}
@@ -71,7 +71,7 @@ class Align(_Strict):
     """How to align every model to the reference before merging."""
 
     method: Literal["none", "weight", "activation", "gnn"] = "weight"
-    solver: Literal["exact", "emd", "sinkhorn"] = "exact"
+    solver: Literal["auto", "exact", "emd", "sinkhorn", "torch"] = "auto"
     refine: bool = False
     residual: Literal["permutation", "rotation"] = "permutation"
     groups: list[str] | None = None

@@ -39,7 +39,9 @@ def test_gpt2_suite_quick(tmp_path, capsys):
     assert all(name in table for name in METHODS) and "machine:" in table
 
 
-def test_mlp_suite_quick(tmp_path, capsys):
+def test_mlp_suite_quick(tmp_path, capsys, monkeypatch):
+    # The rebasin row is optional (an external package): force its "not installed" path here.
+    monkeypatch.setattr("merge_graphs.bench.rebasin_baseline.unavailable", lambda: "not installed (test)")
     assert main(["mlp", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
     written = json.loads((tmp_path / "bench-mlp.json").read_text(encoding="utf-8"))
     assert written["suite"] == "mlp" and written["settings"]["quick"] and written["settings"]["pairs"] == 1

@@ -46,7 +46,7 @@ def test_yaml_and_file_errors(tmp_path):
 
 def test_defaults_and_round_trip():
     r = load_recipe({"models": TWO})
-    assert (r.align.method, r.align.solver, r.merge.method) == ("weight", "exact", "linear")
+    assert (r.align.method, r.align.solver, r.merge.method) == ("weight", "auto", "linear")
     again = load_recipe(r.to_yaml())
     assert again == r
 

@@ -10,7 +10,15 @@ that CI does. The suites (one module each; see their docstrings):
 
 * ``gpt2`` (:mod:`merge_graphs.bench.gpt2`): different-seed byte-level GPT-2 language models;
 * ``mlp`` (:mod:`merge_graphs.bench.mlp`): different-seed MLPs on scikit-learn's digits;
-* ``minilm`` (:mod:`merge_graphs.bench.minilm`): the real MiniLM-L6 against permuted, noised copies.
+* ``minilm`` (:mod:`merge_graphs.bench.minilm`): the real MiniLM-L6 against permuted, noised copies;
+* ``gnn`` (:mod:`merge_graphs.bench.gnn`): the pretrained GNN against weight matching on held-out zoo models;
+* ``scale`` (:mod:`merge_graphs.bench.scale`): wall time and peak memory of merging Llama pairs up to 1B
+  (8B on a GPU), beside mergekit's linear merge;
+* ``bert`` (:mod:`merge_graphs.bench.bert`): different-seed BERT classifiers (post-LN) on digit tokens;
+* ``speed`` (:mod:`merge_graphs.bench.speed`): time and peak memory per stage of aligning and merging a
+  MiniLM-L6 pair, beside mergekit's linear merge;
+* ``finetune`` (:mod:`merge_graphs.bench.finetune`): two fine-tunes of MiniLM-L6: alignment must find the
+  identity; our linear merge against mergekit's.
 """
 
 from __future__ import annotations
@@ -21,14 +29,15 @@ import logging
 import time
 from collections.abc import Sequence
 
-from merge_graphs.bench import gpt2, minilm, mlp
+from merge_graphs.bench import bert, finetune, gnn, gpt2, minilm, mlp, scale, speed
+from merge_graphs.bench.bert import BERT_METHODS, bert_suite
 from merge_graphs.bench.common import DEFAULT_OUT, SUITES, Suite, register
 from merge_graphs.bench.gpt2 import METHODS, gpt2_suite
 from merge_graphs.bench.minilm import minilm_suite
 from merge_graphs.bench.mlp import MLP_METHODS, mlp_suite
 
-__all__ = ["METHODS", "MLP_METHODS", "SUITES", "Suite", "gpt2", "gpt2_suite", "main", "minilm", "minilm_suite", "mlp",
-           "mlp_suite", "register", "run_suite"]
+__all__ = ["BERT_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "bert", "bert_suite", "finetune", "gnn", "gpt2",
+           "gpt2_suite", "main", "minilm", "minilm_suite", "mlp", "mlp_suite", "register", "run_suite", "scale", "speed"]
 
 
 def run_suite(name: str, **options) -> dict:
@@ -44,9 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``merge-graphs bench`` command."""
     parser = argparse.ArgumentParser(prog="merge-graphs bench", description=__doc__.split("\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
-    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, mlp 5)")
+    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, mlp 5, bert 3)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per model (gpt2, default 800) or epochs (mlp, default 20)")
+                        help="training steps per model (gpt2, default 800; finetune, default 150) or epochs "
+                             "(mlp, default 20; bert, default 30)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of the trained models (gpt2)")
     parser.add_argument("--quick", action="store_true", help="one pair, a few steps and windows (CI smoke run)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results and cached models (default %(default)s)")

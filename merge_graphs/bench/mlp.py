@@ -8,7 +8,9 @@ and ``2i + 1``). For each pair and each method of :data:`MLP_METHODS` (``naive``
 ``activation`` on the first 512 training inputs, ``activation+weight``: activation matching
 refined by weight matching) the test cross-entropy at 11 points from A to aligned B, the barrier,
 the share of the naive barrier removed, the midpoint (alpha 0.5) test loss and accuracy and the
-alignment time; ``OUT/bench-mlp.json`` and ``OUT/bench-mlp.png`` (pair 0). ``--quick`` (one pair
+alignment time; ``OUT/bench-mlp.json`` and ``OUT/bench-mlp.png`` (pair 0). A ``rebasin`` row, the
+external ``rebasin`` package's weight matching run in this process, is added when that package is
+installed (:mod:`merge_graphs.bench.rebasin_baseline`); otherwise the report says why not. ``--quick`` (one pair
 of 64-128-128-10 MLPs, 10 epochs) is the CI smoke run.
 """
 
@@ -18,12 +20,13 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from merge_graphs import zoo
+from merge_graphs.bench import rebasin_baseline
 from merge_graphs.bench.common import (
     POINTS,
     add_removed,
@@ -49,25 +52,74 @@ MLP_METHODS: dict[str, tuple[str, bool, bool]] = {
 }
 MLP = {"widths": (64, 512, 512, 512, 10), "epochs": 20, "calibration": 512}
 MLP_QUICK = {"widths": (64, 128, 128, 10), "epochs": 10}
+#: Inputs ``rebasin`` traces the models with.
+TRACE_INPUTS = 4
 
 
-def format_mlp(report: Mapping[str, Any]) -> str:
-    """The summary table: per method, median [min, max] over pairs."""
-    settings = report["settings"]
-    lines = [(f"mlp suite: {settings['pairs']} pair(s), {'-'.join(map(str, settings['widths']))} MLPs, "
-              f"{settings['epochs']} epochs per model, test cross-entropy on {settings['test_inputs']} digits; "
-              "median [min, max] over pairs"),
-             (f"{'method':18s} {'barrier':>24s} {'% removed':>24s} {'midpoint loss':>24s} {'midpoint acc %':>21s} "
+def classifier_pair(a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], float],
+                    acc: Callable[[nn.Module], float], calibration: Any, trace_inputs: Any, *,
+                    methods: Mapping[str, tuple[str, bool, bool]] = MLP_METHODS,
+                    progress: bool = False) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Every method's figures for one pair of classifiers, and why ``rebasin`` was skipped (None when it ran).
+
+    For each of ``methods`` (and ``rebasin``, :mod:`merge_graphs.bench.rebasin_baseline`, traced on
+    ``trace_inputs``, when it is installed and supports the model): ``loss`` at 11 points from A to
+    aligned B, its barrier and midpoint, ``acc`` at the midpoint and the alignment time.
+    """
+    from tqdm.auto import tqdm
+
+    import merge_graphs as mg
+
+    aligned = {}
+    for name in tqdm(methods, desc="methods", leave=False, disable=not progress):
+        method, refine, needs_data = methods[name]
+        start = time.perf_counter()
+        alignment = mg.align(a, b, method, refine=refine, calibration=calibration if needs_data else None)
+        aligned[name] = (alignment.apply(b.state_dict()), time.perf_counter() - start, alignment.method)
+    skipped = rebasin_baseline.unavailable()
+    if skipped is None:
+        found = rebasin_baseline.align_state(a, b, trace_inputs)
+        if isinstance(found, str):
+            skipped = found
+        else:
+            aligned["rebasin"] = (*found, "rebasin weight matching")
+    state_a = a.state_dict()
+    scratch = copy.deepcopy(a)
+    rows = {}
+    for name, (state_b, seconds, how) in aligned.items():
+        line = curve(a, state_a, state_b, loss, name)
+        scratch.load_state_dict(interpolate_state_dicts(state_a, state_b, 0.5))
+        rows[name] = {"barrier": line.barrier, "midpoint": line.midpoint, "midpoint_acc": acc(scratch),
+                      "align_s": seconds, "alignment": how, "curve": line.to_dict()}
+        logger.info("%s: barrier %.4f, midpoint %.4f, aligned in %.2f s", name, line.barrier, line.midpoint, seconds)
+    add_removed(rows)
+    return rows, skipped
+
+
+def classifier_table(report: Mapping[str, Any]) -> list[str]:
+    """The rows shared by the classifier suites' tables: per method, median [min, max] over pairs; skipped
+    methods; the parents; the machine."""
+    lines = [(f"{'method':18s} {'barrier':>24s} {'% removed':>24s} {'midpoint loss':>24s} {'midpoint acc %':>21s} "
               f"{'align s':>21s}")]
     for name, s in report["summary"].items():
         lines.append(f"{name:18s} {cell(s['barrier'], '.4f'):>24s} {cell(s['removed'], '.1f', 100):>24s} "
                      f"{cell(s['midpoint'], '.4f'):>24s} {cell(s['midpoint_acc'], '.1f', 100):>21s} "
                      f"{cell(s['align_s'], '.2f'):>21s}")
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"{name:18s} skipped: {why}")
     parents = [f"{r['seeds'][0]}/{r['seeds'][1]}: {100 * r['acc_a']:.1f}% / {100 * r['acc_b']:.1f}% "
                f"(loss {r['loss_a']:.4f} / {r['loss_b']:.4f})" for r in report["pairs"]]
     lines.append("parents' test accuracy (A / B): " + "; ".join(parents))
     lines.append(machine_line(report["machine"]))
-    return "\n".join(lines)
+    return lines
+
+
+def format_mlp(report: Mapping[str, Any]) -> str:
+    """The summary table: per method, median [min, max] over pairs."""
+    settings = report["settings"]
+    return "\n".join([(f"mlp suite: {settings['pairs']} pair(s), {'-'.join(map(str, settings['widths']))} MLPs, "
+                       f"{settings['epochs']} epochs per model, test cross-entropy on {settings['test_inputs']} "
+                       "digits; median [min, max] over pairs"), *classifier_table(report)])
 
 
 @register("mlp", format=format_mlp)
@@ -78,7 +130,6 @@ def mlp_suite(pairs: int = 5, steps: int | None = None, quick: bool = False, out
     docstring). ``jobs`` is accepted for the command's sake; training is sequential."""
     from tqdm.auto import tqdm
 
-    import merge_graphs as mg
     from merge_graphs.evaluate import accuracy, cross_entropy
 
     total_start = time.perf_counter()
@@ -96,35 +147,21 @@ def mlp_suite(pairs: int = 5, steps: int | None = None, quick: bool = False, out
     def loss(model: nn.Module) -> float:
         return cross_entropy(model, x_test, y_test)
 
+    def acc(model: nn.Module) -> float:
+        return accuracy(model, x_test, y_test)
+
     results = []
     train_wall = 0.0
+    rebasin_skip = None
     for i in tqdm(range(pairs), desc="pairs", disable=not progress):
         seeds = [2 * i, 2 * i + 1]
         start = time.perf_counter()
         a, b = (zoo.train_digits_mlp(s, widths, epochs=epochs) for s in seeds)
         train_wall += time.perf_counter() - start
-        row: dict[str, Any] = {"seeds": seeds, "loss_a": loss(a), "loss_b": loss(b),
-                               "acc_a": accuracy(a, x_test, y_test), "acc_b": accuracy(b, x_test, y_test),
-                               "methods": {}}
-        state_a = a.state_dict()
-        scratch = copy.deepcopy(a)
-        for name in tqdm(MLP_METHODS, desc="methods", leave=False, disable=not progress):
-            method, refine, needs_data = MLP_METHODS[name]
-            start = time.perf_counter()
-            alignment = mg.align(a, b, method, refine=refine, calibration=calibration if needs_data else None)
-            seconds = time.perf_counter() - start
-            state_b = alignment.apply(b.state_dict())
-            line = curve(a, state_a, state_b, loss, name)
-            scratch.load_state_dict(interpolate_state_dicts(state_a, state_b, 0.5))
-            row["methods"][name] = {
-                "barrier": line.barrier, "midpoint": line.midpoint,
-                "midpoint_acc": accuracy(scratch, x_test, y_test), "align_s": seconds,
-                "alignment": alignment.method, "curve": line.to_dict(),
-            }
-            logger.info("pair %d %s: barrier %.4f, midpoint %.4f, aligned in %.2f s", i, name, line.barrier,
-                        line.midpoint, seconds)
-        add_removed(row["methods"])
-        results.append(row)
+        methods, skipped = classifier_pair(a, b, loss, acc, calibration, x_train[:TRACE_INPUTS], progress=progress)
+        rebasin_skip = rebasin_skip or skipped
+        results.append({"seeds": seeds, "loss_a": loss(a), "loss_b": loss(b), "acc_a": acc(a), "acc_b": acc(b),
+                        "methods": methods})
     report = {
         "suite": "mlp",
         "settings": {"pairs": pairs, "quick": quick, "widths": list(widths), "epochs": epochs,
@@ -132,8 +169,10 @@ def mlp_suite(pairs: int = 5, steps: int | None = None, quick: bool = False, out
                      "test_inputs": len(x_test), "calibration": len(calibration), "points": POINTS},
         "machine": machine(),
         "methods": {name: {"align": m, "refine": r, "calibration": d} for name, (m, r, d) in MLP_METHODS.items()},
+        "skipped": {} if rebasin_skip is None else {"rebasin": rebasin_skip},
         "pairs": results,
-        "summary": summary(results, list(MLP_METHODS), ("barrier", "removed", "midpoint", "midpoint_acc", "align_s")),
+        "summary": summary(results, [n for n in results[0]["methods"] if all(n in r["methods"] for r in results)],
+                           ("barrier", "removed", "midpoint", "midpoint_acc", "align_s")),
         "train_wall_s": train_wall,
     }
     plot = plot_curves({name: InterpolationCurve.from_dict(row["curve"]) for name, row in results[0]["methods"].items()},

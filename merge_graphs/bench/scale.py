@@ -1,0 +1,309 @@
+"""Suite ``scale``: wall time and peak memory of merging Llama pairs, beside mergekit's linear merge.
+
+    merge-graphs bench scale [--quick] [--out DIR]
+
+Pairs of Llama models with random weights from seeds 0 and 1 (float32, ``save_pretrained`` as
+sharded safetensors under ``OUT/scale/``, kept for the next run), in the sizes of :data:`SIZES`:
+
+* ``100m``: hidden 768, 8 layers, 12 heads / 4 KV heads, intermediate 2048, vocab 32000, untied
+  LM head: 99.6M parameters (0.40 GB a model);
+* ``1b``: TinyLlama-1.1B's shape with 8 KV heads: hidden 2048, 22 layers, 32 heads / 8 KV heads,
+  intermediate 5632, vocab 32000, untied: 1.12B parameters (4.5 GB a model);
+* ``8b`` (only when CUDA is available, bfloat16): hidden 4096, 32 layers, 32 heads / 8 KV heads,
+  intermediate 14336, vocab 32000 (Llama-3-8B's body with Llama-2's vocabulary): 7.0B.
+
+For each pair, three merges, each in a process of its own so its peak resident memory is its own
+(:func:`~merge_graphs.bench.measure.run_measured`):
+
+* ``mergekit``: mergekit 0.1.5's linear merge (:mod:`merge_graphs.bench.mergekit`; its own
+  virtual environment, made on first use; ``skipped`` when it cannot be made);
+* ``ours-none``: :func:`~merge_graphs.run.run_recipe` (what ``merge-graphs recipe.yaml`` runs)
+  with ``align: none`` and a linear merge: the same merge as mergekit's;
+* ``ours-weight``: the same with ``align: weight`` (Git Re-Basin weight matching, scipy's exact
+  assignment on CPU, the torch auction on a GPU).
+
+Reported per merge: wall time of the child, start to exit (Python start-up and imports
+included, for both tools), its peak RSS, and for ours the time, peak RSS and peak GPU memory
+per stage and the execution path (streamed or in-memory); ratios to mergekit; and the largest
+difference between ``ours-none``'s and mergekit's merged tensors (they compute the same
+average). Before each merge the pair's files are read once so every run starts with them in the
+page cache. Then scipy's assignment and the torch auction (:mod:`merge_graphs.assignment`) are
+timed on random square costs of LLM group widths (:data:`SOLVER_SIZES`; 14336 on a GPU only).
+``OUT/bench-scale.json``. ``--quick`` merges a tiny pair (hidden 64, 2 layers, a few MB) and
+times n = 256, so CI runs it in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import merge_graphs
+from merge_graphs.bench.common import machine, machine_line, out_folder, register, write_report
+from merge_graphs.bench.measure import run_measured
+from merge_graphs.bench.mergekit import mergekit_linear
+
+logger = logging.getLogger(__name__)
+
+#: name -> LlamaConfig fields (every pair also gets an untied LM head and 2048 positions).
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 176, "vocab_size": 512},
+    "100m": {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 12, "num_key_value_heads": 4,
+             "intermediate_size": 2048, "vocab_size": 32000},
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 5632, "vocab_size": 32000},
+    "8b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 14336, "vocab_size": 32000},
+}
+#: Sizes that need a GPU, and the dtype they are made in (float32 8B models are 28 GB each).
+GPU_SIZES = {"8b": torch.bfloat16}
+#: Square random costs on which the torch auction is timed against scipy (CPU, GPU, --quick).
+SOLVER_SIZES = {"cpu": (1024, 4096), "cuda": (1024, 4096, 14336), "quick": (256,)}
+SEEDS = (0, 1)
+SHARD = "1GB"
+VARIANTS = ("mergekit", "ours-none", "ours-weight")
+
+# The child that runs our recipe: run_recipe is what `merge-graphs recipe.yaml` calls; the child
+# writes what the command would print as JSON, for the report.
+_OURS = """
+import json, sys, torch
+from merge_graphs.run import run_recipe
+r = run_recipe(sys.argv[1], device=sys.argv[2], overwrite=True, progress=False)
+json.dump({"path": r.path, "path_reason": r.path_reason, "stage_seconds": r.stage_seconds,
+           "stage_peak_rss": r.stage_peak_rss,
+           "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+           "alignments": [{"method": a.method, "objective_before": a.objective_before,
+                           "objective_after": a.objective_after, "iterations": a.iterations, "seconds": a.seconds}
+                          for a in r.alignments]}, open(sys.argv[3], "w"))
+"""
+
+
+def solver_timings(sizes: Sequence[int], device: str) -> list[dict[str, Any]]:
+    """scipy's exact assignment (CPU) against the torch auction (on ``device``) on random ``n x n`` costs.
+
+    Random costs are the hard case for both: many permutations are nearly optimal.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    from merge_graphs.assignment import auction
+
+    rows = []
+    for n in sizes:
+        cost = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+        start = time.perf_counter()
+        exact = torch.as_tensor(linear_sum_assignment(cost.double().numpy(), maximize=True)[1])
+        scipy_s = time.perf_counter() - start
+        on_device = cost.to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        found = auction(on_device).cpu()
+        auction_s = time.perf_counter() - start
+        i = torch.arange(n)
+        best = float(cost[i, exact].double().sum())
+        rows.append({"n": n, "device": device, "scipy_s": scipy_s, "auction_s": auction_s,
+                     "relative_gap": (best - float(cost[i, found].double().sum())) / abs(best),
+                     "same": float((found == exact).float().mean())})
+        logger.info("assignment n=%d: scipy %.2f s, auction (%s) %.2f s", n, scipy_s, device, auction_s)
+    return rows
+
+
+def parameter_count(size: Mapping[str, Any]) -> int:
+    """Parameters of a Llama of this :data:`SIZES` entry (untied LM head).
+
+    Example:
+        >>> round(parameter_count(SIZES["1b"]) / 1e9, 2)
+        1.12
+    """
+    d, layers, vocab, inter = size["hidden_size"], size["num_hidden_layers"], size["vocab_size"], size["intermediate_size"]
+    kv = d // size["num_attention_heads"] * size["num_key_value_heads"]
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * inter + 2 * d
+    return 2 * vocab * d + layers * per_layer + d
+
+
+def llama_pair(name: str, folder: Path) -> list[Path]:
+    """The pair of size ``name`` under ``folder`` (``NAME-seed0``, ``NAME-seed1``), made when missing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = GPU_SIZES.get(name, torch.float32)
+    config = LlamaConfig(**SIZES[name], max_position_embeddings=2048, tie_word_embeddings=False, dtype=dtype)
+    paths = []
+    for seed in SEEDS:
+        path = folder / f"{name}-seed{seed}"
+        paths.append(path)
+        if (path / "config.json").is_file():
+            continue
+        logger.info("making %s (%.2fB parameters, seed %d)", path, parameter_count(SIZES[name]) / 1e9, seed)
+        torch.manual_seed(seed)
+        with torch.device("cuda" if name in GPU_SIZES else "cpu"):
+            model = LlamaForCausalLM(config).to(dtype)
+        # Written aside, then renamed: a folder with a config is always a complete model.
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, max_shard_size=SHARD)
+        del model
+        partial.rename(path)
+    return paths
+
+
+def _warm(folders: Sequence[Path]) -> None:
+    """Read every file once, so that no run pays for the first read from disk."""
+    for folder in folders:
+        for f in folder.iterdir():
+            with open(f, "rb") as src:
+                while src.read(1 << 24):
+                    pass
+
+
+def run_ours(pair: Sequence[Path], out: Path, align: str, device: str) -> dict[str, Any]:
+    """Merge ``pair`` with our recipe (``align``, linear merge) in a child process; its figures."""
+    recipe = {"models": [{"model": str(p.resolve())} for p in pair], "align": {"method": align},
+              "merge": {"method": "linear"}, "output": {"path": str(out.resolve()), "shard_size": "5GB"}}
+    recipe_file = out.parent / f"{out.name}.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    figures = out.parent / f"{out.name}.json"
+    log = out.parent / f"{out.name}.log"
+    package_root = str(Path(merge_graphs.__file__).resolve().parents[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = run_measured([sys.executable, "-c", _OURS, str(recipe_file), device, str(figures)], log, env)
+    if done.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-20:]
+        raise RuntimeError(f"our merge of {pair[0].name} failed (exit {done.returncode}):\n" + "\n".join(tail))
+    return {"wall_s": done.wall_s, "peak_rss_bytes": done.peak_rss_bytes, **json.loads(figures.read_text(encoding="utf-8"))}
+
+
+def max_difference(folder_a: Path, folder_b: Path) -> float:
+    """The largest absolute difference between same-named tensors of two safetensors folders."""
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        names = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                names.update(dict.fromkeys(f.keys(), shard))
+        return names
+
+    a, b = index(folder_a), index(folder_b)
+    if set(a) != set(b):
+        raise ValueError(f"{folder_a} and {folder_b} hold different tensors: {sorted(set(a) ^ set(b))[:5]}")
+    worst = 0.0
+    for name in a:
+        with safe_open(a[name], "pt") as fa, safe_open(b[name], "pt") as fb:
+            diff = (fa.get_tensor(name).float() - fb.get_tensor(name).float()).abs().max()
+        worst = max(worst, float(diff))
+    return worst
+
+
+def _ratios(rows: Mapping[str, Mapping[str, Any]]) -> None:
+    base = rows.get("mergekit", {})
+    for name, row in rows.items():
+        if name == "mergekit" or not base.get("wall_s") or base.get("skipped"):
+            continue
+        row["wall_ratio"] = row["wall_s"] / base["wall_s"]
+        row["rss_ratio"] = row["peak_rss_bytes"] / base["peak_rss_bytes"]
+
+
+def format_scale(report: Mapping[str, Any]) -> str:
+    """The table: per size and merge, wall time, peak RSS and their ratios to mergekit."""
+    lines = [(f"scale suite: linear merge of random-weight Llama pairs (seeds {SEEDS[0]}/{SEEDS[1]}); each merge a "
+              "process of its own; ratio = ours / mergekit 0.1.5")]
+    lines.append(f"{'size':6} {'params':>7} {'merge':12} {'wall s':>8} {'peak RSS GB':>12} {'x wall':>7} {'x RSS':>6}"
+                 f"  {'path':10} stages")
+    for size in report["sizes"]:
+        params = f"{size['parameters'] / 1e9:.2f}B"
+        for name, row in size["merges"].items():
+            if row.get("skipped"):
+                lines.append(f"{size['name']:6} {params:>7} {name:12} skipped: {row['skipped'][:100]}")
+                continue
+            ratios = (f"{row['wall_ratio']:>7.2f} {row['rss_ratio']:>6.2f}" if "wall_ratio" in row
+                      else f"{'':>7} {'':>6}")
+            stages = ", ".join(
+                f"{k} {v:.1f}s" + (f"/{row['stage_peak_rss'][k] / 1e9:.2f}GB" if k in row.get("stage_peak_rss", {})
+                                    else "")
+                for k, v in row.get("stage_seconds", {}).items())
+            gpu = f"; GPU peak {row['gpu_peak_bytes'] / 1e9:.2f} GB" if row.get("gpu_peak_bytes") else ""
+            lines.append(f"{size['name']:6} {params:>7} {name:12} {row['wall_s']:>8.1f} "
+                         f"{row['peak_rss_bytes'] / 1e9:>12.2f} {ratios}  {row.get('path', ''):10} {stages}{gpu}")
+        if size.get("none_vs_mergekit_max_diff") is not None:
+            lines.append(f"{'':6} ours-none vs mergekit: largest tensor difference {size['none_vs_mergekit_max_diff']:.3g}")
+    for row in report["solvers"]:
+        lines.append(f"assignment n={row['n']} (random costs): scipy {row['scipy_s']:.2f} s, torch auction on "
+                     f"{row['device']} {row['auction_s']:.2f} s (objective gap {row['relative_gap']:.1e}, "
+                     f"{100 * row['same']:.1f}% same matches)")
+    lines.append(machine_line(report["machine"]))
+    return "\n".join(lines)
+
+
+@register("scale", format=format_scale)
+def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes: Sequence[str] | None = None,
+                variants: Sequence[str] = VARIANTS, keep: bool = False, solvers: bool = True, *,
+                progress: bool = False) -> dict[str, Any]:
+    """Time and measure our merges of Llama pairs beside mergekit's; writes ``bench-scale.json``.
+
+    Args:
+        quick: the tiny pair only (CI).
+        out: results folder (``out/bench``); pairs and merges go to ``OUT/scale/``.
+        sizes: names from :data:`SIZES` (default ``100m`` and ``1b``, and ``8b`` when CUDA is available).
+        variants: which merges of :data:`VARIANTS` to run.
+        keep: keep the merged folders (by default each is deleted once measured; the pairs stay).
+        solvers: also time the assignment solvers (:func:`solver_timings`, :data:`SOLVER_SIZES`).
+        progress: accepted for the command's sake; the children run without bars.
+    """
+    total_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    if sizes is None:
+        sizes = ["quick"] if quick else ["100m", "1b", *(["8b"] if cuda else [])]
+    unknown = set(sizes) - set(SIZES) | set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown sizes or variants {sorted(unknown)}; sizes: {sorted(SIZES)}, variants: {VARIANTS}")
+    if not cuda and set(sizes) & set(GPU_SIZES):
+        raise ValueError(f"sizes {sorted(set(sizes) & set(GPU_SIZES))} need a GPU and torch sees none")
+    device = "cuda" if cuda else "cpu"
+    out = out_folder(out)
+    folder = out / "scale"
+    folder.mkdir(exist_ok=True)
+    results = []
+    for name in sizes:
+        pair = llama_pair(name, folder)
+        merges: dict[str, dict[str, Any]] = {}
+        for variant in variants:
+            target = folder / f"{name}-merged-{variant}"
+            shutil.rmtree(target, ignore_errors=True)
+            _warm(pair)
+            logger.info("%s: %s merge ...", name, variant)
+            if variant == "mergekit":
+                run = mergekit_linear(pair, target, dtype=str(GPU_SIZES.get(name, torch.float32)).split(".")[1],
+                                      extra_args=["--cuda"] if cuda else [])
+                merges[variant] = run.to_dict()
+            else:
+                merges[variant] = run_ours(pair, target, variant.split("-")[1], device)
+            logger.info("%s %s: %.1f s, peak RSS %.2f GB", name, variant, merges[variant]["wall_s"] or 0,
+                        (merges[variant]["peak_rss_bytes"] or 0) / 1e9)
+        _ratios(merges)
+        row = {"name": name, "config": SIZES[name], "parameters": parameter_count(SIZES[name]),
+               "dtype": str(GPU_SIZES.get(name, torch.float32)), "models": [str(p) for p in pair],
+               "merges": merges, "none_vs_mergekit_max_diff": None}
+        merged = {v: folder / f"{name}-merged-{v}" for v in ("ours-none", "mergekit")}
+        if all(p.is_dir() for p in merged.values()):
+            row["none_vs_mergekit_max_diff"] = max_difference(merged["ours-none"], merged["mergekit"])
+        if not keep:
+            for variant in variants:
+                shutil.rmtree(folder / f"{name}-merged-{variant}", ignore_errors=True)
+        results.append(row)
+    report = {"suite": "scale", "settings": {"quick": quick, "sizes": list(sizes), "variants": list(variants),
+                                             "device": device, "seeds": list(SEEDS), "shard": SHARD},
+              "machine": machine(), "sizes": results,
+              "solvers": solver_timings(SOLVER_SIZES["quick" if quick else device], device) if solvers else []}
+    return write_report(report, out, "scale", None, total_start)
