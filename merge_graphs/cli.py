@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {names[key]:<{width}}  {value:.4f}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     print(f"time: {stages}; total {math.fsum(result.stage_seconds.values()):.1f}s")
+    if result.stage_peak_rss:
+        print(f"{result.path} path ({result.path_reason}); peak memory "
+              f"{max(result.stage_peak_rss.values()) / 2**30:.2f} GiB")
     print(f"wrote {_short(str(result.output))}")
     if result.commit_url:
         print(f"pushed: {result.commit_url}")

@@ -23,7 +23,7 @@ def test_gpt2_suite_quick(tmp_path, capsys):
         assert row["barrier"] >= 0
     assert pair["methods"]["naive"]["barrier"] > 0
     # Folding (and rotating B) preserves each parent's function: the curve's endpoints are the parents' losses.
-    for name in ("rotation", "rotation+activation", "naive", "weight", "activation"):
+    for name in METHODS:
         losses = pair["methods"][name]["curve"]["losses"]
         assert losses[0] == pytest.approx(pair["loss_a"], abs=1e-4), name
         assert losses[-1] == pytest.approx(pair["loss_b"], abs=1e-4), name
@@ -47,7 +47,7 @@ def test_mlp_suite_quick(tmp_path, capsys, monkeypatch):
     assert written["suite"] == "mlp" and written["settings"]["quick"] and written["settings"]["pairs"] == 1
     (pair,) = written["pairs"]
     assert set(pair["methods"]) == set(MLP_METHODS) == set(written["summary"])
-    assert {"naive", "weight", "activation", "activation+weight"} == set(MLP_METHODS)
+    assert {"naive", "weight", "activation", "activation+weight", "gnn", "gnn+weight"} == set(MLP_METHODS)
     for key in ("loss_a", "loss_b", "acc_a", "acc_b"):
         assert math.isfinite(pair[key]), key
     for name, row in pair["methods"].items():

@@ -56,6 +56,7 @@ def test_cli_aligns_a_permuted_copy_back_and_writes_a_loadable_folder(tmp_path, 
     assert main([recipe]) == 0
     out = capsys.readouterr().out
     assert "aligned" in out and "wrote" in out and "layers.0.mlp" in out
+    assert "streamed path (" in out and "GiB" in out
     merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for k, v in a.state_dict().items():
         assert torch.allclose(merged.state_dict()[k], v, atol=1e-6), k

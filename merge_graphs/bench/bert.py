@@ -13,6 +13,8 @@ training metadata is identical. For each pair and method
 * ``weight``: permutation weight matching (data-free);
 * ``activation``: permutation activation matching on the first 256 training inputs;
 * ``activation+weight``: activation matching refined by weight matching;
+* ``gnn``, ``gnn+weight``: the pretrained GNN's embeddings (data-free), then refined by weight
+  matching;
 * ``rebasin``: the external ``rebasin`` package's weight matching, run in this process, when it
   is installed and supports the model (:mod:`merge_graphs.bench.rebasin_baseline`); otherwise
   the report says why it was skipped;

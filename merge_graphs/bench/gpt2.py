@@ -12,6 +12,8 @@ pair and each method
 * ``weight``: permutation weight matching (data-free);
 * ``activation``: permutation activation matching on 64 x 128-byte training-text windows
   (:func:`merge_graphs.quickstart.calibration_inputs`);
+* ``gnn``, ``gnn+weight``: the pretrained GNN's embeddings (data-free), then refined by weight
+  matching;
 * ``rotation``: norms folded, residual stream rotated (Procrustes alternated with weight
   matching; data-free);
 * ``rotation+activation``: the residual rotation fitted on the same calibration activations;
@@ -56,13 +58,15 @@ from merge_graphs.evaluate import InterpolationCurve, plot_curves
 
 logger = logging.getLogger(__name__)
 
-#: Method name -> (``align`` method, residual alignment, needs calibration).
-METHODS: dict[str, tuple[str, str, bool]] = {
-    "naive": ("none", "permutation", False),
-    "weight": ("weight", "permutation", False),
-    "activation": ("activation", "permutation", True),
-    "rotation": ("weight", "rotation", False),
-    "rotation+activation": ("activation", "rotation", True),
+#: Method name -> (``align`` method, residual alignment, needs calibration, ``refine``).
+METHODS: dict[str, tuple[str, str, bool, bool]] = {
+    "naive": ("none", "permutation", False, False),
+    "weight": ("weight", "permutation", False, False),
+    "activation": ("activation", "permutation", True, False),
+    "gnn": ("gnn", "permutation", False, False),
+    "gnn+weight": ("gnn", "permutation", False, True),
+    "rotation": ("weight", "rotation", False, False),
+    "rotation+activation": ("activation", "rotation", True, False),
 }
 
 WINDOWS = 64
@@ -161,9 +165,10 @@ def _pair(a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], float], calibr
     out: dict[str, Any] = {"loss_a": loss_a, "loss_b": loss_b, "methods": {}}
     folded = {}
     for name in tqdm(METHODS, desc="methods", leave=False, disable=not progress):
-        method, residual, needs_data = METHODS[name]
+        method, residual, needs_data, refine = METHODS[name]
         start = time.perf_counter()
-        alignment = mg.align(a, b, method, residual=residual, calibration=calibration if needs_data else None)
+        alignment = mg.align(a, b, method, residual=residual, refine=refine,
+                             calibration=calibration if needs_data else None)
         seconds = time.perf_counter() - start
         if residual not in folded:
             basis = identity_alignment(a, residual)
@@ -236,7 +241,8 @@ def gpt2_suite(pairs: int = 3, steps: int = 800, quick: bool = False, out: str |
                      "window": zoo.BYTE_GPT2["n_positions"], "calibration": [n_cal, cal_len], "points": POINTS,
                      "training": training, "config": dict(zoo.BYTE_GPT2)},
         "machine": machine(),
-        "methods": {name: {"align": m, "residual": r, "calibration": d} for name, (m, r, d) in METHODS.items()},
+        "methods": {name: {"align": m, "residual": r, "calibration": d, "refine": f}
+                    for name, (m, r, d, f) in METHODS.items()},
         "pairs": results,
         "summary": summary(results, list(METHODS), ("barrier", "removed", "midpoint", "align_s")),
         "train_wall_s": train_wall,

@@ -6,6 +6,7 @@
 (:func:`merge_graphs.zoo.train_digits_mlp`, 20 epochs, deterministic; pair ``i`` is seeds ``2i``
 and ``2i + 1``). For each pair and each method of :data:`MLP_METHODS` (``naive``, ``weight``,
 ``activation`` on the first 512 training inputs, ``activation+weight``: activation matching
+refined by weight matching, ``gnn``: the pretrained GNN's embeddings, data-free, ``gnn+weight``:
 refined by weight matching) the test cross-entropy at 11 points from A to aligned B, the barrier,
 the share of the naive barrier removed, the midpoint (alpha 0.5) test loss and accuracy and the
 alignment time; ``OUT/bench-mlp.json`` and ``OUT/bench-mlp.png`` (pair 0). A ``rebasin`` row, the
@@ -49,6 +50,8 @@ MLP_METHODS: dict[str, tuple[str, bool, bool]] = {
     "weight": ("weight", False, False),
     "activation": ("activation", False, True),
     "activation+weight": ("activation", True, True),
+    "gnn": ("gnn", False, False),
+    "gnn+weight": ("gnn", True, False),
 }
 MLP = {"widths": (64, 512, 512, 512, 10), "epochs": 20, "calibration": 512}
 MLP_QUICK = {"widths": (64, 128, 128, 10), "epochs": 10}
