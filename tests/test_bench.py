@@ -70,7 +70,7 @@ def test_minilm_suite_quick(tmp_path, capsys):
     assert main(["minilm", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
     report = json.loads((tmp_path / "bench-minilm.json").read_text())
     assert {(r["noise"], r["method"]) for r in report["rows"]} == {
-        (n, m) for n in (0.0, 0.05) for m in ("weight", "activation")}
+        (n, m) for n in (0.0, 0.05) for m in ("weight", "activation", "gnn", "gnn+weight")}
     for row in report["rows"]:
         assert 0.0 <= row["recovered"] <= 1.0 and set(row["by_kind"]) >= {"residual", "mlp", "heads"}
     # Without noise a permuted copy is recovered exactly: weight matching is exact on it.
