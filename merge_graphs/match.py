@@ -149,8 +149,9 @@ def objective(
     spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
 ) -> tuple[float, dict[str, float]]:
     """Weight-matching objective: sum over labelled tensors of ``<A, perms(B)>``, total and per group."""
+    moved = _without_identities(perms)
     per_tensor = {
-        name: float((a[name].float() * permute_tensor(spec, name, b[name], perms).float()).sum())
+        name: float((a[name].float() * permute_tensor(spec, name, b[name], moved).float()).sum())
         for name in spec.tensors
         if name in a
     }
@@ -239,6 +240,13 @@ def weight_matching(
     )
 
 
+def _without_identities(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``perms`` without the groups still at the identity. :func:`permute_tensor` leaves a missing
+    group's units in place, so the result is the same, but no copy of a large tensor is made
+    (at the start of weight matching every group is at the identity)."""
+    return {g: p for g, p in perms.items() if not bool((p == torch.arange(p.shape[-1], device=p.device)).all())}
+
+
 def _reads(spec: SymmetrySpec, block: set[str]) -> set[str]:
     """The root groups whose permutations a block's subproblem reads: every group on an axis
     other than the one the block moves, in every tensor the block moves (the block's own root
@@ -305,11 +313,12 @@ def _match_block(spec, a, b, perms, group, children, solver) -> tuple[Permutatio
     """The best permutation of ``group`` (and its children) with every other group fixed,
     and the block's objective under the current and the found permutations."""
     n = spec.groups[group].size
+    moved = _without_identities(perms)
     if not children:
         # Tensor by tensor: the residual stream touches every tensor of the model, so its
         # similarity is accumulated while holding one (A, B) pair at a time (lazy checkpoints).
         sim = None
-        for factors, pa, pb in _occurrences(spec, a, b, perms, {group}):
+        for factors, pa, pb in _occurrences(spec, a, b, moved, {group}):
             i = factors.index(group)
             part = pa.movedim(i, 0).reshape(n, -1) @ pb.movedim(i, 0).reshape(n, -1).T
             sim = part if sim is None else sim.add_(part)
@@ -320,9 +329,9 @@ def _match_block(spec, a, b, perms, group, children, solver) -> tuple[Permutatio
         rows = torch.arange(n, device=device)
         old = float(sim[rows, perms[group].to(device)].sum())
         return {group: found}, old, float(sim[rows, found.to(device)].sum())
-    occ = list(_occurrences(spec, a, b, perms, {group, *children}))  # one attention layer's tensors
+    occ = list(_occurrences(spec, a, b, moved, {group, *children}))  # one attention layer's tensors
     device = occ[0][1].device
-    old = _block_score(spec, a, b, perms, group, children)
+    old = _block_score(spec, a, b, moved, group, children)
     # Heads: for every (A head, B head) pair find the best within-head permutations, then
     # match heads on the scores those permutations reach.
     pair = {c: torch.arange(spec.groups[c].size).repeat(n, n, 1) for c in children}
