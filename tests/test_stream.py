@@ -221,3 +221,23 @@ def test_memory_stays_bounded_by_a_few_tensors(tmp_path, monkeypatch):
     assert max(result.stage_peak_rss.values()) >= baseline
     merged = stored(tmp_path / "out")
     assert len(merged) == len(sizes)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_the_torch_solver_aligns_a_permuted_copy_back_like_the_exact_one(tmp_path, device):
+    # The solver a GPU run picks ("auto" -> "torch" on CUDA), exercised end to end on the streamed path.
+    a = make("llama-lm")
+    spec = mg.symmetry_spec(a)
+    b = mg.permute(a, mg.random_permutations(spec, seed=5), spec)
+    folders = [save(a, tmp_path / "a"), save(b, tmp_path / "b")]
+    outs = {}
+    for solver in ("exact", "torch"):
+        result = run_recipe({"models": [{"model": f} for f in folders], "align": {"solver": solver},
+                             "output": {"path": str(tmp_path / solver)}}, device=device, progress=False)
+        assert result.path == "streamed"
+        outs[solver] = stored(tmp_path / solver)
+    assert_identical(outs["exact"], outs["torch"])
+    for name, value in a.state_dict().items():
+        if name in outs["torch"]:
+            assert torch.allclose(outs["torch"][name], value, atol=1e-6), name
