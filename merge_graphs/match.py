@@ -265,12 +265,6 @@ def _reads(spec: SymmetrySpec, block: set[str]) -> set[str]:
     return out
 
 
-def _block_score(spec, a, b, perms, group, children) -> float:
-    block = {group, *children}
-    names = {t for g in block for t, _ in spec.touching(g)}
-    return sum(float((a[n].float() * permute_tensor(spec, n, b[n], perms).float()).sum()) for n in names if n in a)
-
-
 def _occurrences(spec, a, b, perms, block: set[str]):
     """For each axis that a block of groups moves: A's and B's tensors with that axis split
     into its factors (moved to the front) and every other axis put in A's order.
@@ -329,73 +323,77 @@ def _match_block(spec, a, b, perms, group, children, solver) -> tuple[Permutatio
         rows = torch.arange(n, device=device)
         old = float(sim[rows, perms[group].to(device)].sum())
         return {group: found}, old, float(sim[rows, found.to(device)].sum())
-    occ = list(_occurrences(spec, a, b, moved, {group, *children}))  # one attention layer's tensors
-    device = occ[0][1].device
-    old = _block_score(spec, a, b, moved, group, children)
-    # Heads: for every (A head, B head) pair find the best within-head permutations, then
-    # match heads on the scores those permutations reach.
-    pair = {c: torch.arange(spec.groups[c].size).repeat(n, n, 1) for c in children}
+    return _match_heads(spec, a, b, perms, moved, group, children, solver)
+
+
+def _match_heads(spec, a, b, perms, moved, group, children, solver) -> tuple[Permutations, float, float]:
+    """Attention heads as blocks: for every (A head, B head) pair the best within-head
+    permutations of the child groups (alternating between children, twice), then heads matched
+    on the scores those permutations reach."""
+    n = spec.groups[group].size
+    grams = [_HeadGram(factors, pa, pb) for factors, pa, pb in _occurrences(spec, a, b, moved, {group, *children})]
+    device = grams[0].gram.device
+    rows = torch.arange(n, device=device)
+    heads_now = perms[group].to(device)
+    # The block's current objective, read off the same Gram matrices as the new one, so that
+    # "improved" compares like with like.
+    now = {}
+    for c in children:
+        now[c] = torch.arange(spec.groups[c].size, device=device).repeat(n, n, 1)
+        now[c][rows, heads_now] = perms[c].to(device)
+    old = float(sum(g.scores(now) for g in grams)[rows, heads_now].sum())
+    pair = {c: torch.arange(spec.groups[c].size, device=device).repeat(n, n, 1) for c in children}
     for _ in range(2):
         for c in children:
-            m = torch.zeros(n, n, spec.groups[c].size, spec.groups[c].size, device=device)
-            for factors, pa, pb in occ:
-                if c in factors:
-                    m += _child_similarity(factors, pa, pb, c, pair)
-            pair[c] = torch.stack([
-                torch.stack([solve(m[i, j]) for j in range(n)]) for i in range(n)
-            ])
-    score = torch.zeros(n, n, device=device)
-    for factors, pa, pb in occ:
-        kids = [c for c in factors[1:] if c is not None]
-        if not kids:
-            score += pa.reshape(n, -1) @ pb.reshape(n, -1).T
-        elif len(kids) == 1:
-            # <A_i, B_j with its child units reordered by pair(i, j)> read off the child similarity.
-            m = _child_similarity(factors, pa, pb, kids[0], pair)
-            score += m.gather(3, pair[kids[0]].to(device).unsqueeze(-1)).squeeze(-1).sum(-1)
-        else:
-            for j in range(n):
-                pbj = _apply_children(factors, pb[j].expand(n, *pb.shape[1:]), pair, j)
-                score[:, j] += (pa * pbj).flatten(1).sum(1)
-    heads = solve(score, solver)
-    found = {group: heads}
-    rows = torch.arange(n)
-    for c in children:
-        found[c] = pair[c][rows, heads]
-    return found, old, float(score[rows.to(device), heads.to(device)].sum())
+            m = sum(g.child_similarity(c, pair) for g in grams if c in g.kids).cpu()
+            pair[c] = torch.stack([torch.stack([solve(m[i, j]) for j in range(n)]) for i in range(n)]).to(device)
+    score = sum(g.scores(pair) for g in grams)
+    heads = solve(score, solver).to(device)
+    found = {group: heads.cpu(), **{c: pair[c][rows, heads].cpu() for c in children}}
+    return found, old, float(score[rows, heads].sum())
 
 
-def _apply_children(factors, pb_rows, pair, j):
-    """``pb_rows[i]`` (B's head ``j`` repeated) with its child factors permuted as pair (i, j) says."""
-    out = pb_rows
-    for k, c in enumerate(factors[1:], start=1):
-        if c not in pair:
-            continue
-        idx = pair[c][:, j].to(out.device)  # (n, size)
-        shape = [idx.shape[0]] + [1] * (out.dim() - 1)
-        shape[k] = idx.shape[1]
-        expand = list(out.shape)
-        expand[k] = idx.shape[1]
-        out = torch.gather(out, k, idx.view(shape).expand(expand))
-    return out
+class _HeadGram:
+    """One tensor's occurrence in an attention block as a Gram matrix between A's and B's units.
 
+    ``gram[i, j, *a, *b]`` is the inner product (over the tensor's other axes and any
+    unpermuted factor, such as RoPE's head dims) of A's unit ``(head i, child units a)`` with
+    B's unit ``(head j, child units b)``. Every within-head score the matching needs is a sum
+    of gathered entries of it, so each tensor is multiplied once per block solve instead of
+    once per child, iteration and head.
+    """
 
-def _child_similarity(factors, pa, pb, child, pair):
-    """``(n, n, size, size)``: A head i's child units against B head j's, other children fixed."""
-    n = pa.shape[0]
-    k = factors.index(child)
-    size = pa.shape[k]
-    others_fixed = [c for c in factors[1:] if c is not None and c != child]
-    if not others_fixed:
-        xa = pa.movedim(k, 1).reshape(n, size, -1)
-        xb = pb.movedim(k, 1).reshape(n, size, -1)
-        return torch.einsum("icr,jdr->ijcd", xa, xb)
-    out = torch.zeros(n, n, size, size, device=pa.device)
-    for j in range(n):
-        pbj = pb[j].expand(n, *pb.shape[1:])
-        if others_fixed:
-            pbj = _apply_children(factors, pbj, {c: pair[c] for c in others_fixed}, j)
-        xa = pa.movedim(k, 1).reshape(n, size, -1)
-        xb = pbj.movedim(k, 1).reshape(n, size, -1)
-        out[:, j] = xa @ xb.transpose(1, 2)
-    return out
+    def __init__(self, factors, pa, pb) -> None:
+        fixed = [k for k, f in enumerate(factors) if f is None]
+        self.kids = [f for f in factors[1:] if f is not None]
+        behind = list(range(pa.dim() - 1 - len(fixed), pa.dim() - 1))  # just before the other axes
+        pa, pb = pa.movedim(fixed, behind), pb.movedim(fixed, behind)
+        sizes = pa.shape[: 1 + len(self.kids)]
+        units = math.prod(sizes)
+        gram = (pa.reshape(units, -1) @ pb.reshape(units, -1).T).view(*sizes, *sizes)
+        m = len(self.kids)
+        self.gram = gram.permute(0, m + 1, *range(1, m + 1), *range(m + 2, 2 * m + 2))
+
+    def _contract(self, pair, keep=None) -> torch.Tensor:
+        """Sum over every child except ``keep`` of A's child units against B's as ``pair`` maps them."""
+        x, alive = self.gram, list(self.kids)
+        for c in self.kids:
+            if c == keep:
+                continue
+            t, m = alive.index(c), len(alive)
+            a_axis, b_axis = 2 + t, 2 + m + t
+            shape = [1] * x.dim()
+            shape[0], shape[1], shape[a_axis] = x.shape[0], x.shape[1], x.shape[a_axis]
+            target = list(x.shape)
+            target[b_axis] = 1
+            x = x.gather(b_axis, pair[c].view(shape).expand(target)).squeeze(b_axis).sum(a_axis)
+            alive.remove(c)
+        return x
+
+    def child_similarity(self, child, pair) -> torch.Tensor:
+        """``(n, n, size, size)``: A head i's ``child`` units against B head j's, other children as paired."""
+        return self._contract(pair, keep=child)
+
+    def scores(self, pair) -> torch.Tensor:
+        """``(n, n)``: A head i against B head j with every child as paired."""
+        return self._contract(pair)
