@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,26 +60,40 @@ def solve(similarity: torch.Tensor, solver: str = "exact", reg: float = 0.05) ->
         >>> solve(torch.tensor([[0., 1.], [1., 0.]])).tolist()
         [1, 0]
     """
-    if solver == "auto":
-        solver = "exact" if similarity.device.type == "cpu" else "torch"
+    solver = _resolve(solver, similarity)
     if solver == "torch":
         from merge_graphs.assignment import auction
 
         return auction(similarity).cpu()
+    return _solve_array(_as_array(similarity), solver, reg)
+
+
+def _resolve(solver: str, similarity: torch.Tensor) -> str:
+    if solver == "auto":
+        return "exact" if similarity.device.type == "cpu" else "torch"
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    return solver
+
+
+def _as_array(similarity: torch.Tensor) -> np.ndarray:
     s = similarity.detach().double().cpu().numpy()
-    n = s.shape[0]
-    if s.shape != (n, n):
+    if s.shape != (s.shape[0], s.shape[0]):
         raise ValueError(f"solve needs a square similarity, got {s.shape}; use transport_plan for unequal widths")
+    return s
+
+
+def _solve_array(s: np.ndarray, solver: str, reg: float = 0.05) -> torch.Tensor:
+    """:func:`solve`'s CPU solvers on a square float64 array."""
+    n = s.shape[0]
     if solver == "exact":
         return torch.as_tensor(linear_sum_assignment(s, maximize=True)[1])
     cost = _cost(s)
     uniform = np.full(n, 1.0 / n)
     if solver == "emd":
         plan = ot.emd(uniform, uniform, cost, numItermax=max(100_000, 50 * n * n))
-    elif solver == "sinkhorn":
-        plan = ot.sinkhorn(uniform, uniform, cost, reg, method="sinkhorn_log", numItermax=2000)
     else:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+        plan = ot.sinkhorn(uniform, uniform, cost, reg, method="sinkhorn_log", numItermax=2000)
     return torch.as_tensor(linear_sum_assignment(plan, maximize=True)[1])
 
 
@@ -214,22 +229,41 @@ def weight_matching(
     solved_at: dict[str, dict[str, int]] = {}
     gen = torch.Generator().manual_seed(seed)
     sweeps = 0
+    # A root group's assignment (one CPU core in scipy, which releases the GIL) runs in a
+    # thread while the next group's similarity is computed, unless that one reads it: the
+    # result is exactly that of solving one group after the other. At most one assignment waits,
+    # so no more than two similarity matrices are held.
+    pending: dict[str, tuple[dict[str, int], Callable[[], tuple[Permutations, float, float]]]] = {}
+    improved = False
+
+    def settle(g: str) -> None:
+        nonlocal improved
+        now, finish = pending.pop(g)
+        found, old, new = finish()
+        solved_at[g] = now
+        if new > old + 1e-6 * max(abs(old), 1.0):
+            perms.update(found)
+            version[g] += 1
+            improved = True
+
+    pool = _assignment_thread()
     for sweeps in range(1, max_iter + 1):
         improved = False
         for i in torch.randperm(len(todo), generator=gen).tolist():
             g = todo[i]
+            for waiting in [p for p in pending if p in reads[g]]:
+                settle(waiting)
             now = {r: version[r] for r in reads[g]}
             if solved_at.get(g) == now:
-                # Nothing its subproblem reads has changed since it was last solved: the solvers
-                # are deterministic, so solving again would give the same answer. On a large
-                # model this skips most of the last, confirming sweep.
+                # Nothing its subproblem reads has changed since it was last solved: the
+                # solvers are deterministic, so solving again would give the same answer.
+                # On a large model this skips most of the last, confirming sweep.
                 continue
-            found, old, new = _match_block(spec, state_a, state_b, perms, g, children[g], solver)
-            solved_at[g] = now
-            if new > old + 1e-6 * max(abs(old), 1.0):
-                perms.update(found)
-                version[g] += 1
-                improved = True
+            pending[g] = now, _start_block(spec, state_a, state_b, perms, g, children[g], solver, pool)
+            for waiting in [p for p in pending if p != g]:
+                settle(waiting)
+        for waiting in list(pending):
+            settle(waiting)
         if not improved:
             break
     total_after, per_group_after = objective(spec, state_a, state_b, perms)
@@ -238,6 +272,17 @@ def weight_matching(
         spec, perms, "weight", total_before, total_after, per_group_before, per_group_after,
         time.perf_counter() - start, sweeps,
     )
+
+
+_ASSIGNMENT_THREAD: list[ThreadPoolExecutor] = []
+
+
+def _assignment_thread() -> ThreadPoolExecutor:
+    """The one worker thread assignments run in, made once: a thread per call would leave
+    another allocator arena resident each time."""
+    if not _ASSIGNMENT_THREAD:
+        _ASSIGNMENT_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="assignment"))
+    return _ASSIGNMENT_THREAD[0]
 
 
 def _without_identities(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -306,24 +351,41 @@ def _one_axis(spec: SymmetrySpec, name: str, axis: int) -> SymmetrySpec:
 def _match_block(spec, a, b, perms, group, children, solver) -> tuple[Permutations, float, float]:
     """The best permutation of ``group`` (and its children) with every other group fixed,
     and the block's objective under the current and the found permutations."""
+    return _start_block(spec, a, b, perms, group, children, solver)()
+
+
+def _start_block(spec, a, b, perms, group, children, solver, pool: Executor | None = None):
+    """:func:`_match_block`, with a root group's assignment handed to ``pool``: returns a
+    callable that waits for it and gives ``(found, old objective, new objective)``."""
     n = spec.groups[group].size
     moved = _without_identities(perms)
-    if not children:
-        # Tensor by tensor: the residual stream touches every tensor of the model, so its
-        # similarity is accumulated while holding one (A, B) pair at a time (lazy checkpoints).
-        sim = None
-        for factors, pa, pb in _occurrences(spec, a, b, moved, {group}):
-            i = factors.index(group)
-            part = pa.movedim(i, 0).reshape(n, -1) @ pb.movedim(i, 0).reshape(n, -1).T
-            sim = part if sim is None else sim.add_(part)
-        device = sim.device
-        # The linearized objective, as in Git Re-Basin: a group that meets itself on a second
-        # axis (a residual-to-residual matrix) is held at its current permutation there.
-        found = solve(sim, solver)
-        rows = torch.arange(n, device=device)
-        old = float(sim[rows, perms[group].to(device)].sum())
-        return {group: found}, old, float(sim[rows, found.to(device)].sum())
-    return _match_heads(spec, a, b, perms, moved, group, children, solver)
+    if children:
+        result = _match_heads(spec, a, b, perms, moved, group, children, solver)
+        return lambda: result
+    # Tensor by tensor: the residual stream touches every tensor of the model, so its
+    # similarity is accumulated while holding one (A, B) pair at a time (lazy checkpoints).
+    sim = None
+    for factors, pa, pb in _occurrences(spec, a, b, moved, {group}):
+        i = factors.index(group)
+        part = pa.movedim(i, 0).reshape(n, -1) @ pb.movedim(i, 0).reshape(n, -1).T
+        sim = part if sim is None else sim.add_(part)
+    rows = torch.arange(n, device=sim.device)
+    # The linearized objective, as in Git Re-Basin: a group that meets itself on a second
+    # axis (a residual-to-residual matrix) is held at its current permutation there.
+    old = float(sim[rows, perms[group].to(sim.device)].sum())
+    solving = None
+    if pool is not None:
+        # Anything the worker allocates stays in its own allocator arena: hand it the array
+        # scipy reads rather than converting there.
+        resolved = _resolve(solver, sim)
+        solving = (pool.submit(solve, sim, resolved) if resolved == "torch"
+                   else pool.submit(_solve_array, _as_array(sim), resolved))
+
+    def finish() -> tuple[Permutations, float, float]:
+        found = solving.result() if solving is not None else solve(sim, solver)
+        return {group: found}, old, float(sim[rows, found.to(sim.device)].sum())
+
+    return finish
 
 
 def _match_heads(spec, a, b, perms, moved, group, children, solver) -> tuple[Permutations, float, float]:

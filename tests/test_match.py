@@ -101,12 +101,12 @@ def test_weight_matching_stops_at_a_coordinate_optimum_and_skips_unchanged_subpr
     a, b = make(family, seed=0), make(family, seed=1)
     spec = mg.symmetry_spec(a)
     calls = []
-    real = match._match_block
-    monkeypatch.setattr(match, "_match_block", lambda *args: calls.append(args[4]) or real(*args))
+    start = match._start_block
+    monkeypatch.setattr(match, "_start_block", lambda *args: calls.append(args[4]) or start(*args))
     found = weight_matching(spec, a.state_dict(), b.state_dict())
     roots = [g for g in spec.groups if spec.groups[g].parent is None]
     assert len(calls) < found.iterations * len(roots)
     for g in roots:
         children = [c for c, grp in spec.groups.items() if grp.parent == g]
-        _, old, new = real(spec, a.state_dict(), b.state_dict(), found.permutations, g, children, "exact")
+        _, old, new = match._match_block(spec, a.state_dict(), b.state_dict(), found.permutations, g, children, "exact")
         assert new <= old + 1e-6 * max(abs(old), 1.0), g
