@@ -7,8 +7,9 @@ of B's config cut to its first ``layers`` layers (embeddings, those layers, fina
 and to a vocabulary of ``vocab`` tokens, filled with B's own tensors: once as they are, once
 permuted by the alignment. Cutting the vocabulary keeps the first rows of every vocabulary
 axis; no permutation moves tokens, so this commutes with permuting. Two layers, not one, so
-that a permutation applied to the wrong layer shows. Memory: two copies of two layers and of
-a ``vocab``-row embedding, whatever the model's depth and vocabulary.
+that a permutation applied to the wrong layer shows. Memory: one copy at a time of two layers
+and of a ``vocab``-row embedding, in float32, whatever the model's depth and vocabulary (a
+70B Llama's two layers: about 7 GB).
 
 Why not layer by layer through the whole depth: that needs each family's layer call (masks,
 RoPE, caches) written again here, while a truncated model runs ``transformers``' own forward;
@@ -27,7 +28,7 @@ from merge_graphs.errors import CheckpointNotFoundError
 from merge_graphs.io.checkpoint import Checkpoint
 from merge_graphs.match import Alignment
 from merge_graphs.symmetry import permute_tensor, symmetry_spec
-from merge_graphs.verify import check_function_preserved
+from merge_graphs.verify import compare_outputs, forward, random_input
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +101,13 @@ def check_alignment(ckpt: Checkpoint, alignment: Alignment, *, layers: int = 2, 
         The largest output difference relative to the output scale.
     """
     model = truncated_model(ckpt, layers=layers, vocab=vocab)
-    permuted = truncated_model(ckpt, alignment, layers=layers, vocab=vocab)
-    spec = symmetry_spec(model)
+    spec, name, depth = symmetry_spec(model), type(model).__name__, model.config.num_hidden_layers
+    inputs = random_input(model)
+    before = forward(model, inputs)
+    del model  # one truncated copy at a time
+    after = forward(truncated_model(ckpt, alignment, layers=layers, vocab=vocab), inputs)
     perms = {g: p for g, p in alignment.permutations.items() if g in spec.groups}
-    worst = check_function_preserved(model, permuted, spec, perms, tolerance=tolerance)
+    worst = compare_outputs(name, before, after, spec, perms, tolerance)
     logger.info("alignment of %s preserves its function on %d layers (largest difference %.2g)",
-                ckpt.path, model.config.num_hidden_layers, worst)
+                ckpt.path, depth, worst)
     return worst

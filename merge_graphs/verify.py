@@ -64,7 +64,20 @@ def check_function_preserved(
     Returns the largest difference relative to the output scale.
     """
     inputs = random_input(model)
-    before, after = forward(model, inputs), forward(permuted, inputs)
+    return compare_outputs(type(model).__name__, forward(model, inputs), forward(permuted, inputs), spec,
+                           permutations, tolerance)
+
+
+def compare_outputs(
+    name: str,
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    spec: SymmetrySpec,
+    permutations: Mapping[str, torch.Tensor],
+    tolerance: float = 1e-4,
+) -> float:
+    """:func:`check_function_preserved` on outputs already computed (``name``: the model's class),
+    so that the two models need not be in memory together."""
     worst = 0.0
     for key, a in before.items():
         if key in spec.outputs:
@@ -73,7 +86,7 @@ def check_function_preserved(
         worst = max(worst, diff)
         if diff > tolerance:
             raise AlignmentError(
-                f"permuting {type(model).__name__} changed its output {key!r} by {diff:.2g} of its scale "
+                f"permuting {name} changed its output {key!r} by {diff:.2g} of its scale "
                 f"(tolerance {tolerance:g}). The {spec.family} symmetry spec does not fit this model; "
                 "nothing was written. Please report it with the model's config."
             )

@@ -171,6 +171,28 @@ def test_the_check_catches_a_wrong_permutation(tmp_path):
         check_alignment(b, alignment)
 
 
+def test_the_check_holds_one_truncated_copy_at_a_time(tmp_path, monkeypatch):
+    """At 70B two layers are ~7 GB in float32: B and B permuted must not be in memory together."""
+    import merge_graphs.stream_verify as stream_verify
+    from merge_graphs.stream import ModelTensors, align_checkpoints
+
+    folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1)]
+    a, b = (Checkpoint(f) for f in folders)
+    alignment = align_checkpoints(ModelTensors(a), [ModelTensors(b)])[0]
+    made, alive_when_made = [], []
+    real = stream_verify.truncated_model
+
+    def tracked(*args, **kwargs):
+        alive_when_made.append(sum(ref() is not None for ref in made))
+        model = real(*args, **kwargs)
+        made.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(stream_verify, "truncated_model", tracked)
+    assert stream_verify.check_alignment(b, alignment) < 1e-5
+    assert alive_when_made == [0, 0]
+
+
 class LiveTensors:
     """Counts the tensors read from checkpoints that are still alive, and their bytes."""
 
