@@ -165,11 +165,7 @@ def objective(
 ) -> tuple[float, dict[str, float]]:
     """Weight-matching objective: sum over labelled tensors of ``<A, perms(B)>``, total and per group."""
     moved = _without_identities(perms)
-    per_tensor = {
-        name: float((a[name].float() * permute_tensor(spec, name, b[name], moved).float()).sum())
-        for name in spec.tensors
-        if name in a
-    }
+    per_tensor = {name: _inner(a[name], permute_tensor(spec, name, b[name], moved)) for name in spec.tensors if name in a}
     per_group = {g: sum(per_tensor.get(t, 0.0) for t in {t for t, _ in spec.touching(g)}) for g in spec.groups}
     return sum(per_tensor.values()), per_group
 
@@ -274,6 +270,28 @@ def weight_matching(
     )
 
 
+#: Entries of a tensor converted to float32 at a time when a low-precision checkpoint's tensors
+#: are multiplied (64 MB): matching accumulates in float32 without a float32 copy of the tensor.
+BLOCK = 1 << 24
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y.T`` in float32, for ``x`` and ``y`` of any floating dtype."""
+    if x.dtype == y.dtype == torch.float32:
+        return x @ y.T
+    step = max(1, BLOCK // max(1, x.shape[0]))
+    out = torch.zeros(x.shape[0], y.shape[0], device=x.device)
+    for start in range(0, x.shape[1], step):
+        out.addmm_(x[:, start:start + step].float(), y[:, start:start + step].float().T)
+    return out
+
+
+def _inner(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``<x, y>`` accumulated in float32 a block at a time (and across blocks in float64)."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    return sum((float((x[i:i + BLOCK].float() * y[i:i + BLOCK].float()).sum()) for i in range(0, x.numel(), BLOCK)), 0.0)
+
+
 _ASSIGNMENT_THREAD: list[ThreadPoolExecutor] = []
 
 
@@ -314,7 +332,8 @@ def _occurrences(spec, a, b, perms, block: set[str]):
     """For each axis that a block of groups moves: A's and B's tensors with that axis split
     into its factors (moved to the front) and every other axis put in A's order.
 
-    Yields ``(factor groups, A part, B part)`` with parts shaped ``(*factor sizes, rest)``.
+    Yields ``(factor groups, A part, B part)`` with parts shaped ``(*factor sizes, rest)``, in
+    the checkpoints' dtype (converting a bf16 embedding whole would copy it in float32).
     """
     for name, t in spec.tensors.items():
         if name not in a:
@@ -332,8 +351,8 @@ def _occurrences(spec, a, b, perms, block: set[str]):
                 if s in touching:
                     if set(s.groups) - block:
                         raise NotImplementedError(f"space {s.name} mixes groups of different blocks")
-                    pa = a[name].float().narrow(axis, offset, s.size)
-                    pb = tb.float().narrow(axis, offset, s.size)
+                    pa = a[name].narrow(axis, offset, s.size)
+                    pb = tb.narrow(axis, offset, s.size)
                     sizes = [k for _, k in s.factors]
                     pa = pa.movedim(axis, 0).reshape(*sizes, -1)
                     pb = pb.movedim(axis, 0).reshape(*sizes, -1)
@@ -367,7 +386,7 @@ def _start_block(spec, a, b, perms, group, children, solver, pool: Executor | No
     sim = None
     for factors, pa, pb in _occurrences(spec, a, b, moved, {group}):
         i = factors.index(group)
-        part = pa.movedim(i, 0).reshape(n, -1) @ pb.movedim(i, 0).reshape(n, -1).T
+        part = _gram(pa.movedim(i, 0).reshape(n, -1), pb.movedim(i, 0).reshape(n, -1))
         sim = part if sim is None else sim.add_(part)
     rows = torch.arange(n, device=sim.device)
     # The linearized objective, as in Git Re-Basin: a group that meets itself on a second
@@ -426,13 +445,14 @@ class _HeadGram:
     """
 
     def __init__(self, factors, pa, pb) -> None:
+        pa, pb = pa.float(), pb.float()  # one attention tensor
         fixed = [k for k, f in enumerate(factors) if f is None]
         self.kids = [f for f in factors[1:] if f is not None]
         behind = list(range(pa.dim() - 1 - len(fixed), pa.dim() - 1))  # just before the other axes
         pa, pb = pa.movedim(fixed, behind), pb.movedim(fixed, behind)
         sizes = pa.shape[: 1 + len(self.kids)]
         units = math.prod(sizes)
-        gram = (pa.reshape(units, -1) @ pb.reshape(units, -1).T).view(*sizes, *sizes)
+        gram = _gram(pa.reshape(units, -1), pb.reshape(units, -1)).view(*sizes, *sizes)
         m = len(self.kids)
         self.gram = gram.permute(0, m + 1, *range(1, m + 1), *range(m + 2, 2 * m + 2))
 
