@@ -9,6 +9,7 @@ sharded safetensors under ``OUT/scale/``, kept for the next run), in the sizes o
   LM head: 99.6M parameters (0.40 GB a model);
 * ``1b``: TinyLlama-1.1B's shape with 8 KV heads: hidden 2048, 22 layers, 32 heads / 8 KV heads,
   intermediate 5632, vocab 32000, untied: 1.12B parameters (4.5 GB a model);
+* ``1b-bf16``: the same in bfloat16 (2.2 GB a model), the dtype such checkpoints ship in;
 * ``8b`` (only when CUDA is available, bfloat16): hidden 4096, 32 layers, 32 heads / 8 KV heads,
   intermediate 14336, vocab 32000 (Llama-3-8B's body with Llama-2's vocabulary): 7.0B.
 
@@ -63,11 +64,15 @@ SIZES: dict[str, dict[str, Any]] = {
              "intermediate_size": 2048, "vocab_size": 32000},
     "1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 8,
            "intermediate_size": 5632, "vocab_size": 32000},
+    "1b-bf16": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "intermediate_size": 5632, "vocab_size": 32000},
     "8b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
            "intermediate_size": 14336, "vocab_size": 32000},
 }
-#: Sizes that need a GPU, and the dtype they are made in (float32 8B models are 28 GB each).
-GPU_SIZES = {"8b": torch.bfloat16}
+#: Sizes made in a dtype other than float32 (float32 8B models are 28 GB each).
+DTYPES = {"1b-bf16": torch.bfloat16, "8b": torch.bfloat16}
+#: Sizes that need a GPU.
+GPU_SIZES = ("8b",)
 #: Square random costs on which the torch auction is timed against scipy (CPU, GPU, --quick).
 SOLVER_SIZES = {"cpu": (1024, 4096), "cuda": (1024, 4096, 14336), "quick": (256,)}
 SEEDS = (0, 1)
@@ -136,7 +141,7 @@ def llama_pair(name: str, folder: Path) -> list[Path]:
     """The pair of size ``name`` under ``folder`` (``NAME-seed0``, ``NAME-seed1``), made when missing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dtype = GPU_SIZES.get(name, torch.float32)
+    dtype = DTYPES.get(name, torch.float32)
     config = LlamaConfig(**SIZES[name], max_position_embeddings=2048, tie_word_embeddings=False, dtype=dtype)
     paths = []
     for seed in SEEDS:
@@ -255,7 +260,8 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
     Args:
         quick: the tiny pair only (CI).
         out: results folder (``out/bench``); pairs and merges go to ``OUT/scale/``.
-        sizes: names from :data:`SIZES` (default ``100m`` and ``1b``, and ``8b`` when CUDA is available).
+        sizes: names from :data:`SIZES` (default ``100m``, ``1b`` and ``1b-bf16``, and ``8b`` when CUDA
+            is available).
         variants: which merges of :data:`VARIANTS` to run.
         keep: keep the merged folders (by default each is deleted once measured; the pairs stay).
         solvers: also time the assignment solvers (:func:`solver_timings`, :data:`SOLVER_SIZES`).
@@ -264,7 +270,7 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
     total_start = time.perf_counter()
     cuda = torch.cuda.is_available()
     if sizes is None:
-        sizes = ["quick"] if quick else ["100m", "1b", *(["8b"] if cuda else [])]
+        sizes = ["quick"] if quick else ["100m", "1b", "1b-bf16", *(["8b"] if cuda else [])]
     unknown = set(sizes) - set(SIZES) | set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown sizes or variants {sorted(unknown)}; sizes: {sorted(SIZES)}, variants: {VARIANTS}")
@@ -284,7 +290,7 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
             _warm(pair)
             logger.info("%s: %s merge ...", name, variant)
             if variant == "mergekit":
-                run = mergekit_linear(pair, target, dtype=str(GPU_SIZES.get(name, torch.float32)).split(".")[1],
+                run = mergekit_linear(pair, target, dtype=str(DTYPES.get(name, torch.float32)).split(".")[1],
                                       extra_args=["--cuda"] if cuda else [])
                 merges[variant] = run.to_dict()
             else:
@@ -293,7 +299,7 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
                         (merges[variant]["peak_rss_bytes"] or 0) / 1e9)
         _ratios(merges)
         row = {"name": name, "config": SIZES[name], "parameters": parameter_count(SIZES[name]),
-               "dtype": str(GPU_SIZES.get(name, torch.float32)), "models": [str(p) for p in pair],
+               "dtype": str(DTYPES.get(name, torch.float32)), "models": [str(p) for p in pair],
                "merges": merges, "none_vs_mergekit_max_diff": None}
         merged = {v: folder / f"{name}-merged-{v}" for v in ("ours-none", "mergekit")}
         if all(p.is_dir() for p in merged.values()):
