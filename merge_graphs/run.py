@@ -6,9 +6,9 @@ local folder when a push fails.
 
 A recipe takes one of two paths (:func:`execution_path`, shown in the ``--dry-run`` plan and
 in :attr:`RunResult.path`): *streamed* (:mod:`merge_graphs.stream`: tensor by tensor, memory
-bounded by a few tensors) whenever alignment is ``none`` or ``weight`` with a permuted
-residual stream and nothing needs whole models, else *in-memory* (whole ``transformers``
-models: activation matching, rotations, held-out evaluation).
+bounded by a few tensors) whenever alignment is ``none``, ``weight`` or ``gnn`` with a
+permuted residual stream and nothing needs whole models, else *in-memory* (whole
+``transformers`` models: activation matching, rotations, held-out evaluation).
 """
 
 from __future__ import annotations
@@ -141,10 +141,10 @@ def execution_path(recipe: Recipe) -> tuple[str, str]:
     ``("in-memory", ...)``.
 
     The streamed path (:mod:`merge_graphs.stream`) reads the checkpoints tensor by tensor and
-    holds a few tensors at a time, whatever the model size; it runs alignment ``none`` and
-    ``weight`` with a permuted residual stream, every merge method, and no ``evaluate``
-    section. Recipes that need forward passes or whole models (activation or GNN matching, a
-    rotated residual stream, held-out scoring) load every model whole.
+    holds a few tensors at a time, whatever the model size; it runs alignment ``none``,
+    ``weight`` and ``gnn`` with a permuted residual stream, every merge method, and no
+    ``evaluate`` section. Recipes that need forward passes or whole models (activation
+    matching, a rotated residual stream, held-out scoring) load every model whole.
 
     Example:
         >>> from merge_graphs.recipe import load_recipe
@@ -190,7 +190,7 @@ def _run_streamed(recipe: Recipe, result: RunResult, target: Path, overwrite: bo
     with _stage(result, "align"):
         result.alignments = align_checkpoints(
             reference, merged, recipe.align.method, spec=spec, solver=recipe.align.solver,
-            groups=recipe.align.groups, seed=recipe.seed, progress=progress,
+            groups=recipe.align.groups, seed=recipe.seed, refine=recipe.align.refine, progress=progress,
         )
     with _stage(result, "verify"):
         for ckpt, alignment in zip(merged, result.alignments):

@@ -1,7 +1,7 @@
 """Streaming merges: align and merge lazily opened checkpoints one tensor at a time.
 
-The path ``run_recipe`` takes for data-free recipes (alignment ``none`` or ``weight`` with a
-permuted residual stream, any merge method). What is in memory when:
+The path ``run_recipe`` takes for data-free recipes (alignment ``none``, ``weight`` or ``gnn``
+with a permuted residual stream, any merge method). What is in memory when:
 
 * opening: configs and safetensors headers (:class:`~merge_graphs.io.Checkpoint`), no data.
   A tensor the model uses under two names (a head tied to the embedding) is stored once but
@@ -10,7 +10,9 @@ permuted residual stream, any merge method). What is in memory when:
   coordinate-descent step reads the tensors that touch its group from the memory-mapped files
   again and accumulates the group's similarity matrix tensor by tensor; the residual stream,
   which touches every tensor, holds one pair of tensors at a time. Only permutations and
-  ``(n, n)`` similarity matrices persist between steps;
+  ``(n, n)`` similarity matrices persist between steps. GNN matching runs the encoder on
+  the checkpoints too: each round of message passing reads one weight matrix at a time, and
+  only the node states (``dim`` numbers a unit) persist;
 * merging: :func:`merged_tensors` reads one tensor of every model, permutes it, merges in
   float32 and hands the result on; :func:`~merge_graphs.io.writer.write_tensor_folder` writes
   it to its shard and drops it. Elementwise methods (linear, task arithmetic) merge a large
@@ -42,8 +44,8 @@ from merge_graphs.symmetry.spec import axis_index
 
 logger = logging.getLogger(__name__)
 
-#: Alignment methods the streamed path runs (the others need forward passes on whole models).
-STREAM_ALIGN_METHODS = ("none", "weight")
+#: Alignment methods the streamed path runs (activation matching needs forward passes on whole models).
+STREAM_ALIGN_METHODS = ("none", "weight", "gnn")
 
 
 class ModelTensors(Mapping[str, torch.Tensor]):
@@ -78,22 +80,27 @@ class ModelTensors(Mapping[str, torch.Tensor]):
         self.aliases: dict[str, str] = {}
         stored = checkpoint.names()
         model_order = []
-        for names in _shared_names(checkpoint):
+        order, shared = _model_names(checkpoint)
+        for names in shared:
             source = next((n for n in names if n in set(stored)), None)
             if source is not None:
                 model_order.append(source)
                 self.aliases.update({n: source for n in names if n not in set(stored)})
         known = set(model_order)
         self._stored = model_order + [n for n in stored if n not in known]
+        # Every name in the model's state-dict order (an alias where the model has it), so that
+        # a spec built from these headers lists tensors as the in-memory model's spec does.
+        self._names = [n for n in order if n in known or n in self.aliases] + \
+            [n for n in self._stored if n not in known]
 
     def stored(self) -> list[str]:
         """The stored names, in the model's order."""
         return list(self._stored)
 
     def infos(self) -> dict[str, TensorInfo]:
-        """Shapes and dtypes of every name, from the headers."""
+        """Shapes and dtypes of every name, from the headers, in the model's order."""
         stored = self.checkpoint.infos()
-        return {**stored, **{alias: stored[source] for alias, source in self.aliases.items()}}
+        return {n: stored[self.aliases.get(n, n)] for n in self._names}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.checkpoint.get(self.aliases.get(name, name), device=self.device)
@@ -102,26 +109,28 @@ class ModelTensors(Mapping[str, torch.Tensor]):
         return name in self.aliases or name in self.checkpoint
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._stored + list(self.aliases))
+        return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._stored) + len(self.aliases)
 
 
-def _shared_names(ckpt: Checkpoint) -> list[list[str]]:
-    """The model's state-dict entries in order, each with every name it goes by (tied weights)."""
+def _model_names(ckpt: Checkpoint) -> tuple[list[str], list[list[str]]]:
+    """The model's state-dict names in order, and its entries in order, each with every name it
+    goes by (tied weights)."""
     import transformers
 
     cls = getattr(transformers, ckpt.architecture or "", None)
     if cls is None or not hasattr(cls, "_from_config"):
-        return []
+        return [], []
     with torch.device("meta"):
         model = cls._from_config(ckpt.config)
     # keep_vars: the Parameter objects themselves, so tied names can be grouped by identity
+    state = model.state_dict(keep_vars=True)
     entries: dict[int, list[str]] = {}
-    for name, value in model.state_dict(keep_vars=True).items():
+    for name, value in state.items():
         entries.setdefault(id(value), []).append(name)
-    return list(entries.values())
+    return list(state), list(entries.values())
 
 
 def checkpoint_spec(tensors: ModelTensors) -> SymmetrySpec:
@@ -180,6 +189,7 @@ def align_checkpoints(
     solver: str = "exact",
     groups: list[str] | None = None,
     seed: int = 0,
+    refine: bool = False,
     progress: bool = False,
 ) -> list[Alignment]:
     """Align each of ``models`` to ``reference`` without loading either whole.
@@ -187,9 +197,12 @@ def align_checkpoints(
     Args:
         reference: the model the others are put in the order of (itself gets the identity).
         models: checkpoints of the same architecture and size.
-        method: ``"weight"`` (Git Re-Basin weight matching, read tensor by tensor) or ``"none"``.
+        method: ``"weight"`` (Git Re-Basin weight matching, read tensor by tensor), ``"gnn"``
+            (the pretrained encoder's embeddings, whose message passing reads one weight matrix
+            at a time; :func:`~merge_graphs.gnn.gnn_align`) or ``"none"``.
         spec: the shared spec, if already computed (:func:`compatible_checkpoints`).
         solver, groups, seed: as for :func:`~merge_graphs.match.weight_matching`.
+        refine: after GNN matching, weight matching started from it.
         progress: show a bar over the models.
 
     Returns:
@@ -207,9 +220,14 @@ def align_checkpoints(
         if model is reference or method == "none":
             out.append(Alignment(spec, identity_permutations(spec), "none"))
             continue
-        alignment = weight_matching(spec, reference, model, solver=solver, groups=groups, seed=seed)
-        logger.info("aligned %s (weight): objective %.4g -> %.4g in %.1fs", model.checkpoint.path,
-                    alignment.objective_before, alignment.objective_after, alignment.seconds)
+        if method == "gnn":
+            from merge_graphs.gnn.match import gnn_align
+
+            alignment = gnn_align(reference, model, spec, refine=refine, solver=solver, groups=groups, seed=seed)
+        else:
+            alignment = weight_matching(spec, reference, model, solver=solver, groups=groups, seed=seed)
+        logger.info("aligned %s (%s): objective %.4g -> %.4g in %.1fs", model.checkpoint.path,
+                    alignment.method, alignment.objective_before, alignment.objective_after, alignment.seconds)
         out.append(alignment)
     return out
 

@@ -68,6 +68,19 @@ def test_streamed_and_in_memory_paths_write_identical_tensors(tmp_path, name):
     assert set(results["streamed"].stage_seconds) == {"load", "align", "verify", "merge+write"}
 
 
+@pytest.mark.parametrize("refine", [False, True])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gnn_alignment_streams_to_the_in_memory_result(tmp_path, name, refine):
+    folders = [save(make(name, seed), tmp_path / f"m{seed}") for seed in (0, 1)]
+    recipe = {"models": [{"model": f} for f in folders], "align": {"method": "gnn", "refine": refine}}
+    results, memory, streamed = merge_both_ways(tmp_path, recipe)
+    assert results["streamed"].path == "streamed"
+    assert_identical(memory, streamed)
+    found = [r.alignments[1] for r in results.values()]
+    assert found[0].method == found[1].method == ("gnn+weight" if refine else "gnn")
+    assert all(torch.equal(found[0].permutations[g], found[1].permutations[g]) for g in found[0].permutations)
+
+
 PARAMETERS = {"slerp": {"t": 0.3}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
               "dare_ties": {"density": 0.5}}
 
@@ -245,6 +258,18 @@ def test_memory_stays_bounded_by_a_few_tensors(tmp_path, monkeypatch):
     assert max(result.stage_peak_rss.values()) >= baseline
     merged = stored(tmp_path / "out")
     assert len(merged) == len(sizes)
+
+
+def test_gnn_alignment_holds_a_few_tensors_at_a_time(tmp_path, monkeypatch):
+    folders = [save(deep_llama(seed), tmp_path / f"m{seed}", shard="8MB") for seed in (0, 1)]
+    largest = max(i.dtype.itemsize * torch.Size(i.shape).numel() for i in Checkpoint(folders[0]).infos().values())
+    live = LiveTensors()
+    get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name, **kw: live.track(get(self, name, **kw)))
+    result = run_recipe({"models": [{"model": f} for f in folders], "align": {"method": "gnn", "refine": True},
+                         "output": {"path": str(tmp_path / "out"), "shard_size": "8MB"}}, progress=False)
+    assert result.path == "streamed" and result.alignments[1].method == "gnn+weight"
+    assert live.max_count <= 4 and live.max_bytes <= 4 * largest
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -122,16 +122,22 @@ def gnn_align(
     seed: int = 0,
 ) -> Alignment:
     """Align ``model_b`` to ``model_a`` by GNN embeddings, then (``refine``) by weight matching
-    started from that matching. ``encoder`` defaults to the pretrained one."""
+    started from that matching. ``encoder`` defaults to the pretrained one.
+
+    ``model_a`` and ``model_b`` are ``nn.Module`` s or mappings of named tensors (such as
+    :class:`~merge_graphs.stream.ModelTensors`, which the encoder then reads one weight matrix
+    at a time: nothing else of the model is held).
+    """
     import time
 
     from merge_graphs.gnn.encoder import default_encoder, embed
+    from merge_graphs.graph import NeuralGraph
 
     start = time.perf_counter()
     encoder = encoder or default_encoder()
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    found = gnn_matching(spec, embed(model_a, encoder), embed(model_b, encoder), solver=solver, groups=groups,
-                         seed=seed)
+    state_a, state_b = (m.state_dict() if isinstance(m, torch.nn.Module) else m for m in (model_a, model_b))
+    found = gnn_matching(spec, embed(NeuralGraph(spec, state_a), encoder), embed(NeuralGraph(spec, state_b), encoder),
+                         solver=solver, groups=groups, seed=seed)
     found.seconds = time.perf_counter() - start
     if not refine:
         return found
