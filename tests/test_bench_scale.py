@@ -17,12 +17,13 @@ def test_scale_quick(tmp_path, capsys):
     (size,) = report["sizes"]
     assert size["name"] == "quick" and size["parameters"] == parameter_count(SIZES["quick"])
     merges = size["merges"]
-    assert set(merges) == {"mergekit", "ours-none", "ours-weight"}
-    for name in ("ours-none", "ours-weight"):
+    assert set(merges) == {"mergekit", "ours-none", "ours-weight", "ours-gnn"}
+    for name in ("ours-none", "ours-weight", "ours-gnn"):
         row = merges[name]
         assert row["wall_s"] > 0 and row["peak_rss_bytes"] > 0 and row["path"] in ("streamed", "in-memory")
         assert {"load", "align"} <= set(row["stage_seconds"])
     assert merges["ours-weight"]["alignments"][1]["method"] == "weight"
+    assert merges["ours-gnn"]["alignments"][1]["method"] == "gnn" and merges["ours-gnn"]["path"] == "streamed"
     if merges["mergekit"]["skipped"]:
         assert "wall_ratio" not in merges["ours-none"] and size["none_vs_mergekit_max_diff"] is None
     else:

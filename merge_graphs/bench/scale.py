@@ -13,7 +13,7 @@ sharded safetensors under ``OUT/scale/``, kept for the next run), in the sizes o
 * ``8b`` (only when CUDA is available, bfloat16): hidden 4096, 32 layers, 32 heads / 8 KV heads,
   intermediate 14336, vocab 32000 (Llama-3-8B's body with Llama-2's vocabulary): 7.0B.
 
-For each pair, three merges, each in a process of its own so its peak resident memory is its own
+For each pair, four merges, each in a process of its own so its peak resident memory is its own
 (:func:`~merge_graphs.bench.measure.run_measured`):
 
 * ``mergekit``: mergekit 0.1.5's linear merge (:mod:`merge_graphs.bench.mergekit`; its own
@@ -21,7 +21,8 @@ For each pair, three merges, each in a process of its own so its peak resident m
 * ``ours-none``: :func:`~merge_graphs.run.run_recipe` (what ``merge-graphs recipe.yaml`` runs)
   with ``align: none`` and a linear merge: the same merge as mergekit's;
 * ``ours-weight``: the same with ``align: weight`` (Git Re-Basin weight matching, scipy's exact
-  assignment on CPU, the torch auction on a GPU).
+  assignment on CPU, the torch auction on a GPU);
+* ``ours-gnn``: the same with ``align: gnn`` (the pretrained encoder's embeddings, streamed).
 
 Reported per merge: wall time of the child, start to exit (Python start-up and imports
 included, for both tools), its peak RSS, and for ours the time, peak RSS and peak GPU memory
@@ -77,7 +78,7 @@ GPU_SIZES = ("8b",)
 SOLVER_SIZES = {"cpu": (1024, 4096), "cuda": (1024, 4096, 14336), "quick": (256,)}
 SEEDS = (0, 1)
 SHARD = "1GB"
-VARIANTS = ("mergekit", "ours-none", "ours-weight")
+VARIANTS = ("mergekit", "ours-none", "ours-weight", "ours-gnn")
 
 # The child that runs our recipe: run_recipe is what `merge-graphs recipe.yaml` calls; the child
 # writes what the command would print as JSON, for the report.
