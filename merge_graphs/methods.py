@@ -280,6 +280,16 @@ def _rescale_l1(delta: Tensor, pruned: Tensor, eps: float = 1e-7) -> Tensor:
     return pruned * (before / after)
 
 
+def _kth_smallest(values: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest (from 0) of a 1-D tensor, which it may reorder."""
+    if values.device.type == "cpu" and values.dtype in (torch.float16, torch.float32, torch.float64):
+        # In place, no copy and no index tensor (torch's kthvalue makes both).
+        array = values.detach().numpy()
+        array.partition(k)
+        return values[k].clone()
+    return values.kthvalue(k + 1).values
+
+
 def _magnitude_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
     """Keep the int(density * numel) entries of largest |delta|; ties go to the lower flat index."""
     if density >= 1:
@@ -289,10 +299,17 @@ def _magnitude_prune(delta: Tensor, density: float, rescale: bool, generator: to
         raise ValueError(
             f"density {density} keeps no entry of a tensor with {delta.numel()} elements; raise density"
         )
-    keep = torch.argsort(delta.abs().flatten(), descending=True, stable=True)[:k]
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[keep] = 1
-    pruned = delta * mask.view_as(delta)
+    n = delta.numel()
+    # The k-th largest magnitude, found without sorting (a sort's int64 indices alone would be
+    # twice the tensor): keep what is above it, and of what equals it the first entries by
+    # flat index, which is what a stable descending sort keeps.
+    threshold = _kth_smallest(delta.abs().flatten(), n - k)
+    magnitude = delta.abs()
+    keep, tied = (magnitude > threshold).flatten(), (magnitude == threshold).flatten()
+    del magnitude
+    keep |= tied & (tied.cumsum(0, dtype=torch.int32 if n < 2**31 else torch.int64) <= k - int(keep.sum()))
+    del tied
+    pruned = delta * keep.view_as(delta)
     return _rescale_l1(delta, pruned) if rescale else pruned
 
 

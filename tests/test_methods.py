@@ -188,6 +188,23 @@ def test_ties_zero_sum_counts_as_positive_and_empty_entries_keep_base():
     close(out, [1.0, 0.0])
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_magnitude_pruning_keeps_what_a_stable_descending_sort_keeps(seed):
+    # The pruning selects by threshold (no sort); ties at the threshold, zeros included, go to
+    # the lower flat index, as mergekit's sort does.
+    from merge_graphs.methods import _magnitude_prune
+
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randint(-3, 4, (7, 11), generator=g).float() if seed % 2 else torch.randn(7, 11, generator=g)
+    delta = delta.T if seed >= 4 else delta  # not contiguous
+    for density in (0.05, 0.3, 0.5, 0.77, 0.99):
+        k = int(density * delta.numel())
+        order = torch.argsort(delta.abs().flatten(), descending=True, stable=True)
+        expected = torch.zeros(delta.numel())
+        expected[order[:k]] = delta.flatten()[order[:k]]
+        assert torch.equal(_magnitude_prune(delta, density, False, None), expected.view_as(delta)), density
+
+
 def test_dare_ties_at_density_one_is_sign_consensus_without_normalize():
     # no pruning; weighted [3,-1,.5,2,-4], [-1,-1.5,.5,-.5,.1], [2,4,-.2,8,-2]; sum [4,1.5,.8,9.5,-5.9]
     full = [{"weight": p["weight"]} for p in TIES_P]
