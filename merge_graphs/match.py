@@ -256,7 +256,9 @@ def weight_matching(
                 # On a large model this skips most of the last, confirming sweep.
                 continue
             pending[g] = now, _start_block(spec, state_a, state_b, perms, g, children[g], solver, pool)
-            for waiting in [p for p in pending if p != g]:
+            # Attention blocks are solved by now; an assignment still running goes on through
+            # them and is waited for only when the next one is handed over.
+            for waiting in [p for p in pending if p != g and (children[p] or not children[g])]:
                 settle(waiting)
         for waiting in list(pending):
             settle(waiting)
