@@ -96,7 +96,7 @@ def test_matching_a_subset_of_groups_leaves_the_others_alone():
 def test_weight_matching_stops_at_a_coordinate_optimum_and_skips_unchanged_subproblems(family, monkeypatch):
     # Groups whose inputs did not change since their last solve are skipped; the result must
     # still be a fixed point of coordinate descent: solving any block again improves nothing.
-    import merge_graphs.match as match
+    from merge_graphs import match
 
     a, b = make(family, seed=0), make(family, seed=1)
     spec = mg.symmetry_spec(a)
@@ -116,7 +116,7 @@ def test_weight_matching_stops_at_a_coordinate_optimum_and_skips_unchanged_subpr
 def test_bfloat16_tensors_match_like_their_float32_values(family, monkeypatch):
     # bf16 checkpoints are matched in float32 a block at a time (no float32 copy of a whole
     # embedding); a small block makes every tensor here take several blocks.
-    import merge_graphs.match as match
+    from merge_graphs import match
 
     a, b = ({k: v.bfloat16() for k, v in make(family, seed=s).state_dict().items()} for s in (0, 1))
     spec = mg.symmetry_spec(make(family))
@@ -135,7 +135,7 @@ def test_assignments_running_beside_the_next_similarity_give_the_sequential_resu
     # next blocks start: those that read a running group must wait for it.
     import time
 
-    import merge_graphs.match as match
+    from merge_graphs import match
 
     a, b = make(family, seed=0).state_dict(), make(family, seed=1).state_dict()
     spec = mg.symmetry_spec(make(family))

@@ -186,7 +186,7 @@ def test_the_check_catches_a_wrong_permutation(tmp_path):
 
 def test_the_check_holds_one_truncated_copy_at_a_time(tmp_path, monkeypatch):
     """At 70B two layers are ~7 GB in float32: B and B permuted must not be in memory together."""
-    import merge_graphs.stream_verify as stream_verify
+    from merge_graphs import stream_verify
     from merge_graphs.stream import ModelTensors, align_checkpoints
 
     folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1)]
