@@ -223,6 +223,15 @@ def _resolve_parameters(
     return global_values, model_values
 
 
+def resolve_parameters(
+    method: str, n: int, model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(global values, one mapping per model)`` as :func:`merge_tensors` resolves them for ``n``
+    non-base models: defaults filled in, unknown or missing parameters refused."""
+    return _resolve_parameters(get_method(method), n, model_parameters, parameters or {})
+
+
 def _per_model(values: Sequence[float], like: Tensor) -> Tensor:
     """``values`` as a tensor broadcasting against ``like``, which is stacked along dim 0."""
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
@@ -245,10 +254,31 @@ def linear(tensors, base, model_parameters, parameters, generator):
     return merged
 
 
-def _unit(v: Tensor, eps: float = 1e-8) -> Tensor:
-    # a (near) zero tensor is left as is, so its cosine with anything is 0, as in mergekit
-    norm = v.norm()
-    return v / norm if norm > eps else v
+def slerp_row_moments(v0: Tensor, v1: Tensor) -> Tensor:
+    """``(rows, 3)`` float64: per row (first axis) the sums of ``v0 * v1``, ``v0**2`` and ``v1**2``.
+
+    Rows are summed separately so that a tensor merged a block of rows at a time
+    (:func:`merge_graphs.stream.merged_tensors`) gets bitwise the moments of the whole.
+    """
+    rows = max(1, v0.shape[0]) if v0.dim() else 1
+    a, b = v0.reshape(rows, -1), v1.reshape(rows, -1)
+    return torch.stack([(a * b).sum(1, dtype=torch.float64), (a * a).sum(1, dtype=torch.float64),
+                        (b * b).sum(1, dtype=torch.float64)], 1)
+
+
+def slerp_coefficients(moments: Tensor, t: float, eps: float = 1e-8) -> tuple[float, float]:
+    """``(c0, c1)`` with ``slerp(v0, v1, t) = c0 * v0 + c1 * v1``, from :func:`slerp_row_moments`.
+
+    Each tensor is flattened to one vector and normalized (a near-zero one is left as it is, so
+    its cosine with anything is 0, as in mergekit); lerp where they are (anti-)colinear.
+    """
+    dot, sq0, sq1 = moments.sum(0).tolist()
+    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
+    cosine = dot / (n0 if n0 > eps else 1.0) / (n1 if n1 > eps else 1.0)
+    if abs(cosine) > DOT_THRESHOLD:
+        return 1 - t, t
+    theta = math.acos(cosine)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
 @register("slerp", needs_base=True, global_parameters={"t": None}, model_parameters={})
@@ -260,15 +290,8 @@ def slerp(tensors, base, model_parameters, parameters, generator):
             f"slerp merges exactly two models, base_model (t=0) and one other (t=1), but got "
             f"{1 + len(tensors)}; pass the base as base and the other model alone in tensors"
         )
-    t = parameters["t"]
-    v0, v1 = base, tensors[0]
-    dot = (_unit(v0) * _unit(v1)).sum().item()
-    if abs(dot) > DOT_THRESHOLD:
-        return (1 - t) * v0 + t * v1
-    theta = math.acos(dot)
-    s0 = math.sin((1 - t) * theta) / math.sin(theta)
-    s1 = math.sin(t * theta) / math.sin(theta)
-    return s0 * v0 + s1 * v1
+    c0, c1 = slerp_coefficients(slerp_row_moments(base, tensors[0]), parameters["t"])
+    return c0 * base + c1 * tensors[0]
 
 
 def _rescale_l1(delta: Tensor, pruned: Tensor, eps: float = 1e-7) -> Tensor:

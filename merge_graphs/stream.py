@@ -15,8 +15,9 @@ with a permuted residual stream, any merge method). What is in memory when:
   only the node states (``dim`` numbers a unit) persist;
 * merging: :func:`merged_tensors` reads one tensor of every model, permutes it, merges in
   float32 and hands the result on; :func:`~merge_graphs.io.writer.write_tensor_folder` writes
-  it to its shard and drops it. Elementwise methods (linear, task arithmetic) merge a large
-  tensor in blocks of rows, so their temporaries are a block's size.
+  it to its shard and drops it. Elementwise methods (linear, task arithmetic) and slerp (after
+  a first pass for its moments) merge a large tensor in blocks of rows, so their temporaries
+  are a block's size; TIES and DARE still take a tensor whole.
 
 So peak memory is a few copies of the largest tensor plus the similarity matrices, whatever the
 model's depth. Matching and merging run in float32 whatever the checkpoints' dtype, on the
@@ -37,7 +38,7 @@ import torch
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.io.checkpoint import Checkpoint
 from merge_graphs.match import Alignment, weight_matching
-from merge_graphs.methods import merge_tensors
+from merge_graphs.methods import merge_tensors, resolve_parameters, slerp_coefficients, slerp_row_moments
 from merge_graphs.symmetry import SymmetrySpec, identity_permutations, spec_from_config
 from merge_graphs.symmetry.builder import TensorInfo
 from merge_graphs.symmetry.spec import axis_index
@@ -249,7 +250,7 @@ def merged_tensors(
 
     Each step reads one tensor of every model (and of ``base``), puts it in the reference's
     unit order, merges in float32 and yields; nothing is kept between steps. Elementwise
-    methods (:data:`ELEMENTWISE`) merge a large tensor in blocks of rows, bitwise the same. Tensors the spec
+    methods (:data:`ELEMENTWISE`) and slerp merge a large tensor in blocks of rows, bitwise the same. Tensors the spec
     does not label (integer ids, RoPE buffers) are the reference's, as they are. The merge is
     :func:`merge_graphs.api.merge_states`'s, tensor for tensor and in the same order, so
     ``dare_*`` draws the same masks from its generator (``seed``).
@@ -275,16 +276,29 @@ def merged_tensors(
         sources = [(m, _axis_indices(spec, name, a)) for m, a in zip(models, alignments)]
         if base is not None:
             sources.append((base, [None] * len(spec.tensors[name].axes)))
-        rows = shape[0]
-        step = max(1, ROW_BLOCK // max(1, math.prod(shape[1:]))) if method in ELEMENTWISE else rows
+        rows = shape[0] if shape else 1
+        blockwise = method in ELEMENTWISE or (method == "slerp" and len(sources) == 2)
+        step = max(1, ROW_BLOCK // max(1, math.prod(shape[1:]))) if blockwise else rows
         if step >= rows:
             yield name, _merge_rows(method, name, sources, base is not None, slice(None), model_parameters,
                                     parameters, generator)
             continue
+        blocks = [slice(start, start + step) for start in range(0, rows, step)]
         out = torch.empty(shape, device=reference.device)
-        for start in range(0, rows, step):
-            out[start:start + step] = _merge_rows(method, name, sources, base is not None, slice(start, start + step),
-                                                  model_parameters, parameters, generator)
+        if method == "slerp":
+            # Two passes: the whole tensor's moments, row block by row block, then each block
+            # combined as slerp combines the whole.
+            t = resolve_parameters(method, 1, model_parameters, parameters)[0]["t"]
+            (other, index), (base_model, base_index) = sources
+            moments = torch.cat([slerp_row_moments(_rows(base_model[name], base_index, block),
+                                                   _rows(other[name], index, block)) for block in blocks])
+            c0, c1 = slerp_coefficients(moments, t)
+            for block in blocks:
+                out[block] = c0 * _rows(base_model[name], base_index, block) + c1 * _rows(other[name], index, block)
+        else:
+            for block in blocks:
+                out[block] = _merge_rows(method, name, sources, base is not None, block, model_parameters,
+                                         parameters, generator)
         yield name, out
 
 
@@ -301,6 +315,7 @@ def _merge_rows(method, name, sources, has_base, block, model_parameters, parame
 #: Merge methods whose every output entry depends only on the same entry of each input: a
 #: large tensor is merged in blocks of rows, with the same result, so that the method's
 #: temporaries (stacked inputs, products) are a block's size, not a vocabulary matrix's.
+#: ``slerp`` is merged in blocks too, after a first pass over the blocks for its moments.
 ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
 #: Entries per block of rows (16 MB in float32).
 ROW_BLOCK = 1 << 22
