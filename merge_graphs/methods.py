@@ -23,7 +23,7 @@ Conventions of :func:`merge_tensors`:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -294,13 +294,23 @@ def slerp(tensors, base, model_parameters, parameters, generator):
     return c0 * base + c1 * tensors[0]
 
 
-def _rescale_l1(delta: Tensor, pruned: Tensor, eps: float = 1e-7) -> Tensor:
+def _l1(x: Tensor) -> Tensor:
+    """Per-row (first axis) sums of ``|x|`` in float64: the same whether ``x`` is a whole tensor
+    or a block of its rows."""
+    rows = max(1, x.shape[0]) if x.dim() else 1
+    return x.reshape(rows, -1).abs().sum(1, dtype=torch.float64)
+
+
+def _l1_scale(before: Tensor, after: Tensor, eps: float = 1e-7) -> float:
     # mergekit's `rescale` restores the L1 norm of the delta; for random pruning the factor
     # concentrates at 1/density on large tensors
-    before, after = delta.abs().sum(), pruned.abs().sum()
-    if before < eps or after < eps:
-        return pruned
-    return pruned * (before / after)
+    before, after = float(before.sum()), float(after.sum())
+    return 1.0 if before < eps or after < eps else before / after
+
+
+def _rescale_l1(delta: Tensor, pruned: Tensor) -> Tensor:
+    scale = _l1_scale(_l1(delta), _l1(pruned))
+    return pruned if scale == 1.0 else pruned * scale
 
 
 def _kth_smallest(values: Tensor, k: int) -> Tensor:
@@ -313,27 +323,67 @@ def _kth_smallest(values: Tensor, k: int) -> Tensor:
     return values.kthvalue(k + 1).values
 
 
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """What magnitude pruning keeps of one delta: the entries with ``|delta| > threshold``, and
+    of those equal to it the first ``tied`` by flat index (what a stable descending sort
+    keeps); ``scale`` is the L1 rescale factor (1 without ``rescale``)."""
+
+    threshold: Tensor
+    tied: int
+    scale: float
+
+    def apply(self, block: Tensor, tied_before: int = 0) -> tuple[Tensor, int]:
+        """The pruned block of rows, given how many tied entries the rows before it hold; and
+        how many this block holds."""
+        magnitude = block.abs()
+        keep, tied = (magnitude > self.threshold).flatten(), (magnitude == self.threshold).flatten()
+        del magnitude
+        n = block.numel() + tied_before
+        rank = tied.cumsum(0, dtype=torch.int32 if n < 2**31 else torch.int64) + tied_before
+        keep |= tied & (rank <= self.tied)
+        count = int(rank[-1]) - tied_before if rank.numel() else 0
+        del tied, rank
+        pruned = block * keep.view_as(block)
+        return (pruned if self.scale == 1.0 else pruned * self.scale), count
+
+
+def magnitude_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, density: float, rescale: bool) -> MagnitudeCut:
+    """:class:`MagnitudeCut` of a delta read as row blocks, in order, by ``blocks()`` (called up
+    to three times): the k-th largest magnitude from one float32 copy of ``|delta|``, partitioned
+    in place (no sort, no index tensor), then counts and L1 sums block by block.
+
+    Raises:
+        ValueError: ``density`` keeps no entry.
+    """
+    k = int(density * numel)
+    if k < 1:
+        raise ValueError(f"density {density} keeps no entry of a tensor with {numel} elements; raise density")
+    magnitudes = torch.empty(numel)
+    offset = 0
+    for block in blocks():
+        magnitudes[offset:offset + block.numel()] = block.abs().flatten()
+        offset += block.numel()
+    threshold = _kth_smallest(magnitudes, numel - k)
+    del magnitudes
+    above = sum(int((block.abs() > threshold).sum()) for block in blocks())
+    cut = MagnitudeCut(threshold, k - above, 1.0)
+    if not rescale:
+        return cut
+    before, after, tied = [], [], 0
+    for block in blocks():
+        pruned, count = cut.apply(block, tied)
+        tied += count
+        before.append(_l1(block))
+        after.append(_l1(pruned))
+    return MagnitudeCut(threshold, k - above, _l1_scale(torch.cat(before), torch.cat(after)))
+
+
 def _magnitude_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
     """Keep the int(density * numel) entries of largest |delta|; ties go to the lower flat index."""
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
-    if k < 1:
-        raise ValueError(
-            f"density {density} keeps no entry of a tensor with {delta.numel()} elements; raise density"
-        )
-    n = delta.numel()
-    # The k-th largest magnitude, found without sorting (a sort's int64 indices alone would be
-    # twice the tensor): keep what is above it, and of what equals it the first entries by
-    # flat index, which is what a stable descending sort keeps.
-    threshold = _kth_smallest(delta.abs().flatten(), n - k)
-    magnitude = delta.abs()
-    keep, tied = (magnitude > threshold).flatten(), (magnitude == threshold).flatten()
-    del magnitude
-    keep |= tied & (tied.cumsum(0, dtype=torch.int32 if n < 2**31 else torch.int64) <= k - int(keep.sum()))
-    del tied
-    pruned = delta * keep.view_as(delta)
-    return _rescale_l1(delta, pruned) if rescale else pruned
+    return magnitude_cut(lambda: [delta], delta.numel(), density, rescale).apply(delta)[0]
 
 
 def _random_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
@@ -360,7 +410,15 @@ def _generalized_task_arithmetic(tensors, base, model_parameters, parameters, ge
         if prune is not None:
             delta = prune(delta, p["density"], parameters["rescale"], generator)
         deltas.append(delta)
-    deltas = torch.stack(deltas)
+    return combine_deltas(deltas, base, model_parameters, parameters, consensus=consensus)
+
+
+def combine_deltas(deltas: Sequence[Tensor], base: Tensor, model_parameters: Sequence[Mapping[str, Any]],
+                   parameters: Mapping[str, Any], *, consensus: bool) -> Tensor:
+    """The task-arithmetic family's elementwise second half: ``base + lambda * mix`` of the
+    (pruned) ``deltas``, with TIES sign consensus if ``consensus``. Rows of a tensor combine
+    as the whole does."""
+    deltas = torch.stack(list(deltas))
     weights = _per_model([p["weight"] for p in model_parameters], deltas)
     weighted = deltas * weights
     if consensus:

@@ -15,9 +15,10 @@ with a permuted residual stream, any merge method). What is in memory when:
   only the node states (``dim`` numbers a unit) persist;
 * merging: :func:`merged_tensors` reads one tensor of every model, permutes it, merges in
   float32 and hands the result on; :func:`~merge_graphs.io.writer.write_tensor_folder` writes
-  it to its shard and drops it. Elementwise methods (linear, task arithmetic) and slerp (after
-  a first pass for its moments) merge a large tensor in blocks of rows, so their temporaries
-  are a block's size; TIES and DARE still take a tensor whole.
+  it to its shard and drops it. Elementwise methods (linear, task arithmetic), slerp (after a
+  first pass for its moments) and TIES (after a first pass for each delta's magnitude cut,
+  which holds one float32 copy of one delta's magnitudes) merge a large tensor in blocks of
+  rows, so their temporaries are a block's size; DARE still takes a tensor whole.
 
 So peak memory is a few copies of the largest tensor plus the similarity matrices, whatever the
 model's depth. Matching and merging run in float32 whatever the checkpoints' dtype, on the
@@ -38,7 +39,14 @@ import torch
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.io.checkpoint import Checkpoint
 from merge_graphs.match import Alignment, weight_matching
-from merge_graphs.methods import merge_tensors, resolve_parameters, slerp_coefficients, slerp_row_moments
+from merge_graphs.methods import (
+    combine_deltas,
+    magnitude_cut,
+    merge_tensors,
+    resolve_parameters,
+    slerp_coefficients,
+    slerp_row_moments,
+)
 from merge_graphs.symmetry import SymmetrySpec, identity_permutations, spec_from_config
 from merge_graphs.symmetry.builder import TensorInfo
 from merge_graphs.symmetry.spec import axis_index
@@ -250,7 +258,7 @@ def merged_tensors(
 
     Each step reads one tensor of every model (and of ``base``), puts it in the reference's
     unit order, merges in float32 and yields; nothing is kept between steps. Elementwise
-    methods (:data:`ELEMENTWISE`) and slerp merge a large tensor in blocks of rows, bitwise the same. Tensors the spec
+    methods (:data:`ELEMENTWISE`), slerp and ties merge a large tensor in blocks of rows, bitwise the same. Tensors the spec
     does not label (integer ids, RoPE buffers) are the reference's, as they are. The merge is
     :func:`merge_graphs.api.merge_states`'s, tensor for tensor and in the same order, so
     ``dare_*`` draws the same masks from its generator (``seed``).
@@ -277,7 +285,7 @@ def merged_tensors(
         if base is not None:
             sources.append((base, [None] * len(spec.tensors[name].axes)))
         rows = shape[0] if shape else 1
-        blockwise = method in ELEMENTWISE or (method == "slerp" and len(sources) == 2)
+        blockwise = method in ELEMENTWISE or (method == "slerp" and len(sources) == 2) or method == "ties"
         step = max(1, ROW_BLOCK // max(1, math.prod(shape[1:]))) if blockwise else rows
         if step >= rows:
             yield name, _merge_rows(method, name, sources, base is not None, slice(None), model_parameters,
@@ -295,11 +303,38 @@ def merged_tensors(
             c0, c1 = slerp_coefficients(moments, t)
             for block in blocks:
                 out[block] = c0 * _rows(base_model[name], base_index, block) + c1 * _rows(other[name], index, block)
+        elif method == "ties":
+            _ties_in_blocks(out, name, sources, blocks, model_parameters, parameters)
         else:
             for block in blocks:
                 out[block] = _merge_rows(method, name, sources, base is not None, block, model_parameters,
                                          parameters, generator)
         yield name, out
+
+
+def _ties_in_blocks(out, name, sources, blocks, model_parameters, parameters) -> None:
+    """TIES on tensor ``name`` of ``sources`` (the base last), a block of rows at a time: first
+    each delta's magnitude cut (one float32 copy of one delta's magnitudes at a time), then the
+    pruned deltas of each block combined (sign consensus is elementwise)."""
+    values, per_model = resolve_parameters("ties", len(sources) - 1, model_parameters, parameters)
+    (base, base_index), others = sources[-1], sources[:-1]
+
+    def deltas(model, index):
+        return lambda: (_rows(model[name], index, b) - _rows(base[name], base_index, b) for b in blocks)
+
+    cuts = [magnitude_cut(deltas(model, index), out.numel(), p["density"], values["rescale"]) if p["density"] < 1
+            else None for (model, index), p in zip(others, per_model)]
+    tied = [0] * len(others)
+    for block in blocks:
+        base_rows = _rows(base[name], base_index, block)
+        pruned = []
+        for i, (model, index) in enumerate(others):
+            delta = _rows(model[name], index, block) - base_rows
+            if cuts[i] is not None:
+                delta, count = cuts[i].apply(delta, tied[i])
+                tied[i] += count
+            pruned.append(delta)
+        out[block] = combine_deltas(pruned, base_rows, per_model, values, consensus=True)
 
 
 def _merge_rows(method, name, sources, has_base, block, model_parameters, parameters, generator) -> torch.Tensor:
@@ -315,7 +350,8 @@ def _merge_rows(method, name, sources, has_base, block, model_parameters, parame
 #: Merge methods whose every output entry depends only on the same entry of each input: a
 #: large tensor is merged in blocks of rows, with the same result, so that the method's
 #: temporaries (stacked inputs, products) are a block's size, not a vocabulary matrix's.
-#: ``slerp`` is merged in blocks too, after a first pass over the blocks for its moments.
+#: ``slerp`` and ``ties`` are merged in blocks too, after a first pass over the blocks for
+#: their whole-tensor statistics.
 ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
 #: Entries per block of rows (16 MB in float32).
 ROW_BLOCK = 1 << 22

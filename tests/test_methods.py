@@ -205,6 +205,25 @@ def test_magnitude_pruning_keeps_what_a_stable_descending_sort_keeps(seed):
         assert torch.equal(_magnitude_prune(delta, density, False, None), expected.view_as(delta)), density
 
 
+@pytest.mark.parametrize("rescale", [False, True])
+def test_magnitude_pruning_a_block_of_rows_at_a_time_equals_pruning_the_whole(rescale):
+    # How the streamed path prunes a large tensor: many ties at the threshold, split across blocks.
+    from merge_graphs.methods import _magnitude_prune, magnitude_cut
+
+    delta = torch.randint(-2, 3, (23, 5), generator=torch.Generator().manual_seed(1)).float()
+    for density in (0.1, 0.35, 0.6, 0.9):
+        whole = _magnitude_prune(delta, density, rescale, None)
+        for step in (1, 3, 7):
+            blocks = [slice(i, i + step) for i in range(0, 23, step)]
+            cut = magnitude_cut(lambda: (delta[b] for b in blocks), delta.numel(), density, rescale)
+            parts, tied = [], 0
+            for b in blocks:
+                part, count = cut.apply(delta[b], tied)
+                parts.append(part)
+                tied += count
+            assert torch.equal(torch.cat(parts), whole), (density, step)
+
+
 def test_dare_ties_at_density_one_is_sign_consensus_without_normalize():
     # no pruning; weighted [3,-1,.5,2,-4], [-1,-1.5,.5,-.5,.1], [2,4,-.2,8,-2]; sum [4,1.5,.8,9.5,-5.9]
     full = [{"weight": p["weight"]} for p in TIES_P]

@@ -98,12 +98,13 @@ def test_every_merge_method_streams_to_the_in_memory_tensors(tmp_path, method):
     assert_identical(memory, streamed)
 
 
-@pytest.mark.parametrize("method", [*sorted(ELEMENTWISE), "slerp"])
+@pytest.mark.parametrize("method", [*sorted(ELEMENTWISE), "slerp", "ties", "ties-rescaled"])
 def test_elementwise_methods_merge_large_tensors_in_row_blocks_to_the_same_tensors(tmp_path, monkeypatch, method):
     monkeypatch.setattr("merge_graphs.stream.ROW_BLOCK", 100)  # every matrix in blocks of a few rows
     folders = [save(make("gpt2-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1, 2)]
-    recipe = {"models": [{"model": f} for f in folders], "merge": {"method": method,
-                                                                      "parameters": PARAMETERS.get(method, {})}}
+    parameters = {**PARAMETERS.get(method.split("-")[0], {}), **({"rescale": True} if "rescaled" in method else {})}
+    method = method.split("-")[0]
+    recipe = {"models": [{"model": f} for f in folders], "merge": {"method": method, "parameters": parameters}}
     if METHODS[method].needs_base:
         models = folders[1:2] if method == "slerp" else folders[1:]
         recipe = {**recipe, "models": [{"model": f} for f in models], "base_model": folders[0]}
