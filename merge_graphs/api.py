@@ -232,6 +232,7 @@ def merge_models(
         basis.spec, basis.apply(reference.state_dict()), states, method,
         base_state=basis.apply(base_model.state_dict()) if needs_base else None,
         model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed,
+        tied=tied_names(reference.state_dict()),
     )
     return _with_state(output_skeleton(reference, residual), merged)
 
@@ -290,24 +291,55 @@ def merge_states(
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     parameters: Mapping[str, Any] | None = None,
     seed: int = 0,
+    tied: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge aligned named tensors one name at a time.
 
     Tensors the spec does not label (integer ids, buffers) are copied from ``reference``.
-    ``seed`` makes ``dare_*`` pruning reproducible.
+    ``seed`` makes ``dare_*`` pruning reproducible. A tensor the model holds under two names (a
+    head tied to the embedding; ``tied`` maps the second name to the first, by default found in
+    ``reference`` by :func:`tied_names`) is merged once, as the streamed path merges it, so
+    ``dare_*`` draws one mask for it.
     """
     device = next(iter(reference.values())).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    merged = {}
+    tied = tied_names(reference) if tied is None else tied
+    merged: dict[str, torch.Tensor] = {}
     for name, ref in reference.items():
         if name not in spec.tensors:
             merged[name] = ref.clone()
+            continue
+        if tied.get(name) in merged:
+            merged[name] = merged[tied[name]]
             continue
         merged[name] = merge_tensors(
             method, [s[name] for s in states], base=None if base_state is None else base_state[name],
             model_parameters=model_parameters, parameters=parameters, generator=generator,
         )
     return merged
+
+
+def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: earlier name}`` for the names of ``state`` that hold the same tensor as an
+    earlier one (a state dict's tied weights).
+
+    Example:
+        >>> import torch
+        >>> w = torch.ones(2, 2)
+        >>> tied_names({"embed": w, "norm": torch.ones(2), "head": w})
+        {'head': 'embed'}
+    """
+    first: dict[tuple[int, tuple[int, ...]], str] = {}
+    out = {}
+    for name, t in state.items():
+        if not t.numel():
+            continue
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
 
 
 def compatible_spec(model_a: nn.Module, model_b: nn.Module) -> SymmetrySpec:

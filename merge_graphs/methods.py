@@ -386,6 +386,38 @@ def _magnitude_prune(delta: Tensor, density: float, rescale: bool, generator: to
     return magnitude_cut(lambda: [delta], delta.numel(), density, rescale).apply(delta)[0]
 
 
+@dataclass(frozen=True)
+class RandomCut:
+    """DARE's pruning of one delta read a block of rows at a time: ``generator`` stands where the
+    whole delta's mask was first drawn (masks are drawn entry by entry, in order, so blocks drawn
+    one after the other give the whole mask); ``scale`` is the L1 rescale factor."""
+
+    generator: torch.Generator
+    density: float
+    scale: float
+
+    def apply(self, block: Tensor, state: int = 0) -> tuple[Tensor, int]:
+        """The pruned next block of rows (``state`` is passed through, as for :class:`MagnitudeCut`)."""
+        pruned = block * torch.bernoulli(torch.full_like(block, self.density), generator=self.generator)
+        return (pruned if self.scale == 1.0 else pruned * self.scale), state
+
+
+def random_cut(blocks: Callable[[], Iterable[Tensor]], density: float, rescale: bool,
+               generator: torch.Generator) -> RandomCut:
+    """:class:`RandomCut` of a delta read as row blocks by ``blocks()``. Draws the whole mask from
+    ``generator`` (leaving it where pruning the whole delta would) for the L1 sums, and keeps a
+    copy of the generator as it was, to draw the same mask again block by block."""
+    start = torch.Generator(device=generator.device)
+    start.set_state(generator.get_state())
+    before, after = [], []
+    for block in blocks():
+        pruned = block * torch.bernoulli(torch.full_like(block, density), generator=generator)
+        if rescale:
+            before.append(_l1(block))
+            after.append(_l1(pruned))
+    return RandomCut(start, density, _l1_scale(torch.cat(before), torch.cat(after)) if rescale else 1.0)
+
+
 def _random_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
     """Keep each entry independently with probability density (DARE)."""
     if density >= 1:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from merge_graphs.api import _with_state, align_models, identity_alignment, merge_states, output_skeleton
+from merge_graphs.api import _with_state, align_models, identity_alignment, merge_states, output_skeleton, tied_names
 from merge_graphs.errors import RecipeError
 from merge_graphs.match import Alignment
 from merge_graphs.memory import PeakRSS
@@ -240,7 +240,7 @@ def _run_in_memory(recipe: Recipe, result: RunResult, target: Path, overwrite: b
             [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)],
             recipe.merge.method, base_state=basis.apply(base.state_dict()) if base is not None else None,
             model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters,
-            seed=recipe.seed,
+            seed=recipe.seed, tied=tied_names(reference.state_dict()),
         )
 
     with _stage(result, "merge"):

@@ -16,9 +16,9 @@ with a permuted residual stream, any merge method). What is in memory when:
 * merging: :func:`merged_tensors` reads one tensor of every model, permutes it, merges in
   float32 and hands the result on; :func:`~merge_graphs.io.writer.write_tensor_folder` writes
   it to its shard and drops it. Elementwise methods (linear, task arithmetic), slerp (after a
-  first pass for its moments) and TIES (after a first pass for each delta's magnitude cut,
-  which holds one float32 copy of one delta's magnitudes) merge a large tensor in blocks of
-  rows, so their temporaries are a block's size; DARE still takes a tensor whole.
+  first pass for its moments), TIES and DARE (after a first pass for each delta's cut: TIES
+  holds one float32 copy of one delta's magnitudes) merge a large tensor in blocks of rows, so
+  their temporaries are a block's size.
 
 So peak memory is a few copies of the largest tensor plus the similarity matrices, whatever the
 model's depth. Matching and merging run in float32 whatever the checkpoints' dtype, on the
@@ -43,6 +43,7 @@ from merge_graphs.methods import (
     combine_deltas,
     magnitude_cut,
     merge_tensors,
+    random_cut,
     resolve_parameters,
     slerp_coefficients,
     slerp_row_moments,
@@ -258,7 +259,8 @@ def merged_tensors(
 
     Each step reads one tensor of every model (and of ``base``), puts it in the reference's
     unit order, merges in float32 and yields; nothing is kept between steps. Elementwise
-    methods (:data:`ELEMENTWISE`), slerp and ties merge a large tensor in blocks of rows, bitwise the same. Tensors the spec
+    methods (:data:`ELEMENTWISE`), slerp and the pruning methods (:data:`PRUNED`) merge a large
+    tensor in blocks of rows, bitwise the same. Tensors the spec
     does not label (integer ids, RoPE buffers) are the reference's, as they are. The merge is
     :func:`merge_graphs.api.merge_states`'s, tensor for tensor and in the same order, so
     ``dare_*`` draws the same masks from its generator (``seed``).
@@ -285,7 +287,7 @@ def merged_tensors(
         if base is not None:
             sources.append((base, [None] * len(spec.tensors[name].axes)))
         rows = shape[0] if shape else 1
-        blockwise = method in ELEMENTWISE or (method == "slerp" and len(sources) == 2) or method == "ties"
+        blockwise = method in ELEMENTWISE or (method == "slerp" and len(sources) == 2) or method in PRUNED
         step = max(1, ROW_BLOCK // max(1, math.prod(shape[1:]))) if blockwise else rows
         if step >= rows:
             yield name, _merge_rows(method, name, sources, base is not None, slice(None), model_parameters,
@@ -303,8 +305,8 @@ def merged_tensors(
             c0, c1 = slerp_coefficients(moments, t)
             for block in blocks:
                 out[block] = c0 * _rows(base_model[name], base_index, block) + c1 * _rows(other[name], index, block)
-        elif method == "ties":
-            _ties_in_blocks(out, name, sources, blocks, model_parameters, parameters)
+        elif method in PRUNED:
+            _pruned_in_blocks(method, out, name, sources, blocks, model_parameters, parameters, generator)
         else:
             for block in blocks:
                 out[block] = _merge_rows(method, name, sources, base is not None, block, model_parameters,
@@ -312,29 +314,40 @@ def merged_tensors(
         yield name, out
 
 
-def _ties_in_blocks(out, name, sources, blocks, model_parameters, parameters) -> None:
-    """TIES on tensor ``name`` of ``sources`` (the base last), a block of rows at a time: first
-    each delta's magnitude cut (one float32 copy of one delta's magnitudes at a time), then the
-    pruned deltas of each block combined (sign consensus is elementwise)."""
-    values, per_model = resolve_parameters("ties", len(sources) - 1, model_parameters, parameters)
+#: Task-arithmetic methods that prune each delta: a large tensor is merged in blocks of rows
+#: after a first pass for each delta's cut (TIES: the magnitude threshold, from one float32
+#: copy of one delta's magnitudes; DARE: the L1 rescale, drawing the mask once to measure it).
+PRUNED = frozenset({"ties", "dare_linear", "dare_ties"})
+
+
+def _pruned_in_blocks(method, out, name, sources, blocks, model_parameters, parameters, generator) -> None:
+    """``method`` (in :data:`PRUNED`) on tensor ``name`` of ``sources`` (the base last), a block
+    of rows at a time: each delta's cut first, then the pruned deltas of each block combined
+    (sign consensus is elementwise). The same tensor as merging it whole."""
+    values, per_model = resolve_parameters(method, len(sources) - 1, model_parameters, parameters)
     (base, base_index), others = sources[-1], sources[:-1]
 
     def deltas(model, index):
         return lambda: (_rows(model[name], index, b) - _rows(base[name], base_index, b) for b in blocks)
 
-    cuts = [magnitude_cut(deltas(model, index), out.numel(), p["density"], values["rescale"]) if p["density"] < 1
-            else None for (model, index), p in zip(others, per_model)]
-    tied = [0] * len(others)
+    cuts = []
+    for (model, index), p in zip(others, per_model):
+        if p["density"] >= 1:
+            cuts.append(None)
+        elif method == "ties":
+            cuts.append(magnitude_cut(deltas(model, index), out.numel(), p["density"], values["rescale"]))
+        else:
+            cuts.append(random_cut(deltas(model, index), p["density"], values["rescale"], generator))
+    state = [0] * len(others)
     for block in blocks:
         base_rows = _rows(base[name], base_index, block)
         pruned = []
         for i, (model, index) in enumerate(others):
             delta = _rows(model[name], index, block) - base_rows
             if cuts[i] is not None:
-                delta, count = cuts[i].apply(delta, tied[i])
-                tied[i] += count
+                delta, state[i] = cuts[i].apply(delta, state[i])
             pruned.append(delta)
-        out[block] = combine_deltas(pruned, base_rows, per_model, values, consensus=True)
+        out[block] = combine_deltas(pruned, base_rows, per_model, values, consensus=method != "dare_linear")
 
 
 def _merge_rows(method, name, sources, has_base, block, model_parameters, parameters, generator) -> torch.Tensor:
@@ -350,8 +363,8 @@ def _merge_rows(method, name, sources, has_base, block, model_parameters, parame
 #: Merge methods whose every output entry depends only on the same entry of each input: a
 #: large tensor is merged in blocks of rows, with the same result, so that the method's
 #: temporaries (stacked inputs, products) are a block's size, not a vocabulary matrix's.
-#: ``slerp`` and ``ties`` are merged in blocks too, after a first pass over the blocks for
-#: their whole-tensor statistics.
+#: ``slerp`` and the :data:`PRUNED` methods are merged in blocks too, after a first pass over
+#: the blocks for their whole-tensor statistics.
 ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
 #: Entries per block of rows (16 MB in float32).
 ROW_BLOCK = 1 << 22

@@ -98,7 +98,8 @@ def test_every_merge_method_streams_to_the_in_memory_tensors(tmp_path, method):
     assert_identical(memory, streamed)
 
 
-@pytest.mark.parametrize("method", [*sorted(ELEMENTWISE), "slerp", "ties", "ties-rescaled"])
+@pytest.mark.parametrize("method", [*sorted(ELEMENTWISE), "slerp", "ties", "ties-rescaled", "dare_linear",
+                                    "dare_ties", "dare_ties-rescaled"])
 def test_elementwise_methods_merge_large_tensors_in_row_blocks_to_the_same_tensors(tmp_path, monkeypatch, method):
     monkeypatch.setattr("merge_graphs.stream.ROW_BLOCK", 100)  # every matrix in blocks of a few rows
     folders = [save(make("gpt2-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1, 2)]
