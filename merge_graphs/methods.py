@@ -349,9 +349,9 @@ class MagnitudeCut:
 
 
 def magnitude_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, density: float, rescale: bool) -> MagnitudeCut:
-    """:class:`MagnitudeCut` of a delta read as row blocks, in order, by ``blocks()`` (called up
-    to three times): the k-th largest magnitude from one float32 copy of ``|delta|``, partitioned
-    in place (no sort, no index tensor), then counts and L1 sums block by block.
+    """:class:`MagnitudeCut` of a delta read as row blocks, in order, by ``blocks()`` (called
+    once, twice with ``rescale``): the k-th largest magnitude from one float32 copy of
+    ``|delta|``, partitioned in place (no sort, no index tensor), then the L1 sums block by block.
 
     Raises:
         ValueError: ``density`` keeps no entry.
@@ -365,8 +365,8 @@ def magnitude_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, density: f
         magnitudes[offset:offset + block.numel()] = block.abs().flatten()
         offset += block.numel()
     threshold = _kth_smallest(magnitudes, numel - k)
+    above = int((magnitudes > threshold).sum())
     del magnitudes
-    above = sum(int((block.abs() > threshold).sum()) for block in blocks())
     cut = MagnitudeCut(threshold, k - above, 1.0)
     if not rescale:
         return cut
@@ -411,10 +411,10 @@ def random_cut(blocks: Callable[[], Iterable[Tensor]], density: float, rescale: 
     start.set_state(generator.get_state())
     before, after = [], []
     for block in blocks():
-        pruned = block * torch.bernoulli(torch.full_like(block, density), generator=generator)
+        mask = torch.bernoulli(torch.full_like(block, density), generator=generator)
         if rescale:
             before.append(_l1(block))
-            after.append(_l1(pruned))
+            after.append(_l1(block * mask))
     return RandomCut(start, density, _l1_scale(torch.cat(before), torch.cat(after)) if rescale else 1.0)
 
 
