@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -226,9 +227,11 @@ def weight_matching(
     gen = torch.Generator().manual_seed(seed)
     sweeps = 0
     # A root group's assignment (one CPU core in scipy, which releases the GIL) runs in a
-    # thread while the next group's similarity is computed, unless that one reads it: the
-    # result is exactly that of solving one group after the other. At most one assignment waits,
-    # so no more than two similarity matrices are held.
+    # worker thread while the next groups' similarities are computed, unless those read it: the
+    # result is exactly that of solving one group after the other. At most ``workers``
+    # assignments are in flight, so no more than ``workers + 1`` similarity matrices are held.
+    workers = ASSIGNMENT_WORKERS
+    pool = _assignment_pool(workers)
     pending: dict[str, tuple[dict[str, int], Callable[[], tuple[Permutations, float, float]]]] = {}
     improved = False
 
@@ -242,7 +245,6 @@ def weight_matching(
             version[g] += 1
             improved = True
 
-    pool = _assignment_thread()
     for sweeps in range(1, max_iter + 1):
         improved = False
         for i in torch.randperm(len(todo), generator=gen).tolist():
@@ -256,10 +258,12 @@ def weight_matching(
                 # On a large model this skips most of the last, confirming sweep.
                 continue
             pending[g] = now, _start_block(spec, state_a, state_b, perms, g, children[g], solver, pool)
-            # Attention blocks are solved by now; an assignment still running goes on through
-            # them and is waited for only when the next one is handed over.
-            for waiting in [p for p in pending if p != g and (children[p] or not children[g])]:
+            # Attention blocks are solved by now; assignments still running go on through them
+            # and the oldest is waited for when one more than ``workers`` would be in flight.
+            for waiting in [p for p in pending if children[p]]:
                 settle(waiting)
+            while len(pending) > workers:
+                settle(next(iter(pending)))
         for waiting in list(pending):
             settle(waiting)
         if not improved:
@@ -294,15 +298,19 @@ def _inner(x: torch.Tensor, y: torch.Tensor) -> float:
     return sum((float((x[i:i + BLOCK].float() * y[i:i + BLOCK].float()).sum()) for i in range(0, x.numel(), BLOCK)), 0.0)
 
 
-_ASSIGNMENT_THREAD: list[ThreadPoolExecutor] = []
+#: Threads that run scipy's assignments beside the similarity products: one per core, since
+#: each assignment is one core's work, two at most: each assignment in flight holds its
+#: similarity in float64 (at an 8B model's MLP width, 1.6 GB).
+ASSIGNMENT_WORKERS = max(1, min(2, os.cpu_count() or 1))
+_ASSIGNMENT_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def _assignment_thread() -> ThreadPoolExecutor:
-    """The one worker thread assignments run in, made once: a thread per call would leave
+def _assignment_pool(workers: int) -> ThreadPoolExecutor:
+    """The ``workers`` threads assignments run in, made once: a thread per call would leave
     another allocator arena resident each time."""
-    if not _ASSIGNMENT_THREAD:
-        _ASSIGNMENT_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="assignment"))
-    return _ASSIGNMENT_THREAD[0]
+    if workers not in _ASSIGNMENT_POOLS:
+        _ASSIGNMENT_POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="assignment")
+    return _ASSIGNMENT_POOLS[workers]
 
 
 def _without_identities(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -394,17 +402,29 @@ def _start_block(spec, a, b, perms, group, children, solver, pool: Executor | No
     # The linearized objective, as in Git Re-Basin: a group that meets itself on a second
     # axis (a residual-to-residual matrix) is held at its current permutation there.
     old = float(sim[rows, perms[group].to(sim.device)].sum())
-    solving = None
-    if pool is not None:
-        # Anything the worker allocates stays in its own allocator arena: hand it the array
-        # scipy reads rather than converting there.
-        resolved = _resolve(solver, sim)
-        solving = (pool.submit(solve, sim, resolved) if resolved == "torch"
-                   else pool.submit(_solve_array, _as_array(sim), resolved))
+    resolved = _resolve(solver, sim)
+    if pool is None or resolved == "torch":
+        solving = pool.submit(solve, sim, resolved) if pool is not None else None
+
+        def finish() -> tuple[Permutations, float, float]:
+            found = solving.result() if solving is not None else solve(sim, solver)
+            return {group: found}, old, float(sim[rows, found.to(sim.device)].sum())
+
+        return finish
+    # Anything the worker allocates stays in its own allocator arena: hand it the array scipy
+    # reads rather than converting there.
+    return _hand_over(pool, _as_array(sim), resolved, group, old)
+
+
+def _hand_over(pool: Executor, array: np.ndarray, solver: str, group: str, old: float):
+    """:func:`_start_block`'s callable for a CPU solver running in ``pool`` on ``array``: an
+    assignment in flight holds that array only, not the float32 similarity too."""
+    solving = pool.submit(_solve_array, array, solver)
 
     def finish() -> tuple[Permutations, float, float]:
-        found = solving.result() if solving is not None else solve(sim, solver)
-        return {group: found}, old, float(sim[rows, found.to(sim.device)].sum())
+        found = solving.result()
+        # The float64 array holds the float32 similarities exactly: summed in float32, like ``old``.
+        return {group: found}, old, float(torch.from_numpy(array[np.arange(len(array)), found.numpy()]).float().sum())
 
     return finish
 

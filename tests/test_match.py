@@ -128,14 +128,17 @@ def test_bfloat16_tensors_match_like_their_float32_values(family, monkeypatch):
     assert blocked.objective_after == pytest.approx(exact.objective_after, rel=1e-5)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("family", ["llama-lm", "gpt2-lm", "bert"])
-def test_assignments_running_beside_the_next_similarity_give_the_sequential_result(family, monkeypatch):
+def test_assignments_running_beside_the_next_similarity_give_the_sequential_result(family, workers, monkeypatch):
     # Plain coordinate descent, one block solved and applied after the other, against
-    # weight_matching, where a block's assignment runs in a thread (slowed down here) while the
-    # next blocks start: those that read a running group must wait for it.
+    # weight_matching, where blocks' assignments run in worker threads (slowed down here) while
+    # the next blocks start: those that read a running group must wait for it.
     import time
 
     from merge_graphs import match
+
+    monkeypatch.setattr(match, "ASSIGNMENT_WORKERS", workers)
 
     a, b = make(family, seed=0).state_dict(), make(family, seed=1).state_dict()
     spec = mg.symmetry_spec(make(family))
@@ -157,3 +160,37 @@ def test_assignments_running_beside_the_next_similarity_give_the_sequential_resu
     assert overlapped.iterations == sweeps
     for g, p in perms.items():
         assert torch.equal(overlapped.permutations[g], p), g
+
+
+def test_independent_assignments_run_at_once_and_give_the_one_worker_result(monkeypatch):
+    # GNN matching's groups read nothing of each other (each is matched on its own embeddings):
+    # with two workers two assignments are in flight at a time, never more.
+    import threading
+    import time
+
+    from merge_graphs import match
+
+    a, b = make("llama-lm", seed=0), make("llama-lm", seed=1)
+    solve_array, lock = match._solve_array, threading.Lock()
+    running, most = [0], [0]
+
+    def slow(*args):
+        if not threading.current_thread().name.startswith("assignment"):
+            return solve_array(*args)  # attention heads, matched in the calling thread
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return solve_array(*args)
+
+    monkeypatch.setattr(match, "_solve_array", slow)
+    found = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(match, "ASSIGNMENT_WORKERS", workers)
+        most[0] = 0
+        found[workers] = mg.align(a, b, "gnn")
+        assert most[0] == workers
+    for g, p in found[1].permutations.items():
+        assert torch.equal(found[2].permutations[g], p), g

@@ -1,6 +1,6 @@
 """mergekit, the tool merge-graphs' users already know, as a baseline run beside ours.
 
-mergekit is not a dependency of merge-graphs: :func:`mergekit_linear` installs mergekit 0.1.5
+mergekit is not a dependency of merge-graphs: :func:`mergekit_merge` (and :func:`mergekit_linear`) installs mergekit 0.1.5
 into a virtual environment of its own on first use (``out/bench/mergekit-venv`` by default;
 ``python -m venv``, then ``pip install torch==2.13.0`` first, because an unpinned torch makes pip
 fetch a multi-GB CUDA build, then ``pip install mergekit==0.1.5``), runs ``mergekit-yaml`` there
@@ -27,9 +27,10 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -127,6 +128,21 @@ def mergekit_linear(models: Sequence[str | os.PathLike], out: str | os.PathLike,
         out: the output folder (mergekit writes it; an existing one is overwritten by mergekit).
         weights: one weight per model, normalized by mergekit; equal by default.
         dtype: mergekit's ``dtype`` for the merge and the output.
+        venv, extra_args: as for :func:`mergekit_merge`.
+
+    Returns:
+        A :class:`MergekitRun`; ``skipped`` says why when mergekit could not run or failed.
+    """
+    return mergekit_merge(linear_config(models, weights, dtype), out, venv=venv, extra_args=extra_args)
+
+
+def mergekit_merge(config: Mapping[str, Any], out: str | os.PathLike, *, venv: str | os.PathLike | None = None,
+                   extra_args: Sequence[str] = ()) -> MergekitRun:
+    """Run ``mergekit-yaml`` on ``config`` (a mergekit recipe: ``merge_method``, ``models`` ...) into ``out``, timed.
+
+    Args:
+        config: the recipe, written next to ``out`` as ``OUT.mergekit.yaml``.
+        out: the output folder (mergekit writes it; an existing one is overwritten by mergekit).
         venv: mergekit's virtual environment (``out/bench/mergekit-venv`` by default; made if missing).
         extra_args: more ``mergekit-yaml`` options (e.g. ``["--out-shard-size", "1B"]``).
 
@@ -140,10 +156,10 @@ def mergekit_linear(models: Sequence[str | os.PathLike], out: str | os.PathLike,
         logger.warning("mergekit skipped: %s", e)
         return MergekitRun(None, None, None, skipped=f"no mergekit environment: {e}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = out.parent / f"{out.name}.mergekit.yaml"
-    config.write_text(yaml.safe_dump(linear_config(models, weights, dtype), sort_keys=False), encoding="utf-8")
+    config_file = out.parent / f"{out.name}.mergekit.yaml"
+    config_file.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
     log = out.parent / f"{out.name}.mergekit.log"
-    command = (str(exe), str(config), str(out), "--copy-tokenizer", *extra_args)
+    command = (str(exe), str(config_file), str(out), "--copy-tokenizer", *extra_args)
     # Offline: the models are local folders; mergekit must not wait on the Hub.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = run_measured(command, log, env)

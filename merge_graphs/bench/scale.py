@@ -1,4 +1,4 @@
-"""Suite ``scale``: wall time and peak memory of merging Llama pairs, beside mergekit's linear merge.
+"""Suite ``scale``: wall time and peak memory of merging Llama pairs, beside mergekit's merges.
 
     merge-graphs bench scale [--quick] [--out DIR]
 
@@ -13,8 +13,8 @@ sharded safetensors under ``OUT/scale/``, kept for the next run), in the sizes o
 * ``8b`` (only when CUDA is available, bfloat16): hidden 4096, 32 layers, 32 heads / 8 KV heads,
   intermediate 14336, vocab 32000 (Llama-3-8B's body with Llama-2's vocabulary): 7.0B.
 
-For each pair, four merges, each in a process of its own so its peak resident memory is its own
-(:func:`~merge_graphs.bench.measure.run_measured`):
+For each pair, the merges of :data:`VARIANTS`, each in a process of its own so its peak resident
+memory is its own (:func:`~merge_graphs.bench.measure.run_measured`):
 
 * ``mergekit``: mergekit 0.1.5's linear merge (:mod:`merge_graphs.bench.mergekit`; its own
   virtual environment, made on first use; ``skipped`` when it cannot be made);
@@ -22,13 +22,16 @@ For each pair, four merges, each in a process of its own so its peak resident me
   with ``align: none`` and a linear merge: the same merge as mergekit's;
 * ``ours-weight``: the same with ``align: weight`` (Git Re-Basin weight matching, scipy's exact
   assignment on CPU, the torch auction on a GPU);
-* ``ours-gnn``: the same with ``align: gnn`` (the pretrained encoder's embeddings, streamed).
+* ``ours-gnn``: the same with ``align: gnn`` (the pretrained encoder's embeddings, streamed);
+* ``mergekit-M`` and ``ours-M`` for each method ``M`` of :data:`MERGES` (slerp, TIES, DARE-TIES
+  with seed 0's model as the base): one mergekit recipe, run by mergekit and by our tool
+  (which reads mergekit recipes and merges them without alignment, as mergekit does).
 
 Reported per merge: wall time of the child, start to exit (Python start-up and imports
 included, for both tools), its peak RSS, and for ours the time, peak RSS and peak GPU memory
-per stage and the execution path (streamed or in-memory); ratios to mergekit; and the largest
-difference between ``ours-none``'s and mergekit's merged tensors (they compute the same
-average). Before each merge the pair's files are read once so every run starts with them in the
+per stage and the execution path (streamed or in-memory); ratios to mergekit's merge by the same
+method; and per deterministic method the largest difference between our unaligned merge's tensors
+and mergekit's. Before each merge the pair's files are read once so every run starts with them in the
 page cache. Then scipy's assignment and the torch auction (:mod:`merge_graphs.assignment`) are
 timed on random square costs of LLM group widths (:data:`SOLVER_SIZES`; 14336 on a GPU only).
 ``OUT/bench-scale.json``. ``--quick`` merges a tiny pair (hidden 64, 2 layers, a few MB) and
@@ -53,7 +56,7 @@ import yaml
 import merge_graphs
 from merge_graphs.bench.common import machine, machine_line, out_folder, register, write_report
 from merge_graphs.bench.measure import run_measured
-from merge_graphs.bench.mergekit import mergekit_linear
+from merge_graphs.bench.mergekit import mergekit_linear, mergekit_merge
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +81,31 @@ GPU_SIZES = ("8b",)
 SOLVER_SIZES = {"cpu": (1024, 4096), "cuda": (1024, 4096, 14336), "quick": (256,)}
 SEEDS = (0, 1)
 SHARD = "1GB"
-VARIANTS = ("mergekit", "ours-none", "ours-weight", "ours-gnn")
+#: Merge methods other than linear, run by both tools from one mergekit recipe without alignment:
+#: method -> (its global parameters, the parameters of seed 1's model). Seed 0's model is the base.
+MERGES: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+    "slerp": ({"t": 0.5}, {}),
+    "ties": ({}, {"density": 0.5, "weight": 1.0}),
+    "dare_ties": ({}, {"density": 0.5, "weight": 1.0}),
+}
+#: Methods whose result is random (a fresh mask per run): the two tools' outputs are not compared.
+RANDOM_MERGES = ("dare_ties",)
+#: name -> (tool, merge method, alignment): linear merges with each alignment, then each of
+#: :data:`MERGES` by both tools.
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "mergekit": ("mergekit", "linear", "none"),
+    "ours-none": ("ours", "linear", "none"),
+    "ours-weight": ("ours", "linear", "weight"),
+    "ours-gnn": ("ours", "linear", "gnn"),
+    **{f"{tool}-{method}": (tool, method, "none") for method in MERGES for tool in ("mergekit", "ours")},
+}
 
 # The child that runs our recipe: run_recipe is what `merge-graphs recipe.yaml` calls; the child
 # writes what the command would print as JSON, for the report.
 _OURS = """
 import json, sys, torch
 from merge_graphs.run import run_recipe
-r = run_recipe(sys.argv[1], device=sys.argv[2], overwrite=True, progress=False)
+r = run_recipe(sys.argv[1], out=sys.argv[4], device=sys.argv[2], overwrite=True, progress=False)
 json.dump({"path": r.path, "path_reason": r.path_reason, "stage_seconds": r.stage_seconds,
            "stage_peak_rss": r.stage_peak_rss,
            "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
@@ -172,22 +192,52 @@ def _warm(folders: Sequence[Path]) -> None:
                     pass
 
 
-def run_ours(pair: Sequence[Path], out: Path, align: str, device: str) -> dict[str, Any]:
-    """Merge ``pair`` with our recipe (``align``, linear merge) in a child process; its figures."""
-    recipe = {"models": [{"model": str(p.resolve())} for p in pair], "align": {"method": align},
-              "merge": {"method": "linear"}, "output": {"path": str(out.resolve()), "shard_size": "5GB"}}
+def method_config(method: str, pair: Sequence[Path], dtype: str) -> dict[str, Any]:
+    """The mergekit recipe of one of :data:`MERGES` for ``pair`` (both tools read it).
+
+    Example:
+        >>> method_config("ties", [Path("a"), Path("b")], "float32")["models"]
+        [{'model': 'b', 'parameters': {'density': 0.5, 'weight': 1.0}}]
+    """
+    global_parameters, parameters = MERGES[method]
+    base, other = (str(p) for p in pair)
+    models = [{"model": other, "parameters": dict(parameters)}]
+    if method == "slerp":  # mergekit's slerp interpolates between the two models it lists
+        models.insert(0, {"model": base})
+    return {"merge_method": method, "base_model": base, "models": models, "parameters": dict(global_parameters),
+            "dtype": dtype}
+
+
+def run_ours(recipe: Mapping[str, Any], out: Path, device: str) -> dict[str, Any]:
+    """Run ``recipe`` (ours or mergekit's format) with our tool into ``out`` in a child process; its figures."""
     recipe_file = out.parent / f"{out.name}.yaml"
-    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    recipe_file.write_text(yaml.safe_dump(dict(recipe), sort_keys=False), encoding="utf-8")
     figures = out.parent / f"{out.name}.json"
     log = out.parent / f"{out.name}.log"
     package_root = str(Path(merge_graphs.__file__).resolve().parents[1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    done = run_measured([sys.executable, "-c", _OURS, str(recipe_file), device, str(figures)], log, env)
+    done = run_measured([sys.executable, "-c", _OURS, str(recipe_file), device, str(figures), str(out)], log, env)
     if done.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-20:]
-        raise RuntimeError(f"our merge of {pair[0].name} failed (exit {done.returncode}):\n" + "\n".join(tail))
+        raise RuntimeError(f"our merge into {out.name} failed (exit {done.returncode}):\n" + "\n".join(tail))
     return {"wall_s": done.wall_s, "peak_rss_bytes": done.peak_rss_bytes, **json.loads(figures.read_text(encoding="utf-8"))}
+
+
+def _merge(variant: str, pair: Sequence[Path], target: Path, dtype: torch.dtype, device: str) -> dict[str, Any]:
+    """One variant's merge of ``pair`` into ``target``, measured."""
+    tool, method, align = VARIANTS[variant]
+    dtype_name = str(dtype).split(".")[1]
+    extra = ["--cuda"] if device == "cuda" else []
+    if method != "linear":
+        config = method_config(method, pair, dtype_name)
+        return (mergekit_merge(config, target, extra_args=extra).to_dict() if tool == "mergekit"
+                else run_ours(config, target, device))
+    if tool == "mergekit":
+        return mergekit_linear(pair, target, dtype=dtype_name, extra_args=extra).to_dict()
+    recipe = {"models": [{"model": str(p.resolve())} for p in pair], "align": {"method": align},
+              "merge": {"method": "linear"}, "output": {"path": str(target.resolve()), "shard_size": "5GB"}}
+    return run_ours(recipe, target, device)
 
 
 def max_difference(folder_a: Path, folder_b: Path) -> float:
@@ -212,10 +262,16 @@ def max_difference(folder_a: Path, folder_b: Path) -> float:
     return worst
 
 
+def _baseline(variant: str) -> str:
+    """The mergekit variant that ``variant`` is compared with: mergekit's merge by the same method."""
+    method = VARIANTS[variant][1]
+    return "mergekit" if method == "linear" else f"mergekit-{method}"
+
+
 def _ratios(rows: Mapping[str, Mapping[str, Any]]) -> None:
-    base = rows.get("mergekit", {})
     for name, row in rows.items():
-        if name == "mergekit" or not base.get("wall_s") or base.get("skipped"):
+        base = rows.get(_baseline(name), {})
+        if VARIANTS[name][0] == "mergekit" or not base.get("wall_s") or base.get("skipped"):
             continue
         row["wall_ratio"] = row["wall_s"] / base["wall_s"]
         row["rss_ratio"] = row["peak_rss_bytes"] / base["peak_rss_bytes"]
@@ -225,13 +281,13 @@ def format_scale(report: Mapping[str, Any]) -> str:
     """The table: per size and merge, wall time, peak RSS and their ratios to mergekit."""
     lines = [(f"scale suite: linear merge of random-weight Llama pairs (seeds {SEEDS[0]}/{SEEDS[1]}); each merge a "
               "process of its own; ratio = ours / mergekit 0.1.5")]
-    lines.append(f"{'size':6} {'params':>7} {'merge':12} {'wall s':>8} {'peak RSS GB':>12} {'x wall':>7} {'x RSS':>6}"
+    lines.append(f"{'size':6} {'params':>7} {'merge':18} {'wall s':>8} {'peak RSS GB':>12} {'x wall':>7} {'x RSS':>6}"
                  f"  {'path':10} stages")
     for size in report["sizes"]:
         params = f"{size['parameters'] / 1e9:.2f}B"
         for name, row in size["merges"].items():
             if row.get("skipped"):
-                lines.append(f"{size['name']:6} {params:>7} {name:12} skipped: {row['skipped'][:100]}")
+                lines.append(f"{size['name']:6} {params:>7} {name:18} skipped: {row['skipped'][:100]}")
                 continue
             ratios = (f"{row['wall_ratio']:>7.2f} {row['rss_ratio']:>6.2f}" if "wall_ratio" in row
                       else f"{'':>7} {'':>6}")
@@ -240,10 +296,10 @@ def format_scale(report: Mapping[str, Any]) -> str:
                                     else "")
                 for k, v in row.get("stage_seconds", {}).items())
             gpu = f"; GPU peak {row['gpu_peak_bytes'] / 1e9:.2f} GB" if row.get("gpu_peak_bytes") else ""
-            lines.append(f"{size['name']:6} {params:>7} {name:12} {row['wall_s']:>8.1f} "
+            lines.append(f"{size['name']:6} {params:>7} {name:18} {row['wall_s']:>8.1f} "
                          f"{row['peak_rss_bytes'] / 1e9:>12.2f} {ratios}  {row.get('path', ''):10} {stages}{gpu}")
-        if size.get("none_vs_mergekit_max_diff") is not None:
-            lines.append(f"{'':6} ours-none vs mergekit: largest tensor difference {size['none_vs_mergekit_max_diff']:.3g}")
+        for method, diff in size["max_diff_vs_mergekit"].items():
+            lines.append(f"{'':6} {method} without alignment, ours vs mergekit: largest tensor difference {diff:.3g}")
     for row in report["solvers"]:
         lines.append(f"assignment n={row['n']} (random costs): scipy {row['scipy_s']:.2f} s, torch auction on "
                      f"{row['device']} {row['auction_s']:.2f} s (objective gap {row['relative_gap']:.1e}, "
@@ -254,7 +310,7 @@ def format_scale(report: Mapping[str, Any]) -> str:
 
 @register("scale", format=format_scale)
 def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes: Sequence[str] | None = None,
-                variants: Sequence[str] = VARIANTS, keep: bool = False, solvers: bool = True, *,
+                variants: Sequence[str] = tuple(VARIANTS), keep: bool = False, solvers: bool = True, *,
                 progress: bool = False) -> dict[str, Any]:
     """Time and measure our merges of Llama pairs beside mergekit's; writes ``bench-scale.json``.
 
@@ -274,7 +330,7 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
         sizes = ["quick"] if quick else ["100m", "1b", "1b-bf16", *(["8b"] if cuda else [])]
     unknown = set(sizes) - set(SIZES) | set(variants) - set(VARIANTS)
     if unknown:
-        raise ValueError(f"unknown sizes or variants {sorted(unknown)}; sizes: {sorted(SIZES)}, variants: {VARIANTS}")
+        raise ValueError(f"unknown sizes or variants {sorted(unknown)}; sizes: {sorted(SIZES)}, variants: {list(VARIANTS)}")
     if not cuda and set(sizes) & set(GPU_SIZES):
         raise ValueError(f"sizes {sorted(set(sizes) & set(GPU_SIZES))} need a GPU and torch sees none")
     device = "cuda" if cuda else "cpu"
@@ -290,21 +346,19 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
             shutil.rmtree(target, ignore_errors=True)
             _warm(pair)
             logger.info("%s: %s merge ...", name, variant)
-            if variant == "mergekit":
-                run = mergekit_linear(pair, target, dtype=str(DTYPES.get(name, torch.float32)).split(".")[1],
-                                      extra_args=["--cuda"] if cuda else [])
-                merges[variant] = run.to_dict()
-            else:
-                merges[variant] = run_ours(pair, target, variant.split("-")[1], device)
+            merges[variant] = _merge(variant, pair, target, DTYPES.get(name, torch.float32), device)
             logger.info("%s %s: %.1f s, peak RSS %.2f GB", name, variant, merges[variant]["wall_s"] or 0,
                         (merges[variant]["peak_rss_bytes"] or 0) / 1e9)
         _ratios(merges)
         row = {"name": name, "config": SIZES[name], "parameters": parameter_count(SIZES[name]),
                "dtype": str(DTYPES.get(name, torch.float32)), "models": [str(p) for p in pair],
-               "merges": merges, "none_vs_mergekit_max_diff": None}
-        merged = {v: folder / f"{name}-merged-{v}" for v in ("ours-none", "mergekit")}
-        if all(p.is_dir() for p in merged.values()):
-            row["none_vs_mergekit_max_diff"] = max_difference(merged["ours-none"], merged["mergekit"])
+               "merges": merges, "max_diff_vs_mergekit": {}}
+        # Unaligned merges by one deterministic method: both tools compute the same tensors.
+        for ours in (v for v in variants if VARIANTS[v][::2] == ("ours", "none")):
+            method = VARIANTS[ours][1]
+            merged = [folder / f"{name}-merged-{v}" for v in (ours, _baseline(ours))]
+            if method not in RANDOM_MERGES and all(p.is_dir() for p in merged):
+                row["max_diff_vs_mergekit"][method] = max_difference(*merged)
         if not keep:
             for variant in variants:
                 shutil.rmtree(folder / f"{name}-merged-{variant}", ignore_errors=True)
