@@ -227,11 +227,10 @@ def weight_matching(
     gen = torch.Generator().manual_seed(seed)
     sweeps = 0
     # A root group's assignment (one CPU core in scipy, which releases the GIL) runs in a
-    # worker thread while the next groups' similarities are computed, unless those read it: the
-    # result is exactly that of solving one group after the other. At most ``workers``
-    # assignments are in flight, so no more than ``workers + 1`` similarity matrices are held.
-    workers = ASSIGNMENT_WORKERS
-    pool = _assignment_pool(workers)
+    # worker thread while the next group's similarity is computed, unless that one reads it:
+    # the result is exactly that of solving one group after the other. At most two assignments
+    # are in flight (side by side, with two workers), each holding its similarity.
+    pool = _assignment_pool(ASSIGNMENT_WORKERS)
     pending: dict[str, tuple[dict[str, int], Callable[[], tuple[Permutations, float, float]]]] = {}
     improved = False
 
@@ -258,12 +257,10 @@ def weight_matching(
                 # On a large model this skips most of the last, confirming sweep.
                 continue
             pending[g] = now, _start_block(spec, state_a, state_b, perms, g, children[g], solver, pool)
-            # Attention blocks are solved by now; assignments still running go on through them
-            # and the oldest is waited for when one more than ``workers`` would be in flight.
-            for waiting in [p for p in pending if children[p]]:
+            # Attention blocks are solved by now; an assignment still running goes on through
+            # them and is waited for once the next one is handed over (and runs beside it).
+            for waiting in [p for p in pending if p != g and (children[p] or not children[g])]:
                 settle(waiting)
-            while len(pending) > workers:
-                settle(next(iter(pending)))
         for waiting in list(pending):
             settle(waiting)
         if not improved:
@@ -298,9 +295,9 @@ def _inner(x: torch.Tensor, y: torch.Tensor) -> float:
     return sum((float((x[i:i + BLOCK].float() * y[i:i + BLOCK].float()).sum()) for i in range(0, x.numel(), BLOCK)), 0.0)
 
 
-#: Threads that run scipy's assignments beside the similarity products: one per core, since
-#: each assignment is one core's work, two at most: each assignment in flight holds its
-#: similarity in float64 (at an 8B model's MLP width, 1.6 GB).
+#: Threads that run scipy's assignments beside the similarity products: two (one on a single
+#: core), since :func:`weight_matching` hands over an assignment while the one before it may
+#: still run. Where similarities are cheap (GNN embeddings) the two run side by side.
 ASSIGNMENT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 _ASSIGNMENT_POOLS: dict[int, ThreadPoolExecutor] = {}
 
