@@ -26,13 +26,17 @@ def test_scale_quick(tmp_path, capsys):
     assert merges["ours-gnn"]["alignments"][1]["method"] == "gnn" and merges["ours-gnn"]["path"] == "streamed"
     assert {a["method"] for a in merges["ours-ties"]["alignments"]} == {"none"}
     if merges["mergekit"]["skipped"]:
-        assert "wall_ratio" not in merges["ours-none"] and size["max_diff_vs_mergekit"] == {}
+        assert "wall_ratio" not in merges["ours-none"] and size["diff_vs_mergekit"] == {}
     else:
         # Unaligned merging by a deterministic method gives the same tensors whoever computes it
         # (slerp's trigonometry rounds differently); DARE's masks are random.
-        assert set(size["max_diff_vs_mergekit"]) == {"linear", "slerp", "ties"}
-        assert size["max_diff_vs_mergekit"]["linear"] < 1e-6 and size["max_diff_vs_mergekit"]["ties"] < 1e-6
-        assert size["max_diff_vs_mergekit"]["slerp"] < 1e-5
+        diff = size["diff_vs_mergekit"]
+        assert set(diff) == {"linear", "slerp", "ties"}
+        assert diff["linear"]["max"] < 1e-6
+        assert diff["linear"]["of"] == size["parameters"]
+        assert diff["slerp"]["max"] < 1e-5
+        # TIES keeps the same entries unless some tie at the pruning threshold (not in this pair).
+        assert diff["ties"]["entries"] == 0
         for name in ("ours-none", "ours-ties", "ours-dare_ties"):
             assert merges[name]["wall_ratio"] > 0 and merges[name]["rss_ratio"] > 0
     (solver,) = report["solvers"]

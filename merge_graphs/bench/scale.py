@@ -235,13 +235,18 @@ def _merge(variant: str, pair: Sequence[Path], target: Path, dtype: torch.dtype,
                 else run_ours(config, target, device))
     if tool == "mergekit":
         return mergekit_linear(pair, target, dtype=dtype_name, extra_args=extra).to_dict()
-    recipe = {"models": [{"model": str(p.resolve())} for p in pair], "align": {"method": align},
-              "merge": {"method": "linear"}, "output": {"path": str(target.resolve()), "shard_size": "5GB"}}
-    return run_ours(recipe, target, device)
+    return run_ours(linear_recipe(pair, target, align), target, device)
 
 
-def max_difference(folder_a: Path, folder_b: Path) -> float:
-    """The largest absolute difference between same-named tensors of two safetensors folders."""
+def linear_recipe(pair: Sequence[Path], out: Path, align: str) -> dict[str, Any]:
+    """Our recipe for the linear merge of ``pair`` into ``out`` with ``align`` (in mergekit's 5 GB shards)."""
+    return {"models": [{"model": str(p.resolve())} for p in pair], "align": {"method": align},
+            "merge": {"method": "linear"}, "output": {"path": str(out.resolve()), "shard_size": "5GB"}}
+
+
+def tensor_differences(folder_a: Path, folder_b: Path) -> dict[str, float]:
+    """How two safetensors folders' same-named tensors differ: ``{"max": largest absolute
+    difference, "entries": how many entries differ, "of": how many entries in all}``."""
     from safetensors import safe_open
 
     def index(folder: Path) -> dict[str, Path]:
@@ -254,12 +259,14 @@ def max_difference(folder_a: Path, folder_b: Path) -> float:
     a, b = index(folder_a), index(folder_b)
     if set(a) != set(b):
         raise ValueError(f"{folder_a} and {folder_b} hold different tensors: {sorted(set(a) ^ set(b))[:5]}")
-    worst = 0.0
+    out = {"max": 0.0, "entries": 0, "of": 0}
     for name in a:
         with safe_open(a[name], "pt") as fa, safe_open(b[name], "pt") as fb:
-            diff = (fa.get_tensor(name).float() - fb.get_tensor(name).float()).abs().max()
-        worst = max(worst, float(diff))
-    return worst
+            diff = (fa.get_tensor(name).float() - fb.get_tensor(name).float()).abs()
+        out["max"] = max(out["max"], float(diff.max()))
+        out["entries"] += int(diff.count_nonzero())
+        out["of"] += diff.numel()
+    return out
 
 
 def _baseline(variant: str) -> str:
@@ -298,8 +305,9 @@ def format_scale(report: Mapping[str, Any]) -> str:
             gpu = f"; GPU peak {row['gpu_peak_bytes'] / 1e9:.2f} GB" if row.get("gpu_peak_bytes") else ""
             lines.append(f"{size['name']:6} {params:>7} {name:18} {row['wall_s']:>8.1f} "
                          f"{row['peak_rss_bytes'] / 1e9:>12.2f} {ratios}  {row.get('path', ''):10} {stages}{gpu}")
-        for method, diff in size["max_diff_vs_mergekit"].items():
-            lines.append(f"{'':6} {method} without alignment, ours vs mergekit: largest tensor difference {diff:.3g}")
+        for method, diff in size["diff_vs_mergekit"].items():
+            lines.append(f"{'':6} {method} without alignment, ours vs mergekit: largest difference {diff['max']:.3g}, "
+                         f"{diff['entries']} of {diff['of']} entries differ")
     for row in report["solvers"]:
         lines.append(f"assignment n={row['n']} (random costs): scipy {row['scipy_s']:.2f} s, torch auction on "
                      f"{row['device']} {row['auction_s']:.2f} s (objective gap {row['relative_gap']:.1e}, "
@@ -352,13 +360,13 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
         _ratios(merges)
         row = {"name": name, "config": SIZES[name], "parameters": parameter_count(SIZES[name]),
                "dtype": str(DTYPES.get(name, torch.float32)), "models": [str(p) for p in pair],
-               "merges": merges, "max_diff_vs_mergekit": {}}
+               "merges": merges, "diff_vs_mergekit": {}}
         # Unaligned merges by one deterministic method: both tools compute the same tensors.
         for ours in (v for v in variants if VARIANTS[v][::2] == ("ours", "none")):
             method = VARIANTS[ours][1]
             merged = [folder / f"{name}-merged-{v}" for v in (ours, _baseline(ours))]
             if method not in RANDOM_MERGES and all(p.is_dir() for p in merged):
-                row["max_diff_vs_mergekit"][method] = max_difference(*merged)
+                row["diff_vs_mergekit"][method] = tensor_differences(*merged)
         if not keep:
             for variant in variants:
                 shutil.rmtree(folder / f"{name}-merged-{variant}", ignore_errors=True)

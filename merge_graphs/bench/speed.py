@@ -52,7 +52,7 @@ import torch
 from merge_graphs.bench.common import machine, machine_line, out_folder, register, write_report
 from merge_graphs.bench.mergekit import mergekit_linear
 from merge_graphs.bench.minilm import minilm_path
-from merge_graphs.bench.scale import max_difference, run_ours
+from merge_graphs.bench.scale import linear_recipe, run_ours, tensor_differences
 from merge_graphs.memory import PeakRSS, rss_bytes
 
 logger = logging.getLogger(__name__)
@@ -192,14 +192,14 @@ def speed_suite(quick: bool = False, out: str | os.PathLike | None = None, merge
     for align in ("weight", "none") if base_wall else ("weight",):
         target = folder / f"merged-ours-{align}"
         shutil.rmtree(target, ignore_errors=True)
-        merges[f"ours-{align}"] = run_ours(pair, target, align, "cpu")
+        merges[f"ours-{align}"] = run_ours(linear_recipe(pair, target, align), target, "cpu")
     for name, row in merges.items():
         if name != "mergekit" and base_wall:
             row["wall_ratio"] = row["wall_s"] / base_wall
     staged = sum(stages[s]["seconds"] for s in TIMED)
     diff = None
     if base_wall:
-        diff = max_difference(folder / "merged-ours-none", folder / "merged-mergekit")
+        diff = tensor_differences(folder / "merged-ours-none", folder / "merged-mergekit")["max"]
     report = {
         "suite": "speed",
         "settings": {"quick": quick, "noise": NOISE, "pair": "tiny random BERT classifier" if quick else
