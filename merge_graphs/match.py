@@ -395,33 +395,39 @@ def _start_block(spec, a, b, perms, group, children, solver, pool: Executor | No
         i = factors.index(group)
         part = _gram(pa.movedim(i, 0).reshape(n, -1), pb.movedim(i, 0).reshape(n, -1))
         sim = part if sim is None else sim.add_(part)
-    rows = torch.arange(n, device=sim.device)
     # The linearized objective, as in Git Re-Basin: a group that meets itself on a second
     # axis (a residual-to-residual matrix) is held at its current permutation there.
-    old = float(sim[rows, perms[group].to(sim.device)].sum())
     resolved = _resolve(solver, sim)
-    if pool is None or resolved == "torch":
-        solving = pool.submit(solve, sim, resolved) if pool is not None else None
+    if pool is not None and resolved != "torch":
+        # Anything the worker allocates stays in its own allocator arena: hand it the array
+        # scipy reads rather than converting there.
+        return _hand_over(pool, _as_array(sim), resolved, group, perms[group])
+    rows = torch.arange(n, device=sim.device)
+    old = float(sim[rows, perms[group].to(sim.device)].sum())
+    solving = pool.submit(solve, sim, resolved) if pool is not None else None
 
-        def finish() -> tuple[Permutations, float, float]:
-            found = solving.result() if solving is not None else solve(sim, solver)
-            return {group: found}, old, float(sim[rows, found.to(sim.device)].sum())
+    def finish() -> tuple[Permutations, float, float]:
+        found = solving.result() if solving is not None else solve(sim, solver)
+        return {group: found}, old, float(sim[rows, found.to(sim.device)].sum())
 
-        return finish
-    # Anything the worker allocates stays in its own allocator arena: hand it the array scipy
-    # reads rather than converting there.
-    return _hand_over(pool, _as_array(sim), resolved, group, old)
+    return finish
 
 
-def _hand_over(pool: Executor, array: np.ndarray, solver: str, group: str, old: float):
+def _hand_over(pool: Executor, array: np.ndarray, solver: str, group: str, current: torch.Tensor):
     """:func:`_start_block`'s callable for a CPU solver running in ``pool`` on ``array``: an
     assignment in flight holds that array only, not the float32 similarity too."""
     solving = pool.submit(_solve_array, array, solver)
 
+    def objective_at(perm: torch.Tensor) -> float:
+        # The float64 array holds the float32 similarities exactly: summed in float32, as the
+        # similarity itself would be.
+        return float(torch.from_numpy(array[np.arange(len(array)), perm.cpu().numpy()]).float().sum())
+
+    old = objective_at(current)
+
     def finish() -> tuple[Permutations, float, float]:
         found = solving.result()
-        # The float64 array holds the float32 similarities exactly: summed in float32, like ``old``.
-        return {group: found}, old, float(torch.from_numpy(array[np.arange(len(array)), found.numpy()]).float().sum())
+        return {group: found}, old, objective_at(found)
 
     return finish
 
