@@ -180,7 +180,7 @@ def test_independent_assignments_run_at_once_and_give_the_one_worker_result(monk
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
-        time.sleep(0.05)
+        time.sleep(0.2)  # long beside the few milliseconds between two hand-overs here
         with lock:
             running[0] -= 1
         return solve_array(*args)
