@@ -383,7 +383,9 @@ def _magnitude_prune(delta: Tensor, density: float, rescale: bool, generator: to
     """Keep the int(density * numel) entries of largest |delta|; ties go to the lower flat index."""
     if density >= 1:
         return delta
-    return magnitude_cut(lambda: [delta], delta.numel(), density, rescale).apply(delta)[0]
+    # The cut without its rescale: the pruned delta is at hand here, so it is measured once.
+    pruned = magnitude_cut(lambda: [delta], delta.numel(), density, rescale=False).apply(delta)[0]
+    return _rescale_l1(delta, pruned) if rescale else pruned
 
 
 @dataclass(frozen=True)
