@@ -221,20 +221,46 @@ def merge_models(
     if weights is not None and len(weights) != len(models):
         raise ValueError(f"got {len(weights)} weights for {len(models)} models; give one weight per model")
     per_model = list(model_parameters) if model_parameters is not None else [{} for _ in models]
-    per_model = [{"weight": 1.0 if weights is None else weights[i], **p} for i, p in enumerate(per_model)]
+    if weights is not None or "weight" in get_method(method).model_parameters:
+        per_model = [{"weight": 1.0 if weights is None else weights[i], **p} for i, p in enumerate(per_model)]
     keep = [i for i, m in enumerate(models) if not (needs_base and m is base_model)]
     merged_models = [models[i] for i in keep]
     alignments = align_models(reference, merged_models, align, residual=residual, solver=solver,
                               calibration=calibration, tokenizer=tokenizer, seed=seed, verify=verify)
-    states = [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)]
+    return merge_aligned(reference, merged_models, alignments, method, residual=residual,
+                         base_model=base_model if needs_base else None,
+                         model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed)
+
+
+def merge_aligned(
+    reference: nn.Module,
+    models: Sequence[nn.Module],
+    alignments: Sequence[Alignment],
+    method: str = "linear",
+    *,
+    residual: str = "permutation",
+    base_model: nn.Module | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Merge ``models``, each mapped onto ``reference`` by its alignment, into a new model.
+
+    The merge happens in the basis ``residual`` merges in (for ``"rotation"``: every model's
+    norms folded), and the result is :func:`output_skeleton`'s class and config. A tensor that
+    the *output* model holds under two names (a tied LM head) is merged once; in the folded basis
+    the head is untied, so it is merged on its own.
+    """
     basis = identity_alignment(reference, residual)
+    skeleton = output_skeleton(reference, residual)
     merged = merge_states(
-        basis.spec, basis.apply(reference.state_dict()), states, method,
-        base_state=basis.apply(base_model.state_dict()) if needs_base else None,
-        model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed,
-        tied=tied_names(reference.state_dict()),
+        basis.spec, basis.apply(reference.state_dict()),
+        [a.apply(m.state_dict()) for a, m in zip(alignments, models)], method,
+        base_state=basis.apply(base_model.state_dict()) if base_model is not None else None,
+        model_parameters=model_parameters, parameters=parameters, seed=seed,
+        tied=tied_names(skeleton.state_dict()),
     )
-    return _with_state(output_skeleton(reference, residual), merged)
+    return _with_state(skeleton, merged)
 
 
 def output_skeleton(reference: nn.Module, residual: str = "permutation") -> nn.Module:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from merge_graphs.api import _with_state, align_models, identity_alignment, merge_states, output_skeleton, tied_names
+from merge_graphs.api import align_models, identity_alignment, merge_aligned
 from merge_graphs.errors import RecipeError
 from merge_graphs.match import Alignment
 from merge_graphs.memory import PeakRSS
@@ -231,26 +231,21 @@ def _run_in_memory(recipe: Recipe, result: RunResult, target: Path, overwrite: b
             calibration=calibration,
             tokenizer=tokenizer, seed=recipe.seed, progress=progress,
         )
-    basis = identity_alignment(reference, recipe.align.residual)
-    skeleton = output_skeleton(reference, recipe.align.residual)
-
-    def merged_with(alignments: list[Alignment]) -> dict[str, torch.Tensor]:
-        return merge_states(
-            basis.spec, basis.apply(reference.state_dict()),
-            [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)],
-            recipe.merge.method, base_state=basis.apply(base.state_dict()) if base is not None else None,
-            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters,
-            seed=recipe.seed, tied=tied_names(reference.state_dict()),
+    def merged_with(alignments: list[Alignment], residual: str) -> torch.nn.Module:
+        return merge_aligned(
+            reference, merged_models, alignments, recipe.merge.method, residual=residual, base_model=base,
+            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, seed=recipe.seed,
         )
 
     with _stage(result, "merge"):
-        merged = _with_state(skeleton, merged_with(result.alignments))
+        merged = merged_with(result.alignments, recipe.align.residual)
 
     if recipe.evaluate:
         with _stage(result, "evaluate"):
             naive = None
             if recipe.align.method != "none":
-                naive = _with_state(skeleton, merged_with([basis] * len(merged_models)))
+                # What a user means by naive: the models averaged as they are (mergekit's merge).
+                naive = merged_with([identity_alignment(reference)] * len(merged_models), "permutation")
             result.scores = _evaluate(recipe, models, naive, merged, folders[reference_ref])
 
     from merge_graphs.io.writer import write_model_folder
