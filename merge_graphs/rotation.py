@@ -75,8 +75,9 @@ from merge_graphs.symmetry.spec import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fold_norms", "folded_model", "permutation_matrix",
-    "procrustes", "random_rotation", "rotate", "rotate_model", "rotation_alignment", "rotation_kind",
+    "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fold_norms", "folded_model", "head_map_groups",
+    "ones_complement", "permutation_matrix", "procrustes", "random_rotation", "rotate", "rotate_heads", "rotate_model",
+    "rotation_alignment", "rotation_kind",
 ]
 
 #: The residual stream's group in every family spec.
@@ -290,7 +291,7 @@ def check_rotation(q: torch.Tensor, kind: str, *, size: int | None = None, atol:
                 "'fix_ones') or procrustes(..., 'fix_ones')).")
 
 
-def _complement(d: int) -> torch.Tensor:
+def ones_complement(d: int) -> torch.Tensor:
     """``(d, d - 1)`` orthonormal basis of the vectors orthogonal to all-ones (a Householder reflection)."""
     u = torch.full((d,), d ** -0.5, dtype=torch.float64)
     v = u.clone()
@@ -304,7 +305,7 @@ def _complement(d: int) -> torch.Tensor:
 def _embed_fixing_ones(r: torch.Tensor) -> torch.Tensor:
     """The ``(d, d)`` rotation that acts as ``r`` on the complement of all-ones and fixes all-ones."""
     d = r.shape[0] + 1
-    n = _complement(d)
+    n = ones_complement(d)
     return n @ r @ n.T + torch.full((d, d), 1.0 / d, dtype=torch.float64)
 
 
@@ -340,7 +341,7 @@ def procrustes(m: torch.Tensor, kind: str = "free") -> torch.Tensor:
     """
     m = m.detach().double().cpu()
     if kind == "fix_ones":
-        n = _complement(m.shape[0])
+        n = ones_complement(m.shape[0])
         u, _, vh = torch.linalg.svd(n.T @ m @ n)
         return _embed_fixing_ones(u @ vh).float()
     if kind != "free":
@@ -399,6 +400,57 @@ def rotate(spec: SymmetrySpec, state: Mapping[str, torch.Tensor], q: torch.Tenso
     return out
 
 
+def head_map_groups(spec: SymmetrySpec) -> dict[str, int]:
+    """The within-head groups that admit any orthogonal map of their dims, with their parent's size.
+
+    Inside an attention head, the value dims and the output projection's matching input dims
+    (``*.vo``) admit any orthogonal map ``M`` (``v M`` then ``M^T`` on the output projection's
+    input), and without RoPE the query and key dims (``*.qk``) admit one they share
+    (``(q M)(k M)^T = q k^T``). With RoPE the spec fixes the q/k dims (no ``qk`` group), so only
+    ``vo`` maps are listed. One map per key/value head: under grouped-query attention the query
+    heads that read a key/value head see its map.
+    """
+    return {name: spec.groups[g.parent].size for name, g in spec.groups.items()
+            if g.parent is not None and name.rsplit(".", 1)[-1] in ("qk", "vo")}
+
+
+def rotate_heads(spec: SymmetrySpec, state: Mapping[str, torch.Tensor],
+                 maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply within-head orthogonal maps: ``maps[group]`` is ``(heads, dim, dim)``, one map per head.
+
+    Every tensor axis segment whose space ends in ``group`` (its first factor the heads) is
+    multiplied on the head dims by its head's map, the same rule as :func:`rotate`
+    (``new[.., j] = sum_i old[.., i] M[i, j]``), so writers and readers of the head dims both
+    follow. Differentiable in ``maps``; tensors not touched are shared with ``state``.
+    """
+    out = dict(state)
+    if not maps:
+        return out
+    for name, t in spec.tensors.items():
+        if name not in out:
+            continue
+        x = out[name]
+        for axis, spaces in enumerate(t.axes):
+            if not spaces or not any(s.factors[-1][0] in maps for s in spaces):
+                continue
+            parts, offset = [], 0
+            for s in spaces:
+                part = x.narrow(axis, offset, s.size)
+                offset += s.size
+                group = s.factors[-1][0]
+                if group in maps:
+                    m = maps[group].to(part.dtype)
+                    sizes = [k for _, k in s.factors]
+                    moved = part.movedim(axis, -1)
+                    blocks = moved.reshape(*moved.shape[:-1], sizes[0], -1, sizes[-1])
+                    blocks = torch.einsum("...hri,hij->...hrj", blocks, m)
+                    part = blocks.reshape(moved.shape).movedim(-1, axis)
+                parts.append(part)
+            x = torch.cat(parts, axis)
+        out[name] = x
+    return out
+
+
 def rotate_model(model: nn.Module, q: torch.Tensor) -> nn.Module:
     """A folded copy of ``model`` with its residual stream rotated by ``q`` (same function)."""
     spec = symmetry_spec(model)
@@ -424,6 +476,9 @@ class RotationAlignment(Alignment):
             matrices, or the calibration activations).
         fit_error_before: the same with ``Q = I``.
         source_spec: B's unfolded spec, used to fold B's tensors.
+        head_maps: within-head orthogonal maps applied after the rotation, ``{group: (heads, dim,
+            dim)}`` (see :func:`rotate_heads`); empty unless learned.
+        loss_curve: for a learned alignment, the interpolated models' loss at each step.
 
     Unlike a permutation-only :class:`Alignment`, ``permutations`` alone do not map B onto A:
     use :meth:`apply` (fold, permute, rotate) and merge with A folded (:meth:`reference`).
@@ -435,6 +490,8 @@ class RotationAlignment(Alignment):
     fit_error: float = math.nan
     fit_error_before: float = math.nan
     source_spec: SymmetrySpec | None = None
+    head_maps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    loss_curve: list[float] = dataclasses.field(default_factory=list)
 
     def apply(self, b, *, verify: bool = True):
         """B folded, permuted and rotated into A's folded basis.
@@ -451,7 +508,7 @@ class RotationAlignment(Alignment):
             return out
         _, state = fold_norms(self.source_spec or self.spec, b)
         state = permute_state_dict(self.spec, state, self.permutations)
-        return rotate(self.spec, state, self.rotation)
+        return rotate_heads(self.spec, rotate(self.spec, state, self.rotation), self.head_maps)
 
     def reference(self, model_a: nn.Module) -> nn.Module:
         """A folded: the model to merge B's aligned copy with."""

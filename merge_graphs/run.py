@@ -228,9 +228,10 @@ def _run_in_memory(recipe: Recipe, result: RunResult, target: Path, overwrite: b
         result.alignments = align_models(
             reference, merged_models, recipe.align.method, solver=recipe.align.solver,
             refine=recipe.align.refine, groups=recipe.align.groups, residual=recipe.align.residual,
-            calibration=calibration,
-            tokenizer=tokenizer, seed=recipe.seed, progress=progress,
+            calibration=calibration, tokenizer=tokenizer, seed=recipe.seed, progress=progress,
+            learn={**recipe.align.learn.model_dump(), "progress": progress},
         )
+
     def merged_with(alignments: list[Alignment], residual: str) -> torch.nn.Module:
         return merge_aligned(
             reference, merged_models, alignments, recipe.merge.method, residual=residual, base_model=base,
@@ -363,16 +364,24 @@ def _calibration(recipe: Recipe, reference_folder: Path):
         return None, None
     from transformers import AutoTokenizer
 
-    if cal.file:
-        path = Path(cal.file)
-        if not path.is_file():
-            raise RecipeError(f"align.calibration.file {cal.file!r} not found; give a text file, one sample a line")
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        texts = list(cal.texts)
     tokenizer = AutoTokenizer.from_pretrained(reference_folder)
     tokenizer.model_max_length = cal.max_length
-    return texts[: cal.max_samples], tokenizer
+    if not cal.file:
+        return list(cal.texts)[: cal.max_samples], tokenizer
+    path = Path(cal.file)
+    if not path.is_file():
+        raise RecipeError(f"align.calibration.file {cal.file!r} not found; give a text file (one sample a line, "
+                          "or a corpus with split: windows)")
+    text = path.read_text(encoding="utf-8")
+    if cal.split == "lines":
+        return [line for line in text.splitlines() if line.strip()][: cal.max_samples], tokenizer
+    ids = torch.tensor(tokenizer(text, truncation=False)["input_ids"])
+    count = min(cal.max_samples, len(ids) // cal.max_length)
+    if count == 0:
+        raise RecipeError(f"align.calibration.file {cal.file!r} holds {len(ids)} tokens, less than one window of "
+                          f"max_length {cal.max_length}; give more text or a smaller max_length")
+    windows = ids[: count * cal.max_length].reshape(count, cal.max_length)
+    return {"input_ids": windows, "attention_mask": torch.ones_like(windows)}, tokenizer
 
 
 def _evaluate(recipe, models, naive, merged, reference_folder) -> dict[str, float]:
