@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from merge_graphs.errors import AlignmentError
 from merge_graphs.rotation import (
@@ -141,8 +142,6 @@ def learned_alignment(
     def maps() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r = _orthogonal(skews[RESIDUAL], complement)
         return r, {g: _orthogonal(s, None) for g, s in skews.items() if g != RESIDUAL}
-
-    from tqdm.auto import tqdm
 
     curve: list[float] = []
     for _ in tqdm(range(steps), desc="learning alignment", disable=not progress):

@@ -262,10 +262,16 @@ def _run_in_memory(recipe: Recipe, result: RunResult, target: Path, overwrite: b
 def _card_notes(recipe: Recipe) -> list[str]:
     if recipe.align.residual != "rotation":
         return []
-    return ["Before matching, every norm's gain and bias were folded into the layers that read it, and the "
-            "residual stream of each model was rotated onto the reference's (orthogonal Procrustes, alternated "
-            "with the permutations). The merged model computes in that folded basis: its norms have unit gains "
-            "and its LM head is untied."]
+    notes = ["Before matching, every norm's gain and bias were folded into the layers that read it, and the "
+             "residual stream of each model was rotated onto the reference's (orthogonal Procrustes, alternated "
+             "with the permutations). The merged model computes in that folded basis: its norms have unit gains "
+             "and its LM head is untied."]
+    if recipe.align.method == "learned":
+        learn = recipe.align.learn
+        notes.append(f"The residual map{' and within-head maps' if learn.heads else ''} were then learned on the "
+                     f"calibration text: {learn.steps} Adam steps (lr {learn.lr:g}, {learn.batch_size} samples a step) "
+                     "on the loss of the interpolated models, each model's own function unchanged.")
+    return notes
 
 
 @contextmanager
