@@ -70,13 +70,15 @@ from merge_graphs.symmetry.spec import (
     TensorSpec,
     identity_permutations,
     permute_state_dict,
+    permute_tensor,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fold_norms", "folded_model", "permutation_matrix",
-    "procrustes", "random_rotation", "rotate", "rotate_model", "rotation_alignment", "rotation_kind",
+    "procrustes", "random_rotation", "residual_similarity", "rotate", "rotate_model", "rotation_alignment",
+    "rotation_kind",
 ]
 
 #: The residual stream's group in every family spec.
@@ -512,10 +514,17 @@ def _embeddings(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> torch.
     return torch.cat(rows)
 
 
-def _cross(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``M = sum_t B_t^T A_t`` over every rotated tensor (residual axis last): ``<A, rotate(B, Q)> = <M, Q>`` + const."""
+def residual_similarity(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                        perms: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``M = sum_t B_t^T A_t`` over every rotated tensor (residual axis last): ``<A, rotate(B, Q)> = <M, Q>`` + const.
+
+    With ``perms`` (every group but the residual stream), ``B_t`` is B's tensor with those
+    permutations applied, one tensor at a time: ``<A, rotate(perms(B), Q)> = <M, Q>`` + const.
+    Only one pair of tensors is held beside ``M``, so it streams like a permutation's similarity.
+    """
     d = spec.groups[RESIDUAL].size
     skip = _norm_tensors(spec)
+    moved = {g: p for g, p in (perms or {}).items() if g != RESIDUAL}
     m = torch.zeros(d, d, dtype=torch.float64)
     for name, t in spec.tensors.items():
         if name in skip or name not in a:
@@ -524,9 +533,12 @@ def _cross(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, to
         if axis is None:
             continue
         xa = _work(a[name]).movedim(axis, -1).reshape(-1, d)
-        xb = _work(b[name]).movedim(axis, -1).reshape(-1, d)
+        xb = _work(permute_tensor(spec, name, b[name], moved) if moved else b[name]).movedim(axis, -1).reshape(-1, d)
         m += (xb.T @ xa).double().cpu()
     return m
+
+
+_cross = residual_similarity
 
 
 def _fit_error(xb: torch.Tensor, xa: torch.Tensor, q: torch.Tensor) -> float:
@@ -648,8 +660,7 @@ def rotation_alignment(
         if fit == "alternate":
             best = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)[0]
             for _ in range(max_iter):
-                b_perm = permute_state_dict(folded_spec, b, perms)
-                q_new = procrustes(_cross(folded_spec, a, b_perm), kind)
+                q_new = procrustes(residual_similarity(folded_spec, a, b, perms), kind)
                 perms_new, sweeps = matched(q_new, perms)
                 iterations += sweeps
                 value = objective(folded_spec, a, rotate(folded_spec, b, q_new, check=False), perms_new)[0]

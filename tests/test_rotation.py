@@ -6,6 +6,7 @@ import transformers as T
 from tiny_models import GPT2, example_input, make, outputs
 
 import merge_graphs as mg
+from merge_graphs.match import objective, weight_matching
 from merge_graphs.rotation import (
     RESIDUAL,
     check_rotation,
@@ -14,6 +15,7 @@ from merge_graphs.rotation import (
     permutation_matrix,
     procrustes,
     random_rotation,
+    residual_similarity,
     rotate,
     rotate_model,
     rotation_alignment,
@@ -211,6 +213,47 @@ def test_alignment_of_unrelated_models_preserves_b_and_never_lowers_the_objectiv
         assert alignment.permutations[RESIDUAL].equal(torch.arange(GPT2["n_embd"]))
     # Alternating starts from the embedding fit and only accepts rounds that improve the objective.
     assert found["alternate"].objective_after >= found["embeddings"].objective_after - 1e-6
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen2-lm-tied"])
+def test_alternation_ends_at_a_fixed_point_above_the_embedding_start(name):
+    """Orthogonal weight matching: neither the Procrustes step nor weight matching can improve the
+    result, and it is never below the embeddings-only start (whose permutations are matched too)."""
+    for seed in (0, 1):
+        a, b = make(name, seed=2 * seed), make(name, seed=2 * seed + 1)
+        found = rotation_alignment(a, b)
+        start = rotation_alignment(a, b, fit="embeddings")
+        assert found.fit == "alternate"
+        assert found.objective_after >= start.objective_after - 1e-6 * abs(start.objective_after)
+        spec = found.spec
+        _, fa = fold_norms(mg.symmetry_spec(a), a.state_dict())
+        _, fb = fold_norms(mg.symmetry_spec(b), b.state_dict())
+        # The Procrustes step on the final permutations gives back the final rotation ...
+        q = procrustes(residual_similarity(spec, fa, fb, found.permutations), found.kind)
+        assert torch.allclose(q, found.rotation, atol=1e-5)
+        check_rotation(found.rotation, found.kind)
+        # ... and weight matching with that rotation does not move the permutations' objective.
+        rotated = rotate(spec, fb, found.rotation, check=False)
+        roots = [g for g, grp in spec.groups.items() if grp.parent is None and g != RESIDUAL]
+        again = weight_matching(spec, fa, rotated, init=found.permutations, groups=roots)
+        assert again.objective_after <= found.objective_after + 1e-6 * abs(found.objective_after)
+
+
+def test_the_rotation_step_streams_the_permutations_tensor_by_tensor():
+    a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
+    spec, fa = fold_norms(mg.symmetry_spec(a), a.state_dict())
+    _, fb = fold_norms(mg.symmetry_spec(b), b.state_dict())
+    perms = mg.random_permutations(spec, seed=4, fixed=[RESIDUAL])
+    m = residual_similarity(spec, fa, fb, perms)
+    assert torch.allclose(m, residual_similarity(spec, fa, permute_state_dict(spec, fb, perms)), atol=1e-9)
+    # <A, rotate(perms(B), Q)> is linear in Q with coefficient M: Procrustes maximizes the objective.
+    q = random_rotation(GPT2["n_embd"], "fix_ones", seed=5)
+    moved = permute_state_dict(spec, fb, perms)
+    values = [objective(spec, fa, rotate(spec, moved, x, check=False), mg.identity_permutations(spec))[0]
+              for x in (q, torch.eye(GPT2["n_embd"]))]
+    assert values[0] - values[1] == pytest.approx(float((m * (q.double() - torch.eye(GPT2["n_embd"]))).sum()), rel=1e-4)
+    best = procrustes(m, "fix_ones")
+    assert objective(spec, fa, rotate(spec, moved, best, check=False), mg.identity_permutations(spec))[0] >= max(values)
 
 
 def test_different_vocabularies_are_refused():
