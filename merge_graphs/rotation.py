@@ -66,6 +66,7 @@ from merge_graphs.match import Alignment, objective, weight_matching
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import (
     ROTATION_KINDS,
+    HeadMap,
     SymmetrySpec,
     TensorSpec,
     identity_permutations,
@@ -76,7 +77,8 @@ from merge_graphs.symmetry.spec import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fold_norms", "folded_model", "permutation_matrix",
+    "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fit_head_maps", "fold_norms", "folded_model",
+    "permutation_matrix", "rotate_heads",
     "procrustes", "random_rotation", "residual_similarity", "rotate", "rotate_model", "rotation_alignment",
     "rotation_kind",
 ]
@@ -86,6 +88,10 @@ RESIDUAL = "residual"
 
 #: What :func:`rotation_alignment` fits ``Q`` on without calibration data.
 FITS = ("embeddings", "alternate")
+
+#: Within-head maps (:func:`fit_head_maps`) that data-free :func:`rotation_alignment` fits per family
+#: after weight matching: only where they lowered the loss barrier (see that function).
+DEFAULT_HEAD_MAPS: dict[str, tuple[str, ...]] = {"gpt2": ("qk",), "llama": ("qk",)}
 
 
 # --- what a family admits ---------------------------------------------------------------------
@@ -401,6 +407,95 @@ def rotate(spec: SymmetrySpec, state: Mapping[str, torch.Tensor], q: torch.Tenso
     return out
 
 
+# --- within-head maps ---------------------------------------------------------------------------
+
+def _head_blocks(spec: SymmetrySpec, head_map: HeadMap):
+    """``(tensor name, axis, offset, space size)`` of every axis part that ``head_map`` maps."""
+    for name, t in spec.tensors.items():
+        for axis, spaces in enumerate(t.axes):
+            offset = 0
+            for s in spaces or ():
+                if s.name in head_map.spaces:
+                    yield name, axis, offset, s.size
+                offset += s.size
+
+
+def _head_view(x: torch.Tensor, axis: int, offset: int, size: int, heads: int, head_dim: int) -> torch.Tensor:
+    """The part ``[offset, offset + size)`` of ``axis`` as ``(heads, items, head_dim)``: the query heads
+    that share a key/value head and every other axis are items."""
+    part = x.narrow(axis, offset, size).movedim(axis, -1)
+    part = part.reshape(*part.shape[:-1], heads, size // (heads * head_dim), head_dim)
+    return part.movedim(-3, 0).reshape(heads, -1, head_dim)
+
+
+def _rope_pair_rotations(m: torch.Tensor) -> torch.Tensor:
+    """Per head, the rotation in each plane ``(i, i + h/2)`` that maximizes ``<m, R>`` (``m``: heads x h x h)."""
+    half = m.shape[-1] // 2
+    i = torch.arange(half)
+    j = i + half
+    theta = torch.atan2(m[:, j, i] - m[:, i, j], m[:, i, i] + m[:, j, j])
+    r = torch.zeros_like(m)
+    c, s = torch.cos(theta), torch.sin(theta)
+    r[:, i, i], r[:, j, j], r[:, i, j], r[:, j, i] = c, c, -s, s
+    return r
+
+
+def fit_head_maps(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                  which: tuple[str, ...] = ("qk", "vo")) -> dict[str, torch.Tensor]:
+    """Within-head maps of B onto A by Procrustes, data-free: ``{head map name: (heads, h, h)}``.
+
+    For each :class:`~merge_graphs.symmetry.spec.HeadMap` of ``spec`` whose name ends with one of
+    ``which`` (``"qk"``, ``"vo"``), the map of head ``i`` maximizes the summed inner products of
+    A's and B's blocks of head ``i`` over every tensor axis that indexes its spaces (its query
+    heads included): orthogonal Procrustes, or the best rotation in each RoPE plane. ``b`` is B
+    already permuted (and rotated): the maps go with the heads at their new positions.
+    """
+    out = {}
+    for hm in spec.head_maps:
+        if not hm.name.endswith(tuple("." + w for w in which)):
+            continue
+        n = spec.groups[hm.heads].size
+        m = torch.zeros(n, hm.head_dim, hm.head_dim, dtype=torch.float64)
+        for name, axis, offset, size in _head_blocks(spec, hm):
+            if name not in a:
+                continue
+            xa = _head_view(_work(a[name]), axis, offset, size, n, hm.head_dim)
+            xb = _head_view(_work(b[name]), axis, offset, size, n, hm.head_dim)
+            m += (xb.transpose(1, 2) @ xa).double().cpu()
+        if hm.kind == "rope_pairs":
+            out[hm.name] = _rope_pair_rotations(m).float()
+        else:
+            out[hm.name] = torch.stack([procrustes(x, "free") for x in m])
+    return out
+
+
+def rotate_heads(spec: SymmetrySpec, state: Mapping[str, torch.Tensor],
+                 maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply within-head maps (:func:`fit_head_maps`): on every axis part that a map's spaces index,
+    head ``i``'s dims ``x`` become ``x @ maps[name][i]``. Other tensors are shared with ``state``."""
+    by_name = {hm.name: hm for hm in spec.head_maps}
+    unknown = set(maps) - set(by_name)
+    if unknown:
+        raise ValueError(f"unknown head maps {sorted(unknown)}; the spec has {sorted(by_name)}")
+    out = dict(state)
+    for key, r in maps.items():
+        hm = by_name[key]
+        n = spec.groups[hm.heads].size
+        for name, axis, offset, size in _head_blocks(spec, hm):
+            if name not in out:
+                continue
+            x = out[name]
+            work = _work(x)
+            part = work.narrow(axis, offset, size).movedim(axis, -1)
+            shape = part.shape
+            part = part.reshape(*shape[:-1], n, size // (n * hm.head_dim), hm.head_dim)
+            part = torch.einsum("...gpi,gij->...gpj", part, r.to(part.device, part.dtype)).reshape(shape)
+            new = work.clone() if work is x else work
+            new.narrow(axis, offset, size).copy_(part.movedim(-1, axis))
+            out[name] = new.to(x.dtype)
+    return out
+
+
 def rotate_model(model: nn.Module, q: torch.Tensor) -> nn.Module:
     """A folded copy of ``model`` with its residual stream rotated by ``q`` (same function)."""
     spec = symmetry_spec(model)
@@ -426,6 +521,8 @@ class RotationAlignment(Alignment):
             matrices, or the calibration activations).
         fit_error_before: the same with ``Q = I``.
         source_spec: B's unfolded spec, used to fold B's tensors.
+        head_maps: within-head maps applied after the rotation (:func:`fit_head_maps`,
+            :func:`rotate_heads`): ``{head map name: (heads, head_dim, head_dim)}``; empty for none.
 
     Unlike a permutation-only :class:`Alignment`, ``permutations`` alone do not map B onto A:
     use :meth:`apply` (fold, permute, rotate) and merge with A folded (:meth:`reference`).
@@ -437,6 +534,7 @@ class RotationAlignment(Alignment):
     fit_error: float = math.nan
     fit_error_before: float = math.nan
     source_spec: SymmetrySpec | None = None
+    head_maps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def apply(self, b, *, verify: bool = True):
         """B folded, permuted and rotated into A's folded basis.
@@ -453,7 +551,8 @@ class RotationAlignment(Alignment):
             return out
         _, state = fold_norms(self.source_spec or self.spec, b)
         state = permute_state_dict(self.spec, state, self.permutations)
-        return rotate(self.spec, state, self.rotation)
+        state = rotate(self.spec, state, self.rotation)
+        return rotate_heads(self.spec, state, self.head_maps) if self.head_maps else state
 
     def reference(self, model_a: nn.Module) -> nn.Module:
         """A folded: the model to merge B's aligned copy with."""
@@ -583,6 +682,7 @@ def rotation_alignment(
     groups: list[str] | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    head_maps: tuple[str, ...] | None = None,
 ) -> RotationAlignment:
     """Align model B to model A with norm folding, a residual rotation ``Q`` and permutations.
 
@@ -667,14 +767,26 @@ def rotation_alignment(
                 if value <= best + 1e-6 * max(abs(best), 1.0):
                     break
                 q, perms, best = q_new, perms_new, value
-    after, group_after = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)
+    which = DEFAULT_HEAD_MAPS.get(folded_spec.family, ()) if head_maps is None else tuple(head_maps)
+    unknown = set(which) - {"qk", "vo"}
+    if unknown:
+        raise ValueError(f"unknown head maps {sorted(unknown)}; choose among 'qk' and 'vo'")
+    maps = {}
+    if which and calibration is None:
+        aligned = permute_state_dict(folded_spec, rotate(folded_spec, b, q, check=False), perms)
+        maps = fit_head_maps(folded_spec, a, aligned, which)
+        after, group_after = objective(folded_spec, a, rotate_heads(folded_spec, aligned, maps),
+                                       identity_permutations(folded_spec))
+    else:
+        after, group_after = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)
     seconds = time.perf_counter() - start
-    logger.info("rotation alignment (%s): objective %.4g -> %.4g, fit error %.3g -> %.3g in %.1fs", fit_used,
-                before, after, _fit_error(xb, xa, eye), _fit_error(xb, xa, q), seconds)
+    logger.info("rotation alignment (%s%s): objective %.4g -> %.4g, fit error %.3g -> %.3g in %.1fs", fit_used,
+                f", head maps {'+'.join(which)}" if maps else "", before, after, _fit_error(xb, xa, eye),
+                _fit_error(xb, xa, q), seconds)
     return RotationAlignment(
         folded_spec, perms, f"weight+rotation({fit_used})", before, after, group_before, group_after, seconds,
         iterations, rotation=q, kind=kind, fit=fit_used, fit_error=_fit_error(xb, xa, q),
-        fit_error_before=_fit_error(xb, xa, eye), source_spec=spec_b,
+        fit_error_before=_fit_error(xb, xa, eye), source_spec=spec_b, head_maps=maps,
     )
 
 
