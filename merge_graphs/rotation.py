@@ -91,7 +91,7 @@ FITS = ("embeddings", "alternate")
 
 #: Within-head maps (:func:`fit_head_maps`) that data-free :func:`rotation_alignment` fits per family
 #: after weight matching: only where they lowered the loss barrier (see that function).
-DEFAULT_HEAD_MAPS: dict[str, tuple[str, ...]] = {"gpt2": ("qk",), "llama": ("qk",)}
+DEFAULT_HEAD_MAPS: dict[str, tuple[str, ...]] = {"gpt2": ("qk",), "llama": ("qk", "vo")}
 
 
 # --- what a family admits ---------------------------------------------------------------------
@@ -694,8 +694,11 @@ def rotation_alignment(
       permutation group except the residual stream on B rotated by ``Q``. With
       ``fit="alternate"`` the two steps then alternate, each maximizing the same objective
       (``sum over tensors of <A, B'>``; the ``Q`` step is Procrustes over every tensor that
-      touches the stream), until a round no longer improves it or ``max_iter`` rounds;
-      ``fit="embeddings"`` keeps the embedding ``Q``.
+      touches the stream, :func:`residual_similarity`, with the other groups' current
+      permutations applied), until a round no longer improves it or ``max_iter`` rounds:
+      *orthogonal weight matching*. It ends at a point that neither step improves, never below
+      the embedding start. ``fit="embeddings"`` keeps the embedding ``Q``. Then the within-head
+      maps named by ``head_maps`` are fitted by Procrustes (:func:`fit_head_maps`).
     * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``): ``Q`` from
       Procrustes between the two folded models' residual-stream activations at every block
       boundary (``output_hidden_states``; each boundary weighted equally), then weight matching
@@ -713,6 +716,10 @@ def rotation_alignment(
         groups: the root groups to match (default: every group but the residual stream).
         seed: weight matching's visiting order.
         batch_size: calibration batch size.
+        head_maps: within-head maps to fit data-free after weight matching: ``"qk"`` (Q/K: one
+            orthogonal map per head shared by q and k; with RoPE a rotation in each frequency
+            plane), ``"vo"`` (V/O: one orthogonal map per head); ``()`` for none. Default: the
+            family's entry in :data:`DEFAULT_HEAD_MAPS`. Not fitted with ``calibration``.
 
     Raises:
         UnsupportedArchitectureError: post-LN families, bare models.
