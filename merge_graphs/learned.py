@@ -5,8 +5,8 @@ maps under which the *average* computes well. Following Theus et al. ("Generaliz
 Connectivity for Transformers", NeurIPS 2025), :func:`learned_alignment` starts from the best
 data-free answer (norms folded, residual stream rotated, units permuted:
 :func:`merge_graphs.rotation.rotation_alignment`) and optimizes an extra orthogonal map of
-model B's residual stream ``R`` (and, with ``heads=True``, one orthogonal map of the dims inside
-each attention head, see :func:`~merge_graphs.rotation.head_map_groups`) by gradient descent on
+model B's residual stream ``R`` (and, with ``heads=True``, the maps of the dims inside each
+attention head that the family declares, :class:`~merge_graphs.symmetry.spec.HeadMap`) by gradient descent on
 the causal-LM loss of ``(1 - lam) * A + lam * B'`` on calibration text, ``lam`` drawn from
 ``U(lam_range)`` each step. Only B's transform is learned, never its weights: B' computes
 exactly what B computes (the function check still holds), so the result is an ordinary
@@ -32,7 +32,6 @@ from merge_graphs.rotation import (
     RESIDUAL,
     RotationAlignment,
     folded_model,
-    head_map_groups,
     ones_complement,
     rotate,
     rotate_heads,
@@ -51,6 +50,16 @@ def _orthogonal(skew: torch.Tensor, complement: torch.Tensor | None) -> torch.Te
         return r
     d = complement.shape[0]
     return complement @ r @ complement.T + 1.0 / d
+
+
+def _rope_pairs(angles: torch.Tensor) -> torch.Tensor:
+    """Per head, a rotation by ``angles[:, i]`` in each RoPE plane ``(i, i + h/2)``: ``(heads, h, h)``."""
+    heads, half = angles.shape
+    i = torch.arange(half)
+    c, s = torch.cos(angles), torch.sin(angles)
+    r = angles.new_zeros(heads, 2 * half, 2 * half)
+    r[:, i, i], r[:, i + half, i + half], r[:, i, i + half], r[:, i + half, i] = c, c, -s, s
+    return r
 
 
 def _lm_batches(calibration: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,8 +100,9 @@ def learned_alignment(
         lr: Adam's learning rate.
         batch_size: calibration samples per step, drawn at random.
         lam_range: the interpolation weight of B is drawn uniformly from this range each step.
-        heads: also learn one orthogonal map of the dims inside every attention head (v/o; q/k
-            too without RoPE).
+        heads: also learn the maps of the dims inside every attention head that the family
+            declares (``spec.head_maps``: v/o orthogonal; q/k orthogonal, or with RoPE a rotation in
+            each frequency plane), on top of those the data-free start fitted.
         seed: seeds the batches and interpolation weights (the result is deterministic).
         progress: show a progress bar.
 
@@ -128,10 +138,13 @@ def learned_alignment(
     complement = ones_complement(d).to(device=device, dtype=torch.float32) if kind == "fix_ones" else None
     k = d - 1 if complement is not None else d
     skews = {RESIDUAL: torch.zeros(k, k, device=device, requires_grad=True)}
+    kinds = {}
     if heads:
-        for group, n in head_map_groups(spec).items():
-            dim = spec.groups[group].size
-            skews[group] = torch.zeros(n, dim, dim, device=device, requires_grad=True)
+        for hm in spec.head_maps:
+            n = spec.groups[hm.heads].size
+            shape = (n, hm.head_dim // 2) if hm.kind == "rope_pairs" else (n, hm.head_dim, hm.head_dim)
+            skews[hm.name] = torch.zeros(shape, device=device, requires_grad=True)
+            kinds[hm.name] = hm.kind
     optimizer = torch.optim.Adam(list(skews.values()), lr=lr)
 
     ids, mask, labels = _lm_batches(calibration)
@@ -141,7 +154,8 @@ def learned_alignment(
 
     def maps() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r = _orthogonal(skews[RESIDUAL], complement)
-        return r, {g: _orthogonal(s, None) for g, s in skews.items() if g != RESIDUAL}
+        return r, {g: _rope_pairs(s) if kinds[g] == "rope_pairs" else _orthogonal(s, None)
+                   for g, s in skews.items() if g != RESIDUAL}
 
     curve: list[float] = []
     for _ in tqdm(range(steps), desc="learning alignment", disable=not progress):
@@ -162,6 +176,10 @@ def learned_alignment(
     with torch.no_grad():
         r, head = maps()
     rotation = (start.rotation.to(device=device, dtype=torch.float64) @ r.double()).float()
+    # Maps compose in the order they act: x -> x @ start's map, then @ the learned one.
+    head_maps = {name: m.detach().cpu() for name, m in start.head_maps.items()}
+    for name, m in head.items():
+        head_maps[name] = head_maps[name] @ m.cpu() if name in head_maps else m.cpu()
     seconds = time.perf_counter() - begin
     logger.info("learned alignment: interpolated loss %.4f -> %.4f over %d steps in %.1fs",
                 curve[0] if curve else float("nan"), curve[-1] if curve else float("nan"), steps, seconds)
@@ -170,5 +188,5 @@ def learned_alignment(
         start.group_objective_before, start.group_objective_after, seconds, start.iterations,
         rotation=rotation.cpu(), kind=kind, fit="learned", fit_error=start.fit_error,
         fit_error_before=start.fit_error_before, source_spec=start.source_spec,
-        head_maps={g: m.detach().cpu() for g, m in head.items()}, loss_curve=curve,
+        head_maps=head_maps, loss_curve=curve,
     )

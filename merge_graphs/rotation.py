@@ -66,18 +66,34 @@ from merge_graphs.match import Alignment, objective, weight_matching
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import (
     ROTATION_KINDS,
+    HeadMap,
     SymmetrySpec,
     TensorSpec,
     identity_permutations,
     permute_state_dict,
+    permute_tensor,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fold_norms", "folded_model", "head_map_groups",
-    "ones_complement", "permutation_matrix", "procrustes", "random_rotation", "rotate", "rotate_heads", "rotate_model",
-    "rotation_alignment", "rotation_kind",
+    "FITS",
+    "RESIDUAL",
+    "RotationAlignment",
+    "check_rotation",
+    "fit_head_maps",
+    "fold_norms",
+    "folded_model",
+    "ones_complement",
+    "permutation_matrix",
+    "procrustes",
+    "random_rotation",
+    "residual_similarity",
+    "rotate",
+    "rotate_heads",
+    "rotate_model",
+    "rotation_alignment",
+    "rotation_kind",
 ]
 
 #: The residual stream's group in every family spec.
@@ -85,6 +101,10 @@ RESIDUAL = "residual"
 
 #: What :func:`rotation_alignment` fits ``Q`` on without calibration data.
 FITS = ("embeddings", "alternate")
+
+#: Within-head maps (:func:`fit_head_maps`) that data-free :func:`rotation_alignment` fits per family
+#: after weight matching: only where they lowered the loss barrier (see that function).
+DEFAULT_HEAD_MAPS: dict[str, tuple[str, ...]] = {"gpt2": ("qk",), "llama": ("qk", "vo")}
 
 
 # --- what a family admits ---------------------------------------------------------------------
@@ -400,54 +420,92 @@ def rotate(spec: SymmetrySpec, state: Mapping[str, torch.Tensor], q: torch.Tenso
     return out
 
 
-def head_map_groups(spec: SymmetrySpec) -> dict[str, int]:
-    """The within-head groups that admit any orthogonal map of their dims, with their parent's size.
+# --- within-head maps ---------------------------------------------------------------------------
 
-    Inside an attention head, the value dims and the output projection's matching input dims
-    (``*.vo``) admit any orthogonal map ``M`` (``v M`` then ``M^T`` on the output projection's
-    input), and without RoPE the query and key dims (``*.qk``) admit one they share
-    (``(q M)(k M)^T = q k^T``). With RoPE the spec fixes the q/k dims (no ``qk`` group), so only
-    ``vo`` maps are listed. One map per key/value head: under grouped-query attention the query
-    heads that read a key/value head see its map.
+def _head_blocks(spec: SymmetrySpec, head_map: HeadMap):
+    """``(tensor name, axis, offset, space size)`` of every axis part that ``head_map`` maps."""
+    for name, t in spec.tensors.items():
+        for axis, spaces in enumerate(t.axes):
+            offset = 0
+            for s in spaces or ():
+                if s.name in head_map.spaces:
+                    yield name, axis, offset, s.size
+                offset += s.size
+
+
+def _head_view(x: torch.Tensor, axis: int, offset: int, size: int, heads: int, head_dim: int) -> torch.Tensor:
+    """The part ``[offset, offset + size)`` of ``axis`` as ``(heads, items, head_dim)``: the query heads
+    that share a key/value head and every other axis are items."""
+    part = x.narrow(axis, offset, size).movedim(axis, -1)
+    part = part.reshape(*part.shape[:-1], heads, size // (heads * head_dim), head_dim)
+    return part.movedim(-3, 0).reshape(heads, -1, head_dim)
+
+
+def _rope_pair_rotations(m: torch.Tensor) -> torch.Tensor:
+    """Per head, the rotation in each plane ``(i, i + h/2)`` that maximizes ``<m, R>`` (``m``: heads x h x h)."""
+    half = m.shape[-1] // 2
+    i = torch.arange(half)
+    j = i + half
+    theta = torch.atan2(m[:, j, i] - m[:, i, j], m[:, i, i] + m[:, j, j])
+    r = torch.zeros_like(m)
+    c, s = torch.cos(theta), torch.sin(theta)
+    r[:, i, i], r[:, j, j], r[:, i, j], r[:, j, i] = c, c, -s, s
+    return r
+
+
+def fit_head_maps(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                  which: tuple[str, ...] = ("qk", "vo")) -> dict[str, torch.Tensor]:
+    """Within-head maps of B onto A by Procrustes, data-free: ``{head map name: (heads, h, h)}``.
+
+    For each :class:`~merge_graphs.symmetry.spec.HeadMap` of ``spec`` whose name ends with one of
+    ``which`` (``"qk"``, ``"vo"``), the map of head ``i`` maximizes the summed inner products of
+    A's and B's blocks of head ``i`` over every tensor axis that indexes its spaces (its query
+    heads included): orthogonal Procrustes, or the best rotation in each RoPE plane. ``b`` is B
+    already permuted (and rotated): the maps go with the heads at their new positions.
     """
-    return {name: spec.groups[g.parent].size for name, g in spec.groups.items()
-            if g.parent is not None and name.rsplit(".", 1)[-1] in ("qk", "vo")}
+    out = {}
+    for hm in spec.head_maps:
+        if not hm.name.endswith(tuple("." + w for w in which)):
+            continue
+        n = spec.groups[hm.heads].size
+        m = torch.zeros(n, hm.head_dim, hm.head_dim, dtype=torch.float64)
+        for name, axis, offset, size in _head_blocks(spec, hm):
+            if name not in a:
+                continue
+            xa = _head_view(_work(a[name]), axis, offset, size, n, hm.head_dim)
+            xb = _head_view(_work(b[name]), axis, offset, size, n, hm.head_dim)
+            m += (xb.transpose(1, 2) @ xa).double().cpu()
+        if hm.kind == "rope_pairs":
+            out[hm.name] = _rope_pair_rotations(m).float()
+        else:
+            out[hm.name] = torch.stack([procrustes(x, "free") for x in m])
+    return out
 
 
 def rotate_heads(spec: SymmetrySpec, state: Mapping[str, torch.Tensor],
                  maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply within-head orthogonal maps: ``maps[group]`` is ``(heads, dim, dim)``, one map per head.
-
-    Every tensor axis segment whose space ends in ``group`` (its first factor the heads) is
-    multiplied on the head dims by its head's map, the same rule as :func:`rotate`
-    (``new[.., j] = sum_i old[.., i] M[i, j]``), so writers and readers of the head dims both
-    follow. Differentiable in ``maps``; tensors not touched are shared with ``state``.
-    """
+    """Apply within-head maps (:func:`fit_head_maps`): on every axis part that a map's spaces index,
+    head ``i``'s dims ``x`` become ``x @ maps[name][i]``. Other tensors are shared with ``state``."""
+    by_name = {hm.name: hm for hm in spec.head_maps}
+    unknown = set(maps) - set(by_name)
+    if unknown:
+        raise ValueError(f"unknown head maps {sorted(unknown)}; the spec has {sorted(by_name)}")
     out = dict(state)
-    if not maps:
-        return out
-    for name, t in spec.tensors.items():
-        if name not in out:
-            continue
-        x = out[name]
-        for axis, spaces in enumerate(t.axes):
-            if not spaces or not any(s.factors[-1][0] in maps for s in spaces):
+    for key, r in maps.items():
+        hm = by_name[key]
+        n = spec.groups[hm.heads].size
+        for name, axis, offset, size in _head_blocks(spec, hm):
+            if name not in out:
                 continue
-            parts, offset = [], 0
-            for s in spaces:
-                part = x.narrow(axis, offset, s.size)
-                offset += s.size
-                group = s.factors[-1][0]
-                if group in maps:
-                    m = maps[group].to(part.dtype)
-                    sizes = [k for _, k in s.factors]
-                    moved = part.movedim(axis, -1)
-                    blocks = moved.reshape(*moved.shape[:-1], sizes[0], -1, sizes[-1])
-                    blocks = torch.einsum("...hri,hij->...hrj", blocks, m)
-                    part = blocks.reshape(moved.shape).movedim(-1, axis)
-                parts.append(part)
-            x = torch.cat(parts, axis)
-        out[name] = x
+            x = out[name]
+            work = _work(x)
+            part = work.narrow(axis, offset, size).movedim(axis, -1)
+            shape = part.shape
+            part = part.reshape(*shape[:-1], n, size // (n * hm.head_dim), hm.head_dim)
+            part = torch.einsum("...gpi,gij->...gpj", part, r.to(part.device, part.dtype)).reshape(shape)
+            new = work.clone() if work is x else work
+            new.narrow(axis, offset, size).copy_(part.movedim(-1, axis))
+            out[name] = new.to(x.dtype)
     return out
 
 
@@ -476,8 +534,8 @@ class RotationAlignment(Alignment):
             matrices, or the calibration activations).
         fit_error_before: the same with ``Q = I``.
         source_spec: B's unfolded spec, used to fold B's tensors.
-        head_maps: within-head orthogonal maps applied after the rotation, ``{group: (heads, dim,
-            dim)}`` (see :func:`rotate_heads`); empty unless learned.
+        head_maps: within-head maps applied after the rotation (:func:`fit_head_maps`,
+            :func:`rotate_heads`): ``{head map name: (heads, head_dim, head_dim)}``; empty for none.
         loss_curve: for a learned alignment, the interpolated models' loss at each step.
 
     Unlike a permutation-only :class:`Alignment`, ``permutations`` alone do not map B onto A:
@@ -508,7 +566,8 @@ class RotationAlignment(Alignment):
             return out
         _, state = fold_norms(self.source_spec or self.spec, b)
         state = permute_state_dict(self.spec, state, self.permutations)
-        return rotate_heads(self.spec, rotate(self.spec, state, self.rotation), self.head_maps)
+        state = rotate(self.spec, state, self.rotation)
+        return rotate_heads(self.spec, state, self.head_maps) if self.head_maps else state
 
     def reference(self, model_a: nn.Module) -> nn.Module:
         """A folded: the model to merge B's aligned copy with."""
@@ -569,10 +628,17 @@ def _embeddings(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> torch.
     return torch.cat(rows)
 
 
-def _cross(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``M = sum_t B_t^T A_t`` over every rotated tensor (residual axis last): ``<A, rotate(B, Q)> = <M, Q>`` + const."""
+def residual_similarity(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                        perms: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``M = sum_t B_t^T A_t`` over every rotated tensor (residual axis last): ``<A, rotate(B, Q)> = <M, Q>`` + const.
+
+    With ``perms`` (every group but the residual stream), ``B_t`` is B's tensor with those
+    permutations applied, one tensor at a time: ``<A, rotate(perms(B), Q)> = <M, Q>`` + const.
+    Only one pair of tensors is held beside ``M``, so it streams like a permutation's similarity.
+    """
     d = spec.groups[RESIDUAL].size
     skip = _norm_tensors(spec)
+    moved = {g: p for g, p in (perms or {}).items() if g != RESIDUAL}
     m = torch.zeros(d, d, dtype=torch.float64)
     for name, t in spec.tensors.items():
         if name in skip or name not in a:
@@ -581,9 +647,12 @@ def _cross(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, to
         if axis is None:
             continue
         xa = _work(a[name]).movedim(axis, -1).reshape(-1, d)
-        xb = _work(b[name]).movedim(axis, -1).reshape(-1, d)
+        xb = _work(permute_tensor(spec, name, b[name], moved) if moved else b[name]).movedim(axis, -1).reshape(-1, d)
         m += (xb.T @ xa).double().cpu()
     return m
+
+
+_cross = residual_similarity
 
 
 def _fit_error(xb: torch.Tensor, xa: torch.Tensor, q: torch.Tensor) -> float:
@@ -628,6 +697,7 @@ def rotation_alignment(
     groups: list[str] | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    head_maps: tuple[str, ...] | None = None,
 ) -> RotationAlignment:
     """Align model B to model A with norm folding, a residual rotation ``Q`` and permutations.
 
@@ -639,8 +709,11 @@ def rotation_alignment(
       permutation group except the residual stream on B rotated by ``Q``. With
       ``fit="alternate"`` the two steps then alternate, each maximizing the same objective
       (``sum over tensors of <A, B'>``; the ``Q`` step is Procrustes over every tensor that
-      touches the stream), until a round no longer improves it or ``max_iter`` rounds;
-      ``fit="embeddings"`` keeps the embedding ``Q``.
+      touches the stream, :func:`residual_similarity`, with the other groups' current
+      permutations applied), until a round no longer improves it or ``max_iter`` rounds:
+      *orthogonal weight matching*. It ends at a point that neither step improves, never below
+      the embedding start. ``fit="embeddings"`` keeps the embedding ``Q``. Then the within-head
+      maps named by ``head_maps`` are fitted by Procrustes (:func:`fit_head_maps`).
     * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``): ``Q`` from
       Procrustes between the two folded models' residual-stream activations at every block
       boundary (``output_hidden_states``; each boundary weighted equally), then weight matching
@@ -658,6 +731,10 @@ def rotation_alignment(
         groups: the root groups to match (default: every group but the residual stream).
         seed: weight matching's visiting order.
         batch_size: calibration batch size.
+        head_maps: within-head maps to fit data-free after weight matching: ``"qk"`` (Q/K: one
+            orthogonal map per head shared by q and k; with RoPE a rotation in each frequency
+            plane), ``"vo"`` (V/O: one orthogonal map per head); ``()`` for none. Default: the
+            family's entry in :data:`DEFAULT_HEAD_MAPS`. Not fitted with ``calibration``.
 
     Raises:
         UnsupportedArchitectureError: post-LN families, bare models.
@@ -705,22 +782,33 @@ def rotation_alignment(
         if fit == "alternate":
             best = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)[0]
             for _ in range(max_iter):
-                b_perm = permute_state_dict(folded_spec, b, perms)
-                q_new = procrustes(_cross(folded_spec, a, b_perm), kind)
+                q_new = procrustes(residual_similarity(folded_spec, a, b, perms), kind)
                 perms_new, sweeps = matched(q_new, perms)
                 iterations += sweeps
                 value = objective(folded_spec, a, rotate(folded_spec, b, q_new, check=False), perms_new)[0]
                 if value <= best + 1e-6 * max(abs(best), 1.0):
                     break
                 q, perms, best = q_new, perms_new, value
-    after, group_after = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)
+    which = DEFAULT_HEAD_MAPS.get(folded_spec.family, ()) if head_maps is None else tuple(head_maps)
+    unknown = set(which) - {"qk", "vo"}
+    if unknown:
+        raise ValueError(f"unknown head maps {sorted(unknown)}; choose among 'qk' and 'vo'")
+    maps = {}
+    if which and calibration is None:
+        aligned = permute_state_dict(folded_spec, rotate(folded_spec, b, q, check=False), perms)
+        maps = fit_head_maps(folded_spec, a, aligned, which)
+        after, group_after = objective(folded_spec, a, rotate_heads(folded_spec, aligned, maps),
+                                       identity_permutations(folded_spec))
+    else:
+        after, group_after = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)
     seconds = time.perf_counter() - start
-    logger.info("rotation alignment (%s): objective %.4g -> %.4g, fit error %.3g -> %.3g in %.1fs", fit_used,
-                before, after, _fit_error(xb, xa, eye), _fit_error(xb, xa, q), seconds)
+    logger.info("rotation alignment (%s%s): objective %.4g -> %.4g, fit error %.3g -> %.3g in %.1fs", fit_used,
+                f", head maps {'+'.join(which)}" if maps else "", before, after, _fit_error(xb, xa, eye),
+                _fit_error(xb, xa, q), seconds)
     return RotationAlignment(
         folded_spec, perms, f"weight+rotation({fit_used})", before, after, group_before, group_after, seconds,
         iterations, rotation=q, kind=kind, fit=fit_used, fit_error=_fit_error(xb, xa, q),
-        fit_error_before=_fit_error(xb, xa, eye), source_spec=spec_b,
+        fit_error_before=_fit_error(xb, xa, eye), source_spec=spec_b, head_maps=maps,
     )
 
 

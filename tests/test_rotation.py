@@ -1,11 +1,14 @@
 """Norm folding and residual rotations: function preservation, admissibility, recovery, refusals."""
 
+import dataclasses
+
 import pytest
 import torch
 import transformers as T
 from tiny_models import GPT2, example_input, make, outputs
 
 import merge_graphs as mg
+from merge_graphs.match import objective, weight_matching
 from merge_graphs.rotation import (
     RESIDUAL,
     check_rotation,
@@ -14,7 +17,9 @@ from merge_graphs.rotation import (
     permutation_matrix,
     procrustes,
     random_rotation,
+    residual_similarity,
     rotate,
+    rotate_heads,
     rotate_model,
     rotation_alignment,
     rotation_kind,
@@ -211,6 +216,121 @@ def test_alignment_of_unrelated_models_preserves_b_and_never_lowers_the_objectiv
         assert alignment.permutations[RESIDUAL].equal(torch.arange(GPT2["n_embd"]))
     # Alternating starts from the embedding fit and only accepts rounds that improve the objective.
     assert found["alternate"].objective_after >= found["embeddings"].objective_after - 1e-6
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen2-lm-tied"])
+def test_alternation_ends_at_a_fixed_point_above_the_embedding_start(name):
+    """Orthogonal weight matching: neither the Procrustes step nor weight matching can improve the
+    result, and it is never below the embeddings-only start (whose permutations are matched too)."""
+    for seed in (0, 1):
+        a, b = make(name, seed=2 * seed), make(name, seed=2 * seed + 1)
+        found = rotation_alignment(a, b)
+        start = rotation_alignment(a, b, fit="embeddings")
+        assert found.fit == "alternate"
+        assert found.objective_after >= start.objective_after - 1e-6 * abs(start.objective_after)
+        spec = found.spec
+        _, fa = fold_norms(mg.symmetry_spec(a), a.state_dict())
+        _, fb = fold_norms(mg.symmetry_spec(b), b.state_dict())
+        # The Procrustes step on the final permutations gives back the final rotation ...
+        q = procrustes(residual_similarity(spec, fa, fb, found.permutations), found.kind)
+        assert torch.allclose(q, found.rotation, atol=1e-5)
+        check_rotation(found.rotation, found.kind)
+        # ... and weight matching with that rotation does not move the permutations' objective.
+        rotated = rotate(spec, fb, found.rotation, check=False)
+        roots = [g for g, grp in spec.groups.items() if grp.parent is None and g != RESIDUAL]
+        again = weight_matching(spec, fa, rotated, init=found.permutations, groups=roots)
+        assert again.objective_after <= found.objective_after + 1e-6 * abs(found.objective_after)
+
+
+def test_the_rotation_step_streams_the_permutations_tensor_by_tensor():
+    a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
+    spec, fa = fold_norms(mg.symmetry_spec(a), a.state_dict())
+    _, fb = fold_norms(mg.symmetry_spec(b), b.state_dict())
+    perms = mg.random_permutations(spec, seed=4, fixed=[RESIDUAL])
+    m = residual_similarity(spec, fa, fb, perms)
+    assert torch.allclose(m, residual_similarity(spec, fa, permute_state_dict(spec, fb, perms)), atol=1e-9)
+    # <A, rotate(perms(B), Q)> is linear in Q with coefficient M: Procrustes maximizes the objective.
+    q = random_rotation(GPT2["n_embd"], "fix_ones", seed=5)
+    moved = permute_state_dict(spec, fb, perms)
+    values = [objective(spec, fa, rotate(spec, moved, x, check=False), mg.identity_permutations(spec))[0]
+              for x in (q, torch.eye(GPT2["n_embd"]))]
+    assert values[0] - values[1] == pytest.approx(float((m * (q.double() - torch.eye(GPT2["n_embd"]))).sum()), rel=1e-4)
+    best = procrustes(m, "fix_ones")
+    assert objective(spec, fa, rotate(spec, moved, best, check=False), mg.identity_permutations(spec))[0] >= max(values)
+
+
+def _random_head_maps(spec, seed, angle=3.14):
+    """One admissible map per key/value head of every head map of ``spec`` (RoPE planes rotated
+    by angles in ``[-angle, angle]``)."""
+    g = torch.Generator().manual_seed(seed)
+    maps = {}
+    for hm in spec.head_maps:
+        n, h = spec.groups[hm.heads].size, hm.head_dim
+        if hm.kind == "rope_pairs":
+            theta = (2 * torch.rand(n, h // 2, generator=g, dtype=torch.float64) - 1) * angle
+            i = torch.arange(h // 2)
+            r = torch.zeros(n, h, h, dtype=torch.float64)
+            r[:, i, i], r[:, i + h // 2, i + h // 2] = theta.cos(), theta.cos()
+            r[:, i, i + h // 2], r[:, i + h // 2, i] = -theta.sin(), theta.sin()
+        else:
+            r = torch.linalg.qr(torch.randn(n, h, h, generator=g, dtype=torch.float64))[0]
+        maps[hm.name] = r.float()
+    return maps
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied"])
+def test_within_head_maps_preserve_outputs(name):
+    model = make(name)
+    spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
+    kinds = {hm.name.rsplit(".", 1)[1]: hm.kind for hm in spec.head_maps}
+    assert kinds == {"qk": "orthogonal" if name.startswith("gpt2") else "rope_pairs", "vo": "orthogonal"}
+    assert len(spec.head_maps) == 2 * (GPT2["n_layer"] if name.startswith("gpt2") else model.config.num_hidden_layers)
+    moved = folded_model(model)
+    moved.load_state_dict(rotate_heads(spec, state, _random_head_maps(spec, seed=1)))
+    assert_same_outputs(model, moved, example_input(model))
+    # A map that breaks the symmetry changes the outputs: rotating q alone (not k).
+    broken = {}
+    for hm in spec.head_maps[:1]:
+        broken[hm.name] = _random_head_maps(spec, seed=2)[hm.name]
+        q_only = dataclasses.replace(hm, spaces=hm.spaces[:1])
+        off = dataclasses.replace(spec, head_maps=(q_only,))
+    moved.load_state_dict(rotate_heads(off, state, broken))
+    with pytest.raises(AssertionError):
+        assert_same_outputs(model, moved, example_input(model))
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen2-lm-tied"])
+def test_within_head_maps_are_recovered(name):
+    model = make(name)
+    scrambled, q_total = _scrambled(model, seed=3)
+    spec, state = fold_norms(mg.symmetry_spec(scrambled), scrambled.state_dict())
+    # Heads are matched before their maps are fitted: query heads rotated by more than about a
+    # radian per RoPE plane no longer look like themselves.
+    scrambled.load_state_dict(rotate_heads(spec, state, _random_head_maps(spec, seed=4, angle=1.0)))
+    assert_same_outputs(model, scrambled, example_input(model))
+    # Head maps are fitted after the alternation; with the embedding fit nothing else moves Q.
+    alignment = rotation_alignment(model, scrambled, fit="embeddings", head_maps=("qk", "vo"))
+    assert sorted(alignment.head_maps) == sorted(hm.name for hm in spec.head_maps)
+    assert torch.allclose(alignment.rotation, q_total.T, atol=1e-4)
+    aligned = alignment.apply(scrambled).state_dict()  # verified: computes what B computes
+    for k, v in alignment.reference(model).state_dict().items():
+        assert_close(v, aligned[k], k)
+    # Without head maps the within-head rotations stay: B is not A.
+    plain = rotation_alignment(model, scrambled, fit="embeddings", head_maps=())
+    assert any((plain.apply(scrambled).state_dict()[k] - aligned[k]).abs().max() > 1e-2 for k in aligned if "attn" in k)
+    assert alignment.objective_after > plain.objective_after
+
+
+def test_head_maps_default_per_family_and_unknown_names_refused():
+    from merge_graphs.rotation import DEFAULT_HEAD_MAPS
+
+    a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
+    found = rotation_alignment(a, b)
+    assert sorted(found.head_maps) == sorted(hm.name for hm in found.spec.head_maps
+                                             if hm.name.endswith(tuple("." + w for w in DEFAULT_HEAD_MAPS["gpt2"])))
+    assert rotation_alignment(a, b, head_maps=()).head_maps == {}
+    with pytest.raises(ValueError, match="unknown head maps"):
+        rotation_alignment(a, b, head_maps=("qv",))
 
 
 def test_different_vocabularies_are_refused():

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedTensorError
-from merge_graphs.symmetry.spec import ROTATION_KINDS, Group, Norm, Space, SymmetrySpec, TensorSpec
+from merge_graphs.symmetry.spec import ROTATION_KINDS, Group, HeadMap, Norm, Space, SymmetrySpec, TensorSpec
 
 Axis = Space | Sequence[Space] | None
 
@@ -50,6 +50,7 @@ class SpecBuilder:
         self.carry_patterns: list[str] = []
         self.norm_table: list[Norm] = []
         self.ties: dict[str, str] = {}
+        self.head_map_table: list[HeadMap] = []
 
     def group(self, name: str, size: int, parent: str | None = None) -> str:
         self.groups[name] = Group(name, size, parent)
@@ -72,6 +73,8 @@ class SpecBuilder:
         (``{layer}.query_heads``, one permutation per key/value head). Within each head, the
         q/k dims share one permutation (``{layer}.qk``) and the v/o dims another
         (``{layer}.vo``). RoPE rotates fixed pairs of q/k dims, so with RoPE the q/k dims stay put.
+        Beyond permutations, it declares the head maps (:class:`HeadMap`) ``{layer}.qk``
+        (orthogonal, or RoPE-pair rotations) and ``{layer}.vo`` (orthogonal).
         """
         if n_heads % n_kv_heads:
             raise SpecMismatchError(f"{layer}: {n_heads} query heads do not divide into {n_kv_heads} key/value heads")
@@ -80,6 +83,10 @@ class SpecBuilder:
         qk = (None if rope else self.group(f"{layer}.qk", head_dim, parent=heads[0]), head_dim)
         vo = (self.group(f"{layer}.vo", head_dim, parent=heads[0]), head_dim)
         query = (heads,) if per_kv == 1 else (heads, (self.group(f"{layer}.query_heads", per_kv, parent=heads[0]), per_kv))
+        self.head_map_table += [
+            HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim, "rope_pairs" if rope else "orthogonal"),
+            HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim, "orthogonal"),
+        ]
         return (
             self.space(f"{layer}.q", *query, qk),
             self.space(f"{layer}.k", heads, qk),
@@ -148,8 +155,10 @@ class SpecBuilder:
                  tuple((w, bias if bias in tensors else None) for w, bias in n.readers if w in present))
             for n in self.norm_table if n.weight in tensors
         )
+        spaces = {s.name for t in tensors.values() for axis in t.axes for s in axis or ()}
+        head_maps = tuple(m for m in self.head_map_table if m.heads in groups and set(m.spaces) <= spaces)
         return SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes),
-                            norms, rotation, tied)
+                            norms, rotation, tied, head_maps)
 
     def _check_shape(self, label: TensorSpec, info: TensorInfo) -> None:
         if len(label.axes) != len(info.shape):

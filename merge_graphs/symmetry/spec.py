@@ -94,6 +94,39 @@ class Norm:
     readers: tuple[tuple[str, str | None], ...]
 
 
+#: HeadMap.kind: which maps of one head's dims commute with what the attention computes.
+HEAD_MAP_KINDS = {
+    "orthogonal": "any orthogonal map of the head dims (V/O; Q/K without RoPE, shared by q and k)",
+    "rope_pairs": "a 2-D rotation in each plane RoPE rotates, dims (i, i + head_dim / 2) (Q/K with RoPE)",
+}
+
+
+@dataclass(frozen=True)
+class HeadMap:
+    """Maps of the dims inside each attention head, beyond permutations.
+
+    One ``head_dim x head_dim`` map per key/value head multiplies, on every tensor axis that
+    indexes one of ``spaces``, that head's dims (and those of the query heads that share it).
+    Q and K share one map (scores ``q k^T`` are unchanged by ``q R, k R`` for orthogonal ``R``);
+    V and O share another. With RoPE only rotations within each frequency pair commute with the
+    position rotation (``kind="rope_pairs"``).
+
+    Attributes:
+        name: ``"{layer}.qk"`` or ``"{layer}.vo"``.
+        heads: the key/value heads group (the map of position ``i`` goes with the head placed there).
+        spaces: the spaces whose head dims it maps, e.g. ``("layers.0.attn.q", "layers.0.attn.k")``;
+            each is ``heads x [query heads] x head dims``.
+        head_dim: the dims per head (the last factor of each space).
+        kind: a key of :data:`HEAD_MAP_KINDS`.
+    """
+
+    name: str
+    heads: str
+    spaces: tuple[str, ...]
+    head_dim: int
+    kind: str
+
+
 # SymmetrySpec.rotation: which orthogonal maps of the residual stream the folded model admits.
 ROTATION_KINDS = {
     "free": "any orthogonal map (RMSNorm is rotation invariant)",
@@ -119,6 +152,8 @@ class SymmetrySpec:
             ``"fix_ones"`` (see :data:`ROTATION_KINDS`) or None (permutations only).
         tied: tensors that may be stored as another tensor (an LM head tied to the embedding):
             ``{name: source}``.
+        head_maps: the maps of the dims inside each attention head that the family admits beyond
+            permutations (:class:`HeadMap`).
     """
 
     family: str
@@ -130,6 +165,7 @@ class SymmetrySpec:
     norms: tuple[Norm, ...] = ()
     rotation: str | None = None
     tied: dict[str, str] = field(default_factory=dict)
+    head_maps: tuple[HeadMap, ...] = ()
 
     @property
     def spaces(self) -> dict[str, Space]:
