@@ -1,4 +1,4 @@
-"""``bench llama``: the CI smoke run (one quick pair of byte-level Llamas), the model, the rows' groups and the table."""
+"""``bench llama``: the CI smoke run (one quick pair of byte-level Llamas), the model, the rows' groups, the table."""
 
 import json
 import math
@@ -32,6 +32,7 @@ def test_rows_match_the_groups_they_name():
     # Rotation always maps the residual stream itself: only the permutation groups are listed.
     assert resolve_groups(m, ("residual", "mlp"), "rotation") == ["layers.0.mlp", "layers.1.mlp"]
     assert resolve_groups(m, ("heads",), "permutation") == ["layers.0.attn.heads", "layers.1.attn.heads"]
+    assert LLAMA_GROUPS == {"weight-noheads": ("residual", "mlp"), "rotation-noheads": ("mlp",)}
     assert LLAMA_METHODS["learned"] == ("learned", "rotation", True, False)
     assert set(FAMILIES) == {"gpt2", "llama"}
 
@@ -77,6 +78,7 @@ def test_llama_suite_quick(tmp_path, capsys):
     assert written["skipped"] == ({} if learned else {"learned": "merge_graphs.api.ALIGN_METHODS has no 'learned' "
                                                                  "in this build"})
     assert written["methods"]["weight-noheads"]["groups"] == ["residual", "mlp"]
+    assert written["methods"]["rotation-noheads"]["groups"] == ["mlp"]
     (pair,) = written["pairs"]
     assert list(pair["methods"]) == ran == list(written["summary"])
     for name, row in pair["methods"].items():

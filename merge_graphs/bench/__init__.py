@@ -38,9 +38,9 @@ from merge_graphs.bench.lm import LLAMA_METHODS, llama_suite
 from merge_graphs.bench.minilm import minilm_suite
 from merge_graphs.bench.mlp import MLP_METHODS, mlp_suite
 
-__all__ = ["BERT_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "bert", "bert_suite", "finetune",
-           "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm", "main", "minilm", "minilm_suite", "mlp", "mlp_suite",
-           "register", "run_suite", "scale", "speed"]
+__all__ = ["BERT_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "bert", "bert_suite",
+           "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm", "main", "minilm", "minilm_suite", "mlp",
+           "mlp_suite", "register", "run_suite", "scale", "speed"]
 
 
 def run_suite(name: str, **options) -> dict:

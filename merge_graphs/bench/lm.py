@@ -26,6 +26,7 @@ model's training metadata is identical. For each pair and each method of the fam
   weight matching;
 * ``rotation``: norms folded, residual stream rotated (Procrustes alternated with weight
   matching; data-free);
+* ``rotation-noheads`` (llama): the same, with only the MLP units permuted;
 * ``rotation+activation``: the residual rotation fitted on the same calibration activations;
 * ``learned`` (llama): learned alignment from the calibration windows, run only when this build's
   :data:`merge_graphs.api.ALIGN_METHODS` has ``"learned"``; otherwise the report and the table say
@@ -92,6 +93,7 @@ LLAMA_METHODS: dict[str, tuple[str, str, bool, bool]] = {
     "weight": ("weight", "permutation", False, False),
     "weight-noheads": ("weight", "permutation", False, False),
     "rotation": ("weight", "rotation", False, False),
+    "rotation-noheads": ("weight", "rotation", False, False),
     "rotation+activation": ("activation", "rotation", True, False),
     "learned": ("learned", "rotation", True, False),
 }
@@ -99,7 +101,7 @@ LLAMA_METHODS: dict[str, tuple[str, str, bool, bool]] = {
 #: Methods that match only some kinds of root groups: ``"residual"``, or the last part of a group's name
 #: (``"mlp"``, ``"heads"``). FACTS: on a small Llama pair, matching key-value groups and query heads made
 #: weight matching worse than matching the residual stream and the MLP units alone; both are measured.
-LLAMA_GROUPS: dict[str, tuple[str, ...]] = {"weight-noheads": ("residual", "mlp")}
+LLAMA_GROUPS: dict[str, tuple[str, ...]] = {"weight-noheads": ("residual", "mlp"), "rotation-noheads": ("mlp",)}
 
 #: The Llama training recipe (:func:`merge_graphs.zoo.train_byte_lm`): see the measurements beside it.
 LLAMA_TRAINING = {"steps": 500, "batch_size": 32, "lr": 2e-3, "warmup": 50, "final_lr_fraction": 0.1,
@@ -364,7 +366,8 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
     }
     if family.detail or skipped:
         report["skipped"] = skipped
-    plot = plot_curves({name: InterpolationCurve.from_dict(row["curve"]) for name, row in results[0]["methods"].items()},
+    curves = {name: InterpolationCurve.from_dict(row["curve"]) for name, row in results[0]["methods"].items()}
+    plot = plot_curves(curves,
                        out / f"bench-{family.name}.png",
                        title=f"{family.title}, seeds {results[0]['seeds'][0]}/{results[0]['seeds'][1]}, {steps} steps, "
                              f"lr {training['lr']:g}",
