@@ -103,9 +103,13 @@ LLAMA_METHODS: dict[str, tuple[str, str, bool, bool]] = {
 #: weight matching worse than matching the residual stream and the MLP units alone; both are measured.
 LLAMA_GROUPS: dict[str, tuple[str, ...]] = {"weight-noheads": ("residual", "mlp"), "rotation-noheads": ("mlp",)}
 
-#: The Llama training recipe (:func:`merge_graphs.zoo.train_byte_lm`): see the measurements beside it.
+#: The Llama training recipe (:func:`merge_graphs.zoo.train_byte_lm`): AdamW, linear warmup, cosine decay to a tenth.
 LLAMA_TRAINING = {"steps": 500, "batch_size": 32, "lr": 2e-3, "warmup": 50, "final_lr_fraction": 0.1,
                   "weight_decay": 0.1, "grad_clip": 1.0}
+# Measured here (torch 2.13 CPU, one thread): about 0.42 s of CPU a step, 3.5 CPU-minutes a model; seeds 0-5 reach
+# 1.78-1.83 nats/byte on the held-out text (64 windows), against 3.48 for a byte unigram fitted on the training text
+# and 2.46-2.50 for the quickstart's GPT-2 (800 steps at 1e-3); 1.31-1.34 on training windows. 500 steps x 32 x 128
+# bytes is about 2.9 passes over the 0.7 MB corpus.
 
 
 @dataclass(frozen=True)
