@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from merge_graphs import api, quickstart, zoo
+from merge_graphs import quickstart, zoo
 from merge_graphs.bench import LLAMA_METHODS, SUITES, llama_suite
-from merge_graphs.bench.lm import FAMILIES, LLAMA_GROUPS, _models, format_lm, resolve_groups
+from merge_graphs.bench.lm import FAMILIES, LEARN, LLAMA_GROUPS, _models, format_lm, resolve_groups
 
 
 def test_make_byte_llama_is_the_benchmarks_llama():
@@ -33,19 +33,19 @@ def test_rows_match_the_groups_they_name():
     assert resolve_groups(m, ("residual", "mlp"), "rotation") == ["layers.0.mlp", "layers.1.mlp"]
     assert resolve_groups(m, ("heads",), "permutation") == ["layers.0.attn.heads", "layers.1.attn.heads"]
     assert LLAMA_GROUPS == {"weight-noheads": ("residual", "mlp"), "rotation-noheads": ("mlp",)}
-    assert LLAMA_METHODS["learned"] == ("learned", "rotation", True, False)
+    assert LLAMA_METHODS["learned"] == LLAMA_METHODS["learned+heads"] == ("learned", "rotation", True, False)
+    assert LEARN == {"learned": {"steps": 300}, "learned+heads": {"steps": 300, "heads": True}}
     assert set(FAMILIES) == {"gpt2", "llama"}
 
 
-def _report(learned: bool) -> dict:
-    names = [n for n in LLAMA_METHODS if learned or n != "learned"]
+def _report() -> dict:
+    names = list(LLAMA_METHODS)
     spread = {"median": 0.5, "min": 0.25, "max": 0.75}
     return {
         "suite": "llama",
         "settings": {"pairs": 2, "steps": 500, "training": {"lr": 2e-3}, "heldout_windows": 64, "window": 128,
                      "detail": True, "unigram": 3.4826},
         "summary": {n: {k: spread for k in ("barrier", "removed", "midpoint", "align_s")} for n in names},
-        "skipped": {} if learned else {"learned": "merge_graphs.api.ALIGN_METHODS has no 'learned' in this build"},
         "pairs": [{"seeds": [2 * i, 2 * i + 1], "loss_a": 2.0 + i, "loss_b": 2.25 + i,
                    "methods": {n: {"barrier": 0.125, "removed": 0.5, "midpoint": 2.5} for n in names}}
                   for i in range(2)],
@@ -53,18 +53,16 @@ def _report(learned: bool) -> dict:
     }
 
 
-def test_table_lists_every_pair_and_says_what_was_skipped():
-    table = format_lm(_report(learned=False)).splitlines()
+def test_table_lists_every_method_and_every_pair():
+    table = format_lm(_report()).splitlines()
     assert table[0].startswith("llama suite: 2 pair(s), 500 steps per model at lr 0.002")
-    assert "learned               skipped: merge_graphs.api.ALIGN_METHODS has no 'learned' in this build" in table
-    assert sum(line.startswith("learned") for line in table) == 1
+    assert sum(line.startswith("learned ") for line in table) == 2  # summary and per-pair rows
+    assert sum(line.startswith("learned+heads ") for line in table) == 2
     assert any("seeds 0/1" in line and line.endswith("seeds 2/3") for line in table)
     assert table.count("naive                  0.5000 [0.2500, 0.7500]        50.0 [25.0, 75.0]  "
                        "0.5000 [0.2500, 0.7500]     0.50 [0.25, 0.75]") == 1
-    assert sum("0.1250 /  50.0% / 2.5000" in line for line in table) == len(LLAMA_METHODS) - 1
+    assert sum("0.1250 /  50.0% / 2.5000" in line for line in table) == len(LLAMA_METHODS)
     assert "parents (A / B): 0/1: 2.0000 / 2.2500; 2/3: 3.0000 / 3.2500; byte unigram 3.4826" in table[-2]
-    with_learned = format_lm(_report(learned=True))
-    assert "skipped" not in with_learned and sum(line.startswith("learned ") for line in with_learned.splitlines()) == 2
 
 
 @pytest.mark.slow
@@ -73,14 +71,11 @@ def test_llama_suite_quick(tmp_path):
     written = json.loads((tmp_path / "bench-llama.json").read_text(encoding="utf-8"))
     assert written["suite"] == "llama" and written["settings"]["quick"] and written["settings"]["pairs"] == 1
     assert written["settings"]["config"] == zoo.BYTE_LLAMA and written["settings"]["window"] == 128
-    learned = "learned" in api.ALIGN_METHODS
-    ran = [n for n in LLAMA_METHODS if learned or n != "learned"]
-    assert written["skipped"] == ({} if learned else {"learned": "merge_graphs.api.ALIGN_METHODS has no 'learned' "
-                                                                 "in this build"})
+    assert written["settings"]["learn"]["learned+heads"] == {"steps": 10, "heads": True}
     assert written["methods"]["weight-noheads"]["groups"] == ["residual", "mlp"]
     assert written["methods"]["rotation-noheads"]["groups"] == ["mlp"]
     (pair,) = written["pairs"]
-    assert list(pair["methods"]) == ran == list(written["summary"])
+    assert list(pair["methods"]) == list(LLAMA_METHODS) == list(written["summary"])
     for name, row in pair["methods"].items():
         for key in ("barrier", "removed", "midpoint", "align_s"):
             assert math.isfinite(row[key]), (name, key, row[key])
@@ -110,4 +105,3 @@ def test_llama_suite_quick(tmp_path):
     assert quickstart.heldout_loss(models[0], None, heldout, max_windows=8) == pair["loss_a"]
     table = SUITES["llama"].format(report)
     assert all(name in table for name in LLAMA_METHODS) and "byte unigram" in table and "machine:" in table
-    assert ("skipped" in table) != learned

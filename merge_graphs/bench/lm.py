@@ -28,9 +28,9 @@ model's training metadata is identical. For each pair and each method of the fam
   matching; data-free);
 * ``rotation-noheads`` (llama): the same, with only the MLP units permuted;
 * ``rotation+activation``: the residual rotation fitted on the same calibration activations;
-* ``learned`` (llama): learned alignment from the calibration windows, run only when this build's
-  :data:`merge_graphs.api.ALIGN_METHODS` has ``"learned"``; otherwise the report and the table say
-  it was skipped;
+* ``learned``, ``learned+heads``: learned alignment (:mod:`merge_graphs.learned`) from the data-free
+  rotation: B's residual map (and, ``+heads``, the within-head maps) learned by 300 Adam steps of 16
+  windows drawn from 256 training-text windows of 128 bytes (:data:`LEARN`);
 
 the held-out loss (:func:`merge_graphs.quickstart.heldout_loss` on the first 64 windows of the
 quickstart's held-out text) is measured at 11 points of the straight line from A to aligned B
@@ -85,9 +85,11 @@ GPT2_METHODS: dict[str, tuple[str, str, bool, bool]] = {
     "gnn+weight": ("gnn", "permutation", False, True),
     "rotation": ("weight", "rotation", False, False),
     "rotation+activation": ("activation", "rotation", True, False),
+    "learned": ("learned", "rotation", True, False),
+    "learned+heads": ("learned", "rotation", True, False),
 }
 
-#: The Llama rows (as :data:`GPT2_METHODS`). ``learned`` runs only where this build has learned alignment.
+#: The Llama rows (as :data:`GPT2_METHODS`).
 LLAMA_METHODS: dict[str, tuple[str, str, bool, bool]] = {
     "naive": ("none", "permutation", False, False),
     "weight": ("weight", "permutation", False, False),
@@ -96,7 +98,14 @@ LLAMA_METHODS: dict[str, tuple[str, str, bool, bool]] = {
     "rotation-noheads": ("weight", "rotation", False, False),
     "rotation+activation": ("activation", "rotation", True, False),
     "learned": ("learned", "rotation", True, False),
+    "learned+heads": ("learned", "rotation", True, False),
 }
+
+#: Settings of the learned rows (:func:`merge_graphs.learned.learned_alignment`), which read
+#: :data:`LEARN_CALIBRATION` windows: the issue's protocol (300 Adam steps of 16 windows from 256).
+LEARN: dict[str, dict[str, Any]] = {"learned": {"steps": 300}, "learned+heads": {"steps": 300, "heads": True}}
+LEARN_CALIBRATION = (256, 128)
+QUICK_LEARN_STEPS = 10
 
 #: Methods that match only some kinds of root groups: ``"residual"``, or the last part of a group's name
 #: (``"mlp"``, ``"heads"``). FACTS: on a small Llama pair, matching key-value groups and query heads made
@@ -140,15 +149,6 @@ FAMILIES: dict[str, Family] = {
 
 WINDOWS = 64
 CALIBRATION = (64, 128)
-
-
-def unavailable(method: Sequence[Any]) -> str | None:
-    """Why a method (a :data:`LLAMA_METHODS` entry) cannot run in this build (None when it can)."""
-    from merge_graphs import api
-
-    if method[0] not in api.ALIGN_METHODS:
-        return f"merge_graphs.api.ALIGN_METHODS has no {method[0]!r} in this build"
-    return None
 
 
 def resolve_groups(model: nn.Module, kinds: Sequence[str] | None, residual: str) -> list[str] | None:
@@ -247,8 +247,9 @@ def _models(family: Family, seeds: Sequence[int], training: Mapping[str, Any], t
 
 
 def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], float],
-          calibration: Mapping[str, torch.Tensor], *, progress: bool = False) -> dict[str, Any]:
-    """Every method's figures for one pair (methods this build cannot run are left out)."""
+          calibration: Mapping[str, torch.Tensor], learn_calibration: Mapping[str, torch.Tensor],
+          learn_steps: int | None = None, *, progress: bool = False) -> dict[str, Any]:
+    """Every method's figures for one pair."""
     from tqdm.auto import tqdm
 
     import merge_graphs as mg
@@ -257,14 +258,14 @@ def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module]
     loss_a, loss_b = loss(a), loss(b)
     out: dict[str, Any] = {"loss_a": loss_a, "loss_b": loss_b, "methods": {}}
     folded = {}
-    names = [n for n, m in family.methods.items() if unavailable(m) is None]
-    for name in tqdm(names, desc="methods", leave=False, disable=not progress):
+    for name in tqdm(family.methods, desc="methods", leave=False, disable=not progress):
         method, residual, needs_data, refine = family.methods[name]
         groups = resolve_groups(a, family.groups.get(name), residual)
+        learn = dict(LEARN[name], **({"steps": learn_steps} if learn_steps else {})) if method == "learned" else None
+        data = learn_calibration if method == "learned" else calibration
         start = time.perf_counter()
-        alignment = mg.align(a, b, method, residual=residual, refine=refine,
-                             calibration=calibration if needs_data else None,
-                             **({"groups": groups} if groups is not None else {}))
+        alignment = mg.align(a, b, method, residual=residual, refine=refine, calibration=data if needs_data else None,
+                             learn=learn, **({"groups": groups} if groups is not None else {}))
         seconds = time.perf_counter() - start
         if residual not in folded:
             basis = identity_alignment(a, residual)
@@ -291,9 +292,6 @@ def format_lm(report: Mapping[str, Any]) -> str:
     for name, s in report["summary"].items():
         lines.append(f"{name:21s} {cell(s['barrier'], '.4f'):>24s} {cell(s['removed'], '.1f', 100):>24s} "
                      f"{cell(s['midpoint'], '.4f'):>24s} {cell(s['align_s'], '.2f'):>21s}")
-    skipped = report.get("skipped", {})
-    for name, why in skipped.items():
-        lines.append(f"{name:21s} skipped: {why}")
     parents = [f"{r['seeds'][0]}/{r['seeds'][1]}: {r['loss_a']:.4f} / {r['loss_b']:.4f}" for r in report["pairs"]]
     if settings.get("detail"):
         lines.append("per pair: barrier / % removed / midpoint")
@@ -338,10 +336,9 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
     models, train_seconds = _models(family, seeds, training, train_text, out / "models", jobs)
     train_wall = time.perf_counter() - start
     calibration = quickstart.calibration_inputs(train_text, n=n_cal, seq_len=cal_len)
-    skipped = {name: why for name, m in family.methods.items() if (why := unavailable(m)) is not None}
-    for name, why in skipped.items():
-        logger.warning("skipping %s: %s", name, why)
-    run = [name for name in family.methods if name not in skipped]
+    n_learn, learn_len = (n_cal, cal_len) if quick else LEARN_CALIBRATION
+    learn_calibration = quickstart.calibration_inputs(train_text, n=n_learn, seq_len=learn_len)
+    learn_steps = QUICK_LEARN_STEPS if quick else None
 
     def loss(model: nn.Module) -> float:
         return quickstart.heldout_loss(model, None, heldout_text, max_windows=windows)
@@ -349,12 +346,15 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
     results = []
     for i in tqdm(range(pairs), desc="pairs", disable=not progress):
         a, b = models[2 * i], models[2 * i + 1]
-        row = _pair(family, a, b, loss, calibration, progress=progress)
+        row = _pair(family, a, b, loss, calibration, learn_calibration, learn_steps, progress=progress)
         row["seeds"] = [2 * i, 2 * i + 1]
         row["train_s"] = [train_seconds[2 * i], train_seconds[2 * i + 1]]
         results.append(row)
     settings = {"pairs": pairs, "steps": steps, "quick": quick, "jobs": jobs, "heldout_windows": windows,
-                "window": family.config[family.context_key], "calibration": [n_cal, cal_len], "points": POINTS,
+                "window": family.config[family.context_key], "calibration": [n_cal, cal_len],
+                "learn_calibration": [n_learn, learn_len], "learn": {k: dict(v, **({"steps": learn_steps} if learn_steps
+                                                                                   else {})) for k, v in LEARN.items()},
+                "points": POINTS,
                 "training": training, "config": dict(family.config)}
     if family.detail:
         settings.update(detail=True, unigram=quickstart.unigram_loss(heldout_text, fit_text=train_text))
@@ -366,11 +366,9 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
                            **({"groups": list(family.groups[name])} if name in family.groups else {})}
                     for name, (m, r, d, f) in family.methods.items()},
         "pairs": results,
-        "summary": summary(results, run, ("barrier", "removed", "midpoint", "align_s")),
+        "summary": summary(results, list(family.methods), ("barrier", "removed", "midpoint", "align_s")),
         "train_wall_s": train_wall,
     }
-    if family.detail or skipped:
-        report["skipped"] = skipped
     curves = {name: InterpolationCurve.from_dict(row["curve"]) for name, row in results[0]["methods"].items()}
     plot = plot_curves(curves,
                        out / f"bench-{family.name}.png",
