@@ -14,8 +14,9 @@ pair and each method
   (:func:`merge_graphs.quickstart.calibration_inputs`);
 * ``gnn``, ``gnn+weight``: the pretrained GNN's embeddings (data-free), then refined by weight
   matching;
-* ``rotation``: norms folded, residual stream rotated (Procrustes alternated with weight
-  matching; data-free);
+* ``rotation``: norms folded, residual stream rotated (orthogonal weight matching: Procrustes on
+  every tensor that touches the stream alternated with weight matching, then the family's
+  within-head maps, :data:`merge_graphs.rotation.DEFAULT_HEAD_MAPS`; data-free);
 * ``rotation+activation``: the residual rotation fitted on the same calibration activations;
 
 the held-out loss (:func:`merge_graphs.quickstart.heldout_loss` on the first 64 windows of the
