@@ -77,10 +77,10 @@ from merge_graphs.symmetry.spec import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fit_head_maps", "fold_norms", "folded_model",
-    "permutation_matrix", "rotate_heads",
-    "procrustes", "random_rotation", "residual_similarity", "rotate", "rotate_model", "rotation_alignment",
-    "rotation_kind",
+    "DEFAULT_HEAD_MAPS", "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fit_head_maps", "fold_norms",
+    "folded_model",
+    "permutation_matrix", "procrustes", "random_rotation", "residual_similarity", "rotate", "rotate_heads",
+    "rotate_model", "rotation_alignment", "rotation_kind",
 ]
 
 #: The residual stream's group in every family spec.
