@@ -13,14 +13,16 @@ from torch import nn
 from merge_graphs.activations import Calibration, activation_matching, prepare_inputs
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.graph import NeuralGraph
+from merge_graphs.learned import learned_alignment
 from merge_graphs.match import Alignment, weight_matching
 from merge_graphs.methods import get_method, merge_tensors
+from merge_graphs.rotation import rotation_alignment
 from merge_graphs.symmetry import SymmetrySpec, identity_permutations, permute_state_dict, symmetry_spec
 from merge_graphs.verify import check_function_preserved
 
 logger = logging.getLogger(__name__)
 
-ALIGN_METHODS = ("none", "weight", "activation", "gnn")
+ALIGN_METHODS = ("none", "weight", "activation", "gnn", "learned")
 
 
 def permute(model: nn.Module, permutations: Mapping[str, torch.Tensor], spec: SymmetrySpec | None = None) -> nn.Module:
@@ -76,6 +78,7 @@ def align(
     groups: list[str] | None = None,
     residual: str = "permutation",
     seed: int = 0,
+    learn: Mapping[str, Any] | None = None,
 ) -> Alignment:
     """Find the permutation of ``model_b``'s units that best matches ``model_a``'s.
 
@@ -97,6 +100,11 @@ def align(
             permutations of the other groups. Returns a
             :class:`~merge_graphs.rotation.RotationAlignment`; merge its ``apply(b)`` with A folded.
         seed: seed for the order in which weight matching visits groups.
+        learn: for ``method="learned"`` (pre-norm causal LMs; implies ``residual="rotation"``):
+            settings of :func:`merge_graphs.learned.learned_alignment` (``steps``, ``lr``,
+            ``batch_size``, ``heads``). It starts from the data-free rotation alignment and learns
+            B's residual map (and with ``heads``, within-head maps) on the loss of the
+            interpolated models on ``calibration`` texts.
 
     Example:
         >>> import torch, merge_graphs
@@ -109,9 +117,9 @@ def align(
         True
     """
     spec = compatible_spec(model_a, model_b)
-    if residual == "rotation":
+    if residual == "rotation" or method == "learned":
         return _rotation_alignment(model_a, model_b, method, solver=solver, calibration=calibration,
-                                   tokenizer=tokenizer, groups=groups, seed=seed)
+                                   tokenizer=tokenizer, groups=groups, seed=seed, learn=learn)
     if residual != "permutation":
         raise ValueError(f"unknown residual alignment {residual!r}; choose 'permutation' or 'rotation'")
     if method == "none":
@@ -135,21 +143,23 @@ def align(
     raise ValueError(f"unknown alignment method {method!r}; choose one of {ALIGN_METHODS}")
 
 
-def _require_calibration(calibration) -> None:
+def _require_calibration(calibration, method: str = "activation") -> None:
     if calibration is None:
-        raise ValueError("activation matching needs calibration inputs: pass calibration=... (a tensor, "
+        raise ValueError(f"{method} alignment needs calibration inputs: pass calibration=... (a tensor, "
                          "a dict of model inputs, or texts with tokenizer=...), or use method='weight'")
 
 
-def _rotation_alignment(model_a, model_b, method, *, solver, calibration, tokenizer, groups, seed) -> Alignment:
-    from merge_graphs.rotation import rotation_alignment
-
-    if method not in ("weight", "activation"):
-        raise ValueError(f"residual='rotation' works with method 'weight' (data-free) or 'activation', not {method!r}")
+def _rotation_alignment(model_a, model_b, method, *, solver, calibration, tokenizer, groups, seed,
+                        learn) -> Alignment:
+    if method not in ("weight", "activation", "learned"):
+        raise ValueError(f"residual='rotation' works with method 'weight' (data-free), 'activation' or 'learned', "
+                         f"not {method!r}")
     inputs = None
-    if method == "activation":
-        _require_calibration(calibration)
+    if method in ("activation", "learned"):
+        _require_calibration(calibration, method)
         inputs = _to_device(prepare_inputs(calibration, tokenizer), model_a)
+    if method == "learned":
+        return learned_alignment(model_a, model_b, inputs, solver=solver, groups=groups, seed=seed, **(learn or {}))
     return rotation_alignment(model_a, model_b, calibration=inputs, solver=solver, groups=groups, seed=seed)
 
 
@@ -180,6 +190,7 @@ def merge_models(
     tokenizer: Any = None,
     seed: int = 0,
     verify: bool = True,
+    learn: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Align every model to a reference, then merge them tensor by tensor.
 
@@ -194,13 +205,15 @@ def merge_models(
         models: the models to merge (a base model listed here too is ignored for methods
             that take a base, as mergekit does).
         method: a merge method of :mod:`merge_graphs.methods`.
-        align: ``"weight"``, ``"activation"`` or ``"none"`` (plain mergekit-style merging).
+        align: ``"weight"``, ``"activation"``, ``"gnn"``, ``"learned"`` or ``"none"`` (plain
+            mergekit-style merging).
         weights: one weight per model (mergekit's ``weight``); 1.0 each by default.
         base_model: the base for task-vector methods, and the reference for alignment.
         parameters: the method's global parameters, e.g. ``{"t": 0.5}`` for slerp.
         model_parameters: per-model parameters, e.g. ``[{"density": 0.5}, ...]``.
-        solver, residual, calibration, tokenizer: as in :func:`align`. With
-            ``residual="rotation"`` the result is the reference's class with folded norms.
+        solver, residual, calibration, tokenizer, learn: as in :func:`align`. With
+            ``residual="rotation"`` (or ``align="learned"``) the result is the reference's class
+            with folded norms.
         seed: seeds the alignment's visiting order and ``dare_*`` pruning.
         verify: check every alignment preserves its model's function before merging.
 
@@ -221,20 +234,52 @@ def merge_models(
     if weights is not None and len(weights) != len(models):
         raise ValueError(f"got {len(weights)} weights for {len(models)} models; give one weight per model")
     per_model = list(model_parameters) if model_parameters is not None else [{} for _ in models]
-    per_model = [{"weight": 1.0 if weights is None else weights[i], **p} for i, p in enumerate(per_model)]
+    if weights is not None or "weight" in get_method(method).model_parameters:
+        per_model = [{"weight": 1.0 if weights is None else weights[i], **p} for i, p in enumerate(per_model)]
     keep = [i for i, m in enumerate(models) if not (needs_base and m is base_model)]
     merged_models = [models[i] for i in keep]
+    residual = merge_basis(align, residual)
     alignments = align_models(reference, merged_models, align, residual=residual, solver=solver,
-                              calibration=calibration, tokenizer=tokenizer, seed=seed, verify=verify)
-    states = [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)]
+                              calibration=calibration, tokenizer=tokenizer, seed=seed, verify=verify, learn=learn)
+    return merge_aligned(reference, merged_models, alignments, method, residual=residual,
+                         base_model=base_model if needs_base else None,
+                         model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed)
+
+
+def merge_basis(method: str, residual: str = "permutation") -> str:
+    """The basis an alignment method merges in: ``"rotation"`` (norms folded) or ``"permutation"``."""
+    return "rotation" if method == "learned" else residual
+
+
+def merge_aligned(
+    reference: nn.Module,
+    models: Sequence[nn.Module],
+    alignments: Sequence[Alignment],
+    method: str = "linear",
+    *,
+    residual: str = "permutation",
+    base_model: nn.Module | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Merge ``models``, each mapped onto ``reference`` by its alignment, into a new model.
+
+    The merge happens in the basis ``residual`` merges in (for ``"rotation"``: every model's
+    norms folded), and the result is :func:`output_skeleton`'s class and config. A tensor that
+    the *output* model holds under two names (a tied LM head) is merged once; in the folded basis
+    the head is untied, so it is merged on its own.
+    """
     basis = identity_alignment(reference, residual)
+    skeleton = output_skeleton(reference, residual)
     merged = merge_states(
-        basis.spec, basis.apply(reference.state_dict()), states, method,
-        base_state=basis.apply(base_model.state_dict()) if needs_base else None,
-        model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed,
-        tied=tied_names(reference.state_dict()),
+        basis.spec, basis.apply(reference.state_dict()),
+        [a.apply(m.state_dict()) for a, m in zip(alignments, models)], method,
+        base_state=basis.apply(base_model.state_dict()) if base_model is not None else None,
+        model_parameters=model_parameters, parameters=parameters, seed=seed,
+        tied=tied_names(skeleton.state_dict()),
     )
-    return _with_state(output_skeleton(reference, residual), merged)
+    return _with_state(skeleton, merged)
 
 
 def output_skeleton(reference: nn.Module, residual: str = "permutation") -> nn.Module:
@@ -267,7 +312,7 @@ def align_models(
     out = []
     for m in tqdm(models, desc="aligning", disable=not progress or len(models) < 2):
         if m is reference:
-            out.append(identity_alignment(reference, kwargs.get("residual", "permutation")))
+            out.append(identity_alignment(reference, merge_basis(method, kwargs.get("residual", "permutation"))))
             continue
         alignment = align(reference, m, method, **kwargs)
         if verify and isinstance(alignment, RotationAlignment):

@@ -1,12 +1,4 @@
-"""The ``merge-graphs`` command: a thin layer over the Python API.
-
-    merge-graphs RECIPE [--out DIR] [--push-to-hub REPO] [--device auto|cpu|cuda] [--dry-run] [--force] [--quiet]
-    merge-graphs inspect MODEL [--json]
-    merge-graphs push FOLDER REPO_ID [--private] [--revision REV]
-    merge-graphs bench SUITE [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR]
-    merge-graphs embed MODEL [MODEL ...] [--allow-pickle]
-    merge-graphs pretrain-gnn [--out DIR] [--steps N] [--seed S] ...
-"""
+"""The ``merge-graphs`` command: a thin layer over the Python API (:data:`HELP` is what users see)."""
 
 from __future__ import annotations
 
@@ -21,6 +13,28 @@ from merge_graphs import __version__
 from merge_graphs.errors import MergeGraphsError
 
 MAX_GROUP_ROWS = 12
+
+HELP = """\
+Merge Hugging Face models trained from different initializations: align their hidden units
+(permutations, residual-stream rotations, maps learned on a little text), then merge them with
+mergekit's methods, and write a normal Hugging Face model folder.
+
+examples:
+  merge-graphs recipe.yaml                       run a recipe (merge-graphs or mergekit format)
+  merge-graphs recipe.yaml --dry-run             check it and say what would happen, load no weights
+  merge-graphs recipe.yaml --out merged --push-to-hub me/merged
+  merge-graphs inspect org/model                 a checkpoint's symmetry groups, read lazily
+  merge-graphs push merged me/merged --private   push a written folder to the Hub
+  merge-graphs embed model-a model-b             how alike models are, by their GNN embeddings
+  merge-graphs bench gpt2                        rerun a benchmark of the README
+  merge-graphs pretrain-gnn                      retrain the shipped GNN
+
+a recipe:
+  models: [{model: org/model-a}, {model: ./model-b}]
+  align: {method: weight, residual: rotation}   # none | weight | activation | gnn | learned
+  merge: {method: linear}
+  output: {path: ./merged}
+"""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +151,7 @@ def embed(args: argparse.Namespace) -> int:
 
 
 def _parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="merge-graphs", description=__doc__,
+    parser = argparse.ArgumentParser(prog="merge-graphs", description=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"merge-graphs {__version__}")
     parser.add_argument("--quiet", action="store_true", help="print errors only")

@@ -39,3 +39,8 @@ class RecipeError(MergeGraphsError, ValueError):
 
 class PushError(MergeGraphsError, RuntimeError):
     """Pushing a model folder to the Hugging Face Hub failed; the local folder is left as it was."""
+
+
+class MergeParameterError(MergeGraphsError, ValueError):
+    """A merge method's parameters are invalid for the tensors at hand (e.g. weights summing to 0
+    with ``normalize``, a density that keeps nothing); the message names the parameter and the fix."""

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from merge_graphs.errors import MergeParameterError
+
 # Above this |cosine| slerp falls back to lerp, as in mergekit: the slerp weights divide by
 # sin(theta), which vanishes for (anti-)colinear tensors.
 DOT_THRESHOLD = 0.9995
@@ -98,7 +100,7 @@ def register(
 def get_method(name: str) -> MergeMethod:
     """The registered merge method called ``name``; ValueError listing the known ones if none."""
     if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; known methods: {_names(METHODS)}")
+        raise MergeParameterError(f"unknown merge method {name!r}; known methods: {_names(METHODS)}")
     return METHODS[name]
 
 
@@ -141,20 +143,20 @@ def merge_tensors(
     m = get_method(method)
     tensors = list(tensors)
     if m.needs_base and base is None:
-        raise ValueError(f"merge method {m.name!r} needs a base model: set base_model in the recipe")
+        raise MergeParameterError(f"merge method {m.name!r} needs a base model: set base_model in the recipe")
     if not m.needs_base and base is not None:
-        raise ValueError(
+        raise MergeParameterError(
             f"merge method {m.name!r} takes no separate base: mergekit averages base_model like "
             "any other model here, so pass its tensor in tensors with its own parameters"
         )
     if base is None and not tensors:
-        raise ValueError(f"merge method {m.name!r} got no tensors to merge; pass at least one")
+        raise MergeParameterError(f"merge method {m.name!r} got no tensors to merge; pass at least one")
     global_values, model_values = _resolve_parameters(m, len(tensors), model_parameters, parameters or {})
 
     reference = base if base is not None else tensors[0]
     shapes = {tuple(t.shape) for t in tensors} | {tuple(reference.shape)}
     if len(shapes) > 1:
-        raise ValueError(f"merge method {m.name!r} got tensors of different shapes {sorted(shapes)}; align them first")
+        raise MergeParameterError(f"merge method {m.name!r} got tensors of different shapes {sorted(shapes)}; align them first")
     if not reference.dtype.is_floating_point:
         return reference
 
@@ -190,23 +192,23 @@ def _resolve_parameters(
     allowed = {**m.global_parameters, **m.model_parameters}
     for name in parameters:
         if name not in allowed:
-            raise ValueError(f"unknown parameter {name!r} for merge method {m.name!r}; allowed: {_names(allowed)}")
+            raise MergeParameterError(f"unknown parameter {name!r} for merge method {m.name!r}; allowed: {_names(allowed)}")
     if model_parameters is None:
         model_parameters = [{}] * n
     if len(model_parameters) != n:
-        raise ValueError(
+        raise MergeParameterError(
             f"merge method {m.name!r} got {len(model_parameters)} model_parameters entries for "
             f"{n} tensors; give one mapping per tensor (the base takes none)"
         )
     for mp in model_parameters:
         for name in mp:
             if name in m.global_parameters:
-                raise ValueError(
+                raise MergeParameterError(
                     f"{name!r} is a global parameter of merge method {m.name!r}, not a per-model one; "
                     "set it in parameters"
                 )
             if name not in m.model_parameters:
-                raise ValueError(
+                raise MergeParameterError(
                     f"unknown per-model parameter {name!r} for merge method {m.name!r}; "
                     f"allowed: {_names(m.model_parameters)}"
                 )
@@ -219,7 +221,7 @@ def _resolve_parameters(
     for where, values in [("", global_values)] + [(f" for model {i}", v) for i, v in enumerate(model_values)]:
         for name, value in values.items():
             if value is None:
-                raise ValueError(f"merge method {m.name!r} needs parameter {name!r}{where}; set it in the recipe")
+                raise MergeParameterError(f"merge method {m.name!r} needs parameter {name!r}{where}; set it in the recipe")
     return global_values, model_values
 
 
@@ -246,7 +248,7 @@ def linear(tensors, base, model_parameters, parameters, generator):
     if parameters["normalize"]:
         # mergekit divides anyway and writes inf/nan; no recipe means that
         if sum(weights) == 0:
-            raise ValueError(
+            raise MergeParameterError(
                 "linear merge with normalize needs weights that do not sum to 0; "
                 "change the weights or set normalize: false"
             )
@@ -286,7 +288,7 @@ def slerp(tensors, base, model_parameters, parameters, generator):
     """Spherical interpolation from ``base`` (t=0) to the other tensor (t=1), each flattened
     to one vector; lerp where they are (anti-)colinear."""
     if len(tensors) != 1:
-        raise ValueError(
+        raise MergeParameterError(
             f"slerp merges exactly two models, base_model (t=0) and one other (t=1), but got "
             f"{1 + len(tensors)}; pass the base as base and the other model alone in tensors"
         )
@@ -354,11 +356,11 @@ def magnitude_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, density: f
     ``|delta|``, partitioned in place (no sort, no index tensor), then the L1 sums block by block.
 
     Raises:
-        ValueError: ``density`` keeps no entry.
+        MergeParameterError: ``density`` keeps no entry.
     """
     k = int(density * numel)
     if k < 1:
-        raise ValueError(f"density {density} keeps no entry of a tensor with {numel} elements; raise density")
+        raise MergeParameterError(f"density {density} keeps no entry of a tensor with {numel} elements; raise density")
     magnitudes = torch.empty(numel)
     offset = 0
     for block in blocks():

@@ -89,6 +89,9 @@ TRAINING = {"steps": 800, "batch_size": 32, "lr": 1e-3, "warmup": 100, "final_lr
 # (aligned beats naive) is clear.
 
 HELDOUT_FILE = "heldout.txt"
+#: Training-text windows that learned alignment reads (``recipes/quickstart.yaml``).
+CALIBRATION_FILE = "calibration.txt"
+CALIBRATION_WINDOWS = 256
 DEFAULT_OUT = os.path.join("recipes", "quickstart")
 DEFAULT_HELDOUT = os.path.join(DEFAULT_OUT, HELDOUT_FILE)
 
@@ -167,6 +170,18 @@ def calibration_inputs(text: str | bytes, n: int = 64, seq_len: int = 128, seed:
     return {"input_ids": data[starts[:, None] + torch.arange(seq_len)]}
 
 
+def calibration_text(text: str, n: int = CALIBRATION_WINDOWS, seq_len: int = 128, seed: int = 0) -> str:
+    """The windows of :func:`calibration_inputs` written one after another as text: the quickstart's
+    calibration file, which a recipe reads back as windows (``split: windows``).
+
+    Example:
+        >>> calibration_text("abcdefgh" * 4, n=2, seq_len=5)
+        'efghadefgh'
+    """
+    windows = calibration_inputs(text, n, seq_len, seed)["input_ids"]
+    return bytes(windows.reshape(-1).tolist()).decode("utf-8", errors="ignore")
+
+
 def load_pair(folder: str | os.PathLike = DEFAULT_OUT) -> tuple[nn.Module, nn.Module, Any]:
     """The shipped ``(model_a, model_b, tokenizer)``, loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,7 +217,7 @@ def _portable_tokenizer_config(folder: str) -> None:
 
 
 def generate(out: str | os.PathLike = DEFAULT_OUT, *, jobs: int = 1) -> dict[str, float]:
-    """Write ``heldout.txt``, ``model-a/`` and ``model-b/`` into ``out``; returns training seconds per model.
+    """Write ``heldout.txt``, ``calibration.txt``, ``model-a/`` and ``model-b/`` into ``out``; returns training seconds per model.
 
     Deterministic on one Python version and torch build (the corpus comes from the running
     interpreter's docstrings; training runs on one thread). ``jobs=2`` trains the two models in
@@ -219,6 +234,7 @@ def generate(out: str | os.PathLike = DEFAULT_OUT, *, jobs: int = 1) -> dict[str
         warnings.warn(f"{heldout_path} differs from this Python's held-out docstrings (Python {platform.python_version()}); "
                       "overwriting it", stacklevel=2)
     heldout_path.write_text(heldout_text, encoding="utf-8")
+    (out / CALIBRATION_FILE).write_text(calibration_text(train_text), encoding="utf-8")
     previous = out / "model-a" / "training.json"
     sha = zoo.docstring_corpus_sha256(train_text)
     if previous.exists():

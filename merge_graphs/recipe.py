@@ -53,10 +53,15 @@ class ModelEntry(_Strict):
 
 
 class Calibration(_Strict):
-    """Inputs for activation matching: texts inline, or a text file (one sample per line)."""
+    """Inputs for activation matching and learned alignment: texts inline, or a text file.
+
+    A file is read one sample a line (``split: lines``), or as one corpus cut into consecutive
+    windows of ``max_length`` tokens (``split: windows``), of which ``max_samples`` are used.
+    """
 
     texts: list[str] | None = None
     file: str | None = None
+    split: Literal["lines", "windows"] = "lines"
     max_samples: int = Field(64, gt=0)
     max_length: int = Field(128, gt=0)
 
@@ -67,24 +72,37 @@ class Calibration(_Strict):
         return self
 
 
+class Learn(_Strict):
+    """Settings of learned alignment (:func:`merge_graphs.learned.learned_alignment`)."""
+
+    steps: int = Field(300, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, gt=0)
+    heads: bool = False
+
+
 class Align(_Strict):
     """How to align every model to the reference before merging."""
 
-    method: Literal["none", "weight", "activation", "gnn"] = "weight"
+    method: Literal["none", "weight", "activation", "gnn", "learned"] = "weight"
     solver: Literal["auto", "exact", "emd", "sinkhorn", "torch"] = "auto"
     refine: bool = False
     residual: Literal["permutation", "rotation"] = "permutation"
     groups: list[str] | None = None
     calibration: Calibration | None = None
+    learn: Learn = Field(default_factory=Learn)
 
     @model_validator(mode="after")
     def _needs(self):
-        if self.method == "activation" and self.calibration is None:
-            raise ValueError("method 'activation' needs calibration data: add calibration: {texts: [...]} or "
+        if self.method in ("activation", "learned") and self.calibration is None:
+            raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}} or "
                              "{file: path}, or use method 'weight' (data-free)")
-        if self.residual == "rotation" and self.method not in ("weight", "activation"):
-            raise ValueError("residual 'rotation' needs method 'weight' (data-free) or 'activation' "
-                             "(rotation fitted on calibration activations)")
+        if self.method == "learned":
+            # Learned alignment refines the maps of the folded, rotated basis.
+            self.residual = "rotation"
+        if self.residual == "rotation" and self.method not in ("weight", "activation", "learned"):
+            raise ValueError("residual 'rotation' needs method 'weight' (data-free), 'activation' "
+                             "(rotation fitted on calibration activations) or 'learned'")
         return self
 
 

@@ -77,10 +77,24 @@ from merge_graphs.symmetry.spec import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_HEAD_MAPS", "FITS", "RESIDUAL", "RotationAlignment", "check_rotation", "fit_head_maps", "fold_norms",
+    "DEFAULT_HEAD_MAPS",
+    "FITS",
+    "RESIDUAL",
+    "RotationAlignment",
+    "check_rotation",
+    "fit_head_maps",
+    "fold_norms",
     "folded_model",
-    "permutation_matrix", "procrustes", "random_rotation", "residual_similarity", "rotate", "rotate_heads",
-    "rotate_model", "rotation_alignment", "rotation_kind",
+    "ones_complement",
+    "permutation_matrix",
+    "procrustes",
+    "random_rotation",
+    "residual_similarity",
+    "rotate",
+    "rotate_heads",
+    "rotate_model",
+    "rotation_alignment",
+    "rotation_kind",
 ]
 
 #: The residual stream's group in every family spec.
@@ -305,7 +319,7 @@ def check_rotation(q: torch.Tensor, kind: str, *, size: int | None = None, atol:
                 "'fix_ones') or procrustes(..., 'fix_ones')).")
 
 
-def _complement(d: int) -> torch.Tensor:
+def ones_complement(d: int) -> torch.Tensor:
     """``(d, d - 1)`` orthonormal basis of the vectors orthogonal to all-ones (a Householder reflection)."""
     u = torch.full((d,), d ** -0.5, dtype=torch.float64)
     v = u.clone()
@@ -319,7 +333,7 @@ def _complement(d: int) -> torch.Tensor:
 def _embed_fixing_ones(r: torch.Tensor) -> torch.Tensor:
     """The ``(d, d)`` rotation that acts as ``r`` on the complement of all-ones and fixes all-ones."""
     d = r.shape[0] + 1
-    n = _complement(d)
+    n = ones_complement(d)
     return n @ r @ n.T + torch.full((d, d), 1.0 / d, dtype=torch.float64)
 
 
@@ -355,7 +369,7 @@ def procrustes(m: torch.Tensor, kind: str = "free") -> torch.Tensor:
     """
     m = m.detach().double().cpu()
     if kind == "fix_ones":
-        n = _complement(m.shape[0])
+        n = ones_complement(m.shape[0])
         u, _, vh = torch.linalg.svd(n.T @ m @ n)
         return _embed_fixing_ones(u @ vh).float()
     if kind != "free":
@@ -530,6 +544,7 @@ class RotationAlignment(Alignment):
         source_spec: B's unfolded spec, used to fold B's tensors.
         head_maps: within-head maps applied after the rotation (:func:`fit_head_maps`,
             :func:`rotate_heads`): ``{head map name: (heads, head_dim, head_dim)}``; empty for none.
+        loss_curve: for a learned alignment, the interpolated models' loss at each step.
 
     Unlike a permutation-only :class:`Alignment`, ``permutations`` alone do not map B onto A:
     use :meth:`apply` (fold, permute, rotate) and merge with A folded (:meth:`reference`).
@@ -542,6 +557,7 @@ class RotationAlignment(Alignment):
     fit_error_before: float = math.nan
     source_spec: SymmetrySpec | None = None
     head_maps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    loss_curve: list[float] = dataclasses.field(default_factory=list)
 
     def apply(self, b, *, verify: bool = True):
         """B folded, permuted and rotated into A's folded basis.

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from merge_graphs.api import _with_state, align_models, identity_alignment, merge_states, output_skeleton, tied_names
+from merge_graphs.api import align_models, identity_alignment, merge_aligned
 from merge_graphs.errors import RecipeError
 from merge_graphs.match import Alignment
 from merge_graphs.memory import PeakRSS
@@ -228,29 +228,25 @@ def _run_in_memory(recipe: Recipe, result: RunResult, target: Path, overwrite: b
         result.alignments = align_models(
             reference, merged_models, recipe.align.method, solver=recipe.align.solver,
             refine=recipe.align.refine, groups=recipe.align.groups, residual=recipe.align.residual,
-            calibration=calibration,
-            tokenizer=tokenizer, seed=recipe.seed, progress=progress,
+            calibration=calibration, tokenizer=tokenizer, seed=recipe.seed, progress=progress,
+            learn={**recipe.align.learn.model_dump(), "progress": progress},
         )
-    basis = identity_alignment(reference, recipe.align.residual)
-    skeleton = output_skeleton(reference, recipe.align.residual)
 
-    def merged_with(alignments: list[Alignment]) -> dict[str, torch.Tensor]:
-        return merge_states(
-            basis.spec, basis.apply(reference.state_dict()),
-            [a.apply(m.state_dict()) for a, m in zip(alignments, merged_models)],
-            recipe.merge.method, base_state=basis.apply(base.state_dict()) if base is not None else None,
-            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters,
-            seed=recipe.seed, tied=tied_names(reference.state_dict()),
+    def merged_with(alignments: list[Alignment], residual: str) -> torch.nn.Module:
+        return merge_aligned(
+            reference, merged_models, alignments, recipe.merge.method, residual=residual, base_model=base,
+            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, seed=recipe.seed,
         )
 
     with _stage(result, "merge"):
-        merged = _with_state(skeleton, merged_with(result.alignments))
+        merged = merged_with(result.alignments, recipe.align.residual)
 
     if recipe.evaluate:
         with _stage(result, "evaluate"):
             naive = None
             if recipe.align.method != "none":
-                naive = _with_state(skeleton, merged_with([basis] * len(merged_models)))
+                # What a user means by naive: the models averaged as they are (mergekit's merge).
+                naive = merged_with([identity_alignment(reference)] * len(merged_models), "permutation")
             result.scores = _evaluate(recipe, models, naive, merged, folders[reference_ref])
 
     from merge_graphs.io.writer import write_model_folder
@@ -266,10 +262,16 @@ def _run_in_memory(recipe: Recipe, result: RunResult, target: Path, overwrite: b
 def _card_notes(recipe: Recipe) -> list[str]:
     if recipe.align.residual != "rotation":
         return []
-    return ["Before matching, every norm's gain and bias were folded into the layers that read it, and the "
-            "residual stream of each model was rotated onto the reference's (orthogonal Procrustes, alternated "
-            "with the permutations). The merged model computes in that folded basis: its norms have unit gains "
-            "and its LM head is untied."]
+    notes = ["Before matching, every norm's gain and bias were folded into the layers that read it, and the "
+             "residual stream of each model was rotated onto the reference's (orthogonal Procrustes, alternated "
+             "with the permutations). The merged model computes in that folded basis: its norms have unit gains "
+             "and its LM head is untied."]
+    if recipe.align.method == "learned":
+        learn = recipe.align.learn
+        notes.append(f"The residual map{' and within-head maps' if learn.heads else ''} were then learned on the "
+                     f"calibration text: {learn.steps} Adam steps (lr {learn.lr:g}, {learn.batch_size} samples a step) "
+                     "on the loss of the interpolated models, each model's own function unchanged.")
+    return notes
 
 
 @contextmanager
@@ -368,16 +370,24 @@ def _calibration(recipe: Recipe, reference_folder: Path):
         return None, None
     from transformers import AutoTokenizer
 
-    if cal.file:
-        path = Path(cal.file)
-        if not path.is_file():
-            raise RecipeError(f"align.calibration.file {cal.file!r} not found; give a text file, one sample a line")
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        texts = list(cal.texts)
     tokenizer = AutoTokenizer.from_pretrained(reference_folder)
     tokenizer.model_max_length = cal.max_length
-    return texts[: cal.max_samples], tokenizer
+    if not cal.file:
+        return list(cal.texts)[: cal.max_samples], tokenizer
+    path = Path(cal.file)
+    if not path.is_file():
+        raise RecipeError(f"align.calibration.file {cal.file!r} not found; give a text file (one sample a line, "
+                          "or a corpus with split: windows)")
+    text = path.read_text(encoding="utf-8")
+    if cal.split == "lines":
+        return [line for line in text.splitlines() if line.strip()][: cal.max_samples], tokenizer
+    ids = torch.tensor(tokenizer(text, truncation=False)["input_ids"])
+    count = min(cal.max_samples, len(ids) // cal.max_length)
+    if count == 0:
+        raise RecipeError(f"align.calibration.file {cal.file!r} holds {len(ids)} tokens, less than one window of "
+                          f"max_length {cal.max_length}; give more text or a smaller max_length")
+    windows = ids[: count * cal.max_length].reshape(count, cal.max_length)
+    return {"input_ids": windows, "attention_mask": torch.ones_like(windows)}, tokenizer
 
 
 def _evaluate(recipe, models, naive, merged, reference_folder) -> dict[str, float]:

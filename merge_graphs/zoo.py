@@ -555,9 +555,44 @@ def train_byte_lm(
     return model
 
 
+#: The byte-level Llama of the ``llama`` benchmark: 3 layers, width 128, 4 query heads sharing 2 key-value heads
+#: (GQA, head dim 32), RoPE (the default theta 10000), a SwiGLU MLP of 344 units (Llama's 8/3 x width, rounded up
+#: to a multiple of 8), RMSNorm, context 128, no biases, 610k parameters. The output head is *not* tied to the
+#: embedding, as in Llama 2/3 and Mistral (LlamaConfig's default): each is then its own matrix in the symmetry spec,
+#: and folding the final RMSNorm into the head keeps the model exact with nothing to untie.
+BYTE_LLAMA = {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 344, "max_position_embeddings": 128, "tie_word_embeddings": False}
+
+
+def make_byte_llama(seed: int | None = None, **config):
+    """A fresh byte-level ``LlamaForCausalLM`` (vocabulary 257 as :func:`make_byte_gpt2`'s, bos = eos = 256, no
+    padding token, no dropout), initialized from ``seed``.
+
+    ``config`` overrides :data:`BYTE_LLAMA` and any other ``LlamaConfig`` field. With a seed the global random
+    state is left as it was. Train it with :func:`train_byte_lm`.
+
+    Example:
+        >>> m = make_byte_llama(0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        ...                     intermediate_size=32, max_position_embeddings=8)
+        >>> m.config.vocab_size, m.config.tie_word_embeddings, sum(p.numel() for p in m.parameters())
+        (257, False, 10576)
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(BYTE_LLAMA, vocab_size=BYTE_VOCAB_SIZE, bos_token_id=256, eos_token_id=256, pad_token_id=None,
+                  attention_dropout=0.0)
+    fields.update(config)
+    cfg = LlamaConfig(**fields)
+    ctx = _seeded(seed) if seed is not None else contextlib.nullcontext()
+    with ctx:
+        model = LlamaForCausalLM(cfg)
+    return model.eval()
+
+
 __all__ += [
-    "BYTE_GPT2", "DOCSTRING_HELDOUT_MODULES", "DOCSTRING_TRAIN_MODULES", "byte_tokenizer", "docstring_corpus_sha256",
-    "load_docstring_corpus", "make_byte_gpt2", "module_docstrings", "train_byte_gpt2", "train_byte_lm",
+    "BYTE_GPT2", "BYTE_LLAMA", "DOCSTRING_HELDOUT_MODULES", "DOCSTRING_TRAIN_MODULES", "byte_tokenizer",
+    "docstring_corpus_sha256", "load_docstring_corpus", "make_byte_gpt2", "make_byte_llama", "module_docstrings",
+    "train_byte_gpt2", "train_byte_lm",
 ]
 
 

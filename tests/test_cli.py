@@ -29,3 +29,13 @@ def test_missing_model_exits_non_zero_with_a_message(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_says_what_the_tool_does_with_an_example_per_subcommand():
+    proc = subprocess.run([sys.executable, "-m", "merge_graphs.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    description = proc.stdout.split("\n\n", 1)[1]
+    assert description.startswith("Merge Hugging Face models trained from different initializations")
+    for command in ("recipe.yaml", "inspect", "push", "embed", "bench", "pretrain-gnn"):
+        assert f"  merge-graphs {command}" in description, command
+    assert "``" not in proc.stdout  # no reStructuredText from developer docstrings

@@ -4,7 +4,11 @@ better aligned than naively; and the trainer that made it is deterministic."""
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +124,31 @@ def test_trainer_leaves_global_random_state_alone():
     torch.manual_seed(123)
     zoo.train_byte_gpt2("some training text " * 20, seed=5, **dict(SMALL, steps=2))
     assert torch.equal(torch.rand(3), expected)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_ROW = re.compile(r"^ +\S.* \d+\.\d+ *$")
+
+
+def _quoted_table(text: str) -> list[str]:
+    """The rows of the held-out loss table in ``text``: from its title to the ``time:`` line."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "held-out loss" in line)
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("time:"))
+    return [line for line in lines[start:end] if TABLE_ROW.match(line)]
+
+
+def test_quickstart_prints_the_table_the_readme_quotes(tmp_path):
+    """The README's first promise, run as a user runs it: any change of a figure fails here."""
+    root = README.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "merge_graphs.cli", "recipes/quickstart.yaml", "--out",
+                          str(tmp_path / "qs")], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    printed = _quoted_table(run.stdout)
+    assert printed == _quoted_table(README.read_text(encoding="utf-8"))
+    scores = {line.split()[0]: float(line.split()[-1]) for line in printed}
+    parents = (scores["recipes/quickstart/model-a"] + scores["recipes/quickstart/model-b"]) / 2
+    assert parents < scores["merged"] < scores["naive"]
+    assert (tmp_path / "qs" / "config.json").is_file()

@@ -96,7 +96,7 @@ def test_dry_run_loads_no_weights(tmp_path, pair, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("stage", ["merge_states", "write_model_folder", "merge_tensors", "write_tensor_folder"])
+@pytest.mark.parametrize("stage", ["merge_aligned", "write_model_folder", "merge_tensors", "write_tensor_folder"])
 def test_an_interrupted_run_leaves_no_output_folder(tmp_path, pair, monkeypatch, capsys, stage):
     _, folder_a, folder_b = pair
     calls = []
@@ -111,9 +111,9 @@ def test_an_interrupted_run_leaves_no_output_folder(tmp_path, pair, monkeypatch,
             raise KeyboardInterrupt
         return merge_tensors(*args, **kwargs)
 
-    if stage == "merge_states":  # the in-memory path
+    if stage == "merge_aligned":  # the in-memory path
         monkeypatch.setattr(run_module, "execution_path", lambda recipe: ("in-memory", "test"))
-        monkeypatch.setattr(run_module, "merge_states", interrupt)
+        monkeypatch.setattr(run_module, "merge_aligned", interrupt)
     elif stage == "write_model_folder":
         monkeypatch.setattr(run_module, "execution_path", lambda recipe: ("in-memory", "test"))
         monkeypatch.setattr(T.PreTrainedModel, "save_pretrained", interrupt)

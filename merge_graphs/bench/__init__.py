@@ -8,7 +8,8 @@ Each suite prints a table, writes every figure to ``OUT/bench-SUITE.json`` (``ou
 default) and, where it draws curves, ``OUT/bench-SUITE.png``. ``--quick`` is the reduced run
 that CI does. The suites (one module each; see their docstrings):
 
-* ``gpt2`` (:mod:`merge_graphs.bench.gpt2`): different-seed byte-level GPT-2 language models;
+* ``gpt2`` (:mod:`merge_graphs.bench.lm`): different-seed byte-level GPT-2 language models;
+* ``llama`` (:mod:`merge_graphs.bench.lm`): different-seed byte-level Llama language models (GQA, RoPE);
 * ``mlp`` (:mod:`merge_graphs.bench.mlp`): different-seed MLPs on scikit-learn's digits;
 * ``minilm`` (:mod:`merge_graphs.bench.minilm`): the real MiniLM-L6 against permuted, noised copies;
 * ``gnn`` (:mod:`merge_graphs.bench.gnn`): the pretrained GNN against weight matching on held-out zoo models;
@@ -29,15 +30,17 @@ import logging
 import time
 from collections.abc import Sequence
 
-from merge_graphs.bench import bert, finetune, gnn, gpt2, minilm, mlp, scale, speed
+from merge_graphs.bench import bert, finetune, gnn, gpt2, lm, minilm, mlp, scale, speed
 from merge_graphs.bench.bert import BERT_METHODS, bert_suite
 from merge_graphs.bench.common import DEFAULT_OUT, SUITES, Suite, register
 from merge_graphs.bench.gpt2 import METHODS, gpt2_suite
+from merge_graphs.bench.lm import LLAMA_METHODS, llama_suite
 from merge_graphs.bench.minilm import minilm_suite
 from merge_graphs.bench.mlp import MLP_METHODS, mlp_suite
 
-__all__ = ["BERT_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "bert", "bert_suite", "finetune", "gnn", "gpt2",
-           "gpt2_suite", "main", "minilm", "minilm_suite", "mlp", "mlp_suite", "register", "run_suite", "scale", "speed"]
+__all__ = ["BERT_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "bert", "bert_suite",
+           "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm", "main", "minilm", "minilm_suite", "mlp",
+           "mlp_suite", "register", "run_suite", "scale", "speed"]
 
 
 def run_suite(name: str, **options) -> dict:
@@ -53,11 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``merge-graphs bench`` command."""
     parser = argparse.ArgumentParser(prog="merge-graphs bench", description=__doc__.split("\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
-    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, mlp 5, bert 3)")
+    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, llama 3, mlp 5, bert 3)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per model (gpt2, default 800; finetune, default 150) or epochs "
-                             "(mlp, default 20; bert, default 30)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of the trained models (gpt2)")
+                        help="training steps per model (gpt2, default 800; llama, default 500; finetune, default 150) "
+                             "or epochs (mlp, default 20; bert, default 30)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of the trained models (gpt2, llama)")
     parser.add_argument("--quick", action="store_true", help="one pair, a few steps and windows (CI smoke run)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results and cached models (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=None, help="train this many models at once (default 1)")
