@@ -24,8 +24,9 @@ model's training metadata is identical. For each pair and each method of the fam
   (:func:`merge_graphs.quickstart.calibration_inputs`);
 * ``gnn``, ``gnn+weight`` (gpt2): the pretrained GNN's embeddings (data-free), then refined by
   weight matching;
-* ``rotation``: norms folded, residual stream rotated (Procrustes alternated with weight
-  matching; data-free);
+* ``rotation``: norms folded, residual stream rotated (orthogonal weight matching: Procrustes on
+  every tensor that touches the stream alternated with weight matching, then the family's
+  within-head maps, :data:`merge_graphs.rotation.DEFAULT_HEAD_MAPS`; data-free);
 * ``rotation-noheads`` (llama): the same, with only the MLP units permuted;
 * ``rotation+activation``: the residual rotation fitted on the same calibration activations;
 * ``learned``, ``learned+heads``: learned alignment (:mod:`merge_graphs.learned`) from the data-free
