@@ -113,8 +113,8 @@ def test_barrier_subtracts_the_line_not_the_mean():
     assert c.barrier == 0.0
     # a curve above the chord at 0.5 by 0.3 even though it never exceeds the worse endpoint
     c = InterpolationCurve([0.0, 0.5, 1.0], [0.0, 0.8, 1.0])
-    assert c.barrier == pytest.approx(0.3)
-    assert max(c.losses) - max(c.losses[0], c.losses[-1]) == 0.0
+    assert c.barrier == pytest.approx(0.3) and c.barrier_alpha == 0.5
+    assert c.excess == pytest.approx([0.0, 0.3, 0.0])
     # a midpoint that is not on the grid is read off the polyline
     assert InterpolationCurve([0.0, 0.25, 0.75, 1.0], [0.0, 1.0, 3.0, 0.0]).midpoint == pytest.approx(2.0)
 
