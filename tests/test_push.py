@@ -163,6 +163,29 @@ def test_push_again_to_same_repo_and_to_a_new_branch(hub, model_folder, tmp_path
     assert hub.unhandled == []
 
 
+def test_cli_push_uploads_a_folder_and_says_where(hub, model_folder, monkeypatch, capsys):
+    """``merge-graphs push FOLDER REPO`` (what a failed push tells the user to run): the repository,
+    branch, privacy and message asked for, the URL printed, the token never; a refusal exits 1."""
+    from merge_graphs.cli import main
+
+    patch_default_endpoint(monkeypatch, hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    assert main(["push", str(model_folder), "alice/from-cli", "--private", "--revision", "dev",
+                 "--message", "pushed from the command"]) == 0
+    printed = capsys.readouterr()
+    commit = hub.repos["alice/from-cli"].branches["dev"]
+    assert printed.out.strip() == f"pushed: {hub.endpoint}/alice/from-cli/commit/{commit}"
+    assert hub.token not in printed.out + printed.err
+    assert hub.repos["alice/from-cli"].private
+    assert hub.repos["alice/from-cli"].commits[commit].summary == "pushed from the command"
+    assert hub.files("alice/from-cli", "dev")["model.safetensors"] == (model_folder / "model.safetensors").read_bytes()
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    assert main(["push", str(model_folder), "alice/from-cli"]) == 1
+    printed = capsys.readouterr()
+    assert "rejected the token" in printed.err and "merge-graphs push" in printed.err
+    assert SECRET not in printed.out + printed.err
+
+
 def test_private_repo_and_organization(hub, model_folder):
     push_folder(model_folder, "merge-org/private-merge", private=True, token=hub.token, endpoint=hub.endpoint)
     assert hub.repos["merge-org/private-merge"].private
