@@ -42,10 +42,11 @@ class PeakRSS:
         interval: seconds between samples; a spike shorter than that can be missed.
 
     Example:
-        >>> from merge_graphs.memory import PeakRSS
+        >>> from merge_graphs.memory import PeakRSS, rss_bytes
+        >>> before = rss_bytes()
         >>> with PeakRSS() as meter:
-        ...     block = bytearray(50_000_000)
-        >>> meter.peak >= 50_000_000
+        ...     block = bytearray(50_000_000)  # still alive when the block ends: the last sample sees it
+        >>> meter.peak - before >= 45_000_000
         True
     """
 
