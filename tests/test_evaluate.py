@@ -227,7 +227,7 @@ def test_digits_pair_has_a_naive_barrier(digits_pair):
     curve = interpolation_curve(a, b, lambda m: cross_entropy(m, x_te, y_te), label="naive")
     assert curve.losses[0] == pytest.approx(cross_entropy(a, x_te, y_te))
     assert curve.losses[-1] == pytest.approx(cross_entropy(b, x_te, y_te))
-    assert curve.barrier > 0.05
+    assert curve.barrier > 0.3  # measured 0.391
     assert 0.2 <= curve.barrier_alpha <= 0.8
     # the same model against itself, or against an exact copy, has no barrier at all
     flat = interpolation_curve(a, copy.deepcopy(a), lambda m: cross_entropy(m, x_te, y_te), points=3)
