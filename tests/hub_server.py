@@ -35,7 +35,9 @@ writing under a namespace the user does not own gets 403; private repositories a
 
 The server binds to 127.0.0.1 on a free port, serves each request on its own thread
 (``ThreadingHTTPServer``), closes every connection after one request, limits request bodies,
-and shuts itself down after ``max_lifetime_s`` even if nobody stops it. The token is never
+and, when given ``max_lifetime_s``, shuts itself down after that long even if nobody stops it
+(:func:`running_hub` gives none: it always stops the server itself, and a timer could stop it in
+the middle of a slow test on a busy machine). The token is never
 logged or stored in :attr:`FakeHub.requests`.
 
 In a test module: wrap :func:`running_hub` in a fixture (it also turns huggingface_hub's offline
@@ -153,7 +155,7 @@ class FakeHub:
         tree_page_size: entries per page of ``/tree`` listings (the Hub pages at 1000; small
             values exercise the client's pagination).
         max_body_bytes: larger request bodies are refused (413).
-        max_lifetime_s: the server shuts itself down after this long.
+        max_lifetime_s: the server shuts itself down after this long (None: only :meth:`stop` stops it).
     """
 
     def __init__(
@@ -165,7 +167,7 @@ class FakeHub:
         other_namespaces: tuple[str, ...] = ("bob",),
         tree_page_size: int = 1000,
         max_body_bytes: int = 512 * 1024 * 1024,
-        max_lifetime_s: float = 300.0,
+        max_lifetime_s: float | None = 300.0,
     ):
         self.token, self.user, self.orgs = token, user, tuple(orgs)
         self.other_namespaces = tuple(other_namespaces)
@@ -210,9 +212,10 @@ class FakeHub:
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
         )
         self._thread.start()
-        self._timer = threading.Timer(self.max_lifetime_s, self.stop)
-        self._timer.daemon = True
-        self._timer.start()
+        if self.max_lifetime_s is not None:
+            self._timer = threading.Timer(self.max_lifetime_s, self.stop)
+            self._timer.daemon = True
+            self._timer.start()
         return self
 
     def stop(self) -> None:
@@ -691,7 +694,7 @@ def running_hub(monkeypatch: pytest.MonkeyPatch, tmp_dir: str | os.PathLike[str]
     from huggingface_hub.utils import _http
 
     _isolate_client(monkeypatch, str(tmp_dir))
-    fake = FakeHub(**{"max_lifetime_s": 120.0, **kwargs}).start()
+    fake = FakeHub(**{"max_lifetime_s": None, **kwargs}).start()
     try:
         yield fake
     finally:

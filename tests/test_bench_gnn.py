@@ -27,8 +27,11 @@ def test_gnn_suite_quick(tmp_path, capsys, one_thread):
     assert report["settings"]["quick"] and report["settings"]["noise"] == 0.1
     for row in report["recovery"]:
         assert set(row["methods"]) == {"gnn", "gnn+weight", "gnn&weight", "weight"} and row["noise"] == 0.1
-        assert all(0 <= m["recovered"] <= 1 for m in row["methods"].values())
+        # The README: at noise 0.1 x std every method recovers 100% of the units of every held-out model.
+        assert {name: m["recovered"] for name, m in row["methods"].items()} == dict.fromkeys(row["methods"], 1.0)
     for row in report["barrier"]:
         assert set(row["methods"]) == {"naive", "weight", "gnn", "gnn+weight", "gnn&weight"}
         assert len(row["methods"]["naive"]["curve"]["losses"]) == 11
-    assert all(s["median"] > 0 for s in report["minilm"]["seconds"].values())
+    # One timing on the default threads (quick), within the run's own wall time.
+    (seconds,) = report["minilm"]["seconds"].values()
+    assert seconds["min"] == seconds["median"] == seconds["max"] < report["total_s"]

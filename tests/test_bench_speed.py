@@ -20,8 +20,10 @@ def test_speed_suite_quick_without_mergekit(tmp_path, capsys, monkeypatch):
     report = json.loads((tmp_path / "bench-speed.json").read_text(encoding="utf-8"))
     assert set(TIMED) <= set(report["stages"])
     for stage in report["stages"].values():
-        assert stage["seconds"] >= 0 and stage["peak_rss_bytes"] > 0
+        assert stage["peak_rss_bytes"] > 0
+    # The stages are timed one after the other inside the run: together within its wall time.
     assert report["staged_s"] == pytest.approx(sum(report["stages"][s]["seconds"] for s in TIMED))
+    assert sum(stage["seconds"] for stage in report["stages"].values()) < report["total_s"]
     assert report["merges"]["mergekit"]["skipped"].startswith("no mergekit environment")
     assert report["merges"]["ours-weight"]["wall_s"] > 0 and report["staged_ratio"] is None
     assert (tmp_path / "speed" / "merged-staged" / "config.json").is_file()

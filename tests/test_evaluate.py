@@ -113,8 +113,8 @@ def test_barrier_subtracts_the_line_not_the_mean():
     assert c.barrier == 0.0
     # a curve above the chord at 0.5 by 0.3 even though it never exceeds the worse endpoint
     c = InterpolationCurve([0.0, 0.5, 1.0], [0.0, 0.8, 1.0])
-    assert c.barrier == pytest.approx(0.3)
-    assert max(c.losses) - max(c.losses[0], c.losses[-1]) == 0.0
+    assert c.barrier == pytest.approx(0.3) and c.barrier_alpha == 0.5
+    assert c.excess == pytest.approx([0.0, 0.3, 0.0])
     # a midpoint that is not on the grid is read off the polyline
     assert InterpolationCurve([0.0, 0.25, 0.75, 1.0], [0.0, 1.0, 3.0, 0.0]).midpoint == pytest.approx(2.0)
 
@@ -227,7 +227,7 @@ def test_digits_pair_has_a_naive_barrier(digits_pair):
     curve = interpolation_curve(a, b, lambda m: cross_entropy(m, x_te, y_te), label="naive")
     assert curve.losses[0] == pytest.approx(cross_entropy(a, x_te, y_te))
     assert curve.losses[-1] == pytest.approx(cross_entropy(b, x_te, y_te))
-    assert curve.barrier > 0.05
+    assert curve.barrier > 0.3  # measured 0.391
     assert 0.2 <= curve.barrier_alpha <= 0.8
     # the same model against itself, or against an exact copy, has no barrier at all
     flat = interpolation_curve(a, copy.deepcopy(a), lambda m: cross_entropy(m, x_te, y_te), points=3)

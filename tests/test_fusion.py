@@ -119,8 +119,8 @@ def test_wider_into_narrower_on_digits(digits_pair):
     naive = model({k: (sa[k] + truncated[k]) / 2 for k in sa})
     # Measured (seeds 0/1): A 0.961, B 0.969, fused B 0.925, A + fused B 0.953 (loss 0.21),
     # A + truncated B 0.819 (loss 1.24).
-    assert accuracy(fused_b, x, y) > 0.5
-    assert accuracy(merged, x, y) > 0.5
+    assert accuracy(fused_b, x, y) > 0.90
+    assert accuracy(merged, x, y) > 0.93
     assert cross_entropy(merged, x, y) < cross_entropy(naive, x, y)
 
 

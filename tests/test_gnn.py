@@ -125,6 +125,33 @@ def test_scatter_backends_agree(reduce):
     assert torch.allclose(scatter_mod.scatter(src, index, 33, reduce, backend="torch_scatter"), native, atol=1e-6)
 
 
+def test_torch_scatter_backend_is_picked_when_installed_and_called_as_documented(monkeypatch):
+    """CI does not build torch-scatter (a 10-minute source build; the test above runs where it is
+    installed). A stand-in with torch_scatter.scatter's documented signature (``scatter(src, index,
+    dim=-1, out=None, dim_size=None, reduce="sum")``, zeros where nothing arrives) checks that the
+    package is the default when present and is called with the arguments it takes."""
+    calls = []
+
+    class StandIn:
+        @staticmethod
+        def scatter(src, index, dim=-1, out=None, dim_size=None, reduce="sum"):
+            assert dim == 0 and out is None and reduce in ("sum", "mean", "max")
+            calls.append((dim_size, reduce))
+            return scatter_mod.scatter(src, index, dim_size, reduce, backend="native")
+
+    monkeypatch.setattr(scatter_mod, "torch_scatter", StandIn)
+    assert scatter_mod.backends() == ("native", "torch_scatter") and scatter_mod.default_backend() == "torch_scatter"
+    src, index = torch.randn(6, 2), torch.tensor([0, 0, 1, 3, 3, 3])
+    for reduce in ("sum", "mean", "max"):
+        assert torch.equal(scatter_mod.scatter(src, index, 5, reduce),
+                           scatter_mod.scatter(src, index, 5, reduce, backend="native"))
+    assert calls == [(5, "sum"), (5, "mean"), (5, "max")]
+    monkeypatch.setattr(scatter_mod, "torch_scatter", None)
+    assert scatter_mod.default_backend() == "native"
+    with pytest.raises(ImportError, match="pip install torch-scatter"):
+        scatter_mod.scatter(src, index, 5, backend="torch_scatter")
+
+
 def test_gradients_reach_every_parameter():
     enc = encoder(dim=16, layers=2).train()
     loss = 0

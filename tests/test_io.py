@@ -399,7 +399,7 @@ def test_hub_pickle_only_from_cache(bert, tmp_path):
 def _hub_error(cls, status):
     if status is None:
         return cls("could not find the files")
-    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub 2.x's HTTP client
+    import httpx2  # huggingface_hub's HTTP client (a dependency of huggingface-hub >= 2.0, our floor)
     request = httpx2.Request("GET", "https://huggingface.co/api/models/org/name")
     return cls(f"{status} Client Error", response=httpx2.Response(status, request=request))
 

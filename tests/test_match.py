@@ -171,25 +171,32 @@ def test_independent_assignments_run_at_once_and_give_the_one_worker_result(monk
     from merge_graphs import match
 
     a, b = make("llama-lm", seed=0), make("llama-lm", seed=1)
-    solve_array, lock = match._solve_array, threading.Lock()
+    solve_array, changed = match._solve_array, threading.Condition()
     running, most = [0], [0]
 
     def slow(*args):
         if not threading.current_thread().name.startswith("assignment"):
             return solve_array(*args)  # attention heads, matched in the calling thread
-        with lock:
+        with changed:
             running[0] += 1
             most[0] = max(most[0], running[0])
-        time.sleep(0.2)  # long beside the few milliseconds between two hand-overs here
-        with lock:
+            changed.notify_all()
+            # Until two have been seen at once, the first assignment waits for a second one (with two
+            # workers it comes, however slow the machine; with one it cannot: the wait times out once),
+            # so the count does not hang on timing. Then a stay, so that a third would be seen too.
+            if not gave_up[0] and not changed.wait_for(lambda: most[0] >= 2,
+                                                       timeout=30 if workers_now[0] > 1 else 0.2):
+                gave_up[0] = True
+        time.sleep(0.2)
+        with changed:
             running[0] -= 1
         return solve_array(*args)
 
     monkeypatch.setattr(match, "_solve_array", slow)
-    found = {}
+    found, workers_now, gave_up = {}, [1], [False]
     for workers in (1, 2):
         monkeypatch.setattr(match, "ASSIGNMENT_WORKERS", workers)
-        most[0] = 0
+        most[0], workers_now[0], gave_up[0] = 0, workers, False
         found[workers] = mg.align(a, b, "gnn")
         assert most[0] == workers
     for g, p in found[1].permutations.items():

@@ -68,6 +68,14 @@ def test_heldout_text_is_small_and_not_in_the_training_text(heldout):
     assert not set(zoo.DOCSTRING_TRAIN_MODULES) & set(zoo.DOCSTRING_HELDOUT_MODULES)
 
 
+def test_heldout_text_is_this_pythons_heldout_docstrings(heldout):
+    # Runs on every Python (the exact check below needs the one the models were made on): docstrings
+    # change a little between versions; measured 95-100% of the paragraphs on 3.10.13-3.13.0.
+    shipped = [c for c in heldout.split("\n\n") if c.strip()]
+    rebuilt = set(zoo.load_docstring_corpus("heldout").split("\n\n"))
+    assert sum(c in rebuilt for c in shipped) >= 0.9 * len(shipped)
+
+
 def test_corpus_matches_the_recorded_one_on_the_same_python(heldout):
     record = json.loads((FOLDERS[0] / "training.json").read_text(encoding="utf-8"))
     if record["made_with"]["python"] != platform.python_version():
@@ -82,8 +90,9 @@ def test_parents_beat_the_unigram_baseline(pair):
     for model, folder in zip(pair, FOLDERS):
         loss = heldout_loss(model, None, HELDOUT)
         assert loss < baseline - 0.5, (folder.name, loss, baseline)  # 2.50 and 2.53 against 3.40
+        # A regression snapshot, not an independent check: training.json was written by the code under test.
         recorded = json.loads((folder / "training.json").read_text(encoding="utf-8"))["heldout_loss"]
-        assert loss == pytest.approx(recorded, abs=1e-3)
+        assert loss == pytest.approx(recorded, abs=1e-3), "regression snapshot: the held-out loss changed"
 
 
 def test_heldout_loss_with_the_tokenizer_equals_bytes(pair):

@@ -54,7 +54,11 @@ FACTORIES = {
 def make(name: str, seed: int = 0) -> nn.Module:
     """A tiny model with random weights (norm gains and biases randomized too), in eval mode."""
     torch.manual_seed(seed)
-    model = FACTORIES[name]()
+    return randomize(FACTORIES[name]())
+
+
+def randomize(model: nn.Module) -> nn.Module:
+    """``model`` with O(1) random weights from torch's global generator (in place), in eval mode."""
     with torch.no_grad():
         # transformers' init (std 0.02, unit gains, zero biases) leaves outputs that hardly
         # depend on the hidden units, which would hide axis mistakes: use O(1) activations.

@@ -19,6 +19,9 @@ Seen with 0.1.5 (2026-11): it merges Llama checkpoints. It crashes on BertModel 
 (all-MiniLM-L6-v2: ``TypeError: can only concatenate list (not "tuple") to list`` in
 ``plan_tensor``) and refuses the same folder twice (``Duplicate merge inputs``: pass a copy);
 both come back as ``skipped`` with the error's last line (the full tail in ``log_tail``).
+
+Tests never make this environment (no network at test time): they compare our merges with
+mergekit outputs stored by :mod:`merge_graphs.bench.mergekit_fixtures`, which uses it once.
 """
 
 from __future__ import annotations
