@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import make
 
 import merge_graphs as mg
 from merge_graphs.evaluate import accuracy, cross_entropy, interpolation_curve
 from merge_graphs.zoo import load_digits_split, train_digits_mlp
-from tiny_models import make
 
 
 def test_merging_a_permuted_copy_gives_the_reference_back():
@@ -69,7 +69,6 @@ def test_models_of_different_sizes_are_refused_with_the_reason():
 
 def test_activation_alignment_with_calibration_texts_recovers_a_permuted_copy():
     import transformers as T
-
     from tiny_models import minilm_path
 
     tokenizer = T.AutoTokenizer.from_pretrained(minilm_path())

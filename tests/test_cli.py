@@ -4,8 +4,9 @@ import json
 import subprocess
 import sys
 
-from merge_graphs.cli import main
 from tiny_models import make, minilm_path
+
+from merge_graphs.cli import main
 
 
 def test_inspect_reports_groups_and_graph_of_a_real_checkpoint(capsys):

@@ -181,8 +181,8 @@ def test_digits_split_is_fixed_and_standardized():
 
 def test_make_mlp_layout_and_seed():
     m = make_mlp([64, 128, 128, 10], "gelu")
-    assert [type(l) for l in m] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
-    assert [l.out_features for l in m if isinstance(l, nn.Linear)] == [128, 128, 10]
+    assert [type(layer) for layer in m] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    assert [layer.out_features for layer in m if isinstance(layer, nn.Linear)] == [128, 128, 10]
     state = torch.get_rng_state()
     assert _same_weights(make_mlp([4, 8, 2], seed=3), make_mlp([4, 8, 2], seed=3))
     assert not _same_weights(make_mlp([4, 8, 2], seed=3), make_mlp([4, 8, 2], seed=4))

@@ -87,7 +87,7 @@ def test_inconsistent_permutation_is_not_a_permutation_of_the_embeddings(name, t
 
 def test_structural_links_follow_the_factors():
     g = mg.neural_graph(make("llama-lm"))  # grouped-query attention with RoPE
-    links = {(l.role, l.many, l.one): l for l in structural_links(g)}
+    links = {(link.role, link.many, link.one): link for link in structural_links(g)}
     score = links[("attn.score", "layers.0.attn.q", "layers.0.attn.k")]
     value = links[("attn.value", "layers.0.attn.o", "layers.0.attn.v")]
     # q (kv head, query head, dim) -> k (kv head, dim); o (kv head, query head, vo) -> v (kv head, vo).
@@ -97,7 +97,7 @@ def test_structural_links_follow_the_factors():
     assert torch.equal(value.index, (q // (qh * d)) * d + q % d)
     assert len(links) == 4
     cnn = structural_links(mg.neural_graph(make("cnn")))
-    assert [(l.role, l.many, l.one) for l in cnn] == [("unit.view", "conv.1.flat", "conv.1")]
+    assert [(link.role, link.many, link.one) for link in cnn] == [("unit.view", "conv.1.flat", "conv.1")]
     assert torch.equal(cnn[0].index, torch.arange(24) // 4)
 
 

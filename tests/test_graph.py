@@ -3,9 +3,9 @@
 import pytest
 import torch
 import transformers as T
+from tiny_models import FACTORIES, make, minilm_path
 
 import merge_graphs as mg
-from tiny_models import FACTORIES, make, minilm_path
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))

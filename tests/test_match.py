@@ -5,10 +5,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import FACTORIES, make
 
 import merge_graphs as mg
 from merge_graphs.match import objective, solve, transport_plan, weight_matching
-from tiny_models import FACTORIES, make
 
 
 @settings(max_examples=25, deadline=None)

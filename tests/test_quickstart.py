@@ -103,7 +103,10 @@ def test_heldout_loss_with_the_tokenizer_equals_bytes(pair):
 
 def test_weight_matching_merge_beats_naive_merge(pair):
     a, b = pair
-    loss = lambda m: heldout_loss(m, None, HELDOUT, max_windows=100)
+
+    def loss(m):
+        return heldout_loss(m, None, HELDOUT, max_windows=100)
+
     parents = (loss(a) + loss(b)) / 2
     naive = loss(mg.merge_models([a, b], align="none"))
     aligned = loss(mg.merge_models([a, b], align="weight"))

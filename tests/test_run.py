@@ -9,13 +9,13 @@ import transformers as T
 import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from tiny_models import minilm_path
 
 import merge_graphs as mg
 import merge_graphs.run as run_module
 from merge_graphs.cli import main
 from merge_graphs.methods import merge_tensors
 from merge_graphs.run import run_recipe
-from tiny_models import minilm_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -172,8 +172,9 @@ def test_mergekit_recipe_gives_mergekits_linear_tensors_and_says_it_did_not_alig
     """A mergekit linear recipe whose weights (0.7, 0.5) do not sum to 1, on the stored tiny Llama
     fine-tunes: the tensors mergekit 0.1.5 itself wrote for it (normalised by 1.2), and the run says
     that it merged without alignment, on the terminal, in the recipe written and in the model card."""
-    from merge_graphs.bench.mergekit_fixtures import recipe
     from test_mergekit_fixtures import FOLDERS, assert_same_tensors, mergekits
+
+    from merge_graphs.bench.mergekit_fixtures import recipe
 
     path = write_recipe(tmp_path, recipe("linear", FOLDERS))
     assert yaml.safe_load(Path(path).read_text())["merge_method"] == "linear"

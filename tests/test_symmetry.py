@@ -5,11 +5,11 @@ import torch
 import transformers as T
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from tiny_models import FACTORIES, example_input, make, minilm_path, outputs, randomize
 from torch import nn
 
 import merge_graphs as mg
 from merge_graphs.symmetry import TensorInfo, identity_permutations, permute_state_dict, spec_from_config
-from tiny_models import FACTORIES, example_input, make, minilm_path, outputs, randomize
 
 
 def assert_same_function(model, permuted, spec, perms, inputs):

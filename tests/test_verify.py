@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from tiny_models import make
 
 import merge_graphs as mg
 from merge_graphs.api import align_models
@@ -10,7 +11,6 @@ from merge_graphs.errors import AlignmentError
 from merge_graphs.match import Alignment
 from merge_graphs.symmetry import permute_state_dict
 from merge_graphs.verify import check_function_preserved
-from tiny_models import make
 
 # MLP units of layer 1 move in gate/up but not here: a permutation the model does not admit.
 LEFT_BEHIND = "model.layers.1.mlp.down_proj.weight"
