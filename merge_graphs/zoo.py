@@ -423,11 +423,13 @@ def make_byte_gpt2(seed: int | None = None, **config):
 
     fields = dict(BYTE_GPT2, vocab_size=BYTE_VOCAB_SIZE, bos_token_id=256, eos_token_id=256,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    fields.update(config)
-    cfg = GPT2Config(**fields)
-    ctx = _seeded(seed) if seed is not None else contextlib.nullcontext()
-    with ctx:
-        model = GPT2LMHeadModel(cfg)
+    return _seeded_model(GPT2LMHeadModel, GPT2Config(**{**fields, **config}), seed)
+
+
+def _seeded_model(cls, config, seed: int | None):
+    """``cls(config)`` in eval mode, initialized from ``seed`` (the global random state left as it was)."""
+    with _seeded(seed) if seed is not None else contextlib.nullcontext():
+        model = cls(config)
     return model.eval()
 
 
@@ -581,12 +583,7 @@ def make_byte_llama(seed: int | None = None, **config):
 
     fields = dict(BYTE_LLAMA, vocab_size=BYTE_VOCAB_SIZE, bos_token_id=256, eos_token_id=256, pad_token_id=None,
                   attention_dropout=0.0)
-    fields.update(config)
-    cfg = LlamaConfig(**fields)
-    ctx = _seeded(seed) if seed is not None else contextlib.nullcontext()
-    with ctx:
-        model = LlamaForCausalLM(cfg)
-    return model.eval()
+    return _seeded_model(LlamaForCausalLM, LlamaConfig(**{**fields, **config}), seed)
 
 
 __all__ += [
