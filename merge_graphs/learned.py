@@ -31,8 +31,9 @@ from merge_graphs.errors import AlignmentError
 from merge_graphs.rotation import (
     RESIDUAL,
     RotationAlignment,
+    embed_fixing_ones,
     folded_model,
-    ones_complement,
+    rope_plane_rotations,
     rotate,
     rotate_heads,
     rotation_alignment,
@@ -43,23 +44,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["learned_alignment"]
 
 
-def _orthogonal(skew: torch.Tensor, complement: torch.Tensor | None) -> torch.Tensor:
-    """``exp(S - S^T)``, embedded to fix the all-ones direction when ``complement`` is given."""
+def _orthogonal(skew: torch.Tensor, fix_ones: bool) -> torch.Tensor:
+    """``exp(S - S^T)``; with ``fix_ones``, acting on the complement of all-ones and fixing all-ones."""
     r = torch.linalg.matrix_exp(skew - skew.transpose(-1, -2))
-    if complement is None:
-        return r
-    d = complement.shape[0]
-    return complement @ r @ complement.T + 1.0 / d
-
-
-def _rope_pairs(angles: torch.Tensor) -> torch.Tensor:
-    """Per head, a rotation by ``angles[:, i]`` in each RoPE plane ``(i, i + h/2)``: ``(heads, h, h)``."""
-    heads, half = angles.shape
-    i = torch.arange(half)
-    c, s = torch.cos(angles), torch.sin(angles)
-    r = angles.new_zeros(heads, 2 * half, 2 * half)
-    r[:, i, i], r[:, i + half, i + half], r[:, i, i + half], r[:, i + half, i] = c, c, -s, s
-    return r
+    return embed_fixing_ones(r) if fix_ones else r
 
 
 def _lm_batches(calibration: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,8 +123,8 @@ def learned_alignment(
     floating = [k for k, v in a_state.items() if v.is_floating_point() and k in spec.tensors]
 
     d = spec.groups[RESIDUAL].size
-    complement = ones_complement(d).to(device=device, dtype=torch.float32) if kind == "fix_ones" else None
-    k = d - 1 if complement is not None else d
+    fix_ones = kind == "fix_ones"
+    k = d - 1 if fix_ones else d
     skews = {RESIDUAL: torch.zeros(k, k, device=device, requires_grad=True)}
     kinds = {}
     if heads:
@@ -153,8 +141,8 @@ def learned_alignment(
     low, high = lam_range
 
     def maps() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r = _orthogonal(skews[RESIDUAL], complement)
-        return r, {g: _rope_pairs(s) if kinds[g] == "rope_pairs" else _orthogonal(s, None)
+        r = _orthogonal(skews[RESIDUAL], fix_ones)
+        return r, {g: rope_plane_rotations(s) if kinds[g] == "rope_pairs" else _orthogonal(s, False)
                    for g, s in skews.items() if g != RESIDUAL}
 
     curve: list[float] = []

@@ -98,6 +98,9 @@ class Align(_Strict):
             raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}} or "
                              "{file: path}, or use method 'weight' (data-free)")
         if self.method == "learned":
+            if "residual" in self.model_fields_set and self.residual != "rotation":
+                raise ValueError("method 'learned' learns the rotation of the residual stream: drop "
+                                 "residual: permutation (or write residual: rotation)")
             # Learned alignment refines the maps of the folded, rotated basis.
             self.residual = "rotation"
         if self.residual == "rotation" and self.method not in ("weight", "activation", "learned"):

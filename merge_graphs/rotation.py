@@ -82,14 +82,15 @@ __all__ = [
     "RESIDUAL",
     "RotationAlignment",
     "check_rotation",
+    "embed_fixing_ones",
     "fit_head_maps",
     "fold_norms",
     "folded_model",
-    "ones_complement",
     "permutation_matrix",
     "procrustes",
     "random_rotation",
     "residual_similarity",
+    "rope_plane_rotations",
     "rotate",
     "rotate_heads",
     "rotate_model",
@@ -319,7 +320,7 @@ def check_rotation(q: torch.Tensor, kind: str, *, size: int | None = None, atol:
                 "'fix_ones') or procrustes(..., 'fix_ones')).")
 
 
-def ones_complement(d: int) -> torch.Tensor:
+def _ones_complement(d: int) -> torch.Tensor:
     """``(d, d - 1)`` orthonormal basis of the vectors orthogonal to all-ones (a Householder reflection)."""
     u = torch.full((d,), d ** -0.5, dtype=torch.float64)
     v = u.clone()
@@ -330,11 +331,12 @@ def ones_complement(d: int) -> torch.Tensor:
     return h[:, 1:]
 
 
-def _embed_fixing_ones(r: torch.Tensor) -> torch.Tensor:
-    """The ``(d, d)`` rotation that acts as ``r`` on the complement of all-ones and fixes all-ones."""
+def embed_fixing_ones(r: torch.Tensor) -> torch.Tensor:
+    """The ``(d, d)`` rotation that acts as ``r`` on the complement of all-ones and fixes all-ones
+    (in ``r``'s dtype and device; differentiable in ``r``)."""
     d = r.shape[0] + 1
-    n = ones_complement(d)
-    return n @ r @ n.T + torch.full((d, d), 1.0 / d, dtype=torch.float64)
+    n = _ones_complement(d).to(r)
+    return n @ r @ n.T + 1.0 / d
 
 
 def random_rotation(d: int, kind: str = "free", seed: int = 0) -> torch.Tensor:
@@ -352,7 +354,7 @@ def random_rotation(d: int, kind: str = "free", seed: int = 0) -> torch.Tensor:
     a = torch.randn(k, k, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
     q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
-    return (q if kind == "free" else _embed_fixing_ones(q)).float()
+    return (q if kind == "free" else embed_fixing_ones(q)).float()
 
 
 def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
@@ -369,9 +371,9 @@ def procrustes(m: torch.Tensor, kind: str = "free") -> torch.Tensor:
     """
     m = m.detach().double().cpu()
     if kind == "fix_ones":
-        n = ones_complement(m.shape[0])
+        n = _ones_complement(m.shape[0])
         u, _, vh = torch.linalg.svd(n.T @ m @ n)
-        return _embed_fixing_ones(u @ vh).float()
+        return embed_fixing_ones(u @ vh).float()
     if kind != "free":
         raise ValueError(f"unknown rotation kind {kind!r}; choose one of {sorted(ROTATION_KINDS)}")
     u, _, vh = torch.linalg.svd(m)
@@ -449,16 +451,23 @@ def _head_view(x: torch.Tensor, axis: int, offset: int, size: int, heads: int, h
     return part.movedim(-3, 0).reshape(heads, -1, head_dim)
 
 
-def _rope_pair_rotations(m: torch.Tensor) -> torch.Tensor:
-    """Per head, the rotation in each plane ``(i, i + h/2)`` that maximizes ``<m, R>`` (``m``: heads x h x h)."""
-    half = m.shape[-1] // 2
+def rope_plane_rotations(theta: torch.Tensor) -> torch.Tensor:
+    """Per head, a rotation by ``theta[:, i]`` in each RoPE plane ``(i, i + h/2)``: ``(heads, h, h)``
+    (differentiable in ``theta``)."""
+    heads, half = theta.shape
     i = torch.arange(half)
     j = i + half
-    theta = torch.atan2(m[:, j, i] - m[:, i, j], m[:, i, i] + m[:, j, j])
-    r = torch.zeros_like(m)
+    r = theta.new_zeros(heads, 2 * half, 2 * half)
     c, s = torch.cos(theta), torch.sin(theta)
     r[:, i, i], r[:, j, j], r[:, i, j], r[:, j, i] = c, c, -s, s
     return r
+
+
+def _rope_pair_rotations(m: torch.Tensor) -> torch.Tensor:
+    """Per head, the rotation in each plane ``(i, i + h/2)`` that maximizes ``<m, R>`` (``m``: heads x h x h)."""
+    i = torch.arange(m.shape[-1] // 2)
+    j = i + len(i)
+    return rope_plane_rotations(torch.atan2(m[:, j, i] - m[:, i, j], m[:, i, i] + m[:, j, j]))
 
 
 def fit_head_maps(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],

@@ -67,3 +67,6 @@ def test_recipe_learned_needs_calibration_and_merges_in_the_folded_basis():
     recipe = load_recipe({"models": [{"model": "a"}, {"model": "b"}],
                           "align": {"method": "learned", "calibration": {"texts": ["x"]}, "learn": {"steps": 7}}})
     assert recipe.align.residual == "rotation" and recipe.align.learn.steps == 7
+    with pytest.raises(RecipeError, match="drop residual: permutation"):
+        load_recipe({"models": [{"model": "a"}, {"model": "b"}],
+                     "align": {"method": "learned", "residual": "permutation", "calibration": {"texts": ["x"]}}})
