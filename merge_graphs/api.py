@@ -1,4 +1,10 @@
-"""The public Python API. The CLI is a thin layer over these functions; nothing here prints."""
+"""The public Python API. The CLI is a thin layer over these functions; nothing here prints.
+
+Every function here is the one engine seen from models in memory: models become
+:class:`~merge_graphs.sources.StateTensors`, are aligned by an aligner of
+:mod:`merge_graphs.aligners` and merged by :mod:`merge_graphs.engine`'s loop, as a recipe's
+checkpoints are.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge_graphs.activations import Calibration, activation_matching, prepare_inputs
-from merge_graphs.errors import SpecMismatchError
+from merge_graphs.activations import Calibration, prepare_inputs
+from merge_graphs.aligners import ALIGNERS, AlignOptions, align_sources, get_aligner
+from merge_graphs.engine import plan_merge
 from merge_graphs.graph import NeuralGraph
-from merge_graphs.learned import learned_alignment
-from merge_graphs.match import Alignment, weight_matching
-from merge_graphs.methods import get_method, merge_tensors
-from merge_graphs.rotation import rotation_alignment
-from merge_graphs.symmetry import SymmetrySpec, identity_permutations, permute_state_dict, symmetry_spec
-from merge_graphs.verify import check_function_preserved
+from merge_graphs.match import Alignment
+from merge_graphs.methods import get_method
+from merge_graphs.rotation import folded_model
+from merge_graphs.sources import StateTensors, compatible
+from merge_graphs.symmetry import SymmetrySpec, permute_state_dict, symmetry_spec
+from merge_graphs.verify import check_alignment
 
 logger = logging.getLogger(__name__)
 
-ALIGN_METHODS = ("none", "weight", "activation", "gnn", "learned")
+ALIGN_METHODS = tuple(ALIGNERS)
 
 
 def permute(model: nn.Module, permutations: Mapping[str, torch.Tensor], spec: SymmetrySpec | None = None) -> nn.Module:
@@ -47,7 +54,7 @@ def permute(model: nn.Module, permutations: Mapping[str, torch.Tensor], spec: Sy
         True
     """
     spec = spec or symmetry_spec(model)
-    return _with_state(model, permute_state_dict(spec, model.state_dict(), permutations))
+    return load_state(model, permute_state_dict(spec, model.state_dict(), permutations))
 
 
 def neural_graph(model: nn.Module, spec: SymmetrySpec | None = None) -> NeuralGraph:
@@ -116,63 +123,40 @@ def align(
         >>> torch.equal(merge_graphs.permute(b, alignment.permutations)[0].weight, a[0].weight)
         True
     """
-    spec = compatible_spec(model_a, model_b)
-    if residual == "rotation" or method == "learned":
-        return _rotation_alignment(model_a, model_b, method, solver=solver, calibration=calibration,
-                                   tokenizer=tokenizer, groups=groups, seed=seed, learn=learn)
-    if residual != "permutation":
+    aligner = get_aligner(method)
+    source_a, source_b = StateTensors(model_a), StateTensors(model_b)
+    spec = compatible(source_a, [source_b])
+    return aligner(source_a, source_b, spec, _options(model_a, residual, solver, groups, seed, refine, calibration,
+                                                          tokenizer, learn))
+
+
+def _options(model, residual, solver, groups, seed, refine, calibration, tokenizer, learn) -> AlignOptions:
+    if residual not in ("permutation", "rotation"):
         raise ValueError(f"unknown residual alignment {residual!r}; choose 'permutation' or 'rotation'")
-    if method == "none":
-        return Alignment(spec, identity_permutations(spec), "none")
-    if method == "weight":
-        return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), solver=solver, groups=groups, seed=seed)
-    if method == "gnn":
-        from merge_graphs.gnn.match import gnn_align
-
-        return gnn_align(model_a, model_b, spec, refine=refine, solver=solver, groups=groups, seed=seed)
-    if method == "activation":
-        _require_calibration(calibration)
-        inputs = _to_device(prepare_inputs(calibration, tokenizer), model_a)
-        found = activation_matching(spec, model_a, model_b, inputs, solver=solver, seed=seed)
-        if refine:
-            refined = weight_matching(spec, model_a.state_dict(), model_b.state_dict(), init=found.permutations,
-                                      solver=solver, groups=groups, seed=seed)
-            refined.method, refined.seconds = "activation+weight", refined.seconds + found.seconds
-            return refined
-        return found
-    raise ValueError(f"unknown alignment method {method!r}; choose one of {ALIGN_METHODS}")
-
-
-def _require_calibration(calibration, method: str = "activation") -> None:
-    if calibration is None:
-        raise ValueError(f"{method} alignment needs calibration inputs: pass calibration=... (a tensor, "
-                         "a dict of model inputs, or texts with tokenizer=...), or use method='weight'")
-
-
-def _rotation_alignment(model_a, model_b, method, *, solver, calibration, tokenizer, groups, seed,
-                        learn) -> Alignment:
-    if method not in ("weight", "activation", "learned"):
-        raise ValueError(f"residual='rotation' works with method 'weight' (data-free), 'activation' or 'learned', "
-                         f"not {method!r}")
     inputs = None
-    if method in ("activation", "learned"):
-        _require_calibration(calibration, method)
-        inputs = _to_device(prepare_inputs(calibration, tokenizer), model_a)
-    if method == "learned":
-        return learned_alignment(model_a, model_b, inputs, solver=solver, groups=groups, seed=seed, **(learn or {}))
-    return rotation_alignment(model_a, model_b, calibration=inputs, solver=solver, groups=groups, seed=seed)
+    if calibration is not None:
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                  for k, v in prepare_inputs(calibration, tokenizer).items()}
+    return AlignOptions(residual=residual, solver=solver, groups=groups, seed=seed, refine=refine, calibration=inputs,
+                        learn=dict(learn or {}))
 
 
-def identity_alignment(model: nn.Module, residual: str = "permutation") -> Alignment:
-    """The alignment of ``model`` with itself, in the basis that ``residual`` merges in."""
-    if residual == "rotation":
-        from merge_graphs.rotation import identity_alignment as folded_identity
+def aligned_model(model: nn.Module, alignment: Alignment, *, verify: bool = True) -> nn.Module:
+    """A new model computing what ``model`` computes, in the basis ``alignment`` maps it into
+    (for a rotation: norms folded, head untied); with ``verify``, checked on a random input.
 
-        return folded_identity(model)
-    spec = symmetry_spec(model)
-    return Alignment(spec, identity_permutations(spec), "none")
-
-
+    Example:
+        >>> import torch, merge_graphs
+        >>> from merge_graphs.api import aligned_model
+        >>> a = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> b = merge_graphs.permute(a, merge_graphs.random_permutations(merge_graphs.symmetry_spec(a), seed=1))
+        >>> torch.equal(aligned_model(b, merge_graphs.align(a, b))[0].weight, a[0].weight)
+        True
+    """
+    if verify:
+        check_alignment(StateTensors(model), alignment)
+    return load_state(output_skeleton(model, alignment.basis), alignment.apply(model.state_dict()))
 
 
 def merge_models(
@@ -238,17 +222,10 @@ def merge_models(
         per_model = [{"weight": 1.0 if weights is None else weights[i], **p} for i, p in enumerate(per_model)]
     keep = [i for i, m in enumerate(models) if not (needs_base and m is base_model)]
     merged_models = [models[i] for i in keep]
-    residual = merge_basis(align, residual)
     alignments = align_models(reference, merged_models, align, residual=residual, solver=solver,
                               calibration=calibration, tokenizer=tokenizer, seed=seed, verify=verify, learn=learn)
-    return merge_aligned(reference, merged_models, alignments, method, residual=residual,
-                         base_model=base_model if needs_base else None,
+    return merge_aligned(reference, merged_models, alignments, method, base_model=base_model if needs_base else None,
                          model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed)
-
-
-def merge_basis(method: str, residual: str = "permutation") -> str:
-    """The basis an alignment method merges in: ``"rotation"`` (norms folded) or ``"permutation"``."""
-    return "rotation" if method == "learned" else residual
 
 
 def merge_aligned(
@@ -257,7 +234,6 @@ def merge_aligned(
     alignments: Sequence[Alignment],
     method: str = "linear",
     *,
-    residual: str = "permutation",
     base_model: nn.Module | None = None,
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     parameters: Mapping[str, Any] | None = None,
@@ -265,30 +241,31 @@ def merge_aligned(
 ) -> nn.Module:
     """Merge ``models``, each mapped onto ``reference`` by its alignment, into a new model.
 
-    The merge happens in the basis ``residual`` merges in (for ``"rotation"``: every model's
-    norms folded), and the result is :func:`output_skeleton`'s class and config. A tensor that
-    the *output* model holds under two names (a tied LM head) is merged once; in the folded basis
-    the head is untied, so it is merged on its own.
+    The merge happens in the basis the alignments map into (:attr:`Alignment.basis`; for
+    ``"rotation"``: every model's norms folded), and the result is :func:`output_skeleton`'s class
+    and config, e.g. with its head untied in the folded basis. The same loop as a recipe's
+    (:func:`merge_graphs.engine.plan_merge`).
     """
-    basis = identity_alignment(reference, residual)
-    skeleton = output_skeleton(reference, residual)
-    merged = merge_states(
-        basis.spec, basis.apply(reference.state_dict()),
-        [a.apply(m.state_dict()) for a, m in zip(alignments, models)], method,
-        base_state=basis.apply(base_model.state_dict()) if base_model is not None else None,
+    sources = {id(m): StateTensors(m) for m in (reference, *models, *([base_model] if base_model is not None else []))}
+    merged = plan_merge(
+        sources[id(reference)], [sources[id(m)] for m in models], alignments, method,
+        base=None if base_model is None else sources[id(base_model)],
         model_parameters=model_parameters, parameters=parameters, seed=seed,
-        tied=tied_names(skeleton.state_dict()),
     )
-    return _with_state(skeleton, merged)
+    basis = alignments[0].basis if alignments else "permutation"
+    return merged.into(output_skeleton(reference, basis))
 
 
-def output_skeleton(reference: nn.Module, residual: str = "permutation") -> nn.Module:
-    """The model class and config a merge is written as: the reference, folded for rotations."""
-    if residual == "rotation":
-        from merge_graphs.rotation import folded_model
+def output_skeleton(reference: nn.Module, basis: str = "permutation") -> nn.Module:
+    """The model class and config a merge in ``basis`` is written as: the reference, folded for rotations."""
+    return folded_model(reference) if basis == "rotation" else reference
 
-        return folded_model(reference)
-    return reference
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` holding ``state``."""
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
 
 
 def align_models(
@@ -298,123 +275,29 @@ def align_models(
     *,
     verify: bool = True,
     progress: bool = False,
-    **kwargs: Any,
-) -> list[Alignment]:
-    """Align each of ``models`` to ``reference`` (the reference itself gets the identity).
-
-    Keyword arguments are those of :func:`align`. With ``verify``, each permutation is checked
-    to leave its model's function unchanged on a small random input.
-    """
-    from tqdm.auto import tqdm
-
-    from merge_graphs.rotation import RotationAlignment
-
-    out = []
-    for m in tqdm(models, desc="aligning", disable=not progress or len(models) < 2):
-        if m is reference:
-            out.append(identity_alignment(reference, merge_basis(method, kwargs.get("residual", "permutation"))))
-            continue
-        alignment = align(reference, m, method, **kwargs)
-        if verify and isinstance(alignment, RotationAlignment):
-            alignment.apply(m, verify=True)
-        elif verify and method != "none":
-            check_function_preserved(m, _with_state(m, alignment.apply(m.state_dict())), alignment.spec,
-                                     alignment.permutations)
-        logger.info("aligned %s (%s): objective %.4g -> %.4g in %.1fs", type(m).__name__, alignment.method,
-                    alignment.objective_before, alignment.objective_after, alignment.seconds)
-        out.append(alignment)
-    return out
-
-
-def merge_states(
-    spec: SymmetrySpec,
-    reference: Mapping[str, torch.Tensor],
-    states: Sequence[Mapping[str, torch.Tensor]],
-    method: str = "linear",
-    *,
-    base_state: Mapping[str, torch.Tensor] | None = None,
-    model_parameters: Sequence[Mapping[str, Any]] | None = None,
-    parameters: Mapping[str, Any] | None = None,
+    residual: str = "permutation",
+    solver: str = "exact",
+    refine: bool = False,
+    calibration: Calibration | None = None,
+    tokenizer: Any = None,
+    groups: list[str] | None = None,
     seed: int = 0,
-    tied: Mapping[str, str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Merge aligned named tensors one name at a time.
+    learn: Mapping[str, Any] | None = None,
+) -> list[Alignment]:
+    """Align each of ``models`` to ``reference`` (the reference itself gets the identity, in the
+    basis the method merges in).
 
-    Tensors the spec does not label (integer ids, buffers) are copied from ``reference``.
-    ``seed`` makes ``dare_*`` pruning reproducible. A tensor the model holds under two names (a
-    head tied to the embedding; ``tied`` maps the second name to the first, by default found in
-    ``reference`` by :func:`tied_names`) is merged once, as the streamed path merges it, so
-    ``dare_*`` draws one mask for it.
+    Keyword arguments are those of :func:`align`. With ``verify``, each alignment is checked to
+    leave its model's function unchanged on a small random input
+    (:func:`merge_graphs.verify.check_alignment`).
     """
-    device = next(iter(reference.values())).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    tied = tied_names(reference) if tied is None else tied
-    merged: dict[str, torch.Tensor] = {}
-    for name, ref in reference.items():
-        if name not in spec.tensors:
-            merged[name] = ref.clone()
-            continue
-        if tied.get(name) in merged:
-            merged[name] = merged[tied[name]]
-            continue
-        merged[name] = merge_tensors(
-            method, [s[name] for s in states], base=None if base_state is None else base_state[name],
-            model_parameters=model_parameters, parameters=parameters, generator=generator,
-        )
-    return merged
-
-
-def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """``{name: earlier name}`` for the names of ``state`` that hold the same tensor as an
-    earlier one (a state dict's tied weights).
-
-    Example:
-        >>> import torch
-        >>> w = torch.ones(2, 2)
-        >>> tied_names({"embed": w, "norm": torch.ones(2), "head": w})
-        {'head': 'embed'}
-    """
-    first: dict[tuple[int, tuple[int, ...]], str] = {}
-    out = {}
-    for name, t in state.items():
-        if not t.numel():
-            continue
-        key = (t.data_ptr(), tuple(t.shape))
-        if key in first:
-            out[name] = first[key]
-        else:
-            first[key] = name
-    return out
-
-
-def compatible_spec(model_a: nn.Module, model_b: nn.Module) -> SymmetrySpec:
-    """The spec two models share, or :class:`SpecMismatchError` naming the first difference."""
-    spec_a, spec_b = symmetry_spec(model_a), symmetry_spec(model_b)
-    if spec_a.family != spec_b.family:
-        raise SpecMismatchError(f"cannot align a {spec_a.family} model with a {spec_b.family} model; "
-                                "merge models of one architecture")
-    for name, g in spec_a.groups.items():
-        other = spec_b.groups.get(name)
-        if other is None or other.size != g.size:
-            raise SpecMismatchError(
-                f"group {name!r} has {g.size} units in the first model and "
-                f"{'none' if other is None else other.size} in the second; alignment needs models of "
-                "the same size (for MLPs of different widths use merge_graphs.fusion)")
-    shapes_a = {k: v.shape for k, v in model_a.state_dict().items()}
-    shapes_b = {k: v.shape for k, v in model_b.state_dict().items()}
-    if shapes_a != shapes_b:
-        diff = sorted(set(shapes_a) ^ set(shapes_b)) or sorted(k for k in shapes_a if shapes_a[k] != shapes_b[k])
-        raise SpecMismatchError(f"the models' tensors differ ({', '.join(diff[:3])}); merge models of one "
-                                "architecture and size")
-    return spec_a
-
-
-def _with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    out = copy.deepcopy(model)
-    out.load_state_dict(state)
-    return out
-
-
-def _to_device(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    device = next(model.parameters()).device
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    source = StateTensors(reference)
+    sources = [source if m is reference else StateTensors(m) for m in models]
+    spec = compatible(source, sources)
+    options = _options(reference, residual, solver, groups, seed, refine, calibration, tokenizer, learn)
+    alignments = align_sources(source, sources, method, spec, options, progress=progress)
+    if verify:
+        for m, alignment in zip(sources, alignments):
+            if alignment.method != "none":
+                check_alignment(m, alignment)
+    return alignments

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,7 +33,6 @@ from merge_graphs.symmetry.spec import (
     SymmetrySpec,
     check_permutations,
     identity_permutations,
-    permute_state_dict,
     permute_tensor,
 )
 
@@ -149,9 +148,33 @@ class Alignment:
     seconds: float = 0.0
     iterations: int = 0
 
+    #: The basis it maps into: ``"permutation"`` (the models' own), or ``"rotation"`` (norms folded).
+    basis = "permutation"
+
+    def tensor(self, name: str, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """B's tensor ``name`` in A's basis, read from ``source`` (B's named tensors).
+
+        The one contract every alignment keeps: a per-tensor transform that reads what it needs
+        from ``source`` and nothing else, so an aligned model streams from disk as it maps a
+        state dict in memory. Here: the tensor with its units put in A's order.
+        """
+        tensor = source[name]
+        if self.method == "none":
+            return tensor
+        return permute_tensor(self.spec, name, tensor, self.permutations)
+
+    def names(self, source: Mapping[str, torch.Tensor]) -> list[str]:
+        """The names B has in A's basis: ``source``'s."""
+        return list(source)
+
+    def tensors(self, source: Mapping[str, torch.Tensor]) -> AlignedTensors:
+        """B's named tensors in A's basis, computed one at a time when asked for."""
+        return AlignedTensors(self, source)
+
     def apply(self, state_b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """B's tensors with its units put in A's order."""
-        return permute_state_dict(self.spec, state_b, self.permutations)
+        """B's tensors in A's basis, all at once (:meth:`tensors`, gathered)."""
+        check_permutations(self.spec, self.permutations)
+        return dict(self.tensors(state_b))
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per-group objective before and after, for reports and model cards."""
@@ -159,6 +182,32 @@ class Alignment:
             g: {"before": self.group_objective_before.get(g, math.nan), "after": self.group_objective_after.get(g, math.nan)}
             for g in self.permutations
         }
+
+
+class AlignedTensors(Mapping[str, torch.Tensor]):
+    """A source's named tensors seen through an alignment (:meth:`Alignment.tensor`), lazily.
+
+    Nothing is computed until a tensor is asked for, and nothing is kept: over a lazily opened
+    checkpoint this holds no model in memory.
+    """
+
+    def __init__(self, alignment: Alignment, source: Mapping[str, torch.Tensor]) -> None:
+        self.alignment = alignment
+        self.source = source
+        self._names = alignment.names(source)
+        self._known = set(self._names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.alignment.tensor(name, self.source)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def objective(

@@ -23,7 +23,7 @@ Conventions of :func:`merge_tensors`:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -50,6 +50,12 @@ class MergeMethod:
         model_parameters: ``{name: default}`` for parameters set per model, likewise.
         fn: ``fn(tensors, base, model_parameters, parameters, generator) -> Tensor``, called
             with floating tensors of one dtype and fully resolved parameters.
+        rows: how the method merges a large tensor a block of rows at a time, with the same
+            result as ``fn`` on the whole, so that its temporaries (stacked inputs, masks) are a
+            block's size: ``rows(tensors, base, model_parameters, parameters, generator, blocks)``
+            yields the merged rows of each slice of ``blocks`` in order, after the whole-tensor
+            statistics it needs (slerp's norms, a TIES threshold, a DARE rescale). ``None``: the
+            method does not split and is merged whole.
     """
 
     name: str
@@ -57,6 +63,11 @@ class MergeMethod:
     global_parameters: Mapping[str, Any]
     model_parameters: Mapping[str, Any]
     fn: Callable[..., Tensor]
+    rows: Callable[..., Iterator[Tensor]] | None = None
+
+
+#: Entries per block of rows when a method merges a large tensor in blocks (16 MB in float32).
+ROW_BLOCK = 1 << 22
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -68,8 +79,13 @@ def register(
     needs_base: bool,
     global_parameters: Mapping[str, Any],
     model_parameters: Mapping[str, Any],
+    rows: Callable[..., Iterator[Tensor]] | str | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator adding a merge function to :data:`METHODS` under ``name``.
+
+    ``rows`` says how it splits (:attr:`MergeMethod.rows`): a function, ``"elementwise"`` for a
+    method whose every output entry depends only on the same entry of each input (then any
+    block of rows merges as ``fn`` merges it), or ``None`` to be merged whole.
 
     Example:
         >>> import torch
@@ -91,6 +107,7 @@ def register(
             global_parameters=MappingProxyType(dict(global_parameters)),
             model_parameters=MappingProxyType(dict(model_parameters)),
             fn=fn,
+            rows=_elementwise_rows(fn) if rows == "elementwise" else rows,
         )
         return fn
 
@@ -112,8 +129,12 @@ def merge_tensors(
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     parameters: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    block: int | None = None,
 ) -> Tensor:
     """Merge one tensor position of several aligned models.
+
+    A tensor of more than ``block`` entries (default :data:`ROW_BLOCK`) is merged a block of rows
+    at a time by a method that declares how (:attr:`MergeMethod.rows`), with the same result.
 
     Args:
         method: a name in :data:`METHODS`.
@@ -161,14 +182,28 @@ def merge_tensors(
         return reference
 
     work = torch.promote_types(reference.dtype, torch.float32)
-    merged = m.fn(
-        [t.to(work) for t in tensors],
-        None if base is None else base.to(work),
-        model_values,
-        global_values,
-        generator,
-    )
+    inputs = [t.to(work) for t in tensors]
+    base = None if base is None else base.to(work)
+    shape = reference.shape
+    block = ROW_BLOCK if block is None else block
+    if m.rows is None or reference.dim() == 0 or shape[0] < 2 or reference.numel() <= block:
+        merged = m.fn(inputs, base, model_values, global_values, generator)
+    else:
+        step = max(1, block // max(1, math.prod(shape[1:])))
+        blocks = [slice(start, start + step) for start in range(0, shape[0], step)]
+        merged = torch.empty(shape, dtype=work, device=reference.device)
+        for rows, merged_rows in zip(blocks, m.rows(inputs, base, model_values, global_values, generator, blocks)):
+            merged[rows] = merged_rows
     return merged.to(reference.dtype)
+
+
+def _elementwise_rows(fn: Callable[..., Tensor]) -> Callable[..., Iterator[Tensor]]:
+    def rows(tensors, base, model_parameters, parameters, generator, blocks):
+        for b in blocks:
+            yield fn([t[b] for t in tensors], None if base is None else base[b], model_parameters, parameters,
+                     generator)
+
+    return rows
 
 
 def _names(names: Any) -> str:
@@ -239,7 +274,8 @@ def _per_model(values: Sequence[float], like: Tensor) -> Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
 
 
-@register("linear", needs_base=False, global_parameters={"normalize": True}, model_parameters={"weight": None})
+@register("linear", needs_base=False, global_parameters={"normalize": True}, model_parameters={"weight": None},
+          rows="elementwise")
 def linear(tensors, base, model_parameters, parameters, generator):
     """sum_i w_i t_i, divided by sum_i w_i when ``normalize``."""
     stacked = torch.stack(tensors)
@@ -260,7 +296,7 @@ def slerp_row_moments(v0: Tensor, v1: Tensor) -> Tensor:
     """``(rows, 3)`` float64: per row (first axis) the sums of ``v0 * v1``, ``v0**2`` and ``v1**2``.
 
     Rows are summed separately so that a tensor merged a block of rows at a time
-    (:func:`merge_graphs.stream.merged_tensors`) gets bitwise the moments of the whole.
+    (:attr:`MergeMethod.rows`) gets bitwise the moments of the whole.
     """
     rows = max(1, v0.shape[0]) if v0.dim() else 1
     a, b = v0.reshape(rows, -1), v1.reshape(rows, -1)
@@ -283,17 +319,26 @@ def slerp_coefficients(moments: Tensor, t: float, eps: float = 1e-8) -> tuple[fl
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-@register("slerp", needs_base=True, global_parameters={"t": None}, model_parameters={})
-def slerp(tensors, base, model_parameters, parameters, generator):
-    """Spherical interpolation from ``base`` (t=0) to the other tensor (t=1), each flattened
-    to one vector; lerp where they are (anti-)colinear."""
+def _slerp_rows(tensors, base, model_parameters, parameters, generator, blocks):
+    """Slerp a block of rows at a time: the whole tensor's moments first, then each block
+    combined as the whole is."""
     if len(tensors) != 1:
         raise MergeParameterError(
             f"slerp merges exactly two models, base_model (t=0) and one other (t=1), but got "
             f"{1 + len(tensors)}; pass the base as base and the other model alone in tensors"
         )
-    c0, c1 = slerp_coefficients(slerp_row_moments(base, tensors[0]), parameters["t"])
-    return c0 * base + c1 * tensors[0]
+    (other,) = tensors
+    moments = torch.cat([slerp_row_moments(base[b], other[b]) for b in blocks])
+    c0, c1 = slerp_coefficients(moments, parameters["t"])
+    for b in blocks:
+        yield c0 * base[b] + c1 * other[b]
+
+
+@register("slerp", needs_base=True, global_parameters={"t": None}, model_parameters={}, rows=_slerp_rows)
+def slerp(tensors, base, model_parameters, parameters, generator):
+    """Spherical interpolation from ``base`` (t=0) to the other tensor (t=1), each flattened
+    to one vector; lerp where they are (anti-)colinear."""
+    return next(_slerp_rows(tensors, base, model_parameters, parameters, generator, [...]))
 
 
 def _l1(x: Tensor) -> Tensor:
@@ -484,7 +529,39 @@ def _gta_globals(normalize: bool, rescale: bool) -> dict[str, Any]:
 _GTA_MODEL = {"weight": None, "density": 1.0}
 
 
-@register("task_arithmetic", needs_base=True, global_parameters=_gta_globals(False, False), model_parameters=_GTA_MODEL)
+def _pruned_rows(magnitude: bool, consensus: bool) -> Callable[..., Iterator[Tensor]]:
+    """The task-arithmetic family's :attr:`MergeMethod.rows`: each delta's cut first (TIES: the
+    magnitude threshold, from one float32 copy of the delta's magnitudes; DARE: the L1 rescale,
+    drawing the mask once to measure it), then the pruned deltas of each block combined (sign
+    consensus is elementwise)."""
+
+    def rows(tensors, base, model_parameters, parameters, generator, blocks):
+        cuts: list[MagnitudeCut | RandomCut | None] = []
+        for t, p in zip(tensors, model_parameters):
+            def deltas(t=t):
+                return (t[b] - base[b] for b in blocks)
+
+            if p["density"] >= 1:
+                cuts.append(None)
+            elif magnitude:
+                cuts.append(magnitude_cut(deltas, t.numel(), p["density"], parameters["rescale"]))
+            else:
+                cuts.append(random_cut(deltas, p["density"], parameters["rescale"], generator))
+        state = [0] * len(tensors)
+        for b in blocks:
+            pruned = []
+            for i, t in enumerate(tensors):
+                delta = t[b] - base[b]
+                if cuts[i] is not None:
+                    delta, state[i] = cuts[i].apply(delta, state[i])
+                pruned.append(delta)
+            yield combine_deltas(pruned, base[b], model_parameters, parameters, consensus=consensus)
+
+    return rows
+
+
+@register("task_arithmetic", needs_base=True, global_parameters=_gta_globals(False, False), model_parameters=_GTA_MODEL,
+          rows="elementwise")
 def task_arithmetic(tensors, base, model_parameters, parameters, generator):
     """base + lambda * sum_i w_i (t_i - base), divided by sum_i w_i when ``normalize``."""
     return _generalized_task_arithmetic(
@@ -492,7 +569,8 @@ def task_arithmetic(tensors, base, model_parameters, parameters, generator):
     )
 
 
-@register("ties", needs_base=True, global_parameters=_gta_globals(True, False), model_parameters=_GTA_MODEL)
+@register("ties", needs_base=True, global_parameters=_gta_globals(True, False), model_parameters=_GTA_MODEL,
+          rows=_pruned_rows(magnitude=True, consensus=True))
 def ties(tensors, base, model_parameters, parameters, generator):
     """TIES: magnitude pruning of each delta, sign consensus by sum, disjoint mean."""
     return _generalized_task_arithmetic(
@@ -500,7 +578,8 @@ def ties(tensors, base, model_parameters, parameters, generator):
     )
 
 
-@register("dare_linear", needs_base=True, global_parameters=_gta_globals(False, True), model_parameters=_GTA_MODEL)
+@register("dare_linear", needs_base=True, global_parameters=_gta_globals(False, True), model_parameters=_GTA_MODEL,
+          rows=_pruned_rows(magnitude=False, consensus=False))
 def dare_linear(tensors, base, model_parameters, parameters, generator):
     """DARE: random pruning of each delta, rescaled to its L1 norm, then task arithmetic."""
     return _generalized_task_arithmetic(
@@ -508,7 +587,8 @@ def dare_linear(tensors, base, model_parameters, parameters, generator):
     )
 
 
-@register("dare_ties", needs_base=True, global_parameters=_gta_globals(False, True), model_parameters=_GTA_MODEL)
+@register("dare_ties", needs_base=True, global_parameters=_gta_globals(False, True), model_parameters=_GTA_MODEL,
+          rows=_pruned_rows(magnitude=False, consensus=True))
 def dare_ties(tensors, base, model_parameters, parameters, generator):
     """DARE pruning with TIES sign consensus."""
     return _generalized_task_arithmetic(

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from merge_graphs.aligners import ALIGNERS
 from merge_graphs.errors import RecipeError
 from merge_graphs.methods import METHODS, get_method
 
@@ -84,7 +85,7 @@ class Learn(_Strict):
 class Align(_Strict):
     """How to align every model to the reference before merging."""
 
-    method: Literal["none", "weight", "activation", "gnn", "learned"] = "weight"
+    method: str = "weight"
     solver: Literal["auto", "exact", "emd", "sinkhorn", "torch"] = "auto"
     refine: bool = False
     residual: Literal["permutation", "rotation"] = "permutation"
@@ -94,18 +95,20 @@ class Align(_Strict):
 
     @model_validator(mode="after")
     def _needs(self):
-        if self.method in ("activation", "learned") and self.calibration is None:
+        if self.method not in ALIGNERS:
+            raise ValueError(f"unknown align method {self.method!r}; choose one of {', '.join(ALIGNERS)}")
+        aligner = ALIGNERS[self.method]
+        if aligner.needs_models and self.calibration is None:
             raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}} or "
                              "{file: path}, or use method 'weight' (data-free)")
-        if self.method == "learned":
-            if "residual" in self.model_fields_set and self.residual != "rotation":
-                raise ValueError("method 'learned' learns the rotation of the residual stream: drop "
-                                 "residual: permutation (or write residual: rotation)")
-            # Learned alignment refines the maps of the folded, rotated basis.
-            self.residual = "rotation"
-        if self.residual == "rotation" and self.method not in ("weight", "activation", "learned"):
-            raise ValueError("residual 'rotation' needs method 'weight' (data-free), 'activation' "
-                             "(rotation fitted on calibration activations) or 'learned'")
+        if aligner.basis is not None:
+            if "residual" in self.model_fields_set and self.residual != aligner.basis:
+                raise ValueError(f"method {self.method!r} aligns the residual stream by {aligner.basis}: drop "
+                                 f"residual: {self.residual} (or write residual: {aligner.basis})")
+            self.residual = aligner.basis
+        if self.residual not in aligner.residuals:
+            able = [name for name, a in ALIGNERS.items() if self.residual in a.residuals]
+            raise ValueError(f"residual {self.residual!r} needs one of the methods {', '.join(able)}")
         return self
 
 

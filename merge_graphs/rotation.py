@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -61,16 +62,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from merge_graphs.errors import AlignmentError, SpecMismatchError, UnsupportedArchitectureError
+from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
 from merge_graphs.match import Alignment, objective, weight_matching
+from merge_graphs.sources import TensorSource, tensor_source
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import (
     ROTATION_KINDS,
     HeadMap,
+    Norm,
     SymmetrySpec,
     TensorSpec,
+    check_permutations,
     identity_permutations,
-    permute_state_dict,
     permute_tensor,
 )
 
@@ -174,81 +177,122 @@ def _times(x: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
 
 # --- folding ----------------------------------------------------------------------------------
 
-def fold_norms(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> tuple[SymmetrySpec, dict[str, torch.Tensor]]:
-    """Fold every pre-norm's gain and bias into the layers that read its output.
+class Folding:
+    """Norm folding of one model as a per-tensor transform (see the module docstring).
 
-    Works on named tensors; ``state`` is not modified (tensors that do not change are shared).
-    Folding is idempotent: folding a folded state returns the same tensors (to round-off).
+    :meth:`tensor` gives one folded tensor, reading from the unfolded source only what it needs:
+    the tensor itself, its norm's gain and bias, and for a reader's bias the reader's weight. So
+    a checkpoint folds as it streams, one tensor at a time.
 
     Args:
-        spec: the model's symmetry spec (its ``norms`` table says which tensors read each norm).
-        state: the model's named tensors. A tied LM head may be missing: it is built from the
-            embedding it is tied to.
+        spec: the unfolded model's spec (its ``norms`` table says which tensors read each norm).
 
-    Returns:
-        ``(folded spec, folded state)``. The folded spec describes the folded tensors (an LM head
-        that was tied now stands alone: ``tied`` is empty) and lists in ``notes`` what changed
-        beyond the values, e.g. an untied head or GPT-2's final norm bias of all ones.
+    Attributes:
+        spec: the folded spec: an LM head that was tied now stands alone (``tied`` is empty),
+            and ``notes`` says what changed beyond the values, e.g. GPT-2's final norm bias of ones.
 
     Raises:
         UnsupportedArchitectureError: a family without the symmetry (post-LN BERT, MLPs).
     """
-    kind = rotation_kind(spec)
-    layer_norm = kind == "fix_ones"
-    out = dict(state)
-    tensors = dict(spec.tensors)
-    changes: list[str] = []
-    for name, source in spec.tied.items():
-        if name not in out:
-            out[name] = out[source]
-        if name not in tensors:
-            tensors[name] = TensorSpec(name, spec.tensors[source].axes, "unembed", 1)
-        changes.append(f"{name} was tied to {source}; the folded model stores it on its own "
-                       "(tie_word_embeddings=False)")
-    readers = {w for norm in spec.norms for w, _ in norm.readers}
-    norm_params = _norm_tensors(spec)
-    for norm in spec.norms:
-        gain = out[norm.weight]
-        beta = out[norm.bias] if norm.bias else None
-        if not norm.readers:
-            changes.append(f"{norm.weight} is kept as it is: its output is the model's output")
-            continue
-        ones_channel = beta is not None and any(b is None for _, b in norm.readers)
-        if ones_channel and not layer_norm:
-            raise NotImplementedError(f"{norm.bias}: a norm bias can be folded into a reader without a bias "
-                                      "only under LayerNorm, whose output is mean-free")
-        for w, b in norm.readers:
-            weight = _work(out[w])
-            axis = _residual_axis(tensors[w])
-            new = weight * _along(weight, axis, _work(gain))
-            shift = torch.tensordot(weight, _work(beta), dims=([axis], [0])) if beta is not None else None
-            if ones_channel:
-                # The norm's output n(h) is mean-free: the head may use the all-ones direction.
-                new = new - new.mean(axis, keepdim=True)
-            if shift is not None and b is not None:
-                out[b] = (_work(out[b]) + shift).to(out[b].dtype)
-            elif shift is not None:
-                # No bias slot: the all-ones bias of the folded norm feeds shift / d per unit.
-                new = new + shift.unsqueeze(axis) / gain.numel()
-            out[w] = new.to(out[w].dtype)
-        out[norm.weight] = torch.ones_like(gain)
-        if beta is not None:
-            out[norm.bias] = torch.ones_like(beta) if ones_channel else torch.zeros_like(beta)
-            if ones_channel:
+
+    def __init__(self, spec: SymmetrySpec) -> None:
+        self.kind = rotation_kind(spec)
+        self.source_spec = spec
+        tensors = dict(spec.tensors)
+        changes: list[str] = []
+        for name, source in spec.tied.items():
+            if name not in tensors:
+                tensors[name] = TensorSpec(name, spec.tensors[source].axes, "unembed", 1)
+            changes.append(f"{name} was tied to {source}; the folded model stores it on its own "
+                           "(tie_word_embeddings=False)")
+        self._norm_of: dict[str, Norm] = {}
+        self._reader_of: dict[str, tuple[Norm, str | None]] = {}
+        self._bias_of: dict[str, tuple[Norm, str]] = {}
+        self._ones_channel: set[str] = set()
+        for norm in spec.norms:
+            self._norm_of.update({n: norm for n in (norm.weight, norm.bias) if n})
+            if not norm.readers:
+                changes.append(f"{norm.weight} is kept as it is: its output is the model's output")
+                continue
+            if norm.bias and any(b is None for _, b in norm.readers):
+                if self.kind != "fix_ones":
+                    raise NotImplementedError(f"{norm.bias}: a norm bias can be folded into a reader without a "
+                                              "bias only under LayerNorm, whose output is mean-free")
+                self._ones_channel.add(norm.weight)
                 changes.append(f"{norm.bias} is all ones: it carries the folded bias of "
                                f"{', '.join(w for w, b in norm.readers if b is None)} through the all-ones direction")
-    if layer_norm:
-        for name, t in tensors.items():
-            if name in readers or name in norm_params or name not in out:
-                continue
-            axis = _residual_axis(t)
-            if axis is not None:
-                x = _work(out[name])
-                out[name] = (x - x.mean(axis, keepdim=True)).to(out[name].dtype)
-    folded = dataclasses.replace(spec, tensors=tensors, tied={}, notes=spec.notes + tuple(changes))
-    for c in changes:
-        logger.info("folding: %s", c)
-    return folded, out
+            for w, b in norm.readers:
+                self._reader_of[w] = (norm, b)
+                if b:
+                    self._bias_of[b] = (norm, w)
+        self.spec = dataclasses.replace(spec, tensors=tensors, tied={}, notes=spec.notes + tuple(changes))
+
+    def tensor(self, name: str, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The folded tensor ``name`` of the model whose unfolded tensors ``source`` holds."""
+        raw = self._read(name, source)
+        if name in self._norm_of:
+            norm = self._norm_of[name]
+            if not norm.readers:
+                return raw
+            if name == norm.weight or norm.weight in self._ones_channel:
+                return torch.ones_like(raw)
+            return torch.zeros_like(raw)
+        if name in self._reader_of:
+            norm, bias = self._reader_of[name]
+            weight = _work(raw)
+            axis = _residual_axis(self.spec.tensors[name])
+            gain = _work(source[norm.weight])
+            new = weight * _along(weight, axis, gain)
+            if norm.weight in self._ones_channel:
+                # The norm's output n(h) is mean-free: the head may use the all-ones direction.
+                new = new - new.mean(axis, keepdim=True)
+            if norm.bias and bias is None:
+                # No bias slot: the all-ones bias of the folded norm feeds shift / d per unit.
+                shift = torch.tensordot(weight, _work(source[norm.bias]), dims=([axis], [0]))
+                new = new + shift.unsqueeze(axis) / gain.numel()
+            return new.to(raw.dtype)
+        if name in self._bias_of:
+            norm, reader = self._bias_of[name]
+            if not norm.bias:
+                return raw
+            weight = _work(self._read(reader, source))
+            shift = torch.tensordot(weight, _work(source[norm.bias]), dims=([_residual_axis(self.spec.tensors[reader])],
+                                                                             [0]))
+            return (_work(raw) + shift).to(raw.dtype)
+        t = self.spec.tensors.get(name)
+        axis = _residual_axis(t) if t is not None and self.kind == "fix_ones" else None
+        if axis is None:
+            return raw
+        x = _work(raw)
+        return (x - x.mean(axis, keepdim=True)).to(raw.dtype)
+
+    def _read(self, name: str, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        # A tied LM head may be missing from a state: it is the embedding it is tied to.
+        return source[name] if name in source else source[self.source_spec.tied[name]]
+
+
+def fold_norms(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> tuple[SymmetrySpec, dict[str, torch.Tensor]]:
+    """Fold every pre-norm's gain and bias into the layers that read its output (:class:`Folding`).
+
+    ``state`` is not modified (tensors that do not change are shared). Folding is idempotent:
+    folding a folded state returns the same tensors (to round-off).
+
+    Args:
+        spec: the model's symmetry spec.
+        state: the model's named tensors. A tied LM head may be missing: it is built from the
+            embedding it is tied to.
+
+    Returns:
+        ``(folded spec, folded state)`` (see :attr:`Folding.spec`).
+
+    Raises:
+        UnsupportedArchitectureError: a family without the symmetry (post-LN BERT, MLPs).
+    """
+    folding = Folding(spec)
+    for note in folding.spec.notes[len(spec.notes):]:
+        logger.info("folding: %s", note)
+    names = list(state) + [n for n in spec.tied if n not in state]
+    return folding.spec, {n: folding.tensor(n, state) for n in names}
 
 
 def folded_model(model: nn.Module) -> nn.Module:
@@ -419,22 +463,27 @@ def rotate(spec: SymmetrySpec, state: Mapping[str, torch.Tensor], q: torch.Tenso
         check_rotation(q, kind, size=spec.groups[RESIDUAL].size)
         _check_folded(spec, state)
     skip = _norm_tensors(spec)
-    out = dict(state)
-    for name, t in spec.tensors.items():
-        if name in skip or name not in out:
-            continue
-        axis = _residual_axis(t)
-        if axis is not None:
-            x = out[name]
-            out[name] = _times(_work(x), axis, q.to(x.device)).to(x.dtype)
-    return out
+    return {name: rotate_tensor(spec, name, x, q, skip) for name, x in state.items()}
+
+
+def rotate_tensor(spec: SymmetrySpec, name: str, x: torch.Tensor, q: torch.Tensor,
+                  skip: set[str] | None = None) -> torch.Tensor:
+    """One tensor of a folded model with its residual axis multiplied by ``q`` (:func:`rotate`);
+    the norms' tensors (``skip``, by default found in ``spec``) and tensors off the stream as they are."""
+    t = spec.tensors.get(name)
+    if t is None or name in (_norm_tensors(spec) if skip is None else skip):
+        return x
+    axis = _residual_axis(t)
+    return x if axis is None else _times(_work(x), axis, q.to(x.device)).to(x.dtype)
 
 
 # --- within-head maps ---------------------------------------------------------------------------
 
-def _head_blocks(spec: SymmetrySpec, head_map: HeadMap):
-    """``(tensor name, axis, offset, space size)`` of every axis part that ``head_map`` maps."""
-    for name, t in spec.tensors.items():
+def _head_blocks(spec: SymmetrySpec, head_map: HeadMap, only: str | None = None):
+    """``(tensor name, axis, offset, space size)`` of every axis part that ``head_map`` maps (of
+    tensor ``only``, if given)."""
+    tensors = spec.tensors.items() if only is None else [(only, spec.tensors[only])] if only in spec.tensors else []
+    for name, t in tensors:
         for axis, spaces in enumerate(t.axes):
             offset = 0
             for s in spaces or ():
@@ -507,22 +556,26 @@ def rotate_heads(spec: SymmetrySpec, state: Mapping[str, torch.Tensor],
     unknown = set(maps) - set(by_name)
     if unknown:
         raise ValueError(f"unknown head maps {sorted(unknown)}; the spec has {sorted(by_name)}")
-    out = dict(state)
-    for key, r in maps.items():
-        hm = by_name[key]
-        n = spec.groups[hm.heads].size
-        for name, axis, offset, size in _head_blocks(spec, hm):
-            if name not in out:
-                continue
-            x = out[name]
-            work = _work(x)
+    return {name: rotate_heads_tensor(spec, name, x, maps) for name, x in state.items()}
+
+
+def rotate_heads_tensor(spec: SymmetrySpec, name: str, x: torch.Tensor,
+                        maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One tensor with the within-head maps applied (:func:`rotate_heads`)."""
+    out = x
+    for hm in spec.head_maps:
+        if hm.name not in maps:
+            continue
+        r, n = maps[hm.name], spec.groups[hm.heads].size
+        for _, axis, offset, size in _head_blocks(spec, hm, name):
+            work = _work(out)
             part = work.narrow(axis, offset, size).movedim(axis, -1)
             shape = part.shape
             part = part.reshape(*shape[:-1], n, size // (n * hm.head_dim), hm.head_dim)
             part = torch.einsum("...gpi,gij->...gpj", part, r.to(part.device, part.dtype)).reshape(shape)
-            new = work.clone() if work is x else work
+            new = work.clone() if work is out else work
             new.narrow(axis, offset, size).copy_(part.movedim(-1, axis))
-            out[name] = new.to(x.dtype)
+            out = new.to(x.dtype)
     return out
 
 
@@ -556,7 +609,8 @@ class RotationAlignment(Alignment):
         loss_curve: for a learned alignment, the interpolated models' loss at each step.
 
     Unlike a permutation-only :class:`Alignment`, ``permutations`` alone do not map B onto A:
-    use :meth:`apply` (fold, permute, rotate) and merge with A folded (:meth:`reference`).
+    :meth:`tensor` folds, permutes, rotates and maps heads; merge with A folded
+    (:func:`folded_identity`).
     """
 
     rotation: torch.Tensor | None = None
@@ -568,51 +622,38 @@ class RotationAlignment(Alignment):
     head_maps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     loss_curve: list[float] = dataclasses.field(default_factory=list)
 
-    def apply(self, b, *, verify: bool = True):
-        """B folded, permuted and rotated into A's folded basis.
+    #: The basis it maps into: every model's norms folded (see :func:`output_skeleton`).
+    basis = "rotation"
 
-        ``b`` may be named tensors (returns named tensors of the folded model) or a model
-        (returns a new model of its class, untied; with ``verify``, checked to compute what ``b``
-        computes). Average it with ``folded_model(model_a)`` (see :meth:`reference`).
-        """
-        if isinstance(b, nn.Module):
-            state = self.apply(b.state_dict())
-            out = _rebuild(b, state, untie=True)
-            if verify:
-                check_same_function(b, out)
-            return out
-        _, state = fold_norms(self.source_spec or self.spec, b)
-        state = permute_state_dict(self.spec, state, self.permutations)
-        state = rotate(self.spec, state, self.rotation)
-        return rotate_heads(self.spec, state, self.head_maps) if self.head_maps else state
+    @functools.cached_property
+    def folding(self) -> Folding:
+        """How B's norms fold (from B's unfolded spec)."""
+        return Folding(self.source_spec or self.spec)
 
-    def reference(self, model_a: nn.Module) -> nn.Module:
-        """A folded: the model to merge B's aligned copy with."""
-        return folded_model(model_a)
+    def tensor(self, name: str, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """B's tensor ``name`` folded, permuted, rotated and mapped within heads into A's folded basis,
+        read from ``source`` (B's unfolded tensors)."""
+        x = self.folding.tensor(name, source)
+        if self.permutations:
+            x = permute_tensor(self.spec, name, x, self.permutations)
+        if self.rotation is not None:
+            x = rotate_tensor(self.spec, name, x, self.rotation)
+        return rotate_heads_tensor(self.spec, name, x, self.head_maps) if self.head_maps else x
 
+    def names(self, source: Mapping[str, torch.Tensor]) -> list[str]:
+        """The folded model's names: ``source``'s, and a tied head that the state left out."""
+        return list(source) + [n for n in self.folding.source_spec.tied if n not in source]
 
-def check_same_function(model: nn.Module, other: nn.Module, tolerance: float = 1e-4) -> float:
-    """Raise :class:`AlignmentError` unless ``other`` computes ``model``'s outputs on a small
-    random input (relative to the output scale); returns the largest relative difference."""
-    from merge_graphs.verify import forward, random_input
-
-    inputs = random_input(model)
-    before, after = forward(model, inputs), forward(other, inputs)
-    worst = 0.0
-    for key, a in before.items():
-        if key not in after or after[key].shape != a.shape:
-            continue
-        diff = float((a.float() - after[key].float()).abs().max() / a.float().abs().max().clamp_min(1e-12))
-        worst = max(worst, diff)
-        if diff > tolerance:
-            raise AlignmentError(
-                f"folding/rotating {type(model).__name__} changed its output {key!r} by {diff:.2g} of its scale "
-                f"(tolerance {tolerance:g}); nothing was written. Please report it with the model's config.")
-    return worst
+    def apply(self, state_b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """B's tensors in A's folded basis, all at once; the maps checked first."""
+        check_permutations(self.spec, self.permutations)
+        if self.rotation is not None:
+            check_rotation(self.rotation, self.kind, size=self.spec.groups[RESIDUAL].size)
+        return dict(self.tensors(state_b))
 
 
-def _shared_spec(model_a: nn.Module, model_b: nn.Module) -> tuple[SymmetrySpec, SymmetrySpec]:
-    spec_a, spec_b = symmetry_spec(model_a), symmetry_spec(model_b)
+def _shared_spec(source_a: TensorSource, source_b: TensorSource) -> tuple[SymmetrySpec, SymmetrySpec]:
+    spec_a, spec_b = source_a.spec(), source_b.spec()
     rotation_kind(spec_a)
     if spec_a.family != spec_b.family:
         raise SpecMismatchError(f"cannot align a {spec_a.family} model with a {spec_b.family} model")
@@ -669,8 +710,6 @@ def residual_similarity(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Ma
     return m
 
 
-_cross = residual_similarity
-
 
 def _fit_error(xb: torch.Tensor, xa: torch.Tensor, q: torch.Tensor) -> float:
     return float((xb @ q.to(xb.dtype) - xa).norm() / xa.norm().clamp_min(1e-12))
@@ -704,8 +743,8 @@ def _hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor], batch_s
 
 
 def rotation_alignment(
-    model_a: nn.Module,
-    model_b: nn.Module,
+    model_a: nn.Module | TensorSource,
+    model_b: nn.Module | TensorSource,
     *,
     calibration: Mapping[str, torch.Tensor] | None = None,
     fit: str = "alternate",
@@ -718,7 +757,7 @@ def rotation_alignment(
 ) -> RotationAlignment:
     """Align model B to model A with norm folding, a residual rotation ``Q`` and permutations.
 
-    Both models are folded (:func:`fold_norms`). Then:
+    Both models are folded (:class:`Folding`), one tensor at a time as they are read. Then:
 
     * data-free (``calibration=None``): ``Q`` from orthogonal Procrustes between the two models'
       embedding matrices (token and position embeddings stacked; the models must share a
@@ -730,17 +769,20 @@ def rotation_alignment(
       permutations applied), until a round no longer improves it or ``max_iter`` rounds:
       *orthogonal weight matching*. It ends at a point that neither step improves, never below
       the embedding start. ``fit="embeddings"`` keeps the embedding ``Q``. Then the within-head
-      maps named by ``head_maps`` are fitted by Procrustes (:func:`fit_head_maps`).
-    * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``): ``Q`` from
-      Procrustes between the two folded models' residual-stream activations at every block
-      boundary (``output_hidden_states``; each boundary weighted equally), then weight matching
-      with ``Q`` fixed.
+      maps named by ``head_maps`` are fitted by Procrustes (:func:`fit_head_maps`). Over lazily
+      opened checkpoints (:class:`~merge_graphs.sources.ModelTensors`) this streams: every step
+      reads one tensor of each model at a time, and only ``Q``, the permutations and the
+      similarity matrices persist.
+    * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``; whole
+      models): ``Q`` from Procrustes between the two folded models' residual-stream activations at
+      every block boundary (``output_hidden_states``; each boundary weighted equally), then weight
+      matching with ``Q`` fixed.
 
     Under LayerNorm ``Q`` fixes the all-ones direction (Procrustes in its complement).
 
     Args:
-        model_a: the reference model.
-        model_b: a model of the same architecture and size.
+        model_a: the reference model, or its tensor source.
+        model_b: a model of the same architecture and size, or its tensor source.
         calibration: inputs for the activation fit.
         fit: ``"alternate"`` or ``"embeddings"`` (data-free only).
         max_iter: the most alternation rounds (and weight-matching sweeps per round: 100).
@@ -760,10 +802,21 @@ def rotation_alignment(
     start = time.perf_counter()
     if fit not in FITS:
         raise ValueError(f"unknown fit {fit!r}; choose one of {FITS}")
-    spec, spec_b = _shared_spec(model_a, model_b)
+    source_a, source_b = tensor_source(model_a), tensor_source(model_b)
+    spec, spec_b = _shared_spec(source_a, source_b)
     kind = rotation_kind(spec)
-    folded_spec, a = fold_norms(spec, model_a.state_dict())
-    _, b = fold_norms(spec_b, model_b.state_dict())
+    q = torch.eye(spec.groups[RESIDUAL].size)
+
+    def mapped(source, source_spec, rotation=None, perms=None, maps=None):
+        """A source folded (and rotated, permuted, mapped within heads): lazily over a checkpoint,
+        gathered once over a model in memory, where tensors are read many times."""
+        alignment = RotationAlignment(folded_spec, perms or {}, "none", rotation=rotation, kind=kind,
+                                      source_spec=source_spec, head_maps=maps or {})
+        view = alignment.tensors(source)
+        return dict(view) if source.in_memory else view
+
+    folded_spec = Folding(spec).spec
+    a, b = mapped(source_a, spec), mapped(source_b, spec_b)
     _check_folded(folded_spec, a)
     roots = [g for g, grp in folded_spec.groups.items() if grp.parent is None and g != RESIDUAL]
     if groups is not None:
@@ -771,17 +824,19 @@ def rotation_alignment(
         if unknown:
             raise ValueError(f"unknown groups {sorted(unknown)}; the spec has {sorted(roots)}")
         roots = [g for g in roots if g in set(groups)]
-    eye = torch.eye(folded_spec.groups[RESIDUAL].size)
+    eye = q
     before, group_before = objective(folded_spec, a, b, identity_permutations(folded_spec))
 
     def matched(q, init):
         if not roots:
             return identity_permutations(folded_spec), 0
-        wm = weight_matching(folded_spec, a, rotate(folded_spec, b, q, check=False), init=init,
-                             solver=solver, groups=roots, seed=seed)
+        wm = weight_matching(folded_spec, a, mapped(source_b, spec_b, q), init=init, solver=solver, groups=roots,
+                             seed=seed)
         return wm.permutations, wm.iterations
 
     if calibration is not None:
+        if not (isinstance(model_a, nn.Module) and isinstance(model_b, nn.Module)):
+            raise TypeError("a rotation fitted on calibration activations runs forward passes: pass the models")
         fa, fb = _rebuild(model_a, a, untie=True), _rebuild(model_b, b, untie=True)
         ha, hb = _hidden_states(fa, calibration, batch_size), _hidden_states(fb, calibration, batch_size)
         m = sum((xb.double().T @ xa.double()) / (xa.norm() * xb.norm()).double().clamp_min(1e-12)
@@ -797,12 +852,12 @@ def rotation_alignment(
         perms, iterations = matched(q, None)
         fit_used = fit
         if fit == "alternate":
-            best = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)[0]
+            best = objective(folded_spec, a, mapped(source_b, spec_b, q), perms)[0]
             for _ in range(max_iter):
                 q_new = procrustes(residual_similarity(folded_spec, a, b, perms), kind)
                 perms_new, sweeps = matched(q_new, perms)
                 iterations += sweeps
-                value = objective(folded_spec, a, rotate(folded_spec, b, q_new, check=False), perms_new)[0]
+                value = objective(folded_spec, a, mapped(source_b, spec_b, q_new), perms_new)[0]
                 if value <= best + 1e-6 * max(abs(best), 1.0):
                     break
                 q, perms, best = q_new, perms_new, value
@@ -812,12 +867,11 @@ def rotation_alignment(
         raise ValueError(f"unknown head maps {sorted(unknown)}; choose among 'qk' and 'vo'")
     maps = {}
     if which and calibration is None:
-        aligned = permute_state_dict(folded_spec, rotate(folded_spec, b, q, check=False), perms)
-        maps = fit_head_maps(folded_spec, a, aligned, which)
-        after, group_after = objective(folded_spec, a, rotate_heads(folded_spec, aligned, maps),
+        maps = fit_head_maps(folded_spec, a, mapped(source_b, spec_b, q, perms), which)
+        after, group_after = objective(folded_spec, a, mapped(source_b, spec_b, q, perms, maps),
                                        identity_permutations(folded_spec))
     else:
-        after, group_after = objective(folded_spec, a, rotate(folded_spec, b, q, check=False), perms)
+        after, group_after = objective(folded_spec, a, mapped(source_b, spec_b, q), perms)
     seconds = time.perf_counter() - start
     logger.info("rotation alignment (%s%s): objective %.4g -> %.4g, fit error %.3g -> %.3g in %.1fs", fit_used,
                 f", head maps {'+'.join(which)}" if maps else "", before, after, _fit_error(xb, xa, eye),
@@ -829,15 +883,11 @@ def rotation_alignment(
     )
 
 
-
-def identity_alignment(model: nn.Module) -> RotationAlignment:
-    """The alignment of a model with itself: fold its norms, permute and rotate nothing.
-
-    Merging in the folded basis needs the reference (and a task-vector base) folded too.
+def folded_identity(model: nn.Module | TensorSource) -> RotationAlignment:
+    """The alignment of a model with itself in the folded basis: fold its norms, permute and
+    rotate nothing. Merging in the folded basis needs the reference (and a task-vector base)
+    seen through it.
     """
-    spec = symmetry_spec(model)
-    kind = rotation_kind(spec)
-    folded_spec, _ = fold_norms(spec, model.state_dict())
-    d = spec.groups["residual"].size
-    return RotationAlignment(folded_spec, identity_permutations(folded_spec), "none", rotation=torch.eye(d),
-                             kind=kind, source_spec=spec)
+    spec = tensor_source(model).spec()
+    folding = Folding(spec)
+    return RotationAlignment(folding.spec, {}, "none", kind=folding.kind, source_spec=spec)

@@ -4,11 +4,15 @@
 touching any model, writes the output folder atomically (complete or absent), and keeps the
 local folder when a push fails.
 
-A recipe takes one of two paths (:func:`execution_path`, shown in the ``--dry-run`` plan and
-in :attr:`RunResult.path`): *streamed* (:mod:`merge_graphs.stream`: tensor by tensor, memory
-bounded by a few tensors) whenever alignment is ``none``, ``weight`` or ``gnn`` with a
-permuted residual stream and nothing needs whole models, else *in-memory* (whole
-``transformers`` models: activation matching, rotations, held-out evaluation).
+Every recipe runs the one engine: its models become tensor sources
+(:mod:`merge_graphs.sources`), an aligner of :mod:`merge_graphs.aligners` maps each onto the
+reference, :func:`merge_graphs.verify.check_alignment` checks the maps, and the merge loop of
+:mod:`merge_graphs.engine` streams into the shard writer. What differs is only how the sources
+read their tensors (:func:`execution_path`, shown in the ``--dry-run`` plan and in
+:attr:`RunResult.path`): *streamed*, from lazily opened checkpoints, tensor by tensor, for every
+data-free recipe (rotations included); *in-memory*, from whole ``transformers`` models, when an
+aligner runs forward passes (activation matching, learned alignment) or the recipe scores the
+merge on held-out text.
 """
 
 from __future__ import annotations
@@ -23,13 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from merge_graphs.api import align_models, identity_alignment, merge_aligned
+from merge_graphs.aligners import AlignOptions, align_sources, basis_identity, get_aligner
+from merge_graphs.engine import MergedModel, plan_merge
 from merge_graphs.errors import RecipeError
+from merge_graphs.evaluate import text_loss
+from merge_graphs.io import Checkpoint, load_model, parse_model_ref, resolve
+from merge_graphs.io.card import model_card
+from merge_graphs.io.push import push_folder
+from merge_graphs.io.writer import tokenizer_files, write_tensor_folder
 from merge_graphs.match import Alignment
 from merge_graphs.memory import PeakRSS
 from merge_graphs.methods import get_method
 from merge_graphs.recipe import Recipe, load_recipe
+from merge_graphs.rotation import folded_model, rotation_kind
+from merge_graphs.sources import ModelTensors, StateTensors, TensorSource, compatible
+from merge_graphs.verify import check_alignment
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +66,9 @@ class RunResult:
         path: ``"streamed"`` or ``"in-memory"`` (see :func:`execution_path`), and
         path_reason: why.
         stage_peak_rss: the process's peak resident memory during each stage, in bytes
-            (sampled, see :class:`~merge_graphs.memory.PeakRSS`). The streamed path's stages
-            are load, align, verify (the function-preservation check), merge+write, push.
+            (sampled, see :class:`~merge_graphs.memory.PeakRSS`). The stages are load, align,
+            verify (the function-preservation check), merge+write (or merge, evaluate and write
+            with an ``evaluate`` section), push.
     """
 
     recipe: Recipe
@@ -90,8 +105,8 @@ def run_recipe(
         dry_run: validate and plan; read only configs and tensor headers of local models.
         overwrite: replace an existing output folder (overrides ``output.overwrite``).
         progress: show progress bars.
-        streaming: ``None`` takes the path :func:`execution_path` picks; ``False`` forces the
-            in-memory path (to compare the two); ``True`` insists on streaming.
+        streaming: ``None`` reads the models as :func:`execution_path` says; ``False`` loads
+            whole models anyway; ``True`` insists on streaming.
 
     Raises:
         RecipeError, CheckpointNotFoundError, SpecMismatchError, AlignmentError, PushError:
@@ -120,13 +135,8 @@ def run_recipe(
         result.plan = _plan(recipe, target, repo_id, result)
         return result
 
-    if result.path == "streamed":
-        _run_streamed(recipe, result, target, overwrite, device, progress)
-    else:
-        _run_in_memory(recipe, result, target, overwrite, device, progress)
+    _run(recipe, result, target, overwrite, device, progress)
     if repo_id:
-        from merge_graphs.io.push import push_folder
-
         with _stage(result, "push"):
             hub = recipe.output.push_to_hub
             result.commit_url = push_folder(
@@ -137,14 +147,13 @@ def run_recipe(
 
 
 def execution_path(recipe: Recipe) -> tuple[str, str]:
-    """Which path :func:`run_recipe` takes for ``recipe``, and why: ``("streamed", ...)`` or
+    """How :func:`run_recipe` reads the models of ``recipe``, and why: ``("streamed", ...)`` or
     ``("in-memory", ...)``.
 
-    The streamed path (:mod:`merge_graphs.stream`) reads the checkpoints tensor by tensor and
-    holds a few tensors at a time, whatever the model size; it runs alignment ``none``,
-    ``weight`` and ``gnn`` with a permuted residual stream, every merge method, and no
-    ``evaluate`` section. Recipes that need forward passes or whole models (activation
-    matching, a rotated residual stream, held-out scoring) load every model whole.
+    Streamed, the checkpoints are read tensor by tensor, a few tensors at a time whatever the
+    model size: every data-free alignment (``none``, ``weight`` with either residual
+    alignment, ``gnn``) and every merge method. Aligners that run forward passes
+    (``needs_models``) and held-out scoring load every model whole.
 
     Example:
         >>> from merge_graphs.recipe import load_recipe
@@ -155,108 +164,81 @@ def execution_path(recipe: Recipe) -> tuple[str, str]:
         ...                             "calibration": {"texts": ["hi"]}}}))
         ('in-memory', "align method 'activation' runs forward passes on whole models")
     """
-    from merge_graphs.stream import STREAM_ALIGN_METHODS
-
-    align = recipe.align
-    if align.method not in STREAM_ALIGN_METHODS:
-        return "in-memory", f"align method {align.method!r} runs forward passes on whole models"
-    if align.residual != "permutation":
-        return "in-memory", "a rotated residual stream folds the norms of whole models"
+    if get_aligner(recipe.align.method).needs_models:
+        return "in-memory", f"align method {recipe.align.method!r} runs forward passes on whole models"
     if recipe.evaluate:
         return "in-memory", "the evaluate section scores whole models"
     return "streamed", "tensor by tensor, a few tensors in memory at a time"
 
 
-def _run_streamed(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, device: torch.device,
-                  progress: bool) -> None:
-    """Align, check, merge and write tensor by tensor (see :mod:`merge_graphs.stream`)."""
-    from tqdm.auto import tqdm
-
-    from merge_graphs.io import Checkpoint
-    from merge_graphs.io.writer import write_tensor_folder
-    from merge_graphs.stream import ModelTensors, align_checkpoints, compatible_checkpoints, merged_tensors
-    from merge_graphs.stream_verify import check_alignment
-
+def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, device: torch.device,
+         progress: bool) -> None:
+    """Load the sources, align, check, merge and write (and evaluate) with the one engine."""
     with _stage(result, "load"):
         folders = _resolve_all(recipe)
-        ckpts = {ref: ModelTensors(Checkpoint(folder, allow_pickle=recipe.allow_pickle,
-                                              trust_remote_code=recipe.trust_remote_code), device)
-                 for ref, folder in folders.items()}
-        reference = ckpts[recipe.base_model or recipe.models[0].model]
-        merged = [ckpts[ref] for ref in result.merged]
-        spec = compatible_checkpoints(reference, list(ckpts.values()))
-        stored = reference.checkpoint.infos()
-        layout = {name: stored[name] for name in reference.stored()}
+        sources = {ref: _source(folder, recipe, device, whole=result.path == "in-memory")
+                   for ref, folder in folders.items()}
+        reference_ref = recipe.base_model or recipe.models[0].model
+        reference = sources[reference_ref]
+        merged = [sources[ref] for ref in result.merged]
+        spec = compatible(reference, list(sources.values()))
     with _stage(result, "align"):
-        result.alignments = align_checkpoints(
-            reference, merged, recipe.align.method, spec=spec, solver=recipe.align.solver,
-            groups=recipe.align.groups, seed=recipe.seed, refine=recipe.align.refine, progress=progress,
+        calibration, _ = _calibration(recipe, folders[reference_ref])
+        align = recipe.align
+        options = AlignOptions(
+            residual=align.residual, solver=align.solver, groups=align.groups, seed=recipe.seed, refine=align.refine,
+            calibration=None if calibration is None else {k: v.to(device) for k, v in calibration.items()},
+            learn={**align.learn.model_dump(), "progress": progress},
         )
+        result.alignments = align_sources(reference, merged, align.method, spec, options, progress=progress)
     with _stage(result, "verify"):
-        for ckpt, alignment in zip(merged, result.alignments):
+        for source, alignment in zip(merged, result.alignments):
             if alignment.method != "none":
-                check_alignment(ckpt.checkpoint, alignment)
-    with _stage(result, "merge+write"):
-        base = ckpts[recipe.base_model] if get_method(recipe.merge.method).needs_base else None
-        tensors = merged_tensors(
-            spec, reference, merged, result.alignments, recipe.merge.method, base=base,
-            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, seed=recipe.seed,
-        )
-        result.output = write_tensor_folder(
-            tqdm(tensors, total=len(layout), desc="merging", disable=not progress), layout,
-            reference.checkpoint.config, target, shard_size=recipe.output.shard_size,
-            dtype=_out_dtype(recipe, reference.checkpoint.path),
-            generation_config=_generation_config(reference.checkpoint.path),
-            tokenizer_from=_tokenizer_folder(recipe, folders),
-            extra_files=_extra_files(recipe, result), overwrite=overwrite,
-        )
+                check_alignment(source, alignment)
 
-
-def _run_in_memory(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, device: torch.device,
-                   progress: bool) -> None:
-    """Load every model whole, align, merge (and evaluate), then write."""
-    with _stage(result, "load"):
-        folders = _resolve_all(recipe)
-        models = {ref: _load(folder, recipe, device) for ref, folder in folders.items()}
-    reference_ref = recipe.base_model or recipe.models[0].model
-    reference = models[reference_ref]
-    base = models[recipe.base_model] if get_method(recipe.merge.method).needs_base else None
-    merged_models = [models[ref] for ref in result.merged]
-
-    with _stage(result, "align"):
-        calibration, tokenizer = _calibration(recipe, folders[reference_ref])
-        result.alignments = align_models(
-            reference, merged_models, recipe.align.method, solver=recipe.align.solver,
-            refine=recipe.align.refine, groups=recipe.align.groups, residual=recipe.align.residual,
-            calibration=calibration, tokenizer=tokenizer, seed=recipe.seed, progress=progress,
-            learn={**recipe.align.learn.model_dump(), "progress": progress},
-        )
-
-    def merged_with(alignments: list[Alignment], residual: str) -> torch.nn.Module:
-        return merge_aligned(
-            reference, merged_models, alignments, recipe.merge.method, residual=residual, base_model=base,
+    def merge(alignments: list[Alignment]) -> MergedModel:
+        return plan_merge(
+            reference, merged, alignments, recipe.merge.method,
+            base=sources[recipe.base_model] if get_method(recipe.merge.method).needs_base else None,
             model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, seed=recipe.seed,
         )
 
-    with _stage(result, "merge"):
-        merged = merged_with(result.alignments, recipe.align.residual)
-
+    plan = merge(result.alignments)
+    tensors = plan.tensors()
     if recipe.evaluate:
+        with _stage(result, "merge"):
+            basis = result.alignments[0].basis if result.alignments else "permutation"
+            model = reference.model
+            merged_model = plan.into(folded_model(model) if basis == "rotation" else model)
         with _stage(result, "evaluate"):
-            naive = None
+            candidates = {ref: source.model for ref, source in sources.items()}
             if recipe.align.method != "none":
                 # What a user means by naive: the models averaged as they are (mergekit's merge).
-                naive = merged_with([identity_alignment(reference)] * len(merged_models), "permutation")
-            result.scores = _evaluate(recipe, models, naive, merged, folders[reference_ref])
-
-    from merge_graphs.io.writer import write_model_folder
-
-    with _stage(result, "write"):
-        result.output = write_model_folder(
-            merged, target, shard_size=recipe.output.shard_size, dtype=_out_dtype(recipe, folders[reference_ref]),
+                candidates["naive"] = merge([basis_identity(m) for m in merged]).into(model)
+            candidates["merged"] = merged_model
+            result.scores = _evaluate(recipe, candidates, folders[reference_ref])
+        state = merged_model.state_dict()
+        tensors = ((name, state[name]) for name in plan.names)
+    with _stage(result, "write" if recipe.evaluate else "merge+write"):
+        result.output = write_tensor_folder(
+            tqdm(tensors, total=len(plan.names), desc="merging", disable=not progress or bool(recipe.evaluate)),
+            plan.layout, plan.config, target, shard_size=recipe.output.shard_size,
+            dtype=_out_dtype(recipe, folders[reference_ref]),
+            generation_config=_generation_config(folders[reference_ref]),
             tokenizer_from=_tokenizer_folder(recipe, folders),
             extra_files=_extra_files(recipe, result), overwrite=overwrite,
         )
+
+
+def _source(folder: Path, recipe: Recipe, device: torch.device, *, whole: bool) -> TensorSource:
+    """A model folder as a tensor source: lazily opened, or loaded whole (in float32: matching and
+    merging accumulate in float32 whatever the checkpoint's dtype)."""
+    if not whole:
+        return ModelTensors(Checkpoint(folder, allow_pickle=recipe.allow_pickle,
+                                       trust_remote_code=recipe.trust_remote_code), device)
+    model = load_model(folder, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code,
+                       dtype=torch.float32)
+    return StateTensors(model.to(device))
 
 
 def _card_notes(recipe: Recipe) -> list[str]:
@@ -290,16 +272,12 @@ def _stage(result: RunResult, name: str) -> Iterator[None]:
 
 def _resolve_all(recipe: Recipe) -> dict[str, Path]:
     """Every model reference of the recipe as a local folder (Hub ids are downloaded)."""
-    from merge_graphs.io import resolve
-
     return {ref: resolve(ref, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
             for ref in recipe.refs()}
 
 
 def _extra_files(recipe: Recipe, result: RunResult) -> dict[str, str]:
     """The recipe and the model card, written beside the weights."""
-    from merge_graphs.io.card import model_card
-
     card = model_card(
         base_models=recipe.refs(), merge_method=recipe.merge.method, align_method=recipe.align.method,
         parameters=recipe.merge.parameters, alignment_summary=_summary(result.alignments),
@@ -327,20 +305,7 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _load(folder: Path, recipe: Recipe, device: torch.device) -> torch.nn.Module:
-    from merge_graphs.io import load_model
-
-    # Matching and merging accumulate in float32 whatever the checkpoint's dtype.
-    model = load_model(folder, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code,
-                       dtype=torch.float32)
-    return model.to(device)
-
-
 def _plan(recipe: Recipe, target: Path | None, repo_id: str | None, result: RunResult) -> list[str]:
-    from merge_graphs.io import Checkpoint, parse_model_ref
-    from merge_graphs.rotation import rotation_kind
-    from merge_graphs.symmetry import spec_from_config
-
     plan = []
     for ref in recipe.refs():
         parsed = parse_model_ref(ref)
@@ -348,7 +313,7 @@ def _plan(recipe: Recipe, target: Path | None, repo_id: str | None, result: RunR
             plan.append(f"download {ref} from the Hub")
             continue
         ckpt = Checkpoint(parsed.path, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
-        spec = spec_from_config(ckpt.config, ckpt.infos(), ckpt.architecture)
+        spec = ModelTensors(ckpt).spec()
         if recipe.align.residual == "rotation":
             rotation_kind(spec)  # post-LN families refuse here, before anything is loaded
         plan.append(f"{ref}: {ckpt.architecture} ({spec.family}), {len(spec.groups)} groups, {len(ckpt.names())} tensors")
@@ -393,7 +358,6 @@ def _calibration(recipe: Recipe, reference_folder: Path):
 def _evaluate(recipe, models, naive, merged, reference_folder) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    from merge_graphs.evaluate import text_loss
 
     text = Path(recipe.evaluate.data)
     if not text.is_file():
@@ -420,16 +384,11 @@ def _summary(alignments: list[Alignment]) -> dict[str, dict[str, float]] | None:
 def _out_dtype(recipe: Recipe, reference_folder: Path) -> torch.dtype:
     if recipe.dtype:
         return getattr(torch, recipe.dtype)
-    from merge_graphs.io import Checkpoint
-
     stored = [i.dtype for i in Checkpoint(reference_folder).infos().values() if i.dtype.is_floating_point]
     return stored[0] if stored else torch.float32
 
 
 def _tokenizer_folder(recipe: Recipe, folders: Mapping[str, Path]) -> Path | None:
-    from merge_graphs.io import resolve
-    from merge_graphs.io.writer import tokenizer_files
-
     source = recipe.tokenizer_source
     if source in (None, "base"):
         folder = folders[recipe.base_model or recipe.models[0].model]

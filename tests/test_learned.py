@@ -10,7 +10,9 @@ import torch
 
 import merge_graphs as mg
 from merge_graphs import zoo
-from merge_graphs.api import identity_alignment, merge_aligned
+from merge_graphs.aligners import basis_identity
+from merge_graphs.api import aligned_model, merge_aligned
+from merge_graphs.sources import StateTensors
 from merge_graphs.errors import RecipeError, UnsupportedArchitectureError
 from merge_graphs.learned import learned_alignment
 from merge_graphs.quickstart import calibration_inputs, heldout_loss, load_pair
@@ -32,7 +34,7 @@ def test_learned_maps_keep_b_function_and_are_deterministic(family):
     assert set(found.head_maps) == {hm.name for hm in found.spec.head_maps}
     assert all(name not in start.head_maps or not torch.allclose(m, start.head_maps[name], atol=1e-4)
                for name, m in found.head_maps.items())
-    moved = found.apply(b, verify=True)  # raises if B's function changed
+    moved = aligned_model(b, found)  # raises if B's function changed
     inputs = example_input(b)
     want = outputs(b, inputs)["logits"]
     assert torch.allclose(outputs(moved, inputs)["logits"], want, atol=1e-4 * want.abs().max())
@@ -47,8 +49,8 @@ def test_learning_lowers_the_midpoint_loss_of_a_real_pair():
     assert torch.equal(found.permutations["layers.0.mlp"], start.permutations["layers.0.mlp"])
 
     def midpoint(alignment):
-        merged = merge_aligned(a, [a, b], [identity_alignment(a, "rotation"), alignment], "linear",
-                               residual="rotation", model_parameters=[{"weight": 1.0}] * 2)
+        merged = merge_aligned(a, [a, b], [basis_identity(StateTensors(a), "rotation"), alignment], "linear",
+                               model_parameters=[{"weight": 1.0}] * 2)
         return heldout_loss(merged, None, heldout, max_windows=32)
 
     before, after = midpoint(start), midpoint(found)

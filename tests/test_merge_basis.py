@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import merge_graphs as mg
-from merge_graphs.api import identity_alignment, merge_aligned
+from merge_graphs.aligners import basis_identity
+from merge_graphs.api import merge_aligned
+from merge_graphs.sources import StateTensors
 from merge_graphs.rotation import random_rotation, rotate_model, rotation_kind
 from merge_graphs.symmetry import symmetry_spec
 from tests.tiny_models import example_input, make, outputs
@@ -44,8 +46,8 @@ def test_merging_a_model_with_an_aligned_copy_of_itself_keeps_its_function(famil
 def test_folded_head_is_merged_on_its_own_not_as_the_embedding():
     model = make("gpt2-lm")
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    alignment = identity_alignment(model, "rotation")
-    merged = merge_aligned(model, [model], [alignment], "linear", residual="rotation", model_parameters=[{"weight": 1.0}])
+    alignment = basis_identity(StateTensors(model), "rotation")
+    merged = merge_aligned(model, [model], [alignment], "linear", model_parameters=[{"weight": 1.0}])
     assert not merged.config.tie_word_embeddings
     assert not torch.allclose(merged.lm_head.weight, merged.transformer.wte.weight)
     inputs = example_input(model)

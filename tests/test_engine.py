@@ -1,4 +1,5 @@
-"""The streamed recipe path (merge_graphs.stream): same tensors as the in-memory path, bounded memory."""
+"""The one engine (merge_graphs.engine) over its two sources: checkpoints read lazily (streamed) and
+models loaded whole give the same tensors; streaming holds a few tensors at a time."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from merge_graphs.io import Checkpoint
 from merge_graphs.memory import PeakRSS, rss_bytes
 from merge_graphs.methods import METHODS
 from merge_graphs.run import run_recipe
-from merge_graphs.stream import ELEMENTWISE
+from merge_graphs.sources import ModelTensors
 
 # nn.Sequential models have no config.json, so no checkpoint folder: they merge in memory only.
 FAMILIES = [name for name in FACTORIES if name not in ("mlp", "cnn")]
@@ -98,10 +99,16 @@ def test_every_merge_method_streams_to_the_in_memory_tensors(tmp_path, method):
     assert_identical(memory, streamed)
 
 
-@pytest.mark.parametrize("method", [*sorted(ELEMENTWISE), "slerp", "ties", "ties-rescaled", "dare_linear",
-                                    "dare_ties", "dare_ties-rescaled"])
-def test_elementwise_methods_merge_large_tensors_in_row_blocks_to_the_same_tensors(tmp_path, monkeypatch, method):
-    monkeypatch.setattr("merge_graphs.stream.ROW_BLOCK", 100)  # every matrix in blocks of a few rows
+SPLIT = sorted(name for name, m in METHODS.items() if m.rows is not None)
+
+
+def test_every_method_says_how_it_splits():
+    assert set(SPLIT) == set(METHODS), "a method without rows is merged whole: say so here if that is on purpose"
+
+
+@pytest.mark.parametrize("method", [*SPLIT, "ties-rescaled", "dare_ties-rescaled"])
+def test_methods_merge_large_tensors_in_row_blocks_to_the_same_tensors(tmp_path, monkeypatch, method):
+    """Merged with blocks of a few rows, and whole: the same tensors, bit for bit."""
     folders = [save(make("gpt2-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1, 2)]
     parameters = {**PARAMETERS.get(method.split("-")[0], {}), **({"rescale": True} if "rescaled" in method else {})}
     method = method.split("-")[0]
@@ -109,8 +116,25 @@ def test_elementwise_methods_merge_large_tensors_in_row_blocks_to_the_same_tenso
     if METHODS[method].needs_base:
         models = folders[1:2] if method == "slerp" else folders[1:]
         recipe = {**recipe, "models": [{"model": f} for f in models], "base_model": folders[0]}
-    _, memory, streamed = merge_both_ways(tmp_path, recipe)
+    whole = run_recipe({**recipe, "output": {"path": str(tmp_path / "whole")}}, progress=False)
+    monkeypatch.setattr("merge_graphs.methods.ROW_BLOCK", 100)  # every matrix in blocks of a few rows
+    blocks = run_recipe({**recipe, "output": {"path": str(tmp_path / "blocks")}}, progress=False)
+    assert whole.path == blocks.path == "streamed"
+    assert_identical(stored(tmp_path / "whole"), stored(tmp_path / "blocks"))
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen2-lm-tied"])
+def test_rotation_streams_to_the_in_memory_tensors(tmp_path, name):
+    """Orthogonal weight matching with folded norms reads checkpoints tensor by tensor, and writes what
+    the same recipe writes from models loaded whole; the folded head is stored on its own."""
+    folders = [save(make(name, seed), tmp_path / f"m{seed}") for seed in (0, 1)]
+    recipe = {"models": [{"model": f} for f in folders], "align": {"method": "weight", "residual": "rotation"}}
+    results, memory, streamed = merge_both_ways(tmp_path, recipe)
     assert_identical(memory, streamed)
+    found = [r.alignments[1] for r in results.values()]
+    assert torch.equal(found[0].rotation, found[1].rotation) and found[0].head_maps.keys() == found[1].head_maps.keys()
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head.weight" in streamed
 
 
 def test_bf16_checkpoints_round_trip(tmp_path):
@@ -164,7 +188,7 @@ def test_a_failing_check_writes_nothing(tmp_path, monkeypatch):
     def broken(ckpt, alignment, **kwargs):
         raise AlignmentError("permuting changed the output")
 
-    monkeypatch.setattr("merge_graphs.stream_verify.check_alignment", broken)
+    monkeypatch.setattr("merge_graphs.run.check_alignment", broken)
     with pytest.raises(AlignmentError):
         run_recipe({"models": [{"model": f} for f in folders], "output": {"path": str(tmp_path / "out")}},
                    progress=False)
@@ -173,12 +197,11 @@ def test_a_failing_check_writes_nothing(tmp_path, monkeypatch):
 
 def test_the_check_catches_a_wrong_permutation(tmp_path):
     """A permutation the model does not admit (MLP units moved in one tensor only) is refused."""
-    from merge_graphs.stream import ModelTensors, align_checkpoints
-    from merge_graphs.stream_verify import check_alignment
+    from merge_graphs.verify import check_alignment
 
     folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1)]
-    a, b = (Checkpoint(f) for f in folders)
-    alignment = align_checkpoints(ModelTensors(a), [ModelTensors(b)])[0]
+    a, b = (ModelTensors(Checkpoint(f)) for f in folders)
+    alignment = mg.match.weight_matching(a.spec(), a, b)
     assert check_alignment(b, alignment) < 1e-5
     spec = alignment.spec
     bad = {**spec.tensors}
@@ -190,14 +213,13 @@ def test_the_check_catches_a_wrong_permutation(tmp_path):
 
 def test_the_check_holds_one_truncated_copy_at_a_time(tmp_path, monkeypatch):
     """At 70B two layers are ~7 GB in float32: B and B permuted must not be in memory together."""
-    from merge_graphs import stream_verify
-    from merge_graphs.stream import ModelTensors, align_checkpoints
+    from merge_graphs import verify
 
     folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1)]
-    a, b = (Checkpoint(f) for f in folders)
-    alignment = align_checkpoints(ModelTensors(a), [ModelTensors(b)])[0]
+    a, b = (ModelTensors(Checkpoint(f)) for f in folders)
+    alignment = mg.match.weight_matching(a.spec(), a, b)
     made, alive_when_made = [], []
-    real = stream_verify.truncated_model
+    real = verify.truncated_model
 
     def tracked(*args, **kwargs):
         alive_when_made.append(sum(ref() is not None for ref in made))
@@ -205,8 +227,8 @@ def test_the_check_holds_one_truncated_copy_at_a_time(tmp_path, monkeypatch):
         made.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(stream_verify, "truncated_model", tracked)
-    assert stream_verify.check_alignment(b, alignment) < 1e-5
+    monkeypatch.setattr(verify, "truncated_model", tracked)
+    assert verify.check_alignment(b, alignment) < 1e-5
     assert alive_when_made == [0, 0]
 
 

