@@ -178,7 +178,7 @@ def merge_models(
 ) -> nn.Module:
     """Align every model to a reference, then merge them tensor by tensor.
 
-    The same steps as :func:`align_models` then :func:`merge_states`.
+    The same steps as :func:`align_models` then :func:`merge_aligned`.
 
     The reference is ``base_model`` if given, else ``models[0]``; the result is a new model of
     the reference's class, in the reference's unit order. Methods that need a base

@@ -41,6 +41,8 @@ def test_scale_quick_without_mergekit(tmp_path, capsys, monkeypatch):
     assert size["diff_vs_mergekit"] == {}
     assert merges["ours-weight"]["alignments"][1]["method"] == "weight"
     assert merges["ours-gnn"]["alignments"][1]["method"] == "gnn" and merges["ours-gnn"]["path"] == "streamed"
+    rotation = merges["ours-rotation"]
+    assert rotation["alignments"][1]["method"].startswith("weight+rotation") and rotation["path"] == "streamed"
     assert {a["method"] for a in merges["ours-ties"]["alignments"]} == {"none"}
     (solver,) = report["solvers"]
     assert solver["n"] == 256 and solver["relative_gap"] < 1e-5 and solver["scipy_s"] > 0

@@ -12,11 +12,11 @@ import merge_graphs as mg
 from merge_graphs import zoo
 from merge_graphs.aligners import basis_identity
 from merge_graphs.api import aligned_model, merge_aligned
-from merge_graphs.sources import StateTensors
 from merge_graphs.errors import RecipeError, UnsupportedArchitectureError
 from merge_graphs.learned import learned_alignment
 from merge_graphs.quickstart import calibration_inputs, heldout_loss, load_pair
 from merge_graphs.recipe import load_recipe
+from merge_graphs.sources import StateTensors
 from tests.tiny_models import VOCAB, example_input, make, outputs
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"

@@ -10,8 +10,8 @@ import torch
 import merge_graphs as mg
 from merge_graphs.aligners import basis_identity
 from merge_graphs.api import merge_aligned
-from merge_graphs.sources import StateTensors
 from merge_graphs.rotation import random_rotation, rotate_model, rotation_kind
+from merge_graphs.sources import StateTensors
 from merge_graphs.symmetry import symmetry_spec
 from tests.tiny_models import example_input, make, outputs
 

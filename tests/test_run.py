@@ -102,8 +102,9 @@ def test_dry_run_loads_no_weights(tmp_path, pair, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("stage", ["merge_aligned", "write_model_folder", "merge_tensors", "write_tensor_folder"])
-def test_an_interrupted_run_leaves_no_output_folder(tmp_path, pair, monkeypatch, capsys, stage):
+@pytest.mark.parametrize("stage", ["merge", "config"])
+@pytest.mark.parametrize("path", ["streamed", "in-memory"])
+def test_an_interrupted_run_leaves_no_output_folder(tmp_path, pair, monkeypatch, capsys, path, stage):
     _, folder_a, folder_b = pair
     calls = []
 
@@ -117,15 +118,11 @@ def test_an_interrupted_run_leaves_no_output_folder(tmp_path, pair, monkeypatch,
             raise KeyboardInterrupt
         return merge_tensors(*args, **kwargs)
 
-    if stage == "merge_aligned":  # the in-memory path
+    if path == "in-memory":
         monkeypatch.setattr(run_module, "execution_path", lambda recipe: ("in-memory", "test"))
-        monkeypatch.setattr(run_module, "merge_aligned", interrupt)
-    elif stage == "write_model_folder":
-        monkeypatch.setattr(run_module, "execution_path", lambda recipe: ("in-memory", "test"))
-        monkeypatch.setattr(T.PreTrainedModel, "save_pretrained", interrupt)
-    elif stage == "merge_tensors":  # the streamed path, while merging and writing shards
-        monkeypatch.setattr("merge_graphs.stream.merge_tensors", interrupt_later)
-    else:  # the streamed path, after the weights, while writing the config
+    if stage == "merge":  # while merging and writing shards
+        monkeypatch.setattr("merge_graphs.engine.merge_tensors", interrupt_later)
+    else:  # after the weights, while writing the config
         monkeypatch.setattr(T.PretrainedConfig, "save_pretrained", interrupt)
     recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": folder_b}],
                                      "output": {"path": str(tmp_path / "out"), "shard_size": "10KB"}})
@@ -147,7 +144,7 @@ def test_existing_output_needs_force(tmp_path, pair, capsys):
 
 
 def test_bad_recipe_fails_before_loading_anything(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(run_module, "_load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(run_module, "_source", lambda *a, **k: pytest.fail("loaded a model"))
     recipe = write_recipe(tmp_path, {"models": [{"model": "x"}], "merge": {"method": "ties"}})
     assert main([recipe]) == 1
     assert "needs base_model" in capsys.readouterr().err
@@ -255,7 +252,7 @@ def test_rotation_recipe_merges_a_rotated_copy_back_and_the_folder_loads(tmp_pat
 
 
 def test_rotation_is_refused_for_post_ln_encoders_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "_load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(run_module, "_source", lambda *a, **k: pytest.fail("loaded a model"))
     bert = T.BertModel(T.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=32))
     folder = save(bert, tmp_path / "bert")

@@ -57,8 +57,9 @@ def align_by(method: str, a, b, encoder) -> Any:
     import merge_graphs as mg
     from merge_graphs.gnn.encoder import embed
     from merge_graphs.gnn.match import gnn_align, gnn_matching
+    from merge_graphs.sources import StateTensors, compatible
 
-    spec = mg.api.compatible_spec(a, b)
+    spec = compatible(StateTensors(a), [StateTensors(b)])
     if method in ("naive", "weight"):
         return mg.align(a, b, "none" if method == "naive" else "weight")
     if method == "gnn&weight":

@@ -254,7 +254,9 @@ def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module]
     from tqdm.auto import tqdm
 
     import merge_graphs as mg
-    from merge_graphs.api import identity_alignment, output_skeleton
+    from merge_graphs.aligners import basis_identity
+    from merge_graphs.api import output_skeleton
+    from merge_graphs.sources import StateTensors
 
     loss_a, loss_b = loss(a), loss(b)
     out: dict[str, Any] = {"loss_a": loss_a, "loss_b": loss_b, "methods": {}}
@@ -268,10 +270,10 @@ def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module]
         alignment = mg.align(a, b, method, residual=residual, refine=refine, calibration=data if needs_data else None,
                              learn=learn, **({"groups": groups} if groups is not None else {}))
         seconds = time.perf_counter() - start
-        if residual not in folded:
-            basis = identity_alignment(a, residual)
-            folded[residual] = (output_skeleton(a, residual), basis.apply(a.state_dict()))
-        skeleton, state_a = folded[residual]
+        if alignment.basis not in folded:
+            basis = basis_identity(StateTensors(a), alignment.basis)
+            folded[alignment.basis] = (output_skeleton(a, alignment.basis), basis.apply(a.state_dict()))
+        skeleton, state_a = folded[alignment.basis]
         line = curve(skeleton, state_a, alignment.apply(b.state_dict()), loss, name)
         out["methods"][name] = {
             "barrier": line.barrier, "midpoint": line.midpoint, "align_s": seconds,

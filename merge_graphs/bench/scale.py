@@ -23,6 +23,8 @@ memory is its own (:func:`~merge_graphs.bench.measure.run_measured`):
 * ``ours-weight``: the same with ``align: weight`` (Git Re-Basin weight matching, scipy's exact
   assignment on CPU, the torch auction on a GPU);
 * ``ours-gnn``: the same with ``align: gnn`` (the pretrained encoder's embeddings, streamed);
+* ``ours-rotation``: the same with ``align: {method: weight, residual: rotation}`` (norms folded,
+  orthogonal weight matching and within-head maps, streamed);
 * ``mergekit-M`` and ``ours-M`` for each method ``M`` of :data:`MERGES` (slerp, TIES, DARE-TIES
   with seed 0's model as the base): one mergekit recipe, run by mergekit and by our tool
   (which reads mergekit recipes and merges them without alignment, as mergekit does).
@@ -97,6 +99,7 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
     "ours-none": ("ours", "linear", "none"),
     "ours-weight": ("ours", "linear", "weight"),
     "ours-gnn": ("ours", "linear", "gnn"),
+    "ours-rotation": ("ours", "linear", "rotation"),
     **{f"{tool}-{method}": (tool, method, "none") for method in MERGES for tool in ("mergekit", "ours")},
 }
 
@@ -239,8 +242,10 @@ def _merge(variant: str, pair: Sequence[Path], target: Path, dtype: torch.dtype,
 
 
 def linear_recipe(pair: Sequence[Path], out: Path, align: str) -> dict[str, Any]:
-    """Our recipe for the linear merge of ``pair`` into ``out`` with ``align`` (in mergekit's 5 GB shards)."""
-    return {"models": [{"model": str(p.resolve())} for p in pair], "align": {"method": align},
+    """Our recipe for the linear merge of ``pair`` into ``out`` with ``align`` (a method, or ``"rotation"``:
+    weight matching with a rotated residual stream), in mergekit's 5 GB shards."""
+    method = {"method": "weight", "residual": "rotation"} if align == "rotation" else {"method": align}
+    return {"models": [{"model": str(p.resolve())} for p in pair], "align": method,
             "merge": {"method": "linear"}, "output": {"path": str(out.resolve()), "shard_size": "5GB"}}
 
 

@@ -36,7 +36,6 @@ mergekit compute the same average: their largest tensor difference is reported.
 
 from __future__ import annotations
 
-import copy
 import logging
 import multiprocessing
 import os
@@ -109,7 +108,7 @@ def _stage(stages: dict[str, dict[str, float]], name: str, work: Callable[[], An
 def staged_merge(pair: list[Path], target: Path) -> tuple[dict[str, dict[str, float]], str | None]:
     """Our weight-matching align + linear merge of ``pair`` into ``target``, stage by stage in this process;
     returns the stages and why the GNN stage was skipped (None when it ran)."""
-    from merge_graphs.api import merge_states, neural_graph
+    from merge_graphs.api import merge_aligned, neural_graph
     from merge_graphs.io.model import load_model
     from merge_graphs.io.writer import write_model_folder
     from merge_graphs.match import weight_matching
@@ -128,14 +127,8 @@ def staged_merge(pair: list[Path], target: Path) -> tuple[dict[str, dict[str, fl
         logger.warning("gnn stage skipped: %s", gnn_skipped)
     alignment = _stage(stages, "matching", lambda: weight_matching(spec, a.state_dict(), b.state_dict()))
 
-    def merge() -> torch.nn.Module:
-        state_a = a.state_dict()
-        merged = copy.deepcopy(a)
-        merged.load_state_dict(merge_states(spec, state_a, [state_a, alignment.apply(b.state_dict())], "linear",
-                                              model_parameters=[{"weight": 1.0}, {"weight": 1.0}]))
-        return merged
-
-    merged = _stage(stages, "merge", merge)
+    merged = _stage(stages, "merge", lambda: merge_aligned(a, [b], [alignment], "linear",
+                                                           model_parameters=[{"weight": 1.0}]))
     tokenizer = pair[0] if (pair[0] / "tokenizer.json").is_file() else None
     _stage(stages, "write", lambda: write_model_folder(merged, target, tokenizer_from=tokenizer, overwrite=True))
     return stages, gnn_skipped

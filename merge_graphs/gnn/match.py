@@ -125,7 +125,7 @@ def gnn_align(
     started from that matching. ``encoder`` defaults to the pretrained one.
 
     ``model_a`` and ``model_b`` are ``nn.Module`` s or mappings of named tensors (such as
-    :class:`~merge_graphs.stream.ModelTensors`, which the encoder then reads one weight matrix
+    :class:`~merge_graphs.sources.ModelTensors`, which the encoder then reads one weight matrix
     at a time: nothing else of the model is held).
     """
     import time
