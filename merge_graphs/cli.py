@@ -150,6 +150,25 @@ def embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def lab(command: str, argv: list[str]) -> int:
+    """``bench`` and ``pretrain-gnn``, the lab's commands. The lab is an optional extra, so it is imported
+    here, once its dependencies are known to be installed: without them, one line that says how to get them."""
+    from merge_graphs.lab import INSTALL, missing_dependencies
+
+    missing = missing_dependencies()
+    if missing:
+        print(f"merge-graphs: error: {command} needs {' and '.join(missing)}, which the lab extra installs: "
+              f"{INSTALL}", file=sys.stderr)
+        return 1
+    if command == "bench":
+        from merge_graphs.lab.bench import main
+    else:
+        from merge_graphs.lab.pretrain_gnn import main
+    rest = list(argv)
+    rest.remove(command)
+    return main(rest)
+
+
 def _parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="merge-graphs", description=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,18 +210,8 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command == "bench":
-        from merge_graphs.bench import main as bench
-
-        rest = list(argv)
-        rest.remove("bench")
-        return bench(rest)
-    if command == "pretrain-gnn":
-        from merge_graphs.gnn.pretrain import main as pretrain
-
-        rest = list(argv)
-        rest.remove("pretrain-gnn")
-        return pretrain(rest)
+    if command in ("bench", "pretrain-gnn"):
+        return lab(command, argv)
     args = _parser(command if command in ("inspect", "push", "embed") else None).parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(message)s")
     from transformers.utils import logging as hf_logging

@@ -1,4 +1,4 @@
-"""Linear interpolation between two models, loss barriers and plots.
+"""Linear interpolation between two models and loss barriers.
 
 The loss barrier of a pair (the number merge-graphs is judged by) is the largest amount by
 which the loss along the straight line between the two models' weights rises above the
@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,7 @@ from merge_graphs.errors import SpecMismatchError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "InterpolationCurve", "accuracy", "cross_entropy", "interpolate_state_dicts",
-    "interpolation_curve", "plot_curves",
+    "InterpolationCurve", "accuracy", "cross_entropy", "interpolate_state_dicts", "interpolation_curve",
 ]
 
 Keep = Collection[str] | Callable[[str], bool] | None
@@ -130,7 +129,7 @@ class InterpolationCurve:
         alphas: increasing interpolation weights, starting at 0 and ending at 1.
         losses: the loss at each alpha (lower is better; to get an accuracy barrier, record
             the error rate ``1 - accuracy``).
-        label: an optional name, used by :func:`plot_curves` when given a list.
+        label: an optional name, used by :func:`merge_graphs.lab.plots.plot_curves` when given a list.
 
     Example:
         >>> c = InterpolationCurve([0.0, 0.5, 1.0], [1.0, 3.0, 2.0])
@@ -311,67 +310,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     """
     logits = _eval_logits(model, x, batch_size)
     return float((logits.argmax(-1) == y.to(logits.device)).float().mean())
-
-
-def plot_curves(
-    curves: Mapping[str, InterpolationCurve] | Sequence[InterpolationCurve],
-    path: str | os.PathLike,
-    title: str | None = None,
-    *,
-    ylabel: str = "loss",
-    show_line: bool = True,
-) -> str:
-    """Draw interpolation curves into one PNG file and return its path.
-
-    Each curve is labelled with its name and barrier. ``show_line`` adds, dotted, the
-    straight line between each curve's endpoints (what the barrier is measured from).
-    matplotlib is imported here, not when the module loads, and no global pyplot state or
-    backend is touched (the figure renders with the Agg canvas).
-
-    Args:
-        curves: ``{name: curve}``, or a sequence of curves named by their ``label``.
-        path: the PNG to write; missing parent folders are created.
-        title: figure title.
-        ylabel: y-axis label.
-        show_line: also draw the endpoint lines.
-
-    Example:
-        >>> import tempfile, os
-        >>> c = InterpolationCurve([0.0, 0.5, 1.0], [0.1, 0.9, 0.1])
-        >>> p = plot_curves({"naive": c}, os.path.join(tempfile.mkdtemp(), "curve.png"))
-        >>> os.path.getsize(p) > 0
-        True
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not isinstance(curves, Mapping):
-        curves = {c.label or f"curve {i}": c for i, c in enumerate(curves)}
-    if not curves:
-        raise ValueError("plot_curves needs at least one curve")
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, c in curves.items():
-        (drawn,) = ax.plot(c.alphas, c.losses, marker="o", markersize=3,
-                           label=f"{name} (barrier {c.barrier:.3g})")
-        if show_line:
-            ax.plot([0.0, 1.0], [c.losses[0], c.losses[-1]], linestyle=":", color=drawn.get_color(), linewidth=1)
-    ax.set_xlabel("alpha (0 = model A, 1 = model B)")
-    ax.set_ylabel(ylabel)
-    ax.set_xlim(0.0, 1.0)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, format="png")
-    logger.info("wrote interpolation plot %s", path)
-    return path
 
 
 def text_loss(

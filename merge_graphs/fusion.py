@@ -22,8 +22,9 @@ nest groups inside each other and need equal widths.
 Example:
     >>> import torch, merge_graphs
     >>> from merge_graphs.fusion import fuse
-    >>> from merge_graphs.zoo import make_mlp
-    >>> a, b = make_mlp([4, 8, 2], seed=0), make_mlp([4, 16, 2], seed=1)
+    >>> def mlp(width):
+    ...     return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+    >>> a, b = mlp(8), mlp(16)
     >>> spec_a, spec_b = merge_graphs.symmetry_spec(a), merge_graphs.symmetry_spec(b)
     >>> fused = fuse(spec_a, a.state_dict(), spec_b, b.state_dict())
     >>> fused.plans["mlp.0"].shape, fused.state["2.weight"].shape

@@ -6,7 +6,7 @@ from tiny_models import make
 
 import merge_graphs as mg
 from merge_graphs.evaluate import accuracy, cross_entropy, interpolation_curve
-from merge_graphs.zoo import load_digits_split, train_digits_mlp
+from merge_graphs.lab.trainers import load_digits_split, train_digits_mlp
 
 
 def test_merging_a_permuted_copy_gives_the_reference_back():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from merge_graphs.bench import METHODS, MLP_METHODS, gpt2_suite, main
+from merge_graphs.lab.bench import METHODS, MLP_METHODS, gpt2_suite, main
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_gpt2_suite_quick(tmp_path, capsys):
 
 def test_mlp_suite_quick(tmp_path, capsys, monkeypatch):
     # The rebasin row is optional (an external package): force its "not installed" path here.
-    monkeypatch.setattr("merge_graphs.bench.rebasin_baseline.unavailable", lambda: "not installed (test)")
+    monkeypatch.setattr("merge_graphs.lab.bench.rebasin_baseline.unavailable", lambda: "not installed (test)")
     assert main(["mlp", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
     written = json.loads((tmp_path / "bench-mlp.json").read_text(encoding="utf-8"))
     assert written["suite"] == "mlp" and written["settings"]["quick"] and written["settings"]["pairs"] == 1
@@ -85,7 +85,7 @@ def test_minilm_suite_quick(tmp_path, capsys):
 
 
 def test_suites_are_registered_and_unknown_names_are_refused():
-    from merge_graphs.bench import SUITES, run_suite
+    from merge_graphs.lab.bench import SUITES, run_suite
 
     assert {"gpt2", "mlp", "minilm"} <= set(SUITES)
     assert all(callable(s.run) and callable(s.format) for s in SUITES.values())

@@ -5,13 +5,13 @@ import math
 
 import pytest
 
-from merge_graphs.bench import BERT_METHODS, main
+from merge_graphs.lab.bench import BERT_METHODS, main
 
 
 @pytest.mark.slow
 def test_bert_suite_quick(tmp_path, capsys, monkeypatch):
     # Whether or not rebasin is installed here, the run must pass: force the "not installed" path.
-    monkeypatch.setattr("merge_graphs.bench.rebasin_baseline.unavailable", lambda: "not installed (test)")
+    monkeypatch.setattr("merge_graphs.lab.bench.rebasin_baseline.unavailable", lambda: "not installed (test)")
     assert main(["bert", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
     written = json.loads((tmp_path / "bench-bert.json").read_text(encoding="utf-8"))
     assert written["suite"] == "bert" and written["settings"]["quick"] and written["settings"]["pairs"] == 1
@@ -39,7 +39,7 @@ def test_bert_suite_quick(tmp_path, capsys, monkeypatch):
 
 
 def test_rebasin_row_reports_why_it_is_missing():
-    from merge_graphs.bench.rebasin_baseline import unavailable
+    from merge_graphs.lab.bench.rebasin_baseline import unavailable
 
     why = unavailable()
     assert why is None or why.startswith("not installed")

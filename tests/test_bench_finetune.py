@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from merge_graphs.bench import main
-from merge_graphs.bench.mergekit import MergekitUnavailable
+from merge_graphs.lab.bench import main
+from merge_graphs.lab.bench.mergekit import MergekitUnavailable
 
 
 @pytest.mark.slow
@@ -14,7 +14,7 @@ def test_finetune_suite_quick_without_mergekit(tmp_path, capsys, monkeypatch):
     def no_env(venv=None):
         raise MergekitUnavailable("no package index in tests")
 
-    monkeypatch.setattr("merge_graphs.bench.mergekit.mergekit_env", no_env)
+    monkeypatch.setattr("merge_graphs.lab.bench.mergekit.mergekit_env", no_env)
     assert main(["finetune", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
     report = json.loads((tmp_path / "bench-finetune.json").read_text(encoding="utf-8"))
     assert set(report["finetunes"]) == {"returns", "calls"}
@@ -37,7 +37,7 @@ def test_identity_fractions_counts_units_in_place():
     import torch
 
     from merge_graphs import random_permutations, symmetry_spec
-    from merge_graphs.bench.finetune import identity_fractions
+    from merge_graphs.lab.bench.finetune import identity_fractions
     from merge_graphs.match import Alignment
     from merge_graphs.symmetry import identity_permutations
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from merge_graphs.bench import SUITES, main
+from merge_graphs.lab.bench import SUITES, main
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ import math
 
 import pytest
 
-from merge_graphs import quickstart, zoo
-from merge_graphs.bench import LLAMA_METHODS, SUITES, llama_suite
-from merge_graphs.bench.lm import FAMILIES, LEARN, LLAMA_GROUPS, _models, format_lm, resolve_groups
+from merge_graphs.lab import quickstart, trainers
+from merge_graphs.lab.bench import LLAMA_METHODS, SUITES, llama_suite
+from merge_graphs.lab.bench.lm import FAMILIES, LEARN, LLAMA_GROUPS, _models, format_lm, resolve_groups
 
 
 def test_make_byte_llama_is_the_benchmarks_llama():
-    m = zoo.make_byte_llama(0)
+    m = trainers.make_byte_llama(0)
     c = m.config
     assert type(m).__name__ == "LlamaForCausalLM"
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
@@ -19,13 +19,13 @@ def test_make_byte_llama_is_the_benchmarks_llama():
     assert not c.tie_word_embeddings and m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
     assert sum(p.numel() for p in m.parameters()) == 610432
     # Seeded: the same seed gives the same weights, another seed others.
-    again, other = zoo.make_byte_llama(0).state_dict(), zoo.make_byte_llama(1).state_dict()
+    again, other = trainers.make_byte_llama(0).state_dict(), trainers.make_byte_llama(1).state_dict()
     assert all((m.state_dict()[k] == again[k]).all() for k in again)
     assert not (m.state_dict()["model.embed_tokens.weight"] == other["model.embed_tokens.weight"]).all()
 
 
 def test_rows_match_the_groups_they_name():
-    m = zoo.make_byte_llama(0, num_hidden_layers=2)
+    m = trainers.make_byte_llama(0, num_hidden_layers=2)
     assert resolve_groups(m, None, "permutation") is None
     assert resolve_groups(m, LLAMA_GROUPS["weight-noheads"], "permutation") == [
         "residual", "layers.0.mlp", "layers.1.mlp"]
@@ -70,7 +70,7 @@ def test_llama_suite_quick(tmp_path):
     report = llama_suite(quick=True, out=tmp_path)
     written = json.loads((tmp_path / "bench-llama.json").read_text(encoding="utf-8"))
     assert written["suite"] == "llama" and written["settings"]["quick"] and written["settings"]["pairs"] == 1
-    assert written["settings"]["config"] == zoo.BYTE_LLAMA and written["settings"]["window"] == 128
+    assert written["settings"]["config"] == trainers.BYTE_LLAMA and written["settings"]["window"] == 128
     assert written["settings"]["learn"]["learned+heads"] == {"steps": 10, "heads": True}
     assert written["methods"]["weight-noheads"]["groups"] == ["residual", "mlp"]
     assert written["methods"]["rotation-noheads"]["groups"] == ["mlp"]
@@ -99,9 +99,9 @@ def test_llama_suite_quick(tmp_path):
     # A second run reuses the cached models (identical training metadata) without training.
     family = FAMILIES["llama"]
     training = dict(family.training, steps=family.quick["steps"])
-    models, seconds = _models(family, [0, 1], training, zoo.load_docstring_corpus("train"), tmp_path / "models", 1)
+    models, seconds = _models(family, [0, 1], training, trainers.load_docstring_corpus("train"), tmp_path / "models", 1)
     assert seconds == {0: None, 1: None}
-    heldout = zoo.load_docstring_corpus("heldout")
+    heldout = trainers.load_docstring_corpus("heldout")
     assert quickstart.heldout_loss(models[0], None, heldout, max_windows=8) == pair["loss_a"]
     table = SUITES["llama"].format(report)
     assert all(name in table for name in LLAMA_METHODS) and "byte unigram" in table and "machine:" in table

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from merge_graphs.bench import main
-from merge_graphs.bench import mergekit as mk
-from merge_graphs.bench.scale import SIZES, VARIANTS, parameter_count, scale_suite
+from merge_graphs.lab.bench import main
+from merge_graphs.lab.bench import mergekit as mk
+from merge_graphs.lab.bench.scale import SIZES, VARIANTS, parameter_count, scale_suite
 
 
 def no_mergekit(venv=None):

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from merge_graphs.bench import main
-from merge_graphs.bench.mergekit import MergekitUnavailable
-from merge_graphs.bench.speed import TIMED
+from merge_graphs.lab.bench import main
+from merge_graphs.lab.bench.mergekit import MergekitUnavailable
+from merge_graphs.lab.bench.speed import TIMED
 
 
 @pytest.mark.slow
@@ -15,7 +15,7 @@ def test_speed_suite_quick_without_mergekit(tmp_path, capsys, monkeypatch):
     def no_env(venv=None):
         raise MergekitUnavailable("no package index in tests")
 
-    monkeypatch.setattr("merge_graphs.bench.mergekit.mergekit_env", no_env)
+    monkeypatch.setattr("merge_graphs.lab.bench.mergekit.mergekit_env", no_env)
     assert main(["speed", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
     report = json.loads((tmp_path / "bench-speed.json").read_text(encoding="utf-8"))
     assert set(TIMED) <= set(report["stages"])

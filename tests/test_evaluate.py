@@ -15,9 +15,9 @@ from merge_graphs.evaluate import (
     cross_entropy,
     interpolate_state_dicts,
     interpolation_curve,
-    plot_curves,
 )
-from merge_graphs.zoo import load_digits_split, make_mlp, train_classifier, train_digits_mlp
+from merge_graphs.lab.plots import plot_curves
+from merge_graphs.lab.trainers import load_digits_split, make_mlp, train_classifier, train_digits_mlp
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -166,7 +166,7 @@ def test_plot_curves_writes_png(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
-# ---------------------------------------------------------------- zoo
+# ---------------------------------------------------------------- trainers
 
 
 def test_digits_split_is_fixed_and_standardized():

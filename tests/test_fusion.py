@@ -8,7 +8,7 @@ from torch import nn
 import merge_graphs as mg
 from merge_graphs.evaluate import accuracy, cross_entropy
 from merge_graphs.fusion import fuse
-from merge_graphs.zoo import load_digits_split, make_mlp, train_digits_mlp
+from merge_graphs.lab.trainers import load_digits_split, make_mlp, train_digits_mlp
 
 
 def cnn(c1=8, c2=6, h=12):

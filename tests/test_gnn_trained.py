@@ -14,11 +14,11 @@ import merge_graphs as mg
 from merge_graphs.cli import main
 from merge_graphs.errors import CheckpointNotFoundError
 from merge_graphs.gnn import default_encoder, embed
-from merge_graphs.gnn import zoo as gnn_zoo
 from merge_graphs.gnn.checkpoint import WEIGHTS_DIR, encoder_info, load_encoder
 from merge_graphs.gnn.encoder import GraphEncoder
 from merge_graphs.gnn.match import recovered_fraction
-from merge_graphs.gnn.pretrain import PretrainConfig, _graph, contrastive_loss, node_targets, perturb, pretrain
+from merge_graphs.lab import pretraining_zoo, trainers
+from merge_graphs.lab.pretrain_gnn import PretrainConfig, _graph, contrastive_loss, node_targets, perturb, pretrain
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,7 +56,7 @@ def test_missing_weights_raise_a_clear_error(tmp_path):
 
 
 def test_align_gnn_recovers_a_permuted_mlp():
-    a = mg.zoo.train_digits_mlp(seed=0, widths=(64, 32, 32, 10), epochs=3)
+    a = trainers.train_digits_mlp(seed=0, widths=(64, 32, 32, 10), epochs=3)
     spec = mg.symmetry_spec(a)
     perms = mg.random_permutations(spec, seed=2)
     b = mg.permute(a, perms, spec)
@@ -83,9 +83,10 @@ def test_embed_is_public_and_pooled_is_invariant():
 
 
 def tiny_zoo(tmp_path):
-    mlp = gnn_zoo.Arch("mlp-t", "mlp", {"widths": (64, 12, 10), "activation": "relu"}, {"epochs": 2}, (0, 1, 2), (2,))
-    entries = gnn_zoo.zoo_entries([mlp], heldout=False)
-    return gnn_zoo.load_zoo(entries, tmp_path / "zoo")
+    mlp = pretraining_zoo.Arch("mlp-t", "mlp", {"widths": (64, 12, 10), "activation": "relu"}, {"epochs": 2},
+                               (0, 1, 2), (2,))
+    entries = pretraining_zoo.zoo_entries([mlp], heldout=False)
+    return pretraining_zoo.load_zoo(entries, tmp_path / "zoo")
 
 
 def test_zoo_models_are_cached_and_reused(tmp_path):
@@ -171,11 +172,10 @@ def test_cli_pretrain_gnn_writes_a_loadable_encoder_and_repeats_bit_for_bit(tmp_
     """``merge-graphs pretrain-gnn`` end to end on a tiny zoo (the real zoo takes minutes to train): the
     files it writes, and the same bytes from a second run (the shipped weights' own 650 s rerun is
     not part of the suite)."""
-    from merge_graphs.gnn import pretrain as pretrain_module
-
-    mlp = gnn_zoo.Arch("mlp-t", "mlp", {"widths": (64, 12, 10), "activation": "relu"}, {"epochs": 2}, (0, 1, 2), (2,))
-    real_entries = gnn_zoo.zoo_entries
-    monkeypatch.setattr(pretrain_module.gnn_zoo, "zoo_entries", lambda archs=None, heldout=None: real_entries(
+    mlp = pretraining_zoo.Arch("mlp-t", "mlp", {"widths": (64, 12, 10), "activation": "relu"}, {"epochs": 2},
+                               (0, 1, 2), (2,))
+    real_entries = pretraining_zoo.zoo_entries
+    monkeypatch.setattr(pretraining_zoo, "zoo_entries", lambda archs=None, heldout=None: real_entries(
         [mlp], heldout=heldout))
     digests = []
     for run in ("a", "b"):
@@ -188,7 +188,7 @@ def test_cli_pretrain_gnn_writes_a_loadable_encoder_and_repeats_bit_for_bit(tmp_
         assert info["zoo"]["heldout"] == ["mlp-t-s2"] and "--steps 6" in info["command"]
         encoder = load_encoder(out)
         assert encoder.dim == 8
-        model = gnn_zoo.load_zoo(real_entries([mlp], heldout=True), tmp_path / "zoo")[0].model
+        model = pretraining_zoo.load_zoo(real_entries([mlp], heldout=True), tmp_path / "zoo")[0].model
         assert embed(model, encoder).pooled.shape == (8,)
         digests.append((out / "encoder.safetensors").read_bytes())
     assert digests[0] == digests[1]

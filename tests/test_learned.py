@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import merge_graphs as mg
-from merge_graphs import zoo
 from merge_graphs.aligners import basis_identity
 from merge_graphs.api import aligned_model, merge_aligned
 from merge_graphs.errors import RecipeError, UnsupportedArchitectureError
+from merge_graphs.lab import trainers
+from merge_graphs.lab.quickstart import calibration_inputs, heldout_loss, load_pair
 from merge_graphs.learned import learned_alignment
-from merge_graphs.quickstart import calibration_inputs, heldout_loss, load_pair
 from merge_graphs.recipe import load_recipe
 from merge_graphs.sources import StateTensors
 from tests.tiny_models import VOCAB, example_input, make, outputs
@@ -43,7 +43,7 @@ def test_learned_maps_keep_b_function_and_are_deterministic(family):
 def test_learning_lowers_the_midpoint_loss_of_a_real_pair():
     a, b, _ = load_pair(QUICKSTART)
     heldout = QUICKSTART / "heldout.txt"
-    calib = calibration_inputs(zoo.load_docstring_corpus("train"), n=64, seq_len=128)
+    calib = calibration_inputs(trainers.load_docstring_corpus("train"), n=64, seq_len=128)
     start = mg.rotation.rotation_alignment(a, b)
     found = learned_alignment(a, b, calib, start=start, steps=40, batch_size=8)
     assert torch.equal(found.permutations["layers.0.mlp"], start.permutations["layers.0.mlp"])

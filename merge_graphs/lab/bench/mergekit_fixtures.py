@@ -1,13 +1,13 @@
 """Stored outputs of real mergekit 0.1.5 merges, so that tests compare with mergekit offline.
 
-    python -m merge_graphs.bench.mergekit_fixtures [--out tests/fixtures/mergekit] [--venv DIR]
+    python -m merge_graphs.lab.bench.mergekit_fixtures [--out tests/fixtures/mergekit] [--venv DIR]
 
 Builds three tiny Llama models (:data:`CONFIG`: vocab 32, hidden 16, 2 layers, 4 heads / 2 KV
 heads, 4,944 parameters, 20 KB each) deterministically: a ``base`` and two "fine-tunes" of it
 (``ft1``, ``ft2``: the base plus small noise), every tensor drawn from its own seeded
 ``torch.Generator`` (O(1) weights, norm gains around 1), so nothing depends on transformers' init.
 Then it runs mergekit 0.1.5 (``mergekit-yaml``, in the virtual environment of
-:mod:`merge_graphs.bench.mergekit`, made on first use: this step needs the package index) on each
+:mod:`merge_graphs.lab.bench.mergekit`, made on first use: this step needs the package index) on each
 recipe of :data:`RECIPES` and stores, under ``OUT``:
 
 * ``models/{base,ft1,ft2}/``: the inputs (``config.json``, ``model.safetensors``);
@@ -160,7 +160,7 @@ def make_fixtures(out: str | Path, venv: str | Path | None = None, names: Sequen
     from safetensors.torch import load_file, save_file
 
     import merge_graphs
-    from merge_graphs.bench import mergekit as mk
+    from merge_graphs.lab.bench import mergekit as mk
 
     out = Path(out)
     venv = Path(venv) if venv is not None else mk.DEFAULT_VENV
@@ -181,7 +181,7 @@ def make_fixtures(out: str | Path, venv: str | Path | None = None, names: Sequen
                       metadata={"format": "pt"})
             logger.info("%s: %d tensors from mergekit", name, len(merged))
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {"made_by": "python -m merge_graphs.bench.mergekit_fixtures",
+    manifest = {"made_by": "python -m merge_graphs.lab.bench.mergekit_fixtures",
                 "versions": {**_mergekit_versions(venv), "merge_graphs": merge_graphs.__version__},
                 "config": CONFIG, "recipes": {n: RECIPES[n] for n in names},
                 "sha256": {str(p.relative_to(out)): sha256(p) for p in files}}
@@ -190,7 +190,7 @@ def make_fixtures(out: str | Path, venv: str | Path | None = None, names: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m merge_graphs.bench.mergekit_fixtures",
+    parser = argparse.ArgumentParser(prog="python -m merge_graphs.lab.bench.mergekit_fixtures",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(Path("tests") / "fixtures" / "mergekit"))
     parser.add_argument("--venv", default=None, help="mergekit's virtual environment (made if missing)")

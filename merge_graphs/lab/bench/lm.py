@@ -3,16 +3,16 @@
     merge-graphs bench gpt2 [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J]
     merge-graphs bench llama [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J]
 
-A family (:data:`FAMILIES`) names a model maker of :mod:`merge_graphs.zoo`, its training recipe and
+A family (:data:`FAMILIES`) names a model maker of :mod:`merge_graphs.lab.trainers`, its training recipe and
 the methods its suite compares:
 
-* ``gpt2``: :func:`merge_graphs.zoo.make_byte_gpt2` (3 layers, width 80, 4 heads, tied head),
-  trained with the quickstart's recipe (:data:`merge_graphs.quickstart.TRAINING`);
-* ``llama``: :func:`merge_graphs.zoo.make_byte_llama` (3 layers, width 128, 4 query heads over 2
+* ``gpt2``: :func:`merge_graphs.lab.trainers.make_byte_gpt2` (3 layers, width 80, 4 heads, tied head),
+  trained with the quickstart's recipe (:data:`merge_graphs.lab.quickstart.TRAINING`);
+* ``llama``: :func:`merge_graphs.lab.trainers.make_byte_llama` (3 layers, width 128, 4 query heads over 2
   key-value heads, RoPE, SwiGLU 344, untied head), trained with :data:`LLAMA_TRAINING`.
 
 ``pairs`` pairs of models (pair ``i`` is seeds ``2i`` and ``2i + 1``, ``steps`` per model, ``lr``
-when given) are trained with :func:`merge_graphs.zoo.train_byte_lm` on the standard-library
+when given) are trained with :func:`merge_graphs.lab.trainers.train_byte_lm` on the standard-library
 docstring corpus, deterministically (one thread), or reused from ``OUT/models`` when a cached
 model's training metadata is identical. For each pair and each method of the family
 
@@ -21,7 +21,7 @@ model's training metadata is identical. For each pair and each method of the fam
 * ``weight-noheads`` (llama): the same, restricted to the residual stream and the MLP units
   (attention heads and key-value groups stay in place);
 * ``activation``: permutation activation matching on 64 x 128-byte training-text windows
-  (:func:`merge_graphs.quickstart.calibration_inputs`);
+  (:func:`merge_graphs.lab.quickstart.calibration_inputs`);
 * ``gnn``, ``gnn+weight`` (gpt2): the pretrained GNN's embeddings (data-free), then refined by
   weight matching;
 * ``rotation``: norms folded, residual stream rotated (orthogonal weight matching: Procrustes on
@@ -33,7 +33,7 @@ model's training metadata is identical. For each pair and each method of the fam
   rotation: B's residual map (and, ``+heads``, the within-head maps) learned by 300 Adam steps of 16
   windows drawn from 256 training-text windows of 128 bytes (:data:`LEARN`);
 
-the held-out loss (:func:`merge_graphs.quickstart.heldout_loss` on the first 64 windows of the
+the held-out loss (:func:`merge_graphs.lab.quickstart.heldout_loss` on the first 64 windows of the
 quickstart's held-out text) is measured at 11 points of the straight line from A to aligned B
 (for the rotation methods, in the folded basis: A folded, B folded, permuted and rotated), and
 the barrier (the largest excess over the line between the endpoint losses), the midpoint loss,
@@ -59,8 +59,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge_graphs import quickstart, zoo
-from merge_graphs.bench.common import (
+from merge_graphs.evaluate import InterpolationCurve
+from merge_graphs.lab import quickstart, trainers
+from merge_graphs.lab.bench.common import (
     POINTS,
     add_removed,
     cell,
@@ -72,7 +73,7 @@ from merge_graphs.bench.common import (
     summary,
     write_report,
 )
-from merge_graphs.evaluate import InterpolationCurve, plot_curves
+from merge_graphs.lab.plots import plot_curves
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ QUICK_LEARN_STEPS = 10
 #: weight matching worse than matching the residual stream and the MLP units alone; both are measured.
 LLAMA_GROUPS: dict[str, tuple[str, ...]] = {"weight-noheads": ("residual", "mlp"), "rotation-noheads": ("mlp",)}
 
-#: The Llama training recipe (:func:`merge_graphs.zoo.train_byte_lm`): AdamW, linear warmup, cosine decay to a tenth.
+#: The Llama training recipe (:func:`merge_graphs.lab.trainers.train_byte_lm`): AdamW, linear warmup, cosine
+#: decay to a tenth.
 LLAMA_TRAINING = {"steps": 500, "batch_size": 32, "lr": 2e-3, "warmup": 50, "final_lr_fraction": 0.1,
                   "weight_decay": 0.1, "grad_clip": 1.0}
 # Measured here (torch 2.13 CPU, one thread): about 0.42 s of CPU a step, 3.5 CPU-minutes a model; seeds 0-5 reach
@@ -130,7 +132,7 @@ class Family:
     name: str
     title: str  # in the plot's title
     architecture: str  # the transformers class, also recorded in the cache metadata
-    config: Mapping[str, Any]  # the zoo's default config (recorded in the cache metadata)
+    config: Mapping[str, Any]  # the trainers' default config (recorded in the cache metadata)
     context_key: str  # the config field holding the context length
     make: Callable[..., nn.Module]  # make(seed) -> untrained model
     training: Mapping[str, Any]  # train_byte_lm's recipe (steps and lr overridable)
@@ -141,10 +143,10 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", "byte GPT-2", "GPT2LMHeadModel", zoo.BYTE_GPT2, "n_positions", zoo.make_byte_gpt2,
+    "gpt2": Family("gpt2", "byte GPT-2", "GPT2LMHeadModel", trainers.BYTE_GPT2, "n_positions", trainers.make_byte_gpt2,
                    quickstart.TRAINING, GPT2_METHODS),
-    "llama": Family("llama", "byte Llama (GQA 4:2, RoPE)", "LlamaForCausalLM", zoo.BYTE_LLAMA,
-                    "max_position_embeddings", zoo.make_byte_llama, LLAMA_TRAINING, LLAMA_METHODS, LLAMA_GROUPS,
+    "llama": Family("llama", "byte Llama (GQA 4:2, RoPE)", "LlamaForCausalLM", trainers.BYTE_LLAMA,
+                    "max_position_embeddings", trainers.make_byte_llama, LLAMA_TRAINING, LLAMA_METHODS, LLAMA_GROUPS,
                     quick={"steps": 40, "windows": 8, "calibration": (16, 128)}, detail=True),
 }
 
@@ -175,7 +177,7 @@ def _training(family: Family, steps: int, lr: float | None) -> dict[str, Any]:
 def _training_record(family: Family, seed: int, training: Mapping[str, Any], train_sha: str) -> dict[str, Any]:
     return {
         "architecture": family.architecture,
-        "config": dict(family.config, vocab_size=zoo.BYTE_VOCAB_SIZE),
+        "config": dict(family.config, vocab_size=trainers.BYTE_VOCAB_SIZE),
         "training": dict(training, threads=1),
         "train_sha256": train_sha,
         "seed": seed,
@@ -193,7 +195,7 @@ def _train_one(family_name: str, seed: int, folder: str, train_text: str, record
     """Train and save one model (top-level so that spawned workers can run it); returns seconds."""
     start = time.perf_counter()
     training = {k: v for k, v in record["training"].items() if k != "threads"}
-    model = zoo.train_byte_lm(FAMILIES[family_name].make(seed), train_text, seed, threads=1, **training)
+    model = trainers.train_byte_lm(FAMILIES[family_name].make(seed), train_text, seed, threads=1, **training)
     seconds = time.perf_counter() - start
     tmp = Path(folder + ".tmp")
     model.save_pretrained(tmp)
@@ -221,7 +223,7 @@ def _models(family: Family, seeds: Sequence[int], training: Mapping[str, Any], t
     """``{seed: model}`` and ``{seed: training seconds (None when reused)}``."""
     import transformers
 
-    sha = zoo.docstring_corpus_sha256(train_text)
+    sha = trainers.docstring_corpus_sha256(train_text)
     tasks, seconds = [], {}
     for seed in seeds:
         folder = _folder(family, root, seed, training)
@@ -332,8 +334,8 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
         raise ValueError(f"the learning rate must be positive; got {lr}")
     out = out_folder(out)
     training = _training(family, steps, lr)
-    train_text = zoo.load_docstring_corpus("train")
-    heldout_text = zoo.load_docstring_corpus("heldout")
+    train_text = trainers.load_docstring_corpus("train")
+    heldout_text = trainers.load_docstring_corpus("heldout")
     seeds = [s for i in range(pairs) for s in (2 * i, 2 * i + 1)]
     start = time.perf_counter()
     models, train_seconds = _models(family, seeds, training, train_text, out / "models", jobs)

@@ -3,14 +3,14 @@
 Digits MLPs of several widths, depths and activations, and tiny byte-level BERT (masked LM),
 GPT-2 and Llama models on the standard-library docstring corpus, each from several seeds.
 Every model is deterministic given its entry (architecture, training, seed): it is trained
-by the trainers of :mod:`merge_graphs.zoo` on one CPU thread, saved as safetensors plus a
+by the trainers of :mod:`merge_graphs.lab.trainers` on one CPU thread, saved as safetensors plus a
 metadata json in a cache folder, and loaded from there while the metadata matches.
 
 Seeds listed in an architecture's ``heldout`` are never trained on: the benchmark measures
 on them (a permuted copy of one, and independent pairs of two).
 
 Example:
-    >>> from merge_graphs.gnn.zoo import zoo_entries
+    >>> from merge_graphs.lab.pretraining_zoo import zoo_entries
     >>> entries = zoo_entries()
     >>> sorted({e.family for e in entries})
     ['bert', 'gpt2', 'llama', 'mlp']
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from merge_graphs import zoo as trainers
+from merge_graphs.lab import trainers
 
 logger = logging.getLogger(__name__)
 

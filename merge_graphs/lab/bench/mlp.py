@@ -3,7 +3,7 @@
     merge-graphs bench mlp [--pairs N] [--steps EPOCHS] [--quick] [--out DIR]
 
 ``pairs`` (default 5) pairs of 64-512-512-512-10 ReLU MLPs trained here on scikit-learn's digits
-(:func:`merge_graphs.zoo.train_digits_mlp`, 20 epochs, deterministic; pair ``i`` is seeds ``2i``
+(:func:`merge_graphs.lab.trainers.train_digits_mlp`, 20 epochs, deterministic; pair ``i`` is seeds ``2i``
 and ``2i + 1``). For each pair and each method of :data:`MLP_METHODS` (``naive``, ``weight``,
 ``activation`` on the first 512 training inputs, ``activation+weight``: activation matching
 refined by weight matching, ``gnn``: the pretrained GNN's embeddings, data-free, ``gnn+weight``:
@@ -11,7 +11,7 @@ refined by weight matching) the test cross-entropy at 11 points from A to aligne
 the share of the naive barrier removed, the midpoint (alpha 0.5) test loss and accuracy and the
 alignment time; ``OUT/bench-mlp.json`` and ``OUT/bench-mlp.png`` (pair 0). A ``rebasin`` row, the
 external ``rebasin`` package's weight matching run in this process, is added when that package is
-installed (:mod:`merge_graphs.bench.rebasin_baseline`); otherwise the report says why not. ``--quick`` (one pair
+installed (:mod:`merge_graphs.lab.bench.rebasin_baseline`); otherwise the report says why not. ``--quick`` (one pair
 of 64-128-128-10 MLPs, 10 epochs) is the CI smoke run.
 """
 
@@ -26,9 +26,10 @@ from typing import Any
 
 from torch import nn
 
-from merge_graphs import zoo
-from merge_graphs.bench import rebasin_baseline
-from merge_graphs.bench.common import (
+from merge_graphs.evaluate import InterpolationCurve, interpolate_state_dicts
+from merge_graphs.lab import trainers
+from merge_graphs.lab.bench import rebasin_baseline
+from merge_graphs.lab.bench.common import (
     POINTS,
     add_removed,
     cell,
@@ -40,7 +41,7 @@ from merge_graphs.bench.common import (
     summary,
     write_report,
 )
-from merge_graphs.evaluate import InterpolationCurve, interpolate_state_dicts, plot_curves
+from merge_graphs.lab.plots import plot_curves
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def classifier_pair(a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], floa
                     progress: bool = False) -> tuple[dict[str, dict[str, Any]], str | None]:
     """Every method's figures for one pair of classifiers, and why ``rebasin`` was skipped (None when it ran).
 
-    For each of ``methods`` (and ``rebasin``, :mod:`merge_graphs.bench.rebasin_baseline`, traced on
+    For each of ``methods`` (and ``rebasin``, :mod:`merge_graphs.lab.bench.rebasin_baseline`, traced on
     ``trace_inputs``, when it is installed and supports the model): ``loss`` at 11 points from A to
     aligned B, its barrier and midpoint, ``acc`` at the midpoint and the alignment time.
     """
@@ -144,7 +145,7 @@ def mlp_suite(pairs: int = 5, steps: int | None = None, quick: bool = False, out
     if pairs < 1 or epochs < 1:
         raise ValueError(f"pairs and epochs must be at least 1; got {pairs} and {epochs}")
     out = out_folder(out)
-    x_train, _, x_test, y_test = zoo.load_digits_split()
+    x_train, _, x_test, y_test = trainers.load_digits_split()
     calibration = x_train[:MLP["calibration"]]
 
     def loss(model: nn.Module) -> float:
@@ -159,7 +160,7 @@ def mlp_suite(pairs: int = 5, steps: int | None = None, quick: bool = False, out
     for i in tqdm(range(pairs), desc="pairs", disable=not progress):
         seeds = [2 * i, 2 * i + 1]
         start = time.perf_counter()
-        a, b = (zoo.train_digits_mlp(s, widths, epochs=epochs) for s in seeds)
+        a, b = (trainers.train_digits_mlp(s, widths, epochs=epochs) for s in seeds)
         train_wall += time.perf_counter() - start
         methods, skipped = classifier_pair(a, b, loss, acc, calibration, x_train[:TRACE_INPUTS], progress=progress)
         rebasin_skip = rebasin_skip or skipped

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from merge_graphs.bench.common import machine, machine_line, out_folder, register, write_report
+from merge_graphs.lab.bench.common import machine, machine_line, out_folder, register, write_report
 
 #: Weight matching, activation matching (on held-out text lines), the pretrained GNN, and the GNN
 #: refined by weight matching.
@@ -64,7 +64,7 @@ def minilm_suite(noise: Sequence[float] = MINILM_NOISE, seed: int = 0, quick: bo
     from transformers import AutoModel, AutoTokenizer
 
     from merge_graphs.api import align, permute
-    from merge_graphs.quickstart import DEFAULT_HELDOUT
+    from merge_graphs.lab.quickstart import DEFAULT_HELDOUT
     from merge_graphs.symmetry import invert_permutations, random_permutations, symmetry_spec
 
     start = time.perf_counter()

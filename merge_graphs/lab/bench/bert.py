@@ -3,9 +3,9 @@
     merge-graphs bench bert [--pairs N] [--steps EPOCHS] [--lr LR] [--quick] [--out DIR]
 
 ``pairs`` (default 3) pairs of small ``BertForSequenceClassification`` models
-(:func:`merge_graphs.zoo.make_digits_bert`: 3 layers, width 64, 4 heads) are trained here on
+(:func:`merge_graphs.lab.trainers.make_digits_bert`: 3 layers, width 64, 4 heads) are trained here on
 scikit-learn's digits read as sequences of 64 pixel tokens after ``[CLS]``
-(:func:`merge_graphs.zoo.train_digits_bert`: Adam at ``lr``, ``steps`` epochs, deterministic;
+(:func:`merge_graphs.lab.trainers.train_digits_bert`: Adam at ``lr``, ``steps`` epochs, deterministic;
 pair ``i`` is seeds ``2i`` and ``2i + 1``), or reused from ``OUT/models`` when a cached model's
 training metadata is identical. For each pair and method
 
@@ -16,7 +16,7 @@ training metadata is identical. For each pair and method
 * ``gnn``, ``gnn+weight``: the pretrained GNN's embeddings (data-free), then refined by weight
   matching;
 * ``rebasin``: the external ``rebasin`` package's weight matching, run in this process, when it
-  is installed and supports the model (:mod:`merge_graphs.bench.rebasin_baseline`); otherwise
+  is installed and supports the model (:mod:`merge_graphs.lab.bench.rebasin_baseline`); otherwise
   the report says why it was skipped;
 
 the test cross-entropy at 11 points from A to aligned B, the barrier, the share of the naive
@@ -41,16 +41,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge_graphs import zoo
-from merge_graphs.bench.common import POINTS, machine, out_folder, register, summary, write_report
-from merge_graphs.bench.mlp import MLP_METHODS, classifier_pair, classifier_table
-from merge_graphs.evaluate import InterpolationCurve, accuracy, cross_entropy, plot_curves
+from merge_graphs.evaluate import InterpolationCurve, accuracy, cross_entropy
+from merge_graphs.lab import trainers
+from merge_graphs.lab.bench.common import POINTS, machine, out_folder, register, summary, write_report
+from merge_graphs.lab.bench.mlp import MLP_METHODS, classifier_pair, classifier_table
+from merge_graphs.lab.plots import plot_curves
 
 logger = logging.getLogger(__name__)
 
 #: The methods of the MLP suite; ``rebasin`` is added when it runs.
 BERT_METHODS = MLP_METHODS
-BERT = {"config": dict(zoo.DIGITS_BERT), "epochs": 30, "lr": 1e-3, "batch_size": 32, "calibration": 256}
+BERT = {"config": dict(trainers.DIGITS_BERT), "epochs": 30, "lr": 1e-3, "batch_size": 32, "calibration": 256}
 BERT_QUICK = {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
               "epochs": 5, "lr": 3e-3}
 #: Inputs ``rebasin`` traces the models with.
@@ -112,21 +113,21 @@ def bert_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
         raise ValueError(f"pairs and epochs must be at least 1 and lr positive; got {pairs}, {settings['epochs']}, "
                          f"{settings['lr']}")
     out = out_folder(out)
-    config = dict(zoo.DIGITS_BERT, **settings["config"])
-    x_train, _, x_test, y_test = zoo.load_digit_tokens()
+    config = dict(trainers.DIGITS_BERT, **settings["config"])
+    x_train, _, x_test, y_test = trainers.load_digit_tokens()
     calibration = {"input_ids": x_train[:settings["calibration"], 0],
                    "attention_mask": x_train[:settings["calibration"], 1]}
     training = {k: settings[k] for k in ("epochs", "lr", "batch_size")}
-    record = {"architecture": "BertForSequenceClassification", "config": config, "data": "zoo.load_digit_tokens(0)",
-              "training": dict(training, optimizer="adam", threads=1), "torch": torch.__version__,
-              "python": platform.python_version()}
+    record = {"architecture": "BertForSequenceClassification", "config": config,
+              "data": "trainers.load_digit_tokens(0)", "training": dict(training, optimizer="adam", threads=1),
+              "torch": torch.__version__, "python": platform.python_version()}
     tag = f"h{config['hidden_size']}-l{config['num_hidden_layers']}-ep{training['epochs']}-lr{training['lr']:g}"
 
     def loss(model: nn.Module) -> float:
-        return cross_entropy(zoo.SequenceLogits(model), x_test, y_test)
+        return cross_entropy(trainers.SequenceLogits(model), x_test, y_test)
 
     def acc(model: nn.Module) -> float:
-        return accuracy(zoo.SequenceLogits(model), x_test, y_test)
+        return accuracy(trainers.SequenceLogits(model), x_test, y_test)
 
     results, train_wall, rebasin_skip = [], 0.0, None
     for i in tqdm(range(pairs), desc="pairs", disable=not progress):
@@ -134,7 +135,7 @@ def bert_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
         models, seconds = [], []
         for s in seeds:
             model, spent = cached_model(out / "models" / f"bert-seed{s}-{tag}", dict(record, seed=s),
-                                        lambda s=s: zoo.train_digits_bert(s, **training, **config),
+                                        lambda s=s: trainers.train_digits_bert(s, **training, **config),
                                         BertForSequenceClassification.from_pretrained)
             models.append(model)
             seconds.append(spent)
@@ -150,7 +151,7 @@ def bert_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
         "suite": "bert",
         "settings": {"pairs": pairs, "quick": quick, "epochs": training["epochs"], "lr": training["lr"],
                      "batch_size": training["batch_size"], "config": config,
-                     "data": "sklearn digits as [CLS] + 64 pixel tokens (zoo.load_digit_tokens(0))",
+                     "data": "sklearn digits as [CLS] + 64 pixel tokens (trainers.load_digit_tokens(0))",
                      "train_inputs": len(x_train), "test_inputs": len(x_test),
                      "calibration": settings["calibration"], "points": POINTS},
         "machine": machine(),

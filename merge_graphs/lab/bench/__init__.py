@@ -2,23 +2,23 @@
 many permuted units each recovers, and what it costs.
 
     merge-graphs bench SUITE [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J] [--quiet]
-    python -m merge_graphs.bench SUITE ...
+    python -m merge_graphs.lab.bench SUITE ...
 
 Each suite prints a table, writes every figure to ``OUT/bench-SUITE.json`` (``out/bench`` by
 default) and, where it draws curves, ``OUT/bench-SUITE.png``. ``--quick`` is the reduced run
 that CI does. The suites (one module each; see their docstrings):
 
-* ``gpt2`` (:mod:`merge_graphs.bench.lm`): different-seed byte-level GPT-2 language models;
-* ``llama`` (:mod:`merge_graphs.bench.lm`): different-seed byte-level Llama language models (GQA, RoPE);
-* ``mlp`` (:mod:`merge_graphs.bench.mlp`): different-seed MLPs on scikit-learn's digits;
-* ``minilm`` (:mod:`merge_graphs.bench.minilm`): the real MiniLM-L6 against permuted, noised copies;
-* ``gnn`` (:mod:`merge_graphs.bench.gnn`): the pretrained GNN against weight matching on held-out zoo models;
-* ``scale`` (:mod:`merge_graphs.bench.scale`): wall time and peak memory of merging Llama pairs up to 1B
+* ``gpt2`` (:mod:`merge_graphs.lab.bench.lm`): different-seed byte-level GPT-2 language models;
+* ``llama`` (:mod:`merge_graphs.lab.bench.lm`): different-seed byte-level Llama language models (GQA, RoPE);
+* ``mlp`` (:mod:`merge_graphs.lab.bench.mlp`): different-seed MLPs on scikit-learn's digits;
+* ``minilm`` (:mod:`merge_graphs.lab.bench.minilm`): the real MiniLM-L6 against permuted, noised copies;
+* ``gnn`` (:mod:`merge_graphs.lab.bench.gnn`): the pretrained GNN against weight matching on held-out zoo models;
+* ``scale`` (:mod:`merge_graphs.lab.bench.scale`): wall time and peak memory of merging Llama pairs up to 1B
   (8B on a GPU), beside mergekit's linear merge;
-* ``bert`` (:mod:`merge_graphs.bench.bert`): different-seed BERT classifiers (post-LN) on digit tokens;
-* ``speed`` (:mod:`merge_graphs.bench.speed`): time and peak memory per stage of aligning and merging a
+* ``bert`` (:mod:`merge_graphs.lab.bench.bert`): different-seed BERT classifiers (post-LN) on digit tokens;
+* ``speed`` (:mod:`merge_graphs.lab.bench.speed`): time and peak memory per stage of aligning and merging a
   MiniLM-L6 pair, beside mergekit's linear merge;
-* ``finetune`` (:mod:`merge_graphs.bench.finetune`): two fine-tunes of MiniLM-L6: alignment must find the
+* ``finetune`` (:mod:`merge_graphs.lab.bench.finetune`): two fine-tunes of MiniLM-L6: alignment must find the
   identity; our linear merge against mergekit's.
 """
 
@@ -30,13 +30,13 @@ import logging
 import time
 from collections.abc import Sequence
 
-from merge_graphs.bench import bert, finetune, gnn, gpt2, lm, minilm, mlp, scale, speed
-from merge_graphs.bench.bert import BERT_METHODS, bert_suite
-from merge_graphs.bench.common import DEFAULT_OUT, SUITES, Suite, register
-from merge_graphs.bench.gpt2 import METHODS, gpt2_suite
-from merge_graphs.bench.lm import LLAMA_METHODS, llama_suite
-from merge_graphs.bench.minilm import minilm_suite
-from merge_graphs.bench.mlp import MLP_METHODS, mlp_suite
+from merge_graphs.lab.bench import bert, finetune, gnn, gpt2, lm, minilm, mlp, scale, speed
+from merge_graphs.lab.bench.bert import BERT_METHODS, bert_suite
+from merge_graphs.lab.bench.common import DEFAULT_OUT, SUITES, Suite, register
+from merge_graphs.lab.bench.gpt2 import METHODS, gpt2_suite
+from merge_graphs.lab.bench.lm import LLAMA_METHODS, llama_suite
+from merge_graphs.lab.bench.minilm import minilm_suite
+from merge_graphs.lab.bench.mlp import MLP_METHODS, mlp_suite
 
 __all__ = ["BERT_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "bert", "bert_suite",
            "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm", "main", "minilm", "minilm_suite", "mlp",

@@ -14,9 +14,9 @@ sharded safetensors under ``OUT/scale/``, kept for the next run), in the sizes o
   intermediate 14336, vocab 32000 (Llama-3-8B's body with Llama-2's vocabulary): 7.0B.
 
 For each pair, the merges of :data:`VARIANTS`, each in a process of its own so its peak resident
-memory is its own (:func:`~merge_graphs.bench.measure.run_measured`):
+memory is its own (:func:`~merge_graphs.lab.bench.measure.run_measured`):
 
-* ``mergekit``: mergekit 0.1.5's linear merge (:mod:`merge_graphs.bench.mergekit`; its own
+* ``mergekit``: mergekit 0.1.5's linear merge (:mod:`merge_graphs.lab.bench.mergekit`; its own
   virtual environment, made on first use; ``skipped`` when it cannot be made);
 * ``ours-none``: :func:`~merge_graphs.run.run_recipe` (what ``merge-graphs recipe.yaml`` runs)
   with ``align: none`` and a linear merge: the same merge as mergekit's;
@@ -56,9 +56,9 @@ import torch
 import yaml
 
 import merge_graphs
-from merge_graphs.bench.common import machine, machine_line, out_folder, register, write_report
-from merge_graphs.bench.measure import run_measured
-from merge_graphs.bench.mergekit import mergekit_linear, mergekit_merge
+from merge_graphs.lab.bench.common import machine, machine_line, out_folder, register, write_report
+from merge_graphs.lab.bench.measure import run_measured
+from merge_graphs.lab.bench.mergekit import mergekit_linear, mergekit_merge
 
 logger = logging.getLogger(__name__)
 

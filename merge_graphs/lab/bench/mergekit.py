@@ -5,7 +5,7 @@ into a virtual environment of its own on first use (``out/bench/mergekit-venv`` 
 ``python -m venv``, then ``pip install torch==2.13.0`` first, because an unpinned torch makes pip
 fetch a multi-GB CUDA build, then ``pip install mergekit==0.1.5``), runs ``mergekit-yaml`` there
 as a subprocess and measures its wall time and peak resident memory
-(:func:`~merge_graphs.bench.measure.run_measured`). When the environment cannot be made (no package index) or
+(:func:`~merge_graphs.lab.bench.measure.run_measured`). When the environment cannot be made (no package index) or
 mergekit fails, the result says ``skipped`` and why instead of raising, so a benchmark can still
 report its own figures::
 
@@ -21,7 +21,7 @@ Seen with 0.1.5 (2026-11): it merges Llama checkpoints. It crashes on BertModel 
 both come back as ``skipped`` with the error's last line (the full tail in ``log_tail``).
 
 Tests never make this environment (no network at test time): they compare our merges with
-mergekit outputs stored by :mod:`merge_graphs.bench.mergekit_fixtures`, which uses it once.
+mergekit outputs stored by :mod:`merge_graphs.lab.bench.mergekit_fixtures`, which uses it once.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any
 
 import yaml
 
-from merge_graphs.bench.common import DEFAULT_OUT
-from merge_graphs.bench.measure import run_measured
+from merge_graphs.lab.bench.common import DEFAULT_OUT
+from merge_graphs.lab.bench.measure import run_measured
 
 logger = logging.getLogger(__name__)
 

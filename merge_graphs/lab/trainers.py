@@ -3,10 +3,10 @@
 Everything here is reproducible bit for bit from a seed: the data split, the initial
 weights and the training order. Different seeds give networks that compute nearly the same
 function with their hidden units in a different order, the situation merge-graphs exists for.
-The GNN model zoo builds on these trainers.
+The GNN's pretraining zoo (:mod:`merge_graphs.lab.pretraining_zoo`) builds on these trainers.
 
 Example:
-    >>> from merge_graphs.zoo import load_digits_split, train_digits_mlp
+    >>> from merge_graphs.lab.trainers import load_digits_split, train_digits_mlp
     >>> from merge_graphs.evaluate import accuracy
     >>> x_tr, y_tr, x_te, y_te = load_digits_split()
     >>> model = train_digits_mlp(seed=0, widths=(64, 32, 10), epochs=5)

@@ -3,16 +3,16 @@
 ``recipes/quickstart/`` ships two Hugging Face causal LMs, ``model-a`` (seed 0) and ``model-b``
 (seed 1): the same data, architecture and hyperparameters, different initialization and batch
 order, i.e. the pair merge-graphs exists for. Each folder holds a ``GPT2LMHeadModel``
-(:data:`merge_graphs.zoo.BYTE_GPT2`: 3 layers, width 80, 4 heads, context 128, 264k
+(:data:`merge_graphs.lab.trainers.BYTE_GPT2`: 3 layers, width 80, 4 heads, context 128, 264k
 parameters, safetensors in float32), a byte-level tokenizer that ``AutoTokenizer`` loads
 offline (token id = UTF-8 byte, 256 = ``<|endoftext|>``) and ``training.json`` (how it was
 made). ``heldout.txt`` is the evaluation text.
 
 Data: the docstrings of a fixed list of Python standard-library modules
-(:data:`merge_graphs.zoo.DOCSTRING_TRAIN_MODULES`, about 0.7 MB), read with ``inspect`` in a
+(:data:`merge_graphs.lab.trainers.DOCSTRING_TRAIN_MODULES`, about 0.7 MB), read with ``inspect`` in a
 fresh interpreter (``python -I -S``, so that what the caller imported, e.g. transformers'
 additions to ``logging.Logger``, cannot change it); the held-out text (about 45 KB) comes from other modules
-(:data:`merge_graphs.zoo.DOCSTRING_HELDOUT_MODULES`: difflib, textwrap, fractions,
+(:data:`merge_graphs.lab.trainers.DOCSTRING_HELDOUT_MODULES`: difflib, textwrap, fractions,
 statistics), without any docstring that also occurs in the training text. Python's docstrings
 are distributed under the Python Software Foundation License, which allows redistribution of
 the text and of works derived from it. Docstrings change between Python releases, so
@@ -22,7 +22,7 @@ build) recorded in ``training.json``; :func:`generate` warns when the corpus dif
 Regenerate (about 2.5 minutes per model on one CPU core; ``--jobs 2`` trains both at once, with
 the same result)::
 
-    python -m merge_graphs.quickstart --out recipes/quickstart --jobs 2
+    python -m merge_graphs.lab.quickstart --out recipes/quickstart --jobs 2
 
 then it prints the held-out loss of both parents, of the naive average and of the aligned
 averages, next to a unigram baseline (``--eval-only`` skips the training). For the shipped
@@ -38,7 +38,7 @@ pair (Python 3.11.7, torch 2.13.0+cpu; nats per byte over all 349 held-out windo
     unigram baseline (held-out entropy) 3.404
 
 Example:
-    >>> from merge_graphs.quickstart import unigram_loss
+    >>> from merge_graphs.lab.quickstart import unigram_loss
     >>> round(unigram_loss("abab"), 4)  # two equally frequent bytes: log 2 nats
     0.6931
 """
@@ -62,8 +62,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge_graphs import zoo
 from merge_graphs.evaluate import text_loss
+from merge_graphs.lab import trainers
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ __all__ = [
 #: Folder name and seed of each shipped model.
 MODELS = {"model-a": 0, "model-b": 1}
 
-#: Training hyperparameters of the shipped models (see :func:`merge_graphs.zoo.train_byte_gpt2`).
+#: Training hyperparameters of the shipped models (see :func:`merge_graphs.lab.trainers.train_byte_gpt2`).
 TRAINING = {"steps": 800, "batch_size": 32, "lr": 1e-3, "warmup": 100, "final_lr_fraction": 0.1, "weight_decay": 0.1,
             "grad_clip": 1.0}
 # The learning rate decides how alignable the pair is. Measured here (same model, 800 steps,
@@ -133,7 +133,7 @@ def heldout_loss(
     definition as :func:`merge_graphs.evaluate.text_loss`, which it calls.)
 
     Example:
-        >>> from merge_graphs.zoo import make_byte_gpt2
+        >>> from merge_graphs.lab.trainers import make_byte_gpt2
         >>> model = make_byte_gpt2(0, n_embd=16, n_layer=1, n_head=2, n_positions=16)
         >>> round(heldout_loss(model, None, "hello world " * 20), 1)  # untrained: about log(257)
         5.5
@@ -195,9 +195,9 @@ def load_pair(folder: str | os.PathLike = DEFAULT_OUT) -> tuple[nn.Module, nn.Mo
 def _train_and_save(seed: int, folder: str, train_text: str, heldout_path: str, record: dict) -> float:
     """Train one model and write its folder; returns the training time in seconds."""
     start = time.perf_counter()
-    model = zoo.train_byte_gpt2(train_text, seed, **TRAINING)
+    model = trainers.train_byte_gpt2(train_text, seed, **TRAINING)
     seconds = time.perf_counter() - start
-    tokenizer = zoo.byte_tokenizer(model.config.n_positions)
+    tokenizer = trainers.byte_tokenizer(model.config.n_positions)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     _portable_tokenizer_config(folder)
@@ -227,8 +227,8 @@ def generate(out: str | os.PathLike = DEFAULT_OUT, *, jobs: int = 1) -> dict[str
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_text = zoo.load_docstring_corpus("train")
-    heldout_text = zoo.load_docstring_corpus("heldout")
+    train_text = trainers.load_docstring_corpus("train")
+    heldout_text = trainers.load_docstring_corpus("heldout")
     heldout_path = out / HELDOUT_FILE
     if heldout_path.exists() and heldout_path.read_text(encoding="utf-8") != heldout_text:
         warnings.warn(f"{heldout_path} differs from this Python's held-out docstrings (Python {platform.python_version()}); "
@@ -236,7 +236,7 @@ def generate(out: str | os.PathLike = DEFAULT_OUT, *, jobs: int = 1) -> dict[str
     heldout_path.write_text(heldout_text, encoding="utf-8")
     (out / CALIBRATION_FILE).write_text(calibration_text(train_text), encoding="utf-8")
     previous = out / "model-a" / "training.json"
-    sha = zoo.docstring_corpus_sha256(train_text)
+    sha = trainers.docstring_corpus_sha256(train_text)
     if previous.exists():
         old = json.loads(previous.read_text(encoding="utf-8")).get("corpus", {}).get("train_sha256")
         if old and old != sha:
@@ -244,21 +244,22 @@ def generate(out: str | os.PathLike = DEFAULT_OUT, *, jobs: int = 1) -> dict[str
                           f"(recorded in {previous}); the regenerated models will differ", stacklevel=2)
     record = {
         "architecture": "GPT2LMHeadModel",
-        "config": dict(zoo.BYTE_GPT2, vocab_size=zoo.BYTE_VOCAB_SIZE),
-        "training": dict(TRAINING, seq_len=zoo.BYTE_GPT2["n_positions"], optimizer="AdamW(0.9, 0.95)",
+        "config": dict(trainers.BYTE_GPT2, vocab_size=trainers.BYTE_VOCAB_SIZE),
+        "training": dict(TRAINING, seq_len=trainers.BYTE_GPT2["n_positions"], optimizer="AdamW(0.9, 0.95)",
                          schedule="linear warmup, cosine decay", threads=1),
         "corpus": {
-            "source": "docstrings of Python standard-library modules (PSF license), merge_graphs.zoo.load_docstring_corpus",
-            "train_modules": list(zoo.DOCSTRING_TRAIN_MODULES),
-            "heldout_modules": list(zoo.DOCSTRING_HELDOUT_MODULES),
+            "source": "docstrings of Python standard-library modules (PSF license), "
+                      "merge_graphs.lab.trainers.load_docstring_corpus",
+            "train_modules": list(trainers.DOCSTRING_TRAIN_MODULES),
+            "heldout_modules": list(trainers.DOCSTRING_HELDOUT_MODULES),
             "train_bytes": len(train_text.encode("utf-8")),
             "train_sha256": sha,
             "heldout_bytes": len(heldout_text.encode("utf-8")),
-            "heldout_sha256": zoo.docstring_corpus_sha256(heldout_text),
+            "heldout_sha256": trainers.docstring_corpus_sha256(heldout_text),
         },
         "made_with": {"python": platform.python_version(), "torch": torch.__version__,
                       "transformers": transformers.__version__,
-                      "command": "python -m merge_graphs.quickstart"},
+                      "command": "python -m merge_graphs.lab.quickstart"},
     }
     tasks = [(seed, str(out / name), train_text, str(heldout_path), record) for name, seed in MODELS.items()]
     if jobs > 1:
@@ -333,7 +334,7 @@ def _report(rows: Mapping[str, Mapping[str, float]], baselines: Mapping[str, flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m merge_graphs.quickstart", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m merge_graphs.lab.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder to write (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="train the two models in this many processes")
     parser.add_argument("--eval-only", action="store_true", help="do not train; evaluate the models in --out")
@@ -348,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     a, b, _ = load_pair(args.out)
     heldout = Path(args.out) / HELDOUT_FILE
-    train_text = zoo.load_docstring_corpus("train")
+    train_text = trainers.load_docstring_corpus("train")
     rows = compare(a, b, heldout, calibration_inputs(train_text, seq_len=a.config.n_positions),
                    seeds=range(args.restarts))
     baselines = {"unigram (fit on training text)": unigram_loss(heldout, train_text),

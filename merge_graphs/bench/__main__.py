@@ -1,5 +1,0 @@
-import sys
-
-from merge_graphs.bench import main
-
-sys.exit(main())
