@@ -49,8 +49,8 @@ from merge_graphs.methods import (
     slerp_row_moments,
 )
 from merge_graphs.symmetry import SymmetrySpec, identity_permutations, spec_from_config
-from merge_graphs.symmetry.builder import TensorInfo
 from merge_graphs.symmetry.spec import axis_index
+from merge_graphs.tensors import TensorInfo
 
 logger = logging.getLogger(__name__)
 

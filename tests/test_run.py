@@ -122,7 +122,7 @@ def test_an_interrupted_run_leaves_no_output_folder(tmp_path, pair, monkeypatch,
         monkeypatch.setattr(run_module, "merge_aligned", interrupt)
     elif stage == "write_model_folder":
         monkeypatch.setattr(run_module, "execution_path", lambda recipe: ("in-memory", "test"))
-        monkeypatch.setattr(T.PreTrainedModel, "save_pretrained", interrupt)
+        monkeypatch.setattr("merge_graphs.io.writer._write_shards", interrupt)
     elif stage == "merge_tensors":  # the streamed path, while merging and writing shards
         monkeypatch.setattr("merge_graphs.stream.merge_tensors", interrupt_later)
     else:  # the streamed path, after the weights, while writing the config
