@@ -29,7 +29,7 @@ from merge_graphs.match import AlignedTensors, Alignment
 from merge_graphs.methods import merge_tensors
 from merge_graphs.sources import TensorSource
 from merge_graphs.symmetry import SymmetrySpec
-from merge_graphs.symmetry.builder import TensorInfo
+from merge_graphs.tensors import TensorInfo
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.io.checkpoint import Checkpoint
 from merge_graphs.symmetry import SymmetrySpec, spec_from_config, symmetry_spec
-from merge_graphs.symmetry.builder import TensorInfo
+from merge_graphs.tensors import TensorInfo, infos
 
 
 class TensorSource(Mapping[str, torch.Tensor]):
@@ -142,7 +142,7 @@ class StateTensors(TensorSource):
         self.aliases = tied_names(self.state)
 
     def infos(self) -> dict[str, TensorInfo]:
-        return {k: TensorInfo.of(v) for k, v in self.state.items()}
+        return infos(self.state)
 
     def spec(self) -> SymmetrySpec:
         return symmetry_spec(self.model)

@@ -9,7 +9,8 @@ from tiny_models import FACTORIES, example_input, make, minilm_path, outputs, ra
 from torch import nn
 
 import merge_graphs as mg
-from merge_graphs.symmetry import TensorInfo, identity_permutations, permute_state_dict, spec_from_config
+from merge_graphs.symmetry import identity_permutations, permute_state_dict, spec_from_config
+from merge_graphs.tensors import TensorInfo
 
 
 def assert_same_function(model, permuted, spec, perms, inputs):

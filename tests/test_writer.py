@@ -17,7 +17,9 @@ from tiny_models import example_input, make, minilm_path, outputs
 from merge_graphs.errors import CheckpointNotFoundError
 from merge_graphs.io import writer as writer_module
 from merge_graphs.io.card import model_card
-from merge_graphs.io.writer import TOKENIZER_PATTERNS, parse_size, write_model_folder, write_tensor_folder
+from merge_graphs.io.files import TOKENIZER_PATTERNS
+from merge_graphs.io.writer import parse_size, stored_state_dict, write_model_folder, write_tensor_folder
+from merge_graphs.tensors import infos
 
 AUTO = {"bert": transformers.AutoModel, "gpt2-lm": transformers.AutoModelForCausalLM,
         "llama-lm": transformers.AutoModelForCausalLM,
@@ -108,6 +110,89 @@ def test_sharded_folder_has_an_index_and_loads_identically(tmp_path, name):
     assert_tied_like(model, loaded)
 
 
+def tiny_mixtral():
+    """A mixture of experts: transformers 5 fuses its experts' weights on loading."""
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1)).eval()
+
+
+@pytest.mark.parametrize("name", ["bert", "bert-mlm", "roberta-mlm", "gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias",
+                                  "qwen2-lm-tied", "mixtral"])
+def test_the_folder_is_the_one_save_pretrained_writes(tmp_path, name):
+    model = tiny_mixtral() if name == "mixtral" else make(name)
+    model.save_pretrained(tmp_path / "hf")
+    out = write_model_folder(model, tmp_path / "ours")
+    ours, theirs = stored_tensors(out), stored_tensors(tmp_path / "hf")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert stored_state_dict(model).keys() == ours.keys()
+    for file in ["config.json", "generation_config.json"]:
+        assert (out / file).is_file() == (tmp_path / "hf" / file).is_file(), file
+        if (out / file).is_file():
+            assert json.loads((out / file).read_text()) == json.loads((tmp_path / "hf" / file).read_text()), file
+    loaded = type(model).from_pretrained(out)
+    assert_tied_like(model, loaded)
+    state = model.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(t, state[k]) for k, t in loaded.state_dict().items())
+
+
+REMOTE_CODE = """
+import torch
+import transformers
+
+
+class TinyConfig(getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig):
+    model_type = "merge-graphs-tiny"
+
+    def __init__(self, width=4, **kwargs):
+        self.width = width
+        super().__init__(**kwargs)
+
+
+class TinyModel(transformers.PreTrainedModel):
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.linear = torch.nn.Linear(config.width, config.width)
+        self.post_init()
+
+    def forward(self, x):
+        return self.linear(x)
+"""
+
+
+def test_a_model_from_repository_code_keeps_its_code(tmp_path, monkeypatch):
+    """As save_pretrained does: the code is copied and named in auto_map, so the folder loads again."""
+    import importlib.util
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "modeling_tiny.py").write_text(REMOTE_CODE)
+    spec = importlib.util.spec_from_file_location("modeling_tiny", tmp_path / "code" / "modeling_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "modeling_tiny", module)
+    spec.loader.exec_module(module)
+    module.TinyConfig.register_for_auto_class()
+    module.TinyModel.register_for_auto_class("AutoModel")
+    model = module.TinyModel(module.TinyConfig())
+
+    out = write_model_folder(model, tmp_path / "out")
+    assert (out / "modeling_tiny.py").read_text() == REMOTE_CODE
+    assert json.loads((out / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "modeling_tiny.TinyConfig", "AutoModel": "modeling_tiny.TinyModel"}
+    assert not hasattr(model.config, "auto_map") or "AutoModel" not in (model.config.auto_map or {})
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    loaded = transformers.AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert torch.equal(loaded.linear.weight, model.linear.weight)
+
+
 def test_caller_model_is_not_modified(tmp_path):
     model = make("llama-lm")
     config_before = model.config.to_dict()
@@ -140,17 +225,13 @@ def test_dtype_bfloat16(tmp_path, dtype):
     assert model.dtype == torch.float32 and model.config.dtype in (None, "float32", torch.float32)
 
 
-def test_cast_keeps_integer_buffers_and_ties():
-    module = torch.nn.Module()
-    module.a = torch.nn.Linear(3, 3)
-    module.b = torch.nn.Linear(3, 3)
-    module.b.weight = module.a.weight
-    module.register_buffer("steps", torch.arange(4))
-    cast = writer_module._cast_state_dict(module, torch.float16)
-    assert cast["steps"].dtype == torch.int64 and torch.equal(cast["steps"], module.steps)
-    assert cast["a.weight"].dtype == torch.float16 and cast["a.bias"].dtype == torch.float16
-    assert cast["a.weight"].data_ptr() == cast["b.weight"].data_ptr()  # still tied
-    assert module.a.weight.dtype == torch.float32
+def test_cast_keeps_integer_tensors(tmp_path):
+    state = {"w": torch.randn(3, 3), "steps": torch.arange(4)}
+    out = write_tensor_folder(state.items(), infos(state), transformers.BertConfig(), tmp_path / "out", dtype="fp16")
+    stored = stored_tensors(out)
+    assert stored["w"].dtype == torch.float16 and torch.equal(stored["w"], state["w"].half())
+    assert stored["steps"].dtype == torch.int64 and torch.equal(stored["steps"], state["steps"])
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, "int8", "fp8", "float8_e4m3fn"])
@@ -261,25 +342,24 @@ def contents(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def fail_in_save_pretrained(monkeypatch, exc: BaseException) -> None:
-    """Make the weights write fail halfway: the config and a partial shard are already on disk."""
-    import transformers.modeling_utils as mu
+def fail_mid_write(monkeypatch, parent: Path, exc: BaseException, after: int = 5) -> None:
+    """Make the weights write into ``parent / "out"`` fail halfway, ``after`` tensors in."""
+    real = writer_module._tensor_bytes
+    written: list[str] = []
 
-    real = mu.safe_save_file
+    def partial_then_fail(expected, item, info):
+        if len(written) == after:
+            assert list(parent.glob(".out.tmp-*/*.safetensors")), "shards are written beside the target"
+            raise exc
+        written.append(expected)
+        return real(expected, item, info)
 
-    def partial_then_fail(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        assert Path(filename).parent.name.startswith(".out.tmp-")  # written beside the target
-        assert (Path(filename).parent / "config.json").is_file()
-        raise exc
-
-    monkeypatch.setattr(mu, "safe_save_file", partial_then_fail)
-    assert real is not partial_then_fail
+    monkeypatch.setattr(writer_module, "_tensor_bytes", partial_then_fail)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, exc):
-    fail_in_save_pretrained(monkeypatch, exc)
+    fail_mid_write(monkeypatch, tmp_path, exc)
     with pytest.raises(type(exc)):
         write_model_folder(make("gpt2-lm"), tmp_path / "out", shard_size="20KB")
     assert only_entry(tmp_path) == []
@@ -299,8 +379,7 @@ def test_interrupt_while_copying_the_tokenizer_leaves_nothing(tmp_path, monkeypa
 def test_existing_target_without_overwrite(tmp_path, monkeypatch):
     target = tmp_path / "out"
     before = old_folder(target)
-    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained",
-                        lambda *a, **k: pytest.fail("nothing may be written"))
+    monkeypatch.setattr(writer_module, "_write_shards", lambda *a, **k: pytest.fail("nothing may be written"))
     with pytest.raises(FileExistsError) as info:
         write_model_folder(make("bert"), target)
     message = str(info.value)
@@ -313,7 +392,7 @@ def test_existing_target_without_overwrite(tmp_path, monkeypatch):
 def test_overwrite_with_failure_keeps_the_old_folder(tmp_path, monkeypatch):
     target = tmp_path / "out"
     before = old_folder(target)
-    fail_in_save_pretrained(monkeypatch, KeyboardInterrupt())
+    fail_mid_write(monkeypatch, tmp_path, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         write_model_folder(make("bert"), target, overwrite=True)
     assert contents(target) == before

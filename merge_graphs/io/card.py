@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from merge_graphs.io.refs import parse_model_ref
+
 logger = logging.getLogger(__name__)
 
 TAGS = ("merge", "merge-graphs")
@@ -34,8 +36,6 @@ _ALIGN_DESCRIPTIONS = {
 
 def _hub_ids(base_models: Iterable[str]) -> list[str]:
     """The Hub ids (revision dropped, duplicates removed) among model references; local folders are left out."""
-    from merge_graphs.io.refs import parse_model_ref
-
     ids: list[str] = []
     for ref in base_models:
         try:

@@ -20,24 +20,12 @@ import torch
 from safetensors import safe_open
 
 from merge_graphs.errors import CheckpointNotFoundError, RemoteCodeError, UnsafeCheckpointError
-from merge_graphs.io.hub import PICKLE_INDEX, PICKLE_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, resolve
+from merge_graphs.io.files import CONFIG, PICKLE_INDEX, PICKLE_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS
+from merge_graphs.io.hub import resolve
 from merge_graphs.io.refs import ModelRef, parse_model_ref
-from merge_graphs.symmetry.builder import TensorInfo
+from merge_graphs.tensors import SAFETENSORS_DTYPES, TensorInfo
 
 logger = logging.getLogger(__name__)
-
-#: safetensors dtype codes -> torch dtypes (those this torch build has).
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    code: getattr(torch, name)
-    for code, name in {
-        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-        "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-        "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
-    }.items()
-    if hasattr(torch, name)
-}
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
 
@@ -134,7 +122,7 @@ class Checkpoint:
                 f"{str(self.path)!r} is a file, not a model folder: pass the folder that holds config.json and "
                 "the weights."
             )
-        if not (self.path / "config.json").is_file():
+        if not (self.path / CONFIG).is_file():
             raise CheckpointNotFoundError(
                 f"model folder {str(self.path)!r} has no config.json, so its architecture is unknown. Pass the "
                 "folder written by `save_pretrained` (with config.json), or copy the model's config.json into it."
@@ -194,7 +182,7 @@ class Checkpoint:
         try:
             return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except ValueError as err:
-            raw = json.loads((self.path / "config.json").read_text())
+            raw = json.loads((self.path / CONFIG).read_text())
             if "auto_map" in raw and not self.trust_remote_code:
                 raise RemoteCodeError(
                     f"{self.path} needs its repository's Python code (model_type {raw.get('model_type')!r}, "
@@ -228,7 +216,7 @@ class Checkpoint:
                 with self._open(file, "cpu") as f:
                     for name in names:
                         sl = f.get_slice(name)
-                        dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                        dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
                         out[name] = TensorInfo(sl.get_shape(), dtype) if dtype else TensorInfo.of(f.get_tensor(name))
             else:
                 state = self._load_pickle(file)

@@ -28,20 +28,23 @@ from huggingface_hub.errors import (
 )
 
 from merge_graphs.errors import CheckpointNotFoundError, UnsafeCheckpointError
+from merge_graphs.io.files import (
+    CONFIG,
+    GENERATION_CONFIG,
+    PICKLE_INDEX,
+    PICKLE_WEIGHTS,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    TOKENIZER_PATTERNS,
+)
 from merge_graphs.io.refs import ModelRef, parse_model_ref
-from merge_graphs.io.writer import TOKENIZER_PATTERNS
 
 logger = logging.getLogger(__name__)
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-PICKLE_WEIGHTS = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-
 #: Files fetched before the weights: configs, tokenizers and both weight indexes (small).
 METADATA_PATTERNS = (
-    "config.json",
-    "generation_config.json",
+    CONFIG,
+    GENERATION_CONFIG,
     *TOKENIZER_PATTERNS,
     SAFE_INDEX,
     PICKLE_INDEX,
@@ -177,7 +180,7 @@ def resolve(
         folder = Path(snapshot_download(repo_id, revision=model.revision, allow_patterns=patterns, **common))
         # Pin the commit the first call resolved, so the weights come from the same one.
         commit = folder.name if _COMMIT.match(folder.name) else model.revision
-        if not (folder / "config.json").is_file():
+        if not (folder / CONFIG).is_file():
             raise CheckpointNotFoundError(
                 f"Hub repository {str(model)!r} has no config.json at commit {commit}, so it is not a transformers "
                 "model repository (an adapter, a GGUF or another format?). Pass the id of a transformers model."

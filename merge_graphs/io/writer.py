@@ -1,16 +1,16 @@
 """Writing a merged model as a normal Hugging Face folder, atomically.
 
-:func:`write_model_folder` writes ``config.json`` (and ``generation_config.json``), safetensors
+:func:`write_tensor_folder` writes ``config.json`` (and ``generation_config.json``), safetensors
 weights (sharded with ``model.safetensors.index.json`` past ``shard_size``), the tokenizer files
-of a reference model and any extra files (the recipe, the model card) into a temporary folder
-beside the target, and renames it onto the target only once everything is written. After any
-error or Ctrl-C nothing is at the target path, and an existing folder is replaced only by a
-complete one (``overwrite=True``).
-
-:func:`write_tensor_folder` writes the same folder from a stream of named tensors and a config,
-without a model object: each tensor goes to disk as it arrives (the safetensors headers are
+of a reference model and any extra files (the recipe, the model card) from a stream of named
+tensors and a config: each tensor goes to disk as it arrives (the safetensors headers are
 written first, from the planned shapes), so a merge of models larger than memory holds one
-tensor, not one shard.
+tensor, not one shard. Everything goes into a temporary folder renamed onto the target at the
+end (:func:`~merge_graphs.io.atomic.atomic_folder`): after any error or Ctrl-C nothing is at the
+target path, and an existing folder is replaced only by a complete one (``overwrite=True``).
+
+:func:`write_model_folder` writes a ``transformers`` model through the same stream: the tensors
+``save_pretrained`` would store, its config and generation config.
 
 :func:`parse_size` reads shard sizes the way transformers and mergekit write them.
 """
@@ -24,33 +24,21 @@ import logging
 import math
 import os
 import re
-import secrets
 import shutil
+import sys
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
 from merge_graphs.errors import CheckpointNotFoundError
-from merge_graphs.symmetry.builder import TensorInfo
+from merge_graphs.io.atomic import atomic_folder
+from merge_graphs.io.files import CONFIG, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS, TOKENIZER_PATTERNS, shard_name
+from merge_graphs.tensors import SAFETENSORS_CODES, TensorInfo, infos
 
 logger = logging.getLogger(__name__)
-
-#: Tokenizer files copied from ``tokenizer_from`` (top-level files matching these patterns):
-#: ``tokenizer.json``, ``tokenizer_config.json``, ``tokenizer.model``, ``vocab.txt``,
-#: ``vocab.json``, ``merges.txt``, sentencepiece ``*.model``, tiktoken files, chat templates ...
-TOKENIZER_PATTERNS: tuple[str, ...] = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
-)
 
 #: Floating dtypes a written model may be cast to (what ``from_pretrained`` loads as is).
 SAVE_DTYPES: dict[str, torch.dtype] = {
@@ -130,26 +118,6 @@ def _save_dtype(dtype: torch.dtype | str) -> torch.dtype:
                      "the model's own dtype)")
 
 
-def _cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's state dict with floating tensors cast to ``dtype``; integer buffers unchanged.
-
-    Tensors that share memory in the model (tied weights) share it in the result too, so that
-    ``save_pretrained`` still recognizes and drops the tied copies.
-    """
-    cast: dict[tuple, torch.Tensor] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dtype == dtype:
-            out[name] = tensor
-            continue
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), tensor.dtype)
-        if key not in cast:
-            cast[key] = tensor.detach().to(dtype)
-        out[name] = cast[key]
-    return out
-
-
 def _check_extra_name(name: str) -> PurePosixPath:
     """A safe relative path for an extra file, or ValueError."""
     rel = PurePosixPath(str(name).replace("\\", "/"))
@@ -157,7 +125,7 @@ def _check_extra_name(name: str) -> PurePosixPath:
         raise ValueError(f"extra file name {name!r} must be a relative path inside the model folder, "
                          "e.g. 'merge-graphs.yaml' or 'README.md'")
     first = rel.parts[0]
-    if len(rel.parts) == 1 and (first in ("config.json", "generation_config.json")
+    if len(rel.parts) == 1 and (first in (CONFIG, GENERATION_CONFIG)
                                 or fnmatch.fnmatch(first, "model*.safetensors")
                                 or fnmatch.fnmatch(first, "*.safetensors.index.json")):
         raise ValueError(f"extra file name {name!r} would replace a file the model itself writes (config or weights); "
@@ -166,7 +134,7 @@ def _check_extra_name(name: str) -> PurePosixPath:
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
-    """Top-level files of ``folder`` that :data:`TOKENIZER_PATTERNS` match, sorted."""
+    """Top-level files of ``folder`` that :data:`~merge_graphs.io.files.TOKENIZER_PATTERNS` match, sorted."""
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in TOKENIZER_PATTERNS))
 
@@ -189,49 +157,104 @@ def _copy_tokenizer(source: Any, folder: Path) -> list[str]:
     return [f.name for f in files]
 
 
-def _make_sibling_dir(target: Path, kind: str) -> Path:
-    """Create an empty hidden folder ``.{name}.{kind}-XXXXXXXX`` beside ``target`` (mode per umask)."""
-    for _ in range(100):
-        candidate = target.parent / f".{target.name}.{kind}-{secrets.token_hex(4)}"
-        try:
-            os.mkdir(candidate)
-        except FileExistsError:
-            continue
-        return candidate
-    raise FileExistsError(f"could not create a temporary folder beside {target}")  # pragma: no cover
+def write_tensor_folder(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    layout: Mapping[str, TensorInfo],
+    config: Any,
+    path: str | os.PathLike[str],
+    *,
+    shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+    generation_config: Any = None,
+    tokenizer_from: str | os.PathLike[str] | Any | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a stream of named tensors as a Hugging Face model folder at ``path``, atomically.
 
+    The folder holds ``config.json`` (and ``generation_config.json``), the weights as
+    safetensors, the tokenizer files of ``tokenizer_from`` and ``extra_files``. Shards are
+    planned from ``layout`` before any tensor arrives (``model.safetensors``, or
+    ``model-0000i-of-0000N.safetensors`` and ``model.safetensors.index.json`` past
+    ``shard_size``, as transformers names them); each tensor is written to its shard as it
+    comes, so at most one tensor (and its cast copy) is held here.
 
-def _sibling_name(target: Path, kind: str) -> Path:
-    """An unused path ``.{name}.{kind}-XXXXXXXX`` beside ``target`` (not created)."""
-    while True:
-        candidate = target.parent / f".{target.name}.{kind}-{secrets.token_hex(4)}"
-        if not os.path.lexists(candidate):
-            return candidate
+    Everything is written into a hidden temporary folder beside the target (same parent, so
+    the final rename is atomic; see :func:`~merge_graphs.io.atomic.atomic_folder`) and renamed
+    onto ``path`` at the end. After any exception or KeyboardInterrupt nothing is at ``path``
+    and the temporary folder is gone; a run killed outright leaves it, and the next write into
+    the same parent folder removes it. An existing folder at ``path`` is an error unless
+    ``overwrite``; with ``overwrite`` it is moved aside only once the new folder is complete,
+    then deleted (if the final swap fails, the old folder is put back).
 
+    Args:
+        tensors: ``(name, tensor)`` pairs in ``layout``'s order, e.g. a generator that merges
+            one tensor at a time.
+        layout: ``{name: TensorInfo}`` of every tensor to write, in order, with its stored
+            dtype (floating-point ones are then cast to ``dtype``).
+        config: the model's ``transformers`` config; a copy is written, with ``dtype`` recorded.
+        path: the output folder (its parent folders are created).
+        shard_size: the largest shard, ``int`` bytes or a string for :func:`parse_size`.
+        dtype: cast floating-point tensors (not integer buffers) to this dtype when saving and
+            record it in ``config.json``; ``torch.bfloat16`` or ``"bfloat16"``/``"bf16"``,
+            ``float16``, ``float32``, ``float64``. ``None`` keeps the tensors' dtypes.
+        generation_config: a ``GenerationConfig`` to write as ``generation_config.json``.
+        tokenizer_from: a local model folder whose tokenizer files
+            (:data:`~merge_graphs.io.files.TOKENIZER_PATTERNS`: ``tokenizer.json``,
+            ``tokenizer_config.json``, ``special_tokens_map.json``, ``vocab.txt``,
+            ``vocab.json``, ``merges.txt``, sentencepiece ``*.model``, ``added_tokens.json``
+            ...) are copied byte for byte, or a tokenizer object (saved with its
+            ``save_pretrained``). ``None``: no tokenizer.
+        extra_files: ``{relative name: text or bytes}`` written last (text as UTF-8), e.g.
+            ``{"README.md": card, "merge-graphs.yaml": recipe}``; they may replace tokenizer
+            files but not the config or the weights.
+        overwrite: replace an existing folder at ``path``.
 
-def _remove(path: Path) -> None:
-    """Remove a folder tree, or a symlink / file, ignoring errors (logged)."""
-    try:
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.exists():
-            shutil.rmtree(path)
-    except OSError as err:  # pragma: no cover - depends on the file system
-        logger.warning("could not remove %s: %s; delete it by hand", path, err)
+    Returns:
+        The absolute path of the written folder.
 
+    Raises:
+        ValueError: a bad ``shard_size``, ``dtype`` or extra file name; or a tensor arrives
+            out of ``layout``'s order or with another shape, or the stream ends early or runs
+            long (then nothing is left at ``path``).
+        FileExistsError: ``path`` exists and ``overwrite`` is off, or ``path`` is a file.
+        CheckpointNotFoundError: ``tokenizer_from`` is not a folder or has no tokenizer files.
+        TypeError: an extra file's content is neither str nor bytes.
 
-def _exists_message(target: Path) -> str:
-    return (f"output folder {str(target)!r} already exists; pass overwrite=True (CLI: --force) to replace it, "
-            "or choose another path")
-
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    """Raise before anything is written when ``target`` cannot be written."""
-    if os.path.lexists(target) and not target.is_dir():
-        raise FileExistsError(f"{str(target)!r} exists and is not a folder; the model is written as a folder: "
-                              "choose another path (or remove the file)")
-    if target.is_dir() and not overwrite:
-        raise FileExistsError(_exists_message(target))
+    Example:
+        >>> import tempfile, os, torch, transformers
+        >>> from merge_graphs.io.writer import write_tensor_folder
+        >>> from merge_graphs.tensors import infos
+        >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=20, hidden_size=8,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+        >>> state = model.state_dict()
+        >>> with tempfile.TemporaryDirectory() as parent:
+        ...     out = write_tensor_folder(state.items(), infos(state), model.config, os.path.join(parent, "m"),
+        ...                               shard_size="2KB", dtype="bfloat16")
+        ...     loaded = transformers.AutoModel.from_pretrained(out)
+        ...     len(os.listdir(out)) > 3, loaded.embeddings.word_embeddings.weight.dtype
+        (True, torch.bfloat16)
+    """
+    max_shard = parse_size(shard_size)
+    save_dtype = _save_dtype(dtype) if dtype is not None else None
+    extras = _check_extras(extra_files)
+    stored = {name: TensorInfo(info.shape, save_dtype if save_dtype is not None and info.dtype.is_floating_point
+                               else info.dtype) for name, info in layout.items()}
+    unknown = sorted({str(i.dtype) for i in stored.values() if i.dtype not in SAFETENSORS_CODES})
+    if unknown:
+        raise ValueError(f"cannot write tensors of dtype {', '.join(unknown)} as safetensors")
+    what = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    with atomic_folder(path, overwrite, what) as (tmp, target):
+        _write_shards(iter(tensors), stored, tmp, max_shard)
+        config = copy.deepcopy(config)
+        floating = [i.dtype for i in stored.values() if i.dtype.is_floating_point]
+        if floating:
+            config.dtype = str(floating[0]).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        _write_companions(tmp, tokenizer_from, extras)
+    return target
 
 
 def write_model_folder(
@@ -246,49 +269,31 @@ def write_model_folder(
 ) -> Path:
     """Write ``model`` as a Hugging Face model folder at ``path``, atomically.
 
-    The folder holds ``config.json`` (and ``generation_config.json`` for generative models),
-    the weights as safetensors (one ``model.safetensors``, or shards and
-    ``model.safetensors.index.json`` past ``shard_size``; tied weights are stored once and stay
-    tied on loading), the tokenizer files of ``tokenizer_from`` and ``extra_files``. It loads
-    with ``AutoModel.from_pretrained(path)`` (or the ``AutoModelFor*`` class of the model).
+    The folder is the one ``model.save_pretrained(path)`` writes, through
+    :func:`write_tensor_folder`: ``config.json`` (with ``architectures`` and ``dtype``),
+    ``generation_config.json`` for generative models, the weights as safetensors (one
+    ``model.safetensors``, or shards and ``model.safetensors.index.json`` past
+    ``shard_size``), plus the tokenizer files of ``tokenizer_from`` and ``extra_files``. It
+    loads with ``AutoModel.from_pretrained(path)`` (or the ``AutoModelFor*`` class of the model).
+    The tensors are those ``save_pretrained`` stores (:func:`stored_state_dict`): tied weights
+    once, so that they stay tied on loading.
 
-    Everything is written into a hidden temporary folder beside the target
-    (``.{name}.tmp-XXXXXXXX``, same parent, so the final rename is atomic) and renamed onto
-    ``path`` at the end. After any exception or KeyboardInterrupt nothing is at ``path`` and the
-    temporary folder is gone. An existing folder at ``path`` is an error unless ``overwrite``;
-    with ``overwrite`` it is moved aside only once the new folder is complete, then deleted
-    (if the final swap fails, the old folder is put back).
-
-    The caller's model is not modified (``save_pretrained`` writes ``dtype`` and
-    ``architectures`` into a copy of its config).
+    Same atomic writing, ``overwrite`` rules, tokenizer and extra files as
+    :func:`write_tensor_folder`. Casting to ``dtype`` holds one cast tensor at a time. The
+    caller's model is not modified.
 
     Args:
         model: a ``transformers.PreTrainedModel``.
-        path: the output folder (its parent folders are created).
-        shard_size: the largest shard, ``int`` bytes or a string for :func:`parse_size`.
-        dtype: cast floating-point tensors (not integer buffers) to this dtype when saving and
-            record it in ``config.json``; ``torch.bfloat16`` or ``"bfloat16"``/``"bf16"``,
-            ``float16``, ``float32``, ``float64``. ``None`` keeps the model's dtypes. Casting
-            holds one cast copy of the weights in memory while saving.
-        tokenizer_from: a local model folder whose tokenizer files (:data:`TOKENIZER_PATTERNS`:
-            ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
-            ``vocab.txt``, ``vocab.json``, ``merges.txt``, sentencepiece ``*.model``,
-            ``added_tokens.json`` ...) are copied byte for byte, or a tokenizer object (saved
-            with its ``save_pretrained``). ``None``: no tokenizer.
-        extra_files: ``{relative name: text or bytes}`` written last (text as UTF-8), e.g.
-            ``{"README.md": card, "merge-graphs.yaml": recipe}``; they may replace tokenizer
-            files but not the config or the weights.
-        overwrite: replace an existing folder at ``path``.
+        path, shard_size, dtype, tokenizer_from, extra_files, overwrite: as for
+            :func:`write_tensor_folder`.
 
     Returns:
         The absolute path of the written folder.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is off, or ``path`` is a file.
-        CheckpointNotFoundError: ``tokenizer_from`` is not a folder or has no tokenizer files.
-        ValueError: a bad ``shard_size``, ``dtype`` or extra file name.
         TypeError: ``model`` is not a ``transformers.PreTrainedModel``, or an extra file's
             content is neither str nor bytes.
+        FileExistsError, CheckpointNotFoundError, ValueError: as for :func:`write_tensor_folder`.
 
     Example:
         >>> import tempfile, os, transformers
@@ -307,97 +312,73 @@ def write_model_folder(
         raise TypeError(
             f"write_model_folder writes transformers models (PreTrainedModel), got {type(model).__name__}; save other "
             "torch modules with safetensors.torch.save_file(module.state_dict(), path)")
-    max_shard = parse_size(shard_size)
-    save_dtype = _save_dtype(dtype) if dtype is not None else None
-    extras = _check_extras(extra_files)
-    with _atomic_folder(path, overwrite, type(model).__name__) as (tmp, target):
-        _write_model(model, tmp, max_shard=max_shard, dtype=save_dtype)
-        _write_companions(tmp, tokenizer_from, extras)
-    return target
+    state = stored_state_dict(model)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    code = _code_files(model, config)
+    return write_tensor_folder(
+        state.items(), infos(state), config, path, shard_size=shard_size, dtype=dtype,
+        generation_config=model.generation_config if model.can_generate() else None,
+        tokenizer_from=tokenizer_from, extra_files={**code, **(extra_files or {})}, overwrite=overwrite,
+    )
 
 
-def write_tensor_folder(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    layout: Mapping[str, TensorInfo],
-    config: Any,
-    path: str | os.PathLike[str],
-    *,
-    shard_size: int | str = "5GB",
-    dtype: torch.dtype | str | None = None,
-    generation_config: Any = None,
-    tokenizer_from: str | os.PathLike[str] | Any | None = None,
-    extra_files: Mapping[str, str | bytes] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a stream of named tensors as a Hugging Face model folder at ``path``, atomically.
+def stored_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The tensors ``model.save_pretrained`` stores, by name (views of the model's own, not copies).
 
-    The folder is the one :func:`write_model_folder` writes (same atomic temporary folder and
-    rename, same ``overwrite`` rules, tokenizer and extra files), built from ``config`` and the
-    tensors instead of a model object. Shards are planned from ``layout`` before any tensor
-    arrives (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` and
-    ``model.safetensors.index.json`` past ``shard_size``, as transformers names them); each
-    tensor is written to its shard as it comes, so at most one tensor (and its cast copy) is
-    held here.
-
-    Args:
-        tensors: ``(name, tensor)`` pairs in ``layout``'s order, e.g. a generator that merges
-            one tensor at a time.
-        layout: ``{name: TensorInfo}`` of every tensor to write, in order, with its stored
-            dtype (floating-point ones are then cast to ``dtype``).
-        config: the model's ``transformers`` config; a copy is written, with ``dtype`` recorded.
-        path, shard_size, dtype, tokenizer_from, extra_files, overwrite: as for
-            :func:`write_model_folder`.
-        generation_config: a ``GenerationConfig`` to write as ``generation_config.json``.
-
-    Returns:
-        The absolute path of the written folder.
-
-    Raises:
-        ValueError: a tensor arrives out of ``layout``'s order or with another shape, or the
-            stream ends early or runs long; nothing is left at ``path``.
-        FileExistsError, CheckpointNotFoundError, TypeError: as for :func:`write_model_folder`.
+    That is the state dict without the model's ``_keys_to_ignore_on_save``, with each set of
+    tied weights (tensors that are one tensor in memory) stored once: the names the model
+    declares tied (``_tied_weights_keys``, e.g. ``lm_head.weight``) are left out when another
+    name holds the same tensor, because ``from_pretrained`` ties them back from it. Tensors that
+    share memory without being declared tied are all kept (each loads as a copy). Under
+    transformers 5, weights it renames or fuses on loading (e.g. Mixtral's experts) get back
+    their checkpoint names and layout, as ``save_pretrained`` writes them.
 
     Example:
-        >>> import tempfile, os, torch, transformers
-        >>> from merge_graphs.io.writer import write_tensor_folder
-        >>> from merge_graphs.symmetry.builder import TensorInfo
-        >>> model = transformers.BertModel(transformers.BertConfig(vocab_size=20, hidden_size=8,
-        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
-        >>> state = model.state_dict()
-        >>> layout = {k: TensorInfo.of(v) for k, v in state.items()}
-        >>> with tempfile.TemporaryDirectory() as parent:
-        ...     out = write_tensor_folder(state.items(), layout, model.config, os.path.join(parent, "m"),
-        ...                               shard_size="2KB", dtype="bfloat16")
-        ...     loaded = transformers.AutoModel.from_pretrained(out)
-        ...     len(os.listdir(out)) > 3, loaded.embeddings.word_embeddings.weight.dtype
-        (True, torch.bfloat16)
+        >>> import transformers
+        >>> from merge_graphs.io.writer import stored_state_dict
+        >>> model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2))
+        >>> model.lm_head.weight is model.transformer.wte.weight
+        True
+        >>> state = stored_state_dict(model)
+        >>> "lm_head.weight" in state, "transformer.wte.weight" in state
+        (False, True)
     """
-    max_shard = parse_size(shard_size)
-    save_dtype = _save_dtype(dtype) if dtype is not None else None
-    extras = _check_extras(extra_files)
-    stored = {name: TensorInfo(info.shape, save_dtype if save_dtype is not None and info.dtype.is_floating_point
-                               else info.dtype) for name, info in layout.items()}
-    unknown = sorted({str(i.dtype) for i in stored.values() if i.dtype not in _safetensors_codes()})
-    if unknown:
-        raise ValueError(f"cannot write tensors of dtype {', '.join(unknown)} as safetensors")
-    with _atomic_folder(path, overwrite, type(config).__name__) as (tmp, target):
-        _write_shards(iter(tensors), stored, tmp, max_shard)
-        config = copy.deepcopy(config)
-        floating = [i.dtype for i in stored.values() if i.dtype.is_floating_point]
-        if floating:
-            config.dtype = str(floating[0]).removeprefix("torch.")
-        config.save_pretrained(tmp)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        _write_companions(tmp, tokenizer_from, extras)
-    return target
+    ignored = set(model._keys_to_ignore_on_save or ())
+    state = {name: tensor for name, tensor in model.state_dict().items() if name not in ignored}
+    declared = [f"{prefix}.{key}" if prefix else key for prefix, module in model.named_modules()
+                for key in getattr(module, "_tied_weights_keys", None) or ()]  # a list (transformers 4) or dict (5)
+    aliases: dict[tuple, list[str]] = defaultdict(list)
+    for name, tensor in state.items():
+        aliases[(tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                 tuple(tensor.stride()), tensor.dtype)].append(name)
+    for names in aliases.values():
+        # save_pretrained matches the declared names as patterns (re.search), so do we.
+        tied = [name for name in names if any(re.search(pattern, name) for pattern in declared)]
+        if len(tied) == len(names):  # declared tied among themselves: one must stay
+            tied = tied[1:]
+        for name in tied:
+            del state[name]
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 keeps checkpoint names and layouts in memory
+        return state
+    return revert_weight_conversion(model, state)
 
 
-def _safetensors_codes() -> dict[torch.dtype, str]:
-    """torch dtype -> safetensors dtype code (the reader's table, inverted)."""
-    from merge_graphs.io.checkpoint import _SAFETENSORS_DTYPES  # io.hub imports this module
+def _code_files(model: Any, config: Any) -> dict[str, bytes]:
+    """The Python files that define ``model``'s class when it came from a repository's code
+    (``trust_remote_code``): ``save_pretrained`` copies them into the folder and names the class
+    in ``config.auto_map``, so that the folder loads again with ``trust_remote_code``."""
+    cls = type(model)
+    if getattr(cls, "_auto_class", None) is None or cls.__module__ == "__main__":
+        return {}
+    from transformers.dynamic_module_utils import get_relative_import_files
 
-    return {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+    source = sys.modules[cls.__module__].__file__
+    config.auto_map = {**(getattr(config, "auto_map", None) or {}),
+                       cls._auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"}
+    return {Path(file).name: Path(file).read_bytes() for file in [source, *get_relative_import_files(source)]}
 
 
 def _shard_plan(layout: Mapping[str, TensorInfo], max_shard: int) -> list[list[str]]:
@@ -406,7 +387,7 @@ def _shard_plan(layout: Mapping[str, TensorInfo], max_shard: int) -> list[list[s
     shards: list[list[str]] = [[]]
     size = 0
     for name, info in layout.items():
-        nbytes = _nbytes(info)
+        nbytes = info.nbytes
         if shards[-1] and size + nbytes > max_shard:
             shards.append([])
             size = 0
@@ -415,27 +396,19 @@ def _shard_plan(layout: Mapping[str, TensorInfo], max_shard: int) -> list[list[s
     return shards
 
 
-def _nbytes(info: TensorInfo) -> int:
-    return math.prod(info.shape) * info.dtype.itemsize
-
-
 def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], layout: Mapping[str, TensorInfo], folder: Path,
                   max_shard: int) -> None:
     """Write ``tensors`` into safetensors shards as they arrive (headers first, from ``layout``)."""
-    from merge_graphs.io.hub import SAFE_INDEX, SAFE_WEIGHTS  # io.hub imports this module
-
-    codes = _safetensors_codes()
     shards = _shard_plan(layout, max_shard)
-    files = ([SAFE_WEIGHTS] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    files = [SAFE_WEIGHTS] if len(shards) == 1 else [shard_name(i, len(shards)) for i in range(len(shards))]
     for file, names in zip(files, shards):
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name in names:
             info = layout[name]
-            header[name] = {"dtype": codes[info.dtype], "shape": list(info.shape),
-                            "data_offsets": [offset, offset + _nbytes(info)]}
-            offset += _nbytes(info)
+            header[name] = {"dtype": SAFETENSORS_CODES[info.dtype], "shape": list(info.shape),
+                            "data_offsets": [offset, offset + info.nbytes]}
+            offset += info.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
         with open(folder / file, "wb") as f:
@@ -447,7 +420,7 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], layout: Mapping[s
         raise ValueError(f"got tensor {extra[0]!r} after the last one the layout names; give the layout every tensor")
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": sum(math.prod(i.shape) for i in layout.values()),
-                              "total_size": sum(_nbytes(i) for i in layout.values())},
+                              "total_size": sum(i.nbytes for i in layout.values())},
                  "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -473,44 +446,6 @@ def _check_extras(extra_files: Mapping[str, str | bytes] | None) -> dict[PurePos
     return extras
 
 
-@contextmanager
-def _atomic_folder(path: str | os.PathLike[str], overwrite: bool, what: str) -> Iterator[tuple[Path, Path]]:
-    """Yield ``(temporary folder, target)``; the folder is renamed onto the target when the
-    block ends, and removed (nothing at the target) when it raises, Ctrl-C included."""
-    target = Path(os.path.abspath(os.fspath(Path(path).expanduser())))
-    if not target.name or target.parent == target:
-        raise ValueError(f"cannot write a model folder at {str(target)!r}: choose a folder path such as 'merged-model'")
-    _check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_sibling_dir(target, "tmp")
-    logger.info("writing %s to %s (via %s)", what, target, tmp.name)
-    try:
-        yield tmp, target
-        _move_into_place(tmp, target, overwrite)
-    except BaseException:
-        _remove(tmp)
-        raise
-    logger.info("wrote %s: %s", target, ", ".join(sorted(os.listdir(target))))
-
-
-def _write_model(model: Any, folder: Path, *, max_shard: int, dtype: torch.dtype | None) -> None:
-    """Write a model's config (and generation config) and weights into the (temporary) ``folder``."""
-    state_dict = _cast_state_dict(model, dtype) if dtype is not None else None
-    # save_pretrained writes dtype and architectures into model.config: give it a copy.
-    original_config = model.config
-    config = copy.deepcopy(original_config)
-    model.config = config
-    try:
-        model.save_pretrained(folder, state_dict=state_dict, max_shard_size=max_shard)
-    finally:
-        model.config = original_config
-    del state_dict
-    if dtype is not None:
-        # save_pretrained recorded the in-memory model's dtype; record the saved one.
-        config.dtype = str(dtype).removeprefix("torch.")
-        config.save_pretrained(folder)
-
-
 def _write_companions(folder: Path, tokenizer_from: Any, extras: Mapping[PurePosixPath, str | bytes]) -> None:
     """Write the tokenizer and the extra files (model card, recipe) into ``folder``."""
     if tokenizer_from is not None:
@@ -520,27 +455,3 @@ def _write_companions(folder: Path, tokenizer_from: Any, extras: Mapping[PurePos
         dest = folder.joinpath(*rel.parts)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-
-
-def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` onto ``target``; an old folder is replaced only now."""
-    if not os.path.lexists(target):
-        try:
-            os.rename(tmp, target)
-        except OSError as err:
-            if os.path.lexists(target):  # created meanwhile by someone else
-                raise FileExistsError(_exists_message(target)) from err
-            raise
-        return
-    _check_target(target, overwrite)  # appeared while writing, or is no longer a folder
-    aside = _sibling_name(target, "old")
-    os.rename(target, aside)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        try:
-            os.rename(aside, target)
-        except OSError as err:  # pragma: no cover - depends on the file system
-            logger.error("could not put the old folder back at %s (%s); it is at %s", target, err, aside)
-        raise
-    _remove(aside)

@@ -8,7 +8,7 @@ from torch import nn
 
 from merge_graphs.errors import UnsupportedArchitectureError
 from merge_graphs.symmetry import bert, gpt2, llama, sequential
-from merge_graphs.symmetry.builder import SpecBuilder, TensorInfo, infos
+from merge_graphs.symmetry.builder import SpecBuilder
 from merge_graphs.symmetry.spec import (
     Group,
     Permutations,
@@ -22,6 +22,7 @@ from merge_graphs.symmetry.spec import (
     permute_tensor,
     random_permutations,
 )
+from merge_graphs.tensors import TensorInfo, infos
 
 # config.model_type -> family module
 FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama}
@@ -72,7 +73,7 @@ def symmetry_spec(model: nn.Module) -> SymmetrySpec:
 
 
 __all__ = [
-    "FAMILIES", "SUPPORTED", "Group", "Permutations", "Space", "SymmetrySpec", "TensorSpec", "TensorInfo",
+    "FAMILIES", "SUPPORTED", "Group", "Permutations", "Space", "SymmetrySpec", "TensorSpec",
     "compose_permutations", "identity_permutations", "invert_permutations", "permute_state_dict",
     "permute_tensor", "random_permutations", "spec_from_config", "symmetry_spec",
 ]

@@ -12,31 +12,11 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 
-import torch
-
 from merge_graphs.errors import SpecMismatchError, UnsupportedTensorError
 from merge_graphs.symmetry.spec import ROTATION_KINDS, Group, HeadMap, Norm, Space, SymmetrySpec, TensorSpec
+from merge_graphs.tensors import TensorInfo
 
 Axis = Space | Sequence[Space] | None
-
-
-class TensorInfo:
-    """Shape and dtype of one stored tensor, without its data."""
-
-    __slots__ = ("shape", "dtype")
-
-    def __init__(self, shape: Sequence[int], dtype: torch.dtype):
-        self.shape = tuple(shape)
-        self.dtype = dtype
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorInfo:
-        return cls(tensor.shape, tensor.dtype)
-
-
-def infos(state: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
-    """Shapes and dtypes of a state dict."""
-    return {k: TensorInfo.of(v) for k, v in state.items()}
 
 
 class SpecBuilder:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from merge_graphs.errors import UnsupportedArchitectureError
-from merge_graphs.symmetry.builder import SpecBuilder, infos
+from merge_graphs.symmetry.builder import SpecBuilder
+from merge_graphs.tensors import infos
 
 # Modules without parameters that act on each unit (or each channel) alike.
 UNITWISE = (
