@@ -9,8 +9,17 @@ import math
 import os
 import sys
 
+import torch
+
 from merge_graphs import __version__
 from merge_graphs.errors import MergeGraphsError
+from merge_graphs.gnn import default_encoder
+from merge_graphs.gnn import embed as embed_model
+from merge_graphs.graph import NeuralGraph
+from merge_graphs.io import Checkpoint, load_model
+from merge_graphs.io.push import push_folder
+from merge_graphs.run import run_recipe
+from merge_graphs.symmetry import spec_from_config
 
 MAX_GROUP_ROWS = 12
 
@@ -38,8 +47,6 @@ a recipe:
 
 
 def run(args: argparse.Namespace) -> int:
-    from merge_graphs.run import run_recipe
-
     result = run_recipe(args.recipe, out=args.out, push_to_hub=args.push_to_hub, device=args.device,
                         dry_run=args.dry_run, overwrite=True if args.force else None, progress=not args.quiet)
     if args.dry_run:
@@ -89,10 +96,6 @@ def _short(ref: str) -> str:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from merge_graphs.graph import NeuralGraph
-    from merge_graphs.io import Checkpoint
-    from merge_graphs.symmetry import spec_from_config
-
     ckpt = Checkpoint.open(args.model, allow_pickle=args.allow_pickle)
     spec = spec_from_config(ckpt.config, ckpt.infos(), ckpt.architecture)
     graph = NeuralGraph(spec, ckpt)
@@ -120,8 +123,6 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def push(args: argparse.Namespace) -> int:
-    from merge_graphs.io.push import push_folder
-
     url = push_folder(args.folder, args.repo_id, private=args.private or None, revision=args.revision,
                       commit_message=args.message)
     print(f"pushed: {url}")
@@ -129,12 +130,6 @@ def push(args: argparse.Namespace) -> int:
 
 
 def embed(args: argparse.Namespace) -> int:
-    import torch
-
-    from merge_graphs.gnn import default_encoder
-    from merge_graphs.gnn import embed as embed_model
-    from merge_graphs.io.model import load_model
-
     encoder = default_encoder()
     pooled = []
     for ref in args.models:

@@ -28,6 +28,7 @@ import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from merge_graphs.assignment import auction
 from merge_graphs.symmetry.spec import (
     Permutations,
     SymmetrySpec,
@@ -62,8 +63,6 @@ def solve(similarity: torch.Tensor, solver: str = "exact", reg: float = 0.05) ->
     """
     solver = _resolve(solver, similarity)
     if solver == "torch":
-        from merge_graphs.assignment import auction
-
         return auction(similarity).cpu()
     return _solve_array(_as_array(similarity), solver, reg)
 

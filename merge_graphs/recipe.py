@@ -93,10 +93,15 @@ class Align(_Strict):
     calibration: Calibration | None = None
     learn: Learn = Field(default_factory=Learn)
 
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in ALIGNERS:
+            raise ValueError(f"choose one of {', '.join(repr(a) for a in ALIGNERS)} (got {v!r})")
+        return v
+
     @model_validator(mode="after")
     def _needs(self):
-        if self.method not in ALIGNERS:
-            raise ValueError(f"unknown align method {self.method!r}; choose one of {', '.join(ALIGNERS)}")
         aligner = ALIGNERS[self.method]
         if aligner.needs_models and self.calibration is None:
             raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}} or "
@@ -108,7 +113,7 @@ class Align(_Strict):
             self.residual = aligner.basis
         if self.residual not in aligner.residuals:
             able = [name for name, a in ALIGNERS.items() if self.residual in a.residuals]
-            raise ValueError(f"residual {self.residual!r} needs one of the methods {', '.join(able)}")
+            raise ValueError(f"residual {self.residual!r} needs method {', '.join(able[:-1])} or {able[-1]}")
         return self
 
 

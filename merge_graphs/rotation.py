@@ -53,18 +53,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import logging
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
 from merge_graphs.match import Alignment, objective, weight_matching
-from merge_graphs.sources import TensorSource, tensor_source
+from merge_graphs.sources import SpilledTensors, TensorSource, tensor_source
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import (
     ROTATION_KINDS,
@@ -807,13 +811,32 @@ def rotation_alignment(
     kind = rotation_kind(spec)
     q = torch.eye(spec.groups[RESIDUAL].size)
 
+    scratch = tempfile.TemporaryDirectory(prefix="merge-graphs-rotation-")
+    spills = itertools.count()
+    held: dict[tuple, Mapping[str, torch.Tensor]] = {}
+
     def mapped(source, source_spec, rotation=None, perms=None, maps=None):
-        """A source folded (and rotated, permuted, mapped within heads): lazily over a checkpoint,
-        gathered once over a model in memory, where tensors are read many times."""
+        """A source folded (and rotated, permuted, mapped within heads) for reading many times:
+        gathered in memory for a model in memory, else computed once per tensor and kept on disk.
+        Only the latest rotated copy is held beside the two folded models."""
+        key = (id(source), id(rotation), id(perms), id(maps))
+        if key in held:
+            return held[key]
+        if rotation is not None:
+            for old in [k for k in held if k[1] != id(None)]:
+                stale = held.pop(old)
+                if isinstance(stale, SpilledTensors):
+                    shutil.rmtree(stale.folder)
         alignment = RotationAlignment(folded_spec, perms or {}, "none", rotation=rotation, kind=kind,
                                       source_spec=source_spec, head_maps=maps or {})
         view = alignment.tensors(source)
-        return dict(view) if source.in_memory else view
+        if source.in_memory:
+            held[key] = dict(view)
+        else:
+            folder = Path(scratch.name) / str(next(spills))
+            folder.mkdir()
+            held[key] = SpilledTensors(view, folder)
+        return held[key]
 
     folded_spec = Folding(spec).spec
     a, b = mapped(source_a, spec), mapped(source_b, spec_b)
@@ -872,6 +895,7 @@ def rotation_alignment(
                                        identity_permutations(folded_spec))
     else:
         after, group_after = objective(folded_spec, a, mapped(source_b, spec_b, q), perms)
+    scratch.cleanup()
     seconds = time.perf_counter() - start
     logger.info("rotation alignment (%s%s): objective %.4g -> %.4g, fit error %.3g -> %.3g in %.1fs", fit_used,
                 f", head maps {'+'.join(which)}" if maps else "", before, after, _fit_error(xb, xa, eye),

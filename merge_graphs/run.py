@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GenerationConfig
 
 from merge_graphs.aligners import AlignOptions, align_sources, basis_identity, get_aligner
 from merge_graphs.engine import MergedModel, plan_merge
@@ -290,7 +291,6 @@ def _generation_config(folder: Path) -> Any:
     """The reference's generation config, written again beside the merge (None if it has none)."""
     if not (folder / "generation_config.json").is_file():
         return None
-    from transformers import GenerationConfig
 
     return GenerationConfig.from_pretrained(folder)
 
@@ -333,7 +333,6 @@ def _calibration(recipe: Recipe, reference_folder: Path):
     cal = recipe.align.calibration
     if cal is None:
         return None, None
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(reference_folder)
     tokenizer.model_max_length = cal.max_length
@@ -355,17 +354,14 @@ def _calibration(recipe: Recipe, reference_folder: Path):
     return {"input_ids": windows, "attention_mask": torch.ones_like(windows)}, tokenizer
 
 
-def _evaluate(recipe, models, naive, merged, reference_folder) -> dict[str, float]:
-    from transformers import AutoTokenizer
-
+def _evaluate(recipe: Recipe, candidates: Mapping[str, torch.nn.Module], reference_folder: Path) -> dict[str, float]:
 
     text = Path(recipe.evaluate.data)
     if not text.is_file():
         raise RecipeError(f"evaluate.data {recipe.evaluate.data!r} not found; give a held-out text file")
     tokenizer = AutoTokenizer.from_pretrained(reference_folder)
-    candidates = {**models, "naive": naive, "merged": merged}
     return {name: text_loss(m, tokenizer, text, max_windows=recipe.evaluate.max_windows)
-            for name, m in candidates.items() if m is not None}
+            for name, m in candidates.items()}
 
 
 def _summary(alignments: list[Alignment]) -> dict[str, dict[str, float]] | None:

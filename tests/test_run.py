@@ -82,7 +82,7 @@ def test_evaluate_section_scores_parents_naive_and_merged(tmp_path, pair):
     assert result.scores[folder_b] == pytest.approx(parent, abs=1e-6)
     assert result.scores["merged"] == pytest.approx(parent, abs=1e-6)
     assert result.scores["naive"] > parent + 2e-3
-    assert set(result.stage_seconds) == {"load", "align", "merge", "evaluate", "write"}
+    assert set(result.stage_seconds) == {"load", "align", "verify", "merge", "evaluate", "write"}
 
 
 def test_dry_run_loads_no_weights(tmp_path, pair, monkeypatch, capsys):
@@ -91,7 +91,7 @@ def test_dry_run_loads_no_weights(tmp_path, pair, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run must not load a model")
 
-    monkeypatch.setattr(run_module, "_load", refuse)
+    monkeypatch.setattr(run_module, "_source", refuse)
     monkeypatch.setattr("merge_graphs.io.Checkpoint.get", refuse)
     recipe = write_recipe(tmp_path, {"models": [{"model": folder_a}, {"model": "org/on-the-hub"}],
                                      "output": {"path": str(tmp_path / "out")}})

@@ -10,13 +10,15 @@ similarity.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import torch
 
-from merge_graphs.gnn.encoder import Embeddings
+from merge_graphs.gnn.embedding import Embeddings, default_encoder, embed
+from merge_graphs.graph import NeuralGraph
 from merge_graphs.match import Alignment, weight_matching
-from merge_graphs.symmetry.spec import SymmetrySpec, TensorSpec
+from merge_graphs.symmetry.spec import SymmetrySpec, TensorSpec, invert_permutations
 
 
 def pseudo_tensors(emb: Embeddings) -> tuple[dict[str, TensorSpec], dict[str, torch.Tensor]]:
@@ -103,8 +105,6 @@ def recovered_fraction(
         >>> recovered_fraction(spec, invert_permutations(spec, perms), perms)
         1.0
     """
-    from merge_graphs.symmetry.spec import invert_permutations
-
     truth = invert_permutations(spec, perms)
     hits = sum(int((found[g].cpu() == truth[g]).sum()) for g in truth)
     return hits / sum(truth[g].numel() for g in truth)
@@ -128,11 +128,6 @@ def gnn_align(
     :class:`~merge_graphs.sources.ModelTensors`, which the encoder then reads one weight matrix
     at a time: nothing else of the model is held).
     """
-    import time
-
-    from merge_graphs.gnn.encoder import default_encoder, embed
-    from merge_graphs.graph import NeuralGraph
-
     start = time.perf_counter()
     encoder = encoder or default_encoder()
     state_a, state_b = (m.state_dict() if isinstance(m, torch.nn.Module) else m for m in (model_a, model_b))
