@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from merge_graphs.activations import activation_matching
-from merge_graphs.gnn.match import gnn_align
+from merge_graphs.gnn.alignment import gnn_align
 from merge_graphs.learned import learned_alignment
 from merge_graphs.match import Alignment, weight_matching
 from merge_graphs.rotation import folded_identity, rotation_alignment

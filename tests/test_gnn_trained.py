@@ -14,9 +14,9 @@ import merge_graphs as mg
 from merge_graphs.cli import main
 from merge_graphs.errors import CheckpointNotFoundError
 from merge_graphs.gnn import default_encoder, embed
-from merge_graphs.gnn.checkpoint import WEIGHTS_DIR, encoder_info, load_encoder
+from merge_graphs.gnn.alignment import recovered_fraction
 from merge_graphs.gnn.encoder import GraphEncoder
-from merge_graphs.gnn.match import recovered_fraction
+from merge_graphs.gnn.pretrained import WEIGHTS_DIR, encoder_info, load_encoder
 from merge_graphs.lab import pretraining_zoo, trainers
 from merge_graphs.lab.pretrain_gnn import PretrainConfig, _graph, contrastive_loss, node_targets, perturb, pretrain
 

@@ -7,8 +7,8 @@ per-group and whole-model (invariant) embeddings from them; ``embed``
 
 The encoder is pretrained in the lab (:mod:`merge_graphs.lab.pretrain_gnn`) on a zoo of small
 models (:mod:`merge_graphs.lab.pretraining_zoo`); the weights ship in ``weights/``
-(:mod:`merge_graphs.gnn.checkpoint`).
-:mod:`merge_graphs.gnn.match` matches two models' units on their embeddings
+(:mod:`merge_graphs.gnn.pretrained`).
+:mod:`merge_graphs.gnn.alignment` matches two models' units on their embeddings
 (``merge_graphs.align(a, b, method="gnn")``).
 """
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_graphs.gnn.checkpoint import load_encoder
 from merge_graphs.gnn.encoder import GraphEncoder, group_embeddings, pooled_embedding
+from merge_graphs.gnn.pretrained import load_encoder
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.symmetry import symmetry_spec
 

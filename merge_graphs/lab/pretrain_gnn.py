@@ -9,7 +9,7 @@ weight matching, or weight matching, whichever reaches the lowest midpoint loss 
 data. Stage 2 steps are mixed with stage 1 steps, so the encoder keeps what it learnt.
 
 The loss is InfoNCE on every permuted node set: the cosine similarity of model B's node
-embeddings to model A's (centred, as :mod:`merge_graphs.gnn.match` uses them), divided by a
+embeddings to model A's (centred, as :mod:`merge_graphs.gnn.alignment` uses them), divided by a
 temperature, cross-entropy against the true partner, in both directions.
 
 Held-out seeds of the zoo are never trained on; they only feed the learning curve (recovered
@@ -36,9 +36,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from merge_graphs.gnn.checkpoint import save_encoder
-from merge_graphs.gnn.encoder import GraphEncoder, embed
-from merge_graphs.gnn.match import gnn_matching, recovered_fraction
+from merge_graphs.gnn.alignment import gnn_matching, recovered_fraction
+from merge_graphs.gnn.embedding import embed
+from merge_graphs.gnn.encoder import GraphEncoder
+from merge_graphs.gnn.pretrained import save_encoder
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.lab import pretraining_zoo
 from merge_graphs.match import weight_matching

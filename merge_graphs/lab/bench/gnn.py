@@ -55,8 +55,8 @@ def quick_archs() -> tuple[pretraining_zoo.Arch, ...]:
 def align_by(method: str, a, b, encoder) -> Any:
     """The alignment of ``b`` to ``a`` by one of the suite's methods."""
     import merge_graphs as mg
-    from merge_graphs.gnn.encoder import embed
-    from merge_graphs.gnn.match import gnn_align, gnn_matching
+    from merge_graphs.gnn.alignment import gnn_align, gnn_matching
+    from merge_graphs.gnn.embedding import embed
     from merge_graphs.sources import StateTensors, compatible
 
     spec = compatible(StateTensors(a), [StateTensors(b)])
@@ -73,7 +73,7 @@ def align_by(method: str, a, b, encoder) -> Any:
 
 def recovery_row(name: str, model, noise: float, seed: int, encoder) -> dict[str, Any]:
     """Every recovery method on one noisy permuted copy of ``model``."""
-    from merge_graphs.gnn.match import recovered_fraction
+    from merge_graphs.gnn.alignment import recovered_fraction
     from merge_graphs.lab.pretrain_gnn import noisy_copy
     from merge_graphs.symmetry import symmetry_spec
 
@@ -101,7 +101,7 @@ def minilm_embed_seconds(encoder, repeats: int = 3, single: bool = True) -> dict
     """Seconds to embed the real MiniLM-L6 on torch's default threads and (``single``) on 1 thread
     (median of ``repeats``, after one warm-up run if ``repeats`` > 1). Both are reported because
     on a busy machine a second thread can cost more than it gives."""
-    from merge_graphs.gnn.encoder import embed
+    from merge_graphs.gnn.embedding import embed
 
     model = minilm_model()
     default = torch.get_num_threads()
@@ -161,8 +161,8 @@ def gnn_suite(quick: bool = False, out: str | os.PathLike | None = None, *, prog
     """Run the GNN suite (see the module docstring); writes ``bench-gnn.json`` into ``out``."""
     from tqdm.auto import tqdm
 
-    from merge_graphs.gnn.checkpoint import encoder_info
-    from merge_graphs.gnn.encoder import default_encoder
+    from merge_graphs.gnn.embedding import default_encoder
+    from merge_graphs.gnn.pretrained import encoder_info
 
     total_start = time.perf_counter()
     out = out_folder(out)

@@ -6,7 +6,7 @@ The pretrained weights ship in ``merge_graphs/gnn/weights/`` (``encoder.safetens
 Example:
     >>> import tempfile, torch
     >>> from merge_graphs.gnn import GraphEncoder
-    >>> from merge_graphs.gnn.checkpoint import load_encoder, save_encoder
+    >>> from merge_graphs.gnn.pretrained import load_encoder, save_encoder
     >>> enc = GraphEncoder(dim=8, layers=1)
     >>> folder = tempfile.mkdtemp()
     >>> save_encoder(enc, folder, {"seed": 0})
