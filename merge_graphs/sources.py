@@ -28,6 +28,10 @@ from merge_graphs.symmetry import SymmetrySpec, spec_from_config, symmetry_spec
 from merge_graphs.tensors import TensorInfo, infos
 
 
+#: Stored dtypes read as float32.
+HALF = (torch.float16, torch.bfloat16)
+
+
 class TensorSource(Mapping[str, torch.Tensor]):
     """A model's named tensors, in its state-dict order, with what a merge needs beside them.
 
@@ -68,7 +72,8 @@ class ModelTensors(TensorSource):
     MLM decoder), but the model's state dict has it under both names: here the missing names
     read the stored tensor. Names and order come from the model of ``config.architectures``
     built on the meta device (no memory); a class ``transformers`` does not know gets the
-    checkpoint's names and order.
+    checkpoint's names and order. Half-precision tensors are read as float32 (:meth:`infos` keeps
+    the stored dtypes, which the output is written in by default).
 
     Args:
         checkpoint: the lazily opened checkpoint.
@@ -109,7 +114,10 @@ class ModelTensors(TensorSource):
         return {n: stored[self.aliases.get(n, n)] for n in self._names}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.checkpoint.get(self.aliases.get(name, name), device=self.device)
+        tensor = self.checkpoint.get(self.aliases.get(name, name), device=self.device)
+        # Matched, mapped and merged in float32, as a model loaded whole is: a bfloat16 tensor
+        # rotated and stored back in bfloat16 would be rounded before it is merged.
+        return tensor.float() if tensor.dtype in HALF else tensor
 
     def __contains__(self, name: object) -> bool:
         return name in self.aliases or name in self.checkpoint

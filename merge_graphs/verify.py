@@ -103,7 +103,7 @@ def compare_outputs(
         worst = max(worst, diff)
         if diff > tolerance:
             raise AlignmentError(
-                f"permuting {name} changed its output {key!r} by {diff:.2g} of its scale "
+                f"aligning {name} changed its output {key!r} by {diff:.2g} of its scale "
                 f"(tolerance {tolerance:g}). The {spec.family} symmetry spec does not fit this model; "
                 "nothing was written. Please report it with the model's config."
             )

@@ -149,6 +149,16 @@ def test_bf16_checkpoints_round_trip(tmp_path):
     assert loaded.dtype == torch.bfloat16
 
 
+def test_bf16_checkpoints_rotate_in_float32(tmp_path):
+    """Folded and rotated in float32 as read, not rounded to bfloat16 in between: the function check
+    (relative tolerance 1e-4) passes and the streamed merge is the in-memory one."""
+    folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}", dtype=torch.bfloat16) for seed in (0, 1)]
+    recipe = {"models": [{"model": f} for f in folders], "align": {"method": "weight", "residual": "rotation"}}
+    results, memory, streamed = merge_both_ways(tmp_path, recipe)
+    assert_identical(memory, streamed)
+    assert {t.dtype for t in streamed.values()} == {torch.bfloat16}
+
+
 def test_recipe_dtype_is_written(tmp_path):
     folders = [save(make("llama-lm", seed), tmp_path / f"m{seed}") for seed in (0, 1)]
     _, memory, streamed = merge_both_ways(tmp_path, {"models": [{"model": f} for f in folders],
