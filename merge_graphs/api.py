@@ -9,7 +9,6 @@ checkpoints are.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from merge_graphs.activations import Calibration, prepare_inputs
-from merge_graphs.aligners import ALIGNERS, AlignOptions, align_sources, get_aligner
+from merge_graphs.aligners import AlignOptions, align_sources, get_aligner
 from merge_graphs.engine import plan_merge
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.match import Alignment
@@ -26,10 +25,6 @@ from merge_graphs.rotation import folded_model
 from merge_graphs.sources import StateTensors, compatible
 from merge_graphs.symmetry import SymmetrySpec, permute_state_dict, symmetry_spec
 from merge_graphs.verify import check_alignment
-
-logger = logging.getLogger(__name__)
-
-ALIGN_METHODS = tuple(ALIGNERS)
 
 
 def permute(model: nn.Module, permutations: Mapping[str, torch.Tensor], spec: SymmetrySpec | None = None) -> nn.Module:

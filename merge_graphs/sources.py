@@ -27,7 +27,6 @@ from merge_graphs.io.checkpoint import Checkpoint
 from merge_graphs.symmetry import SymmetrySpec, spec_from_config, symmetry_spec
 from merge_graphs.tensors import TensorInfo, infos
 
-
 #: Stored dtypes read as float32.
 HALF = (torch.float16, torch.bfloat16)
 
