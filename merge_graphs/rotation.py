@@ -817,9 +817,8 @@ def rotation_alignment(
 
     def mapped(source, source_spec, rotation=None, perms=None, maps=None):
         """A source folded (and rotated, permuted, mapped within heads) for reading many times:
-        gathered in memory for a model in memory; over a checkpoint, folded lazily (elementwise,
-        cheap to redo) and, once rotated, computed once per tensor and kept on disk. Only the
-        latest rotated copy is held."""
+        gathered in memory for a model in memory, else computed once per tensor and kept on disk.
+        Only the latest rotated copy is held beside the two folded models."""
         key = (id(source), id(rotation), id(perms), id(maps))
         if key in held:
             return held[key]
@@ -833,8 +832,6 @@ def rotation_alignment(
         view = alignment.tensors(source)
         if source.in_memory:
             held[key] = dict(view)
-        elif rotation is None:
-            held[key] = view
         else:
             folder = Path(scratch.name) / str(next(spills))
             folder.mkdir()
