@@ -247,8 +247,7 @@ def merge_aligned(
         base=None if base_model is None else sources[id(base_model)],
         model_parameters=model_parameters, parameters=parameters, seed=seed,
     )
-    basis = alignments[0].basis if alignments else "permutation"
-    return merged.into(output_skeleton(reference, basis))
+    return merged.into(output_skeleton(reference, merged.basis))
 
 
 def output_skeleton(reference: nn.Module, basis: str = "permutation") -> nn.Module:

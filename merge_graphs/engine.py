@@ -37,13 +37,15 @@ class MergedModel:
     """A merge, planned: what it writes, and the loop that computes it (:meth:`tensors`).
 
     Attributes:
-        spec: the spec of the basis it merges in (the reference's, folded for ``"rotation"``).
+        basis: the basis it merges in: ``"permutation"``, or ``"rotation"`` (norms folded).
+        spec: the spec of that basis (the reference's, folded for ``"rotation"``).
         names: the names it stores, in the model's order.
         aliases: ``{name: stored name}`` for names the output model ties to another.
         layout: shape and (the reference's) dtype of every stored name.
         config: the output model's config: the reference's, untied in the folded basis.
     """
 
+    basis: str
     spec: SymmetrySpec
     names: list[str]
     aliases: dict[str, str]
@@ -140,7 +142,7 @@ def plan_merge(
     else:
         names, aliases = reference.stored(), dict(reference.aliases)
     return MergedModel(
-        spec=identity.spec, names=names, aliases=aliases, layout={n: infos[n] for n in names}, config=config,
+        basis=basis, spec=identity.spec, names=names, aliases=aliases, layout={n: infos[n] for n in names}, config=config,
         reference=identity.tensors(reference), models=[a.tensors(m) for a, m in zip(alignments, models)],
         base=None if base is None else basis_identity(base, basis).tensors(base), method=method,
         model_parameters=model_parameters, parameters=parameters, seed=seed, device=reference.device,

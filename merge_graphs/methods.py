@@ -260,15 +260,6 @@ def _resolve_parameters(
     return global_values, model_values
 
 
-def resolve_parameters(
-    method: str, n: int, model_parameters: Sequence[Mapping[str, Any]] | None = None,
-    parameters: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``(global values, one mapping per model)`` as :func:`merge_tensors` resolves them for ``n``
-    non-base models: defaults filled in, unknown or missing parameters refused."""
-    return _resolve_parameters(get_method(method), n, model_parameters, parameters or {})
-
-
 def _per_model(values: Sequence[float], like: Tensor) -> Tensor:
     """``values`` as a tensor broadcasting against ``like``, which is stacked along dim 0."""
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
 from merge_graphs.aligners import AlignOptions, align_sources, basis_identity, get_aligner
+from merge_graphs.api import output_skeleton
 from merge_graphs.engine import MergedModel, plan_merge
 from merge_graphs.errors import RecipeError
 from merge_graphs.evaluate import text_loss
@@ -42,7 +43,7 @@ from merge_graphs.match import Alignment
 from merge_graphs.memory import PeakRSS
 from merge_graphs.methods import get_method
 from merge_graphs.recipe import Recipe, load_recipe
-from merge_graphs.rotation import folded_model, rotation_kind
+from merge_graphs.rotation import rotation_kind
 from merge_graphs.sources import ModelTensors, StateTensors, TensorSource, compatible
 from merge_graphs.verify import check_alignment
 
@@ -208,9 +209,8 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
     tensors = plan.tensors()
     if recipe.evaluate:
         with _stage(result, "merge"):
-            basis = result.alignments[0].basis if result.alignments else "permutation"
             model = reference.model
-            merged_model = plan.into(folded_model(model) if basis == "rotation" else model)
+            merged_model = plan.into(output_skeleton(model, plan.basis))
         with _stage(result, "evaluate"):
             candidates = {ref: source.model for ref, source in sources.items()}
             if recipe.align.method != "none":
