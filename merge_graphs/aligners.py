@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from merge_graphs.activations import activation_matching
+from merge_graphs.errors import UnsupportedArchitectureError
 from merge_graphs.gnn.alignment import gnn_align
 from merge_graphs.learned import learned_alignment
 from merge_graphs.match import Alignment, weight_matching
@@ -75,10 +76,19 @@ class Aligner:
 
     def __call__(self, a: TensorSource, b: TensorSource, spec: SymmetrySpec, options: AlignOptions) -> Alignment:
         """Align ``b`` to ``a`` (sources sharing ``spec``)."""
+        self.check(spec)
         if options.residual not in self.residuals:
             raise ValueError(f"align method {self.name!r} aligns the residual stream by "
                              f"{' or '.join(self.residuals)}, not {options.residual!r}")
         return self.fn(a, b, spec, options)
+
+    def check(self, spec: SymmetrySpec) -> None:
+        """Raise :class:`UnsupportedArchitectureError` if ``spec`` (an architecture without a spec
+        of its own) cannot be aligned this way; only ``none`` aligns every architecture."""
+        if spec.unaligned is not None and self.name != "none":
+            raise UnsupportedArchitectureError(
+                f"{spec.unaligned} Alignment is unavailable for {spec.family} until it has a spec; it merges "
+                "without alignment (align: {method: none}, or a mergekit recipe)")
 
     def merge_basis(self, residual: str = "permutation") -> str:
         """The basis this aligner's alignments map into, asked for ``residual``."""

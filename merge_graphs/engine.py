@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from merge_graphs.aligners import basis_identity
+from merge_graphs.errors import MergeParameterError
 from merge_graphs.match import AlignedTensors, Alignment
 from merge_graphs.methods import merge_tensors
+from merge_graphs.parameters import check_setting, filters, layer_positions, resolve
 from merge_graphs.sources import TensorSource
 from merge_graphs.symmetry import SymmetrySpec
 from merge_graphs.tensors import TensorInfo
@@ -64,17 +66,22 @@ class MergedModel:
         """``(name, merged tensor)`` for every stored name, in order; nothing kept between steps.
 
         Tensors the spec does not label (integer ids, RoPE buffers) are the reference's, as
-        they are. ``seed`` seeds ``dare_*`` pruning, drawn in this order.
+        they are. ``seed`` seeds ``dare_*`` pruning, drawn in this order. Gradients and filters
+        (:mod:`merge_graphs.parameters`) are resolved for each tensor by its name and layer.
         """
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        positions = layer_positions(self.names)
         for name in self.names:
             if name not in self.spec.tensors:
                 yield name, self.reference[name]
                 continue
+            t = positions[name]
             yield name, merge_tensors(
                 self.method, [m[name].float() for m in self.models],
                 base=None if self.base is None else self.base[name].float(),
-                model_parameters=self.model_parameters, parameters=self.parameters, generator=generator,
+                model_parameters=None if self.model_parameters is None
+                else [resolve(mp, name, t) for mp in self.model_parameters],
+                parameters=resolve(self.parameters or {}, name, t), generator=generator,
             )
 
     def into(self, skeleton: nn.Module) -> nn.Module:
@@ -108,7 +115,10 @@ def plan_merge(
         reference: the model whose names, order, config and carried tensors the output takes.
         models: the models to merge.
         alignments: one per model (the reference's own: :func:`~merge_graphs.aligners.basis_identity`).
-        method, model_parameters, parameters: as for :func:`merge_graphs.methods.merge_tensors`.
+        method: a name in :data:`merge_graphs.methods.METHODS`.
+        model_parameters, parameters: as for :func:`merge_graphs.methods.merge_tensors`, each
+            value a setting of :mod:`merge_graphs.parameters` (a number, a gradient over the
+            layers, or ``{filter, value}`` conditions on tensor names).
         base: the base of a task-vector method.
         seed: seeds ``dare_*`` pruning.
 
@@ -127,6 +137,13 @@ def plan_merge(
     """
     if len(models) != len(alignments):
         raise ValueError(f"got {len(alignments)} alignments for {len(models)} models; give one per model")
+    settings = [parameters or {}, *(model_parameters or [])]
+    for mapping in settings:
+        for key, setting in mapping.items():
+            try:
+                check_setting(setting)
+            except ValueError as e:
+                raise MergeParameterError(f"parameter {key!r}: {e}") from None
     bases = {a.basis for a in alignments} or {"permutation"}
     if len(bases) > 1:
         raise ValueError(f"the alignments map into different bases {sorted(bases)}; align every model one way")
@@ -141,6 +158,12 @@ def plan_merge(
             config.tie_word_embeddings = False
     else:
         names, aliases = reference.stored(), dict(reference.aliases)
+    merged_names = [n for n in names if n in identity.spec.tensors]
+    for pattern, key in filters(settings).items():
+        if not any(pattern in n for n in merged_names):
+            raise MergeParameterError(
+                f"filter {pattern!r} of parameter {key!r} matches no tensor of {reference.label} (its names look "
+                f"like {', '.join(merged_names[:3])}); fix the filter or remove that entry")
     return MergedModel(
         basis=basis, spec=identity.spec, names=names, aliases=aliases, layout={n: infos[n] for n in names}, config=config,
         reference=identity.tensors(reference), models=[a.tensors(m) for a, m in zip(alignments, models)],

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from merge_graphs.aligners import ALIGNERS
 from merge_graphs.errors import RecipeError
 from merge_graphs.methods import METHODS, get_method
+from merge_graphs.parameters import check_setting
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,11 @@ class Recipe(_Strict):
             if unknown:
                 raise ValueError(f"{where}: {self.merge.method} has no parameter {sorted(unknown)}; "
                                  f"its parameters are {sorted(allowed)}")
+            for name, setting in params.items():
+                try:
+                    check_setting(setting)
+                except ValueError as e:
+                    raise ValueError(f"{where}.{name}: {e}") from None
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported: aligned models must share one "
                              "vocabulary; use 'base', 'first' or one of the models")

@@ -184,6 +184,8 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         reference = sources[reference_ref]
         merged = [sources[ref] for ref in result.merged]
         spec = compatible(reference, list(sources.values()))
+        if spec.unaligned:
+            logger.info("%s has no symmetry spec: its tensors are merged by name, without alignment", spec.family)
     with _stage(result, "align"):
         calibration, _ = _calibration(recipe, folders[reference_ref])
         align = recipe.align
@@ -314,9 +316,12 @@ def _plan(recipe: Recipe, target: Path | None, repo_id: str | None, result: RunR
             continue
         ckpt = Checkpoint(parsed.path, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
         spec = ModelTensors(ckpt).spec()
+        get_aligner(recipe.align.method).check(spec)
         if recipe.align.residual == "rotation":
             rotation_kind(spec)  # post-LN families refuse here, before anything is loaded
-        plan.append(f"{ref}: {ckpt.architecture} ({spec.family}), {len(spec.groups)} groups, {len(ckpt.names())} tensors")
+        symmetry = ("no symmetry spec, merged by tensor name" if spec.unaligned
+                    else f"{spec.family}, {len(spec.groups)} groups")
+        plan.append(f"{ref}: {ckpt.architecture} ({symmetry}), {len(ckpt.names())} tensors")
     align = recipe.align
     plan.append(f"align with {align.method}" + (f" ({align.solver}, residual {align.residual})"
                                                 if align.method != "none" else ""))

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from merge_graphs.errors import SpecMismatchError
+from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
 from merge_graphs.io.checkpoint import Checkpoint
-from merge_graphs.symmetry import SymmetrySpec, spec_from_config, symmetry_spec
+from merge_graphs.symmetry import SymmetrySpec, spec_from_config, symmetry_spec, unaligned_spec
 from merge_graphs.tensors import TensorInfo, infos
 
 #: Stored dtypes read as float32.
@@ -60,7 +60,14 @@ class TensorSource(Mapping[str, torch.Tensor]):
         raise NotImplementedError
 
     def spec(self) -> SymmetrySpec:
-        """The model's symmetry spec, from its config and shapes (no data read)."""
+        """The model's symmetry spec (no data read). An architecture without one gets
+        :func:`~merge_graphs.symmetry.unaligned_spec`: it merges without alignment, by tensor name."""
+        try:
+            return self._family_spec()
+        except UnsupportedArchitectureError as e:
+            return unaligned_spec(self.infos(), str(e), self.architecture or "unaligned")
+
+    def _family_spec(self) -> SymmetrySpec:
         return spec_from_config(self.config, self.infos(), self.architecture)
 
 
@@ -154,7 +161,7 @@ class StateTensors(TensorSource):
     def infos(self) -> dict[str, TensorInfo]:
         return infos(self.state)
 
-    def spec(self) -> SymmetrySpec:
+    def _family_spec(self) -> SymmetrySpec:
         return symmetry_spec(self.model)
 
     def __getitem__(self, name: str) -> torch.Tensor:

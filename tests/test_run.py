@@ -97,7 +97,7 @@ def test_dry_run_loads_no_weights(tmp_path, pair, monkeypatch, capsys):
                                      "output": {"path": str(tmp_path / "out")}})
     assert main([recipe, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "GPT2LMHeadModel (gpt2)" in out and "download org/on-the-hub" in out
+    assert "GPT2LMHeadModel (gpt2, " in out and "download org/on-the-hub" in out
     assert "path: streamed (tensor by tensor" in out
     assert not (tmp_path / "out").exists()
 

@@ -46,6 +46,27 @@ def spec_from_config(config, tensors: Mapping[str, TensorInfo], architecture: st
     return family.build(SpecBuilder(model_type, tensors), config, architecture)
 
 
+def unaligned_spec(tensors: Mapping[str, TensorInfo], why: str, family: str = "unaligned") -> SymmetrySpec:
+    """The spec of an architecture without one of its own: no symmetry groups, every floating
+    tensor labelled as it is, so that a merge without alignment matches tensors by name (as
+    mergekit does) and every aligner refuses with ``why``.
+
+    Example:
+        >>> import torch
+        >>> from merge_graphs.tensors import infos
+        >>> spec = unaligned_spec(infos({"w": torch.zeros(2, 3), "ids": torch.zeros(3, dtype=torch.long)}), "no spec")
+        >>> sorted(spec.tensors), spec.carried, spec.groups
+        (['w'], ('ids',), {})
+    """
+    return SymmetrySpec(
+        family=family, groups={},
+        tensors={n: TensorSpec(n, (None,) * len(i.shape), "unaligned") for n, i in tensors.items()
+                 if i.dtype.is_floating_point},
+        carried=tuple(n for n, i in tensors.items() if not i.dtype.is_floating_point),
+        unaligned=why,
+    )
+
+
 def symmetry_spec(model: nn.Module) -> SymmetrySpec:
     """The permutation symmetries of a model: groups, and the label of every tensor axis.
 
@@ -75,5 +96,5 @@ def symmetry_spec(model: nn.Module) -> SymmetrySpec:
 __all__ = [
     "FAMILIES", "SUPPORTED", "Group", "Permutations", "Space", "SymmetrySpec", "TensorSpec",
     "compose_permutations", "identity_permutations", "invert_permutations", "permute_state_dict",
-    "permute_tensor", "random_permutations", "spec_from_config", "symmetry_spec",
+    "permute_tensor", "random_permutations", "spec_from_config", "symmetry_spec", "unaligned_spec",
 ]

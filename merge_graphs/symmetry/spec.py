@@ -154,6 +154,8 @@ class SymmetrySpec:
             ``{name: source}``.
         head_maps: the maps of the dims inside each attention head that the family admits beyond
             permutations (:class:`HeadMap`).
+        unaligned: for an architecture without a spec of its own, why it has none: then the
+            spec has no groups, and merging matches its tensors by name, without alignment.
     """
 
     family: str
@@ -166,6 +168,7 @@ class SymmetrySpec:
     rotation: str | None = None
     tied: dict[str, str] = field(default_factory=dict)
     head_maps: tuple[HeadMap, ...] = ()
+    unaligned: str | None = None
 
     @property
     def spaces(self) -> dict[str, Space]:
