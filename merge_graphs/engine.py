@@ -4,7 +4,10 @@ Every merge, from the Python API or a recipe, in memory or streamed from disk, i
 Its inputs are :class:`~merge_graphs.sources.TensorSource` s (a model in memory and a lazily
 opened checkpoint are two sources of the same named tensors) seen through their
 :class:`~merge_graphs.match.Alignment` s, whose :meth:`~merge_graphs.match.Alignment.tensor`
-maps one tensor at a time. The loop reads one tensor of every model, merges it
+maps one tensor at a time. The plan says which tensors of which models make each output tensor
+(:func:`merge_graphs.slices.plan_tensors`: the same name in every model, or mergekit's slices of
+layers). The loop reads one tensor of every model, resolves the merge's parameters for it
+(:mod:`merge_graphs.parameters`), merges it
 (:func:`~merge_graphs.methods.merge_tensors`, which splits a large tensor into row blocks when
 the method says how) and hands it on. Its output, a :class:`MergedModel`, goes to one of two
 sinks: :func:`~merge_graphs.io.writer.write_tensor_folder` writes it tensor by tensor to a
@@ -27,8 +30,9 @@ from torch import nn
 from merge_graphs.aligners import basis_identity
 from merge_graphs.errors import MergeParameterError
 from merge_graphs.match import AlignedTensors, Alignment
-from merge_graphs.methods import merge_tensors
-from merge_graphs.parameters import check_setting, filters, layer_positions, resolve
+from merge_graphs.methods import get_method, merge_tensors
+from merge_graphs.parameters import check_setting, filters, resolve
+from merge_graphs.slices import OutputSlice, SliceSource, TensorTask, plan_tensors
 from merge_graphs.sources import TensorSource
 from merge_graphs.symmetry import SymmetrySpec
 from merge_graphs.tensors import TensorInfo
@@ -44,7 +48,9 @@ class MergedModel:
         names: the names it stores, in the model's order.
         aliases: ``{name: stored name}`` for names the output model ties to another.
         layout: shape and (the reference's) dtype of every stored name.
-        config: the output model's config: the reference's, untied in the folded basis.
+        config: the output model's config: the reference's, untied in the folded basis, with
+            as many layers as the slices stack.
+        tasks: how each stored name is made (:class:`~merge_graphs.slices.TensorTask`).
     """
 
     basis: str
@@ -53,35 +59,34 @@ class MergedModel:
     aliases: dict[str, str]
     layout: dict[str, TensorInfo]
     config: Any
-    reference: AlignedTensors
-    models: list[AlignedTensors]
-    base: AlignedTensors | None
+    tasks: dict[str, TensorTask]
+    views: dict[int, AlignedTensors]
     method: str
-    model_parameters: Sequence[Mapping[str, Any]] | None
-    parameters: Mapping[str, Any] | None
     seed: int
     device: torch.device
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, merged tensor)`` for every stored name, in order; nothing kept between steps.
 
-        Tensors the spec does not label (integer ids, RoPE buffers) are the reference's, as
-        they are. ``seed`` seeds ``dare_*`` pruning, drawn in this order. Gradients and filters
-        (:mod:`merge_graphs.parameters`) are resolved for each tensor by its name and layer.
+        Non-floating tensors (integer ids, masks) are the first input's, as they are. ``seed``
+        seeds random pruning, drawn in this order.
         """
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        positions = layer_positions(self.names)
         for name in self.names:
-            if name not in self.spec.tensors:
-                yield name, self.reference[name]
+            task = self.tasks[name]
+            first = task.base or task.inputs[0]
+            if not self.layout[name].dtype.is_floating_point:
+                yield name, self.views[id(first.model)][first.name]
                 continue
-            t = positions[name]
+            shared: dict[str, Any] = {}
+            for level in reversed(task.parameters):
+                shared.update(resolve(level, name, task.t))
+            base = task.base
             yield name, merge_tensors(
-                self.method, [m[name].float() for m in self.models],
-                base=None if self.base is None else self.base[name].float(),
-                model_parameters=None if self.model_parameters is None
-                else [resolve(mp, name, t) for mp in self.model_parameters],
-                parameters=resolve(self.parameters or {}, name, t), generator=generator,
+                self.method, [self.views[id(i.model)][i.name].float() for i in task.inputs],
+                base=None if base is None else self.views[id(base.model)][base.name].float(),
+                model_parameters=[resolve(i.parameters, i.name, task.t) for i in task.inputs],
+                parameters=shared, generator=generator,
             )
 
     def into(self, skeleton: nn.Module) -> nn.Module:
@@ -103,6 +108,7 @@ def plan_merge(
     base: TensorSource | None = None,
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     parameters: Mapping[str, Any] | None = None,
+    slices: Sequence[OutputSlice] | None = None,
     seed: int = 0,
 ) -> MergedModel:
     """Plan the merge of ``models``, each mapped onto ``reference`` by its alignment.
@@ -120,7 +126,15 @@ def plan_merge(
             value a setting of :mod:`merge_graphs.parameters` (a number, a gradient over the
             layers, or ``{filter, value}`` conditions on tensor names).
         base: the base of a task-vector method.
-        seed: seeds ``dare_*`` pruning.
+        slices: build the output from ranges of layers of ``models`` (and ``base``)
+            (:class:`~merge_graphs.slices.OutputSlice`, mergekit's ``slices``) instead of
+            merging whole models; ``model_parameters`` is then unused (each source carries
+            its own).
+        seed: seeds random pruning (``dare_*`` ...).
+
+    Raises:
+        MergeParameterError: a malformed setting, a filter matching no tensor, slices that do
+            not line up; nothing has been read.
 
     Example:
         >>> import torch, merge_graphs
@@ -137,19 +151,35 @@ def plan_merge(
     """
     if len(models) != len(alignments):
         raise ValueError(f"got {len(alignments)} alignments for {len(models)} models; give one per model")
-    settings = [parameters or {}, *(model_parameters or [])]
+    if model_parameters is not None and len(model_parameters) != len(models):
+        raise MergeParameterError(f"got {len(model_parameters)} model_parameters entries for {len(models)} models; "
+                                  "give one mapping per model (the base takes none)")
+    bases = {a.basis for a in alignments} or {"permutation"}
+    if len(bases) > 1:
+        raise ValueError(f"the alignments map into different bases {sorted(bases)}; align every model one way")
+    basis = bases.pop()
+    identity = basis_identity(reference, basis)
+    views = {id(m): a.tensors(m) for a, m in zip(alignments, models)}
+    for source in (reference, base):
+        if source is not None and id(source) not in views:
+            views[id(source)] = basis_identity(source, basis).tensors(source)
+
+    whole = slices is None
+    if whole:
+        per_model = model_parameters or [{} for _ in models]
+        sources = [SliceSource(m, None, p) for m, p in zip(models, per_model)]
+        if base is not None and not any(m is base for m in models):
+            sources.append(SliceSource(base))
+        slices = [OutputSlice(sources, base)]
+    settings = [parameters or {}, *(src.parameters for s in slices for src in s.sources),
+                *(s.parameters for s in slices)]
     for mapping in settings:
         for key, setting in mapping.items():
             try:
                 check_setting(setting)
             except ValueError as e:
                 raise MergeParameterError(f"parameter {key!r}: {e}") from None
-    bases = {a.basis for a in alignments} or {"permutation"}
-    if len(bases) > 1:
-        raise ValueError(f"the alignments map into different bases {sorted(bases)}; align every model one way")
-    basis = bases.pop()
-    identity = basis_identity(reference, basis)
-    infos = reference.infos()
+
     config = reference.config
     if basis == "rotation":
         names, aliases = identity.names(reference), {}
@@ -158,15 +188,55 @@ def plan_merge(
             config.tie_word_embeddings = False
     else:
         names, aliases = reference.stored(), dict(reference.aliases)
-    merged_names = [n for n in names if n in identity.spec.tensors]
+    plan = plan_tensors(names, slices, needs_base=get_method(method).needs_base, parameters=parameters or {},
+                        views={k: list(v) for k, v in views.items()}, whole=whole)
+    names, tasks = plan.names, plan.tasks
+    layout = _layout(tasks, views)
+    if plan.layers is not None:
+        config = _with_layers(config, plan.layers)
+
+    merged_names = [n for n in names if layout[n].dtype.is_floating_point]
     for pattern, key in filters(settings).items():
         if not any(pattern in n for n in merged_names):
             raise MergeParameterError(
                 f"filter {pattern!r} of parameter {key!r} matches no tensor of {reference.label} (its names look "
                 f"like {', '.join(merged_names[:3])}); fix the filter or remove that entry")
     return MergedModel(
-        basis=basis, spec=identity.spec, names=names, aliases=aliases, layout={n: infos[n] for n in names}, config=config,
-        reference=identity.tensors(reference), models=[a.tensors(m) for a, m in zip(alignments, models)],
-        base=None if base is None else basis_identity(base, basis).tensors(base), method=method,
-        model_parameters=model_parameters, parameters=parameters, seed=seed, device=reference.device,
+        basis=basis, spec=identity.spec, names=names, aliases=aliases, layout=layout, config=config, tasks=tasks,
+        views=views, method=method, seed=seed, device=reference.device,
     )
+
+
+def _layout(tasks: Mapping[str, TensorTask], views: Mapping[int, AlignedTensors]) -> dict[str, TensorInfo]:
+    """Shape and dtype of every output tensor, from its first input's header; every input must
+    exist and agree in shape."""
+    infos: dict[int, dict[str, TensorInfo]] = {}
+    layout = {}
+    for name, task in tasks.items():
+        inputs = [*([task.base] if task.base else []), *task.inputs]
+        found = []
+        for i in inputs:
+            known = infos.setdefault(id(i.model), i.model.infos())
+            if i.name not in views[id(i.model)] or i.name not in known:
+                raise MergeParameterError(f"{i.model.label} has no tensor {i.name!r} (wanted for {name!r}); merge "
+                                          "models of one architecture")
+            found.append(known[i.name])
+        shapes = {info.shape for info in found}
+        if len(shapes) > 1:
+            raise MergeParameterError(f"{name!r} is made from tensors of different shapes "
+                                      f"({', '.join(f'{i.model.label}: {tuple(f.shape)}' for i, f in zip(inputs, found))}); "
+                                      "merge models of one architecture and size")
+        layout[name] = found[0]
+    return layout
+
+
+def _with_layers(config: Any, layers: Sequence[tuple[TensorSource, int]]) -> Any:
+    """``config`` for a stack of ``layers`` (each a model's layer): its layer count, and its
+    per-layer settings (``layer_types``: sliding or full attention) taken from where each layer comes from."""
+    config = copy.deepcopy(config)
+    if config is None:
+        return None
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [source.config.layer_types[i] for source, i in layers]
+    return config

@@ -19,25 +19,20 @@ A merge parameter (``weight``, ``t``, ``density`` ...) is set in a recipe as one
           value: [1, 0.5, 0.7, 0.3, 0]
         - value: 0.5
 
-These are mergekit's rules (``mergekit/config.py``, ``evaluate_setting``), position included: a
-tensor of layer ``i`` of ``n`` sits at ``t = i / (n - 1)`` (1 for a one-layer model), every tensor
-outside the layers (embeddings, final norm, head) at 0. A setting that matches no filter leaves
+These are mergekit's rules (``mergekit/config.py``, ``evaluate_setting``); where a tensor sits
+(``t``) is :func:`merge_graphs.slices.layer_positions`'. A setting that matches no filter leaves
 the parameter unset at that level, so the next level applies (a model's own setting, then the
 merge's, then the method's default).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["check_setting", "evaluate", "filters", "layer_positions", "resolve"]
+__all__ = ["check_setting", "evaluate", "filters", "resolve"]
 
 _SCALARS = (bool, int, float, str)
-# The first all-digit path component is the layer index: model.layers.3.mlp..., transformer.h.3...;
-# a later one (an expert's index in model.layers.3.experts.5...) is not.
-_LAYER = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 
 def _number(value: Any) -> Any:
@@ -142,29 +137,3 @@ def filters(settings: Iterable[Mapping[str, Any]]) -> dict[str, str]:
                 if f is not None and f != "*":
                     out.setdefault(f, name)
     return out
-
-
-def layer_positions(names: Sequence[str]) -> dict[str, float]:
-    """``t`` of every tensor name: ``i / (n - 1)`` for layer ``i`` of the ``n`` layers under its
-    prefix (``model.layers``, ``transformer.h`` ...; 1 when there is one), 0 outside the layers.
-
-    Example:
-        >>> t = layer_positions(["model.embed_tokens.weight", "model.layers.0.mlp.weight",
-        ...                      "model.layers.1.mlp.weight", "model.layers.2.mlp.weight"])
-        >>> [t[n] for n in sorted(t)]
-        [0.0, 0.0, 0.5, 1.0]
-    """
-    found = {name: m for name in names if (m := _LAYER.match(name))}
-    layers: dict[str, set[int]] = {}
-    for m in found.values():
-        layers.setdefault(m.group(1), set()).add(int(m.group(2)))
-    positions = {}
-    for name in names:
-        m = found.get(name)
-        if m is None:
-            positions[name] = 0.0
-            continue
-        indices = sorted(layers[m.group(1)])
-        n = len(indices)
-        positions[name] = indices.index(int(m.group(2))) / (n - 1) if n > 1 else 1.0
-    return positions

@@ -54,6 +54,22 @@ class ModelEntry(_Strict):
         return {**self.parameters, **({"weight": self.weight} if self.weight is not None else {})}
 
 
+class SliceSourceEntry(_Strict):
+    """Layers ``layer_range`` ([start, stop)) of a model, and its merge parameters in that slice."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceEntry(_Strict):
+    """Output layers made from the same number of layers of each source (mergekit's slices)."""
+
+    sources: list[SliceSourceEntry] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class Calibration(_Strict):
     """Inputs for activation matching and learned alignment: texts inline, or a text file.
 
@@ -164,7 +180,8 @@ class Evaluate(_Strict):
 class Recipe(_Strict):
     """A validated merge-graphs recipe. Build one with :func:`load_recipe`."""
 
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceEntry] | None = None
     base_model: str | None = None
     align: Align = Field(default_factory=Align)
     merge: Merge = Field(default_factory=Merge)
@@ -180,16 +197,25 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self):
         method = get_method(self.merge.method)
-        if method.needs_base and self.base_model is None:
+        if bool(self.models) == (self.slices is not None):
+            raise ValueError("give exactly one of 'models' (whole models, e.g. models: [{model: org/name}]) or "
+                             "'slices' (ranges of layers)")
+        every_slice_has_a_base = self.slices is not None and all(s.base_model for s in self.slices)
+        if method.needs_base and not self.base_model and not every_slice_has_a_base:
             raise ValueError(f"merge method {self.merge.method!r} needs base_model: add base_model: <model>")
         if self.merge.method == "slerp":
-            others = [m for m in self.models if m.model != self.base_model]
-            if len(others) != 1:
+            if self.models and len([m for m in self.models if m.model != self.base_model]) != 1:
                 raise ValueError("slerp merges exactly two models: base_model and one entry of models")
+            for i, sl in enumerate(self.slices or []):
+                if len(sl.sources) != 2 or (sl.base_model or self.base_model) not in [s.model for s in sl.sources]:
+                    raise ValueError(f"slices[{i}]: slerp merges exactly two sources, the base_model and one other")
         allowed = set(method.global_parameters) | set(method.model_parameters)
-        for where, params in [("merge.parameters", self.merge.parameters)] + [
-            (f"models[{i}].parameters", m.merge_parameters()) for i, m in enumerate(self.models)
-        ]:
+        settings = [("merge.parameters", self.merge.parameters)]
+        settings += [(f"models[{i}].parameters", m.merge_parameters()) for i, m in enumerate(self.models)]
+        for i, sl in enumerate(self.slices or []):
+            settings.append((f"slices[{i}].parameters", sl.parameters))
+            settings += [(f"slices[{i}].sources[{j}].parameters", src.parameters) for j, src in enumerate(sl.sources)]
+        for where, params in settings:
             unknown = set(params) - allowed
             if unknown:
                 raise ValueError(f"{where}: {self.merge.method} has no parameter {sorted(unknown)}; "
@@ -205,21 +231,37 @@ class Recipe(_Strict):
         return self
 
     def merged_entries(self) -> list[ModelEntry]:
-        """The models that are merged: all of ``models`` but the base of a task-vector method."""
+        """The models that are merged: all of ``models`` (or the slices' sources) but the base
+        of a task-vector method."""
+        models = self.models or [ModelEntry(model=ref)
+                                 for ref in dict.fromkeys(src.model for s in self.slices for src in s.sources)]
         if not get_method(self.merge.method).needs_base:
-            return list(self.models)
-        return [m for m in self.models if m.model != self.base_model]
+            return list(models)
+        return [m for m in models if m.model != self.base_model]
+
+    def with_default_weight(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
+        """A model's parameters, with ``weight`` 1.0 unless set for the model, its slice or globally."""
+        wants_weight = "weight" in get_method(self.merge.method).model_parameters
+        if not wants_weight or "weight" in self.merge.parameters:
+            return dict(parameters)
+        return {"weight": 1.0, **parameters}
 
     def model_parameters(self) -> list[dict[str, Any]]:
-        """Per merged model: its parameters, with ``weight`` 1.0 unless set per model or globally."""
-        default = {} if "weight" in self.merge.parameters else {"weight": 1.0}
-        wants_weight = "weight" in get_method(self.merge.method).model_parameters
-        return [{**(default if wants_weight else {}), **m.merge_parameters()} for m in self.merged_entries()]
+        """Per merged model: its parameters (:meth:`with_default_weight`)."""
+        return [self.with_default_weight(m.merge_parameters()) for m in self.merged_entries()]
+
+    @property
+    def first_model(self) -> str:
+        """The first model the recipe lists (in its first slice, with slices)."""
+        return self.models[0].model if self.models else self.slices[0].sources[0].model
 
     def refs(self) -> list[str]:
         """Every model reference, base first, without repeats."""
         out = [self.base_model] if self.base_model else []
-        return out + [m.model for m in self.models if m.model not in out]
+        listed = [m.model for m in self.models]
+        for s in self.slices or []:
+            listed += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        return out + list(dict.fromkeys(m for m in listed if m not in out))
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True, exclude={"source_format"})
@@ -271,9 +313,7 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     unknown = set(data) - MERGEKIT_KEYS
     if unknown:
         raise RecipeError(f"mergekit recipe keys {sorted(unknown)} are not supported here; "
-                          f"supported: {sorted(MERGEKIT_KEYS - {'slices'})}")
-    if "slices" in data:
-        raise RecipeError("mergekit 'slices' are not supported: list whole models under 'models'")
+                          f"supported: {sorted(MERGEKIT_KEYS)}")
     logger.warning("mergekit recipe: merging without alignment, as mergekit does "
                    "(write align: {method: weight} in a merge-graphs recipe to align units)")
     models = []
@@ -288,6 +328,7 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         models = [m for m in models if m["model"] != data["base_model"]]
     out = {
         "models": models,
+        **({"slices": data["slices"]} if "slices" in data else {}),
         "align": {"method": "none"},
         "merge": {"method": method, "parameters": dict(data.get("parameters") or {})},
         "source_format": "mergekit",
@@ -326,6 +367,10 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         "models": [m.model_copy(update={"model": fix(m.model)}) for m in recipe.models],
         "base_model": fix(recipe.base_model),
     }
+    if recipe.slices is not None:
+        update["slices"] = [sl.model_copy(update={
+            "base_model": fix(sl.base_model),
+            "sources": [src.model_copy(update={"model": fix(src.model)}) for src in sl.sources]}) for sl in recipe.slices]
     if recipe.tokenizer_source not in (None, "base", "first"):
         update["tokenizer_source"] = fix(recipe.tokenizer_source)
     if recipe.evaluate:

@@ -44,6 +44,7 @@ from merge_graphs.memory import PeakRSS
 from merge_graphs.methods import get_method
 from merge_graphs.recipe import Recipe, load_recipe
 from merge_graphs.rotation import rotation_kind
+from merge_graphs.slices import OutputSlice, SliceSource
 from merge_graphs.sources import ModelTensors, StateTensors, TensorSource, compatible
 from merge_graphs.verify import check_alignment
 
@@ -180,10 +181,12 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         folders = _resolve_all(recipe)
         sources = {ref: _source(folder, recipe, device, whole=result.path == "in-memory")
                    for ref, folder in folders.items()}
-        reference_ref = recipe.base_model or recipe.models[0].model
+        reference_ref = recipe.base_model or recipe.first_model
         reference = sources[reference_ref]
         merged = [sources[ref] for ref in result.merged]
-        spec = compatible(reference, list(sources.values()))
+        # Slices may take layers from models of other depths: their tensors are checked one by one.
+        spec = (reference.spec() if recipe.slices is not None and recipe.align.method == "none"
+                else compatible(reference, list(sources.values())))
         if spec.unaligned:
             logger.info("%s has no symmetry spec: its tensors are merged by name, without alignment", spec.family)
     with _stage(result, "align"):
@@ -200,11 +203,18 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
             if alignment.method != "none":
                 check_alignment(source, alignment)
 
+    slices = None if recipe.slices is None else [
+        OutputSlice([SliceSource(sources[src.model], src.layer_range, recipe.with_default_weight(src.parameters))
+                     for src in sl.sources],
+                    base=sources.get(sl.base_model or recipe.base_model), parameters=sl.parameters)
+        for sl in recipe.slices]
+
     def merge(alignments: list[Alignment]) -> MergedModel:
         return plan_merge(
             reference, merged, alignments, recipe.merge.method,
             base=sources[recipe.base_model] if get_method(recipe.merge.method).needs_base else None,
-            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, seed=recipe.seed,
+            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, slices=slices,
+            seed=recipe.seed,
         )
 
     plan = merge(result.alignments)
@@ -392,9 +402,9 @@ def _out_dtype(recipe: Recipe, reference_folder: Path) -> torch.dtype:
 def _tokenizer_folder(recipe: Recipe, folders: Mapping[str, Path]) -> Path | None:
     source = recipe.tokenizer_source
     if source in (None, "base"):
-        folder = folders[recipe.base_model or recipe.models[0].model]
+        folder = folders[recipe.base_model or recipe.first_model]
     elif source == "first":
-        folder = folders[recipe.models[0].model]
+        folder = folders[recipe.first_model]
     else:
         folder = folders.get(source) or resolve(source)
     if source is None and not tokenizer_files(Path(folder)):

@@ -12,8 +12,9 @@ from merge_graphs.aligners import basis_identity
 from merge_graphs.cli import main
 from merge_graphs.engine import plan_merge
 from merge_graphs.errors import MergeParameterError, RecipeError, UnsupportedArchitectureError
-from merge_graphs.parameters import check_setting, evaluate, layer_positions
+from merge_graphs.parameters import check_setting, evaluate
 from merge_graphs.recipe import load_recipe
+from merge_graphs.slices import layer_positions
 from merge_graphs.sources import StateTensors
 from tests.tiny_models import LLAMA, randomize
 

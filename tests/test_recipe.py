@@ -9,7 +9,7 @@ TWO = [{"model": "org/a"}, {"model": "org/b"}]
 
 
 @pytest.mark.parametrize("recipe, message", [
-    ({"models": []}, r"'models': list at least one model"),
+    ({"models": []}, r"give exactly one of 'models' \(whole models, e.g. models: \[{model: org/name}\]\) or 'slices'"),
     ({"models": [{"weight": 1}]}, r"'models.0.model': required field is missing"),
     ({"models": TWO, "dtpye": "float32"}, r"'dtpye': unknown field; check the spelling"),
     ({"models": TWO, "dtype": "float8"}, r"'dtype': Input should be 'float32', 'bfloat16' or 'float16' \(got 'float8'\)"),
@@ -72,8 +72,9 @@ dtype: bfloat16
 
 
 def test_mergekit_features_we_do_not_support_are_named():
-    with pytest.raises(RecipeError, match="'slices' are not supported"):
-        load_recipe({"merge_method": "linear", "slices": []})
+    with pytest.raises(RecipeError, match=r"'slices.0.sources.0.residual': unknown field"):
+        load_recipe({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1],
+                                                                         "residual": 1}]}]})
     with pytest.raises(RecipeError, match=r"keys \['chat_template'\] are not supported"):
         load_recipe({"merge_method": "linear", "models": TWO, "chat_template": "chatml"})
 
