@@ -32,14 +32,26 @@ def quartile_threshold(scores: Tensor, generator: torch.Generator | None = None)
     return median + 1.5 * (q3 - q1)
 
 
+def _fusion_rows(tensors, base, model_parameters, parameters, generator, blocks):
+    """The importance of the whole tensor first, block by block (rows are vectors along the last
+    axis, so a matrix's blocks of rows score as the whole does; a vector is scored whole), then the
+    threshold, then each block fused."""
+    (other,) = tensors
+    if base.dim() < 2:
+        scores = importance(other, base)
+    else:
+        scores = torch.cat([importance(other[b], base[b]) for b in blocks])
+    threshold = quartile_threshold(scores, generator)
+    for b in blocks:
+        mask = (scores[b] >= threshold).float()
+        yield base[b] + (other[b] - base[b]) * mask
+
+
 @register("arcee_fusion", base="required", models=(1, 1), global_parameters={}, model_parameters={},
-          random=True)
+          rows=_fusion_rows, random=True)
 def arcee_fusion(tensors, base, model_parameters, parameters, generator):
     """``base + (other - base) * (importance >= threshold)`` (:func:`importance`,
     :func:`quartile_threshold`). Deterministic up to a million entries; above, the threshold
     comes from a sample drawn from ``generator``. The mask is float32, so float16 inputs come
     out float32, as in mergekit."""
-    (other,) = tensors
-    scores = importance(other, base)
-    mask = (scores >= quartile_threshold(scores, generator)).float()
-    return base + (other - base) * mask
+    return next(_fusion_rows(tensors, base, model_parameters, parameters, generator, [...]))

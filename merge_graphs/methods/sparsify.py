@@ -57,13 +57,14 @@ def _kth_smallest(values: Tensor, k: int) -> Tensor:
 
 @dataclass(frozen=True)
 class MagnitudeCut:
-    """What magnitude pruning keeps of one delta: the entries with ``|delta| > threshold`` and of
-    those equal to it, all (``chosen`` None and ``tied``), none (``chosen`` None, not ``tied``),
-    or those at the flat indices ``chosen``; ``scale`` is the L1 rescale factor (1 without
-    ``rescale``)."""
+    """What magnitude pruning keeps of one delta: the entries with ``low < |delta| < high``; of
+    those equal to ``low`` (``high``), all if ``low_tied`` (``high_tied``); and those at the flat
+    indices ``chosen``. ``scale`` is the L1 rescale factor (1 without ``rescale``)."""
 
-    threshold: Tensor
-    tied: bool
+    low: Tensor
+    high: Tensor
+    low_tied: bool
+    high_tied: bool
     chosen: Tensor | None
     scale: float
 
@@ -71,17 +72,20 @@ class MagnitudeCut:
         """The pruned block of rows, given how many entries the rows before it hold; and how
         many this block holds (add it to ``before`` for the next block)."""
         magnitude = block.abs()
-        keep = (magnitude > self.threshold).contiguous()
-        if self.chosen is None:
-            if self.tied:
-                keep |= magnitude == self.threshold
-        else:
-            n = block.numel()
-            here = self.chosen[(self.chosen >= before) & (self.chosen < before + n)] - before
-            keep.view(-1)[here] = True
+        keep = ((magnitude > self.low) & (magnitude < self.high)).contiguous()
+        if self.low_tied:
+            keep |= magnitude == self.low
+        if self.high_tied:
+            keep |= magnitude == self.high
         del magnitude
+        if self.chosen is not None:
+            n = block.numel()
+            keep.view(-1)[self.chosen[(self.chosen >= before) & (self.chosen < before + n)] - before] = True
         pruned = block * keep
         return (pruned if self.scale == 1.0 else pruned * self.scale), block.numel()
+
+
+_NOTHING = (torch.tensor(float("inf")), torch.tensor(float("-inf")), False, False, None)
 
 
 def _magnitudes(blocks: Callable[[], Iterable[Tensor]], numel: int) -> Tensor:
@@ -94,32 +98,41 @@ def _magnitudes(blocks: Callable[[], Iterable[Tensor]], numel: int) -> Tensor:
     return magnitudes
 
 
-def magnitude_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, density: float, rescale: bool) -> MagnitudeCut:
-    """:class:`MagnitudeCut` of a delta read as row blocks, in order, by ``blocks()``: the k-th
-    largest magnitude from one float32 copy of ``|delta|``, partitioned in place (no sort, no
-    index tensor), then the L1 sums block by block.
+def window_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, start: int, stop: int, *, descending: bool,
+               rescale: bool) -> MagnitudeCut:
+    """:class:`MagnitudeCut` keeping the entries at positions ``[start, stop)`` of torch's sort
+    (``descending`` or not) of the float32 magnitudes of a delta read as row blocks, in order, by
+    ``blocks()``: what mergekit keeps (TIES: the first k of a descending sort; Model Breadcrumbs:
+    a window of an ascending one).
 
-    As in mergekit 0.1.5, a positive ``density`` keeps ``max(1, int(density * numel))`` entries
-    (``density <= 0`` none), those mergekit keeps: the first of torch's descending
-    ``argsort`` of the float32 magnitudes. Where the k-th largest magnitude is nonzero and shared
-    by more entries than are kept, which of them are is that sort's choice (not stable: not
-    the first by index), so that one sort is made then; float32 deltas rarely tie, float16 and
-    bfloat16 ones of large tensors usually do.
+    The window's end values come from one float32 copy of ``|delta|``, partitioned in place (no
+    sort, no index tensor). Where a nonzero end value is shared by more entries than the window
+    holds, which of them are kept is the sort's choice (not stable: not the first by index), so
+    that one sort is made then; float32 deltas rarely tie, float16 and bfloat16 ones of large
+    tensors usually do. Then, with ``rescale``, the L1 sums block by block.
     """
-    if density <= 0 or numel == 0:
-        return MagnitudeCut(torch.tensor(float("inf")), False, None, 1.0)
-    k = max(1, int(density * numel))
+    start, stop = max(0, start), min(numel, stop)
+    if stop <= start:
+        return MagnitudeCut(*_NOTHING, 1.0)
+    first, last = (numel - stop, numel - 1 - start) if descending else (start, stop - 1)  # ascending positions
     magnitudes = _magnitudes(blocks, numel)
-    threshold = _kth_smallest(magnitudes, numel - k)
-    above = int((magnitudes > threshold).sum())
-    tied = int((magnitudes == threshold).sum())
+    low, high = _kth_smallest(magnitudes, first), _kth_smallest(magnitudes, last)
+    below, at_low = int((magnitudes < low).sum()), int((magnitudes == low).sum())
+    above, at_high = int((magnitudes > high).sum()), int((magnitudes == high).sum())
     del magnitudes
+    # the entries equal to an end value occupy ascending positions [below, below + at_low) and
+    # [numel - above - at_high, numel - above); all of them are kept when those lie in the window
+    low_tied = below == first and below + at_low - 1 <= last
+    high_tied = numel - above - 1 == last and numel - above - at_high >= first
     chosen = None
-    if above + tied > k and threshold > 0:
-        order = torch.argsort(_magnitudes(blocks, numel), descending=True)
-        chosen = order[above:k].sort().values
-        del order
-    cut = MagnitudeCut(threshold, above + tied == k, chosen, 1.0)
+    partial = [v for v, whole in ((low, low_tied), (high, high_tied)) if not whole and v > 0]
+    if partial:
+        magnitudes = _magnitudes(blocks, numel)
+        order = torch.sort(magnitudes, descending=descending).indices[start:stop]
+        values = magnitudes[order]
+        chosen = order[(values == low) | (values == high)].sort().values
+        del magnitudes, order, values
+    cut = MagnitudeCut(low, high, low_tied, high_tied, chosen, 1.0)
     if not rescale:
         return cut
     before, after, offset = [], [], 0
@@ -128,7 +141,25 @@ def magnitude_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, density: f
         offset += n
         before.append(_l1(block))
         after.append(_l1(pruned))
-    return MagnitudeCut(cut.threshold, cut.tied, cut.chosen, _l1_scale(torch.cat(before), torch.cat(after)))
+    return MagnitudeCut(low, high, low_tied, high_tied, chosen, _l1_scale(torch.cat(before), torch.cat(after)))
+
+
+def magnitude_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, density: float, rescale: bool) -> MagnitudeCut:
+    """TIES' :func:`window_cut`: as in mergekit 0.1.5, a positive ``density`` keeps the
+    ``max(1, int(density * numel))`` entries of largest magnitude, ``density <= 0`` none."""
+    if density <= 0:
+        return MagnitudeCut(*_NOTHING, 1.0)
+    return window_cut(blocks, numel, 0, max(1, int(density * numel)), descending=True, rescale=rescale)
+
+
+def outlier_cut(blocks: Callable[[], Iterable[Tensor]], numel: int, density: float, gamma: float,
+                rescale: bool) -> MagnitudeCut:
+    """Model Breadcrumbs' :func:`window_cut`: the ``int(gamma * numel)`` entries of largest
+    magnitude dropped and then the smallest, so that ``int(density * numel)`` remain (fewer
+    outliers go when both cannot be met)."""
+    keep, top = int(density * numel), int(gamma * numel)
+    bottom = max(0, numel - keep - top)
+    return window_cut(blocks, numel, bottom, bottom + keep, descending=False, rescale=rescale)
 
 
 def magnitude_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None = None) -> Tensor:
@@ -196,52 +227,89 @@ def random_prune(delta: Tensor, density: float, rescale: bool, generator: torch.
 def outlier_prune(delta: Tensor, density: float, rescale: bool, gamma: float,
                   generator: torch.Generator | None = None) -> Tensor:
     """Drop the ``int(gamma * numel)`` entries of largest ``|delta|`` and then the smallest, so
-    that ``int(density * numel)`` remain (fewer outliers go when both cannot be met).
-
-    The order among equal magnitudes is torch's ascending sort's, as in mergekit.
-    """
+    that ``int(density * numel)`` remain, as mergekit chooses them (:func:`outlier_cut`)."""
     if density >= 1:
         return delta
-    n = delta.numel()
-    keep, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - keep - top)
-    magnitude = delta.abs().reshape(-1)
-    order = torch.sort(magnitude.float() if magnitude.device.type == "cpu" else magnitude).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[bottom:bottom + keep]] = 1
-    return _rescale_l1(delta, delta * mask.view_as(delta)) if rescale else delta * mask.view_as(delta)
+    pruned = outlier_cut(lambda: [delta], delta.numel(), density, gamma, rescale=False).apply(delta)[0]
+    return _rescale_l1(delta, pruned) if rescale else pruned
 
 
 # magnitude-ranked random pruning (DELLA's MagPrune)
+
+
+def _della_draw(rows: Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> Tensor:
+    """``rows`` (at least 2-D) pruned by DELLA's mask, drawn from ``generator``: each entry kept
+    with a probability linear in its magnitude's rank along dim 1, from ``density - epsilon`` to
+    ``density + epsilon``. Rows along dim 0 are independent (and their masks drawn in order), so
+    blocks of them drawn in turn give the whole's."""
+    work = _random_dtype(rows)
+    # rank 1 for the smallest magnitude of each row: the inverse of the sorting permutation
+    rank = rows.abs().argsort(dim=1).argsort(dim=1).to(work) + 1
+    lowest, highest = rank.min(dim=1, keepdim=True).values, rank.max(dim=1, keepdim=True).values
+    spread = ((rank - lowest) / (highest - lowest)).clamp(0, 1)
+    mask = torch.bernoulli((density - epsilon) + spread * 2 * epsilon, generator=generator).to(work)
+    return rows.to(work) * mask
+
+
+def _check_della(density: float, epsilon: float) -> None:
+    from merge_graphs.errors import MergeParameterError
+
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise MergeParameterError(
+            f"della needs 0 < density - epsilon and density + epsilon < 1, got density {density} and epsilon "
+            f"{epsilon}; lower epsilon (default 0.15) or move density away from 0 and 1")
 
 
 def della_prune(delta: Tensor, density: float, rescale: bool, epsilon: float,
                 generator: torch.Generator | None = None) -> Tensor:
     """Keep each entry with a probability from ``density - epsilon`` (smallest ``|delta|`` of
     its row) to ``density + epsilon`` (largest), linear in its magnitude's rank within the row
-    (the last axis of a matrix, the whole of a vector).
+    (along dim 1; a vector is one row); then, with ``rescale``, restore the L1 norm.
 
     Raises:
         MergeParameterError: ``density +/- epsilon`` leaves ``(0, 1)``.
     """
-    from merge_graphs.errors import MergeParameterError
-
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise MergeParameterError(
-            f"della needs 0 < density - epsilon and density + epsilon < 1, got density {density} and epsilon "
-            f"{epsilon}; lower epsilon (default 0.15) or move density away from 0 and 1")
-    work = _random_dtype(delta)
+    _check_della(density, epsilon)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-    # rank 1 for the smallest magnitude of each row: the inverse of the sorting permutation
-    rank = rows.abs().argsort(dim=1).argsort(dim=1).to(work) + 1
-    lowest, highest = rank.min(dim=1, keepdim=True).values, rank.max(dim=1, keepdim=True).values
-    spread = ((rank - lowest) / (highest - lowest)).clamp(0, 1)
-    mask = torch.bernoulli((density - epsilon) + spread * 2 * epsilon, generator=generator).to(work)
-    pruned = rows.to(work) * mask
+    pruned = _della_draw(rows, density, epsilon, generator)
     if rescale:
-        pruned = _rescale_l1(rows.to(work), pruned)
+        pruned = _rescale_l1(rows.to(pruned.dtype), pruned)
     return pruned.to(delta.dtype).reshape(delta.shape)
+
+
+@dataclass(frozen=True)
+class DellaCut:
+    """DELLA's pruning of one delta (at least 2-D) read a block of rows at a time: ``generator``
+    stands where the whole delta's mask was first drawn; ``scale`` is the L1 rescale factor."""
+
+    generator: torch.Generator
+    density: float
+    epsilon: float
+    scale: float
+
+    def apply(self, block: Tensor, before: int = 0) -> tuple[Tensor, int]:
+        """The pruned next block of rows, and its count of entries (as :meth:`MagnitudeCut.apply`)."""
+        pruned = _della_draw(block, self.density, self.epsilon, self.generator)
+        return (pruned if self.scale == 1.0 else pruned * self.scale).to(block.dtype), block.numel()
+
+
+def della_cut(blocks: Callable[[], Iterable[Tensor]], density: float, epsilon: float, rescale: bool,
+              generator: torch.Generator) -> DellaCut | MagnitudeCut:
+    """:class:`DellaCut` of a delta read as row blocks by ``blocks()``, as :func:`random_cut`
+    (``density <= 0``: a cut keeping nothing)."""
+    if density <= 0:
+        return MagnitudeCut(*_NOTHING, 1.0)
+    _check_della(density, epsilon)
+    start = torch.Generator(device=generator.device)
+    start.set_state(generator.get_state())
+    before, after = [], []
+    for block in blocks():
+        pruned = _della_draw(block, density, epsilon, generator)
+        if rescale:
+            before.append(_l1(block.to(pruned.dtype)))
+            after.append(_l1(pruned))
+    return DellaCut(start, density, epsilon, _l1_scale(torch.cat(before), torch.cat(after)) if rescale else 1.0)

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge_graphs.methods.registry import per_model, register
+from merge_graphs.methods.registry import METHODS, per_model, register
 from merge_graphs.methods.sparsify import (
-    MagnitudeCut,
-    RandomCut,
+    della_cut,
     della_prune,
     magnitude_cut,
     magnitude_prune,
+    outlier_cut,
     outlier_prune,
     random_cut,
     random_prune,
@@ -91,25 +91,35 @@ def _generalized_task_arithmetic(prune: Callable[..., Tensor] | None, consensus:
     return merge
 
 
-def _pruned_rows(magnitude: bool, consensus: bool) -> Callable[..., Iterator[Tensor]]:
-    """The :attr:`~merge_graphs.methods.registry.MergeMethod.rows` of TIES and DARE: each delta's
-    cut first (TIES: the magnitude threshold, from one float32 copy of the delta's magnitudes;
-    DARE: the L1 rescale, drawing the mask once to measure it), then the pruned deltas of each
-    block combined (sign consensus is elementwise)."""
+def _pruned_rows(prune: str, consensus: bool) -> Callable[..., Iterator[Tensor]]:
+    """The :attr:`~merge_graphs.methods.registry.MergeMethod.rows` of the pruning methods: each
+    delta's cut first (``"magnitude"``, ``"outliers"``: the kept window of magnitudes, from one
+    float32 copy of them; ``"random"``, ``"della"``: the L1 rescale, drawing the mask once to
+    measure it), then the pruned deltas of each block combined (sign consensus is elementwise).
+    DELLA ranks a vector as a whole, so a vector is pruned whole and its blocks sliced from it."""
 
     def rows(tensors, base, model_parameters, parameters, generator, blocks):
-        cuts: list[MagnitudeCut | RandomCut | None] = []
+        if prune == "della" and base.dim() < 2:
+            merged = METHODS[_DELLA[consensus]].fn(tensors, base, model_parameters, parameters, generator)
+            yield from (merged[b] for b in blocks)
+            return
+        cuts = []
         for t, p in zip(tensors, model_parameters):
             def deltas(t=t):
                 return (t[b] - base[b] for b in blocks)
 
+            rescale = parameters["rescale"]
             if p["density"] >= 1:
                 cuts.append(None)
-            elif magnitude:
-                cuts.append(magnitude_cut(deltas, t.numel(), p["density"], parameters["rescale"]))
+            elif prune == "magnitude":
+                cuts.append(magnitude_cut(deltas, t.numel(), p["density"], rescale))
+            elif prune == "outliers":
+                cuts.append(outlier_cut(deltas, t.numel(), p["density"], p["gamma"], rescale))
+            elif prune == "random":
+                cuts.append(random_cut(deltas, p["density"], rescale, generator))
             else:
-                cuts.append(random_cut(deltas, p["density"], parameters["rescale"], generator))
-        state = [0] * len(tensors)
+                cuts.append(della_cut(deltas, p["density"], p["epsilon"], rescale, generator))
+        offset = [0] * len(tensors)
         for b in blocks:
             if not tensors:
                 yield base[b]
@@ -118,12 +128,15 @@ def _pruned_rows(magnitude: bool, consensus: bool) -> Callable[..., Iterator[Ten
             for i, t in enumerate(tensors):
                 delta = t[b] - base[b]
                 if cuts[i] is not None:
-                    delta, n = cuts[i].apply(delta, state[i])
-                    state[i] += n
+                    delta, n = cuts[i].apply(delta, offset[i])
+                    offset[i] += n
                 pruned.append(delta)
             yield combine_deltas(pruned, base[b], model_parameters, parameters, consensus=consensus)
 
     return rows
+
+
+_DELLA = {True: "della", False: "della_linear"}
 
 
 def _parameters(normalize: bool, rescale: bool) -> dict[str, Any]:
@@ -150,16 +163,16 @@ def _add(name: str, *, normalize: bool, rescale: bool, model: Mapping[str, Any],
 
 _add("task_arithmetic", normalize=False, rescale=False, model=_MODEL, consensus=False, rows="elementwise")
 _add("ties", normalize=True, rescale=False, model=_MODEL, prune=magnitude_prune, consensus=True,
-     rows=_pruned_rows(magnitude=True, consensus=True))
+     rows=_pruned_rows("magnitude", consensus=True))
 _add("dare_linear", normalize=False, rescale=True, model=_MODEL, prune=random_prune, consensus=False,
-     rows=_pruned_rows(magnitude=False, consensus=False), random=True)
+     rows=_pruned_rows("random", consensus=False), random=True)
 _add("dare_ties", normalize=False, rescale=True, model=_MODEL, prune=random_prune, consensus=True,
-     rows=_pruned_rows(magnitude=False, consensus=True), random=True)
+     rows=_pruned_rows("random", consensus=True), random=True)
 _add("breadcrumbs", normalize=False, rescale=False, model=BREADCRUMBS_MODEL, prune=outlier_prune, consensus=False,
-     extra="gamma")
+     extra="gamma", rows=_pruned_rows("outliers", consensus=False))
 _add("breadcrumbs_ties", normalize=False, rescale=False, model=BREADCRUMBS_MODEL, prune=outlier_prune,
-     consensus=True, extra="gamma")
+     consensus=True, extra="gamma", rows=_pruned_rows("outliers", consensus=True))
 _add("della", normalize=True, rescale=True, model=DELLA_MODEL, prune=della_prune, consensus=True, extra="epsilon",
-     random=True)
+     rows=_pruned_rows("della", consensus=True), random=True)
 _add("della_linear", normalize=False, rescale=True, model=DELLA_MODEL, prune=della_prune, consensus=False,
-     extra="epsilon", random=True)
+     extra="epsilon", rows=_pruned_rows("della", consensus=False), random=True)
