@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from merge_graphs.errors import MergeParameterError
+
 
 def _l1(x: Tensor) -> Tensor:
     """Per-row (first axis) sums of ``|x|`` in float64: the same whether ``x`` is a whole tensor
@@ -252,8 +254,6 @@ def _della_draw(rows: Tensor, density: float, epsilon: float, generator: torch.G
 
 
 def _check_della(density: float, epsilon: float) -> None:
-    from merge_graphs.errors import MergeParameterError
-
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise MergeParameterError(
             f"della needs 0 < density - epsilon and density + epsilon < 1, got density {density} and epsilon "
