@@ -690,3 +690,36 @@ def test_methods_that_split_merge_row_blocks_as_the_whole(method, parameters, sh
     for block in (5, 20, 50):
         parts = merge_tensors(method, others, block=block, generator=torch.Generator().manual_seed(1), **kw)
         assert torch.equal(parts, whole), block
+
+
+def test_register_with_a_base_policy_and_a_model_count():
+    @register("halfway", base="optional", models=(1, 1), global_parameters={}, model_parameters={})
+    def halfway(tensors, base, model_parameters, parameters, generator):
+        return tensors[0] if base is None else (tensors[0] + base) / 2
+
+    try:
+        m = get_method("halfway")
+        assert (m.base, m.needs_base, m.models, m.random) == ("optional", False, (1, 1), False)
+        close(merge_tensors("halfway", [torch.ones(2)]), [1.0, 1.0])
+        close(merge_tensors("halfway", [torch.ones(2)], base=torch.zeros(2)), [0.5, 0.5])
+        with pytest.raises(ValueError, match=r"halfway merges exactly one model besides base_model \(which is "
+                                             r"optional\), but got 2"):
+            merge_tensors("halfway", [torch.ones(2)] * 2)
+    finally:
+        del METHODS["halfway"]
+    with pytest.raises(ValueError, match=r"needs_base=True contradicts base='optional'"):
+        register("other", needs_base=True, base="optional", global_parameters={}, model_parameters={})
+    with pytest.raises(ValueError, match=r"give base"):
+        register("other", global_parameters={}, model_parameters={})
+
+
+@pytest.mark.parametrize("method", ["karcher", "passthrough"])
+def test_methods_without_a_base_refuse_one(method):
+    with pytest.raises(ValueError, match=rf"'{method}' takes no separate base"):
+        merge_tensors(method, [torch.ones(2)], base=torch.zeros(2))
+
+
+def test_an_unset_optional_parameter_reaches_the_method_as_none():
+    x = torch.tensor([1.0, 2.0])
+    close(merge_tensors("passthrough", [x], model_parameters=[{"scale": None}]), x)  # None: unset, as in mergekit
+    close(merge_tensors("passthrough", [x], model_parameters=[{"scale": None}], parameters={"scale": 3.0}), [3.0, 6.0])
