@@ -26,12 +26,13 @@ def folders(tmp_path):
 
 @pytest.mark.parametrize(("merge", "weights", "says"), [
     ({"method": "linear", "parameters": {"normalize": True}}, [1.0, -1.0], "do not sum to 0"),
-    ({"method": "ties", "parameters": {"density": 0.0001}}, [1.0, 1.0], "keeps no entry"),
+    # mergekit 0.1.5's TIES keeps at least one entry at any positive density: no error there any more
+    ({"method": "della", "parameters": {"density": 0.9}}, [1.0, 1.0], "lower epsilon (default 0.15)"),
 ])
 def test_bad_merge_parameters_exit_1_with_the_fix_and_write_nothing(tmp_path, folders, capsys, merge, weights, says):
     recipe = {"models": [{"model": f, "weight": w} for f, w in zip(folders, weights)], "merge": merge,
               "align": {"method": "none"}, "output": {"path": str(tmp_path / "out")}}
-    if merge["method"] == "ties":
+    if merge["method"] == "della":
         recipe["base_model"] = folders[0]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

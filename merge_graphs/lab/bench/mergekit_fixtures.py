@@ -17,7 +17,7 @@ recipe of :data:`RECIPES` and stores, under ``OUT``:
 
 The tests (``tests/test_mergekit_fixtures.py``) rebuild nothing from the network: they run our
 tool on the stored recipes and inputs and compare with the stored outputs. Rerun this script only
-to add a recipe or move to another mergekit version, and commit what it writes (about 160 KB).
+to add a recipe or move to another mergekit version, and commit what it writes (about 500 KB).
 The live comparison with mergekit at scale stays in ``merge-graphs bench scale``.
 """
 
@@ -48,9 +48,9 @@ BASE_SEED = 0
 #: How far a fine-tune lies from the base (noise std, relative to the base's O(1) entries).
 FINETUNE_NOISE = 0.05
 
-#: name -> a mergekit recipe over the models of :data:`MODELS` (by name). Weights deliberately do
-#: not sum to 1, so that normalisation matters; every method here is deterministic (DARE's random
-#: masks cannot be compared).
+#: name -> a mergekit recipe over the models of :data:`MODELS` (by name): one or more for each
+#: deterministic method, one float16 recipe, and a random method (:data:`RANDOM`). Weights
+#: deliberately do not sum to 1, so that normalisation matters.
 RECIPES: dict[str, dict[str, Any]] = {
     "linear": {"merge_method": "linear", "dtype": "float32",
                "models": [{"model": "ft1", "parameters": {"weight": 0.7}},
@@ -67,7 +67,53 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ties": {"merge_method": "ties", "dtype": "float32", "base_model": "base",
              "models": [{"model": "ft1", "parameters": {"density": 0.5, "weight": 0.7}},
                         {"model": "ft2", "parameters": {"density": 0.4, "weight": 0.5}}]},
+    # mergekit computes in the recipe's dtype: float16 deltas, weights and sums, and the entries
+    # tied at the pruning threshold (many in float16) chosen by its sort
+    "ties-float16": {"merge_method": "ties", "dtype": "float16", "base_model": "base",
+                     "models": [{"model": "ft1", "parameters": {"density": 0.3, "weight": 0.4}},
+                                {"model": "ft2", "parameters": {"density": 0.6, "weight": 0.8}}]},
+    "nuslerp": {"merge_method": "nuslerp", "dtype": "float32",
+                "models": [{"model": "ft1", "parameters": {"weight": 0.7}},
+                           {"model": "ft2", "parameters": {"weight": 0.5}}]},
+    "nuslerp-base-rows": {"merge_method": "nuslerp", "dtype": "float32", "base_model": "base",
+                          "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                          "models": [{"model": "ft1", "parameters": {"weight": 0.3}},
+                                     {"model": "ft2", "parameters": {"weight": 0.5}}]},
+    "multislerp": {"merge_method": "multislerp", "dtype": "float32",
+                   "models": [{"model": "base", "parameters": {"weight": 0.3}},
+                              {"model": "ft1", "parameters": {"weight": 0.7}},
+                              {"model": "ft2", "parameters": {"weight": 0.5}}]},
+    "karcher": {"merge_method": "karcher", "dtype": "float32",
+                "models": [{"model": "base"}, {"model": "ft1"}, {"model": "ft2"}]},
+    "breadcrumbs": {"merge_method": "breadcrumbs", "dtype": "float32", "base_model": "base",
+                    "models": [{"model": "ft1", "parameters": {"density": 0.5, "gamma": 0.05, "weight": 0.7}},
+                               {"model": "ft2", "parameters": {"density": 0.4, "weight": 0.5}}]},
+    "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "dtype": "float32", "base_model": "base",
+                         "parameters": {"lambda": 0.9, "gamma": 0.02},
+                         "models": [{"model": "ft1", "parameters": {"density": 0.6, "weight": 0.7}},
+                                    {"model": "ft2", "parameters": {"density": 0.5, "weight": 0.5}}]},
+    "sce": {"merge_method": "sce", "dtype": "float32", "base_model": "base", "parameters": {"select_topk": 0.4},
+            "models": [{"model": "ft1"}, {"model": "ft2"}]},
+    "model_stock": {"merge_method": "model_stock", "dtype": "float32", "base_model": "base",
+                    "models": [{"model": "ft1"}, {"model": "ft2"}]},
+    "nearswap": {"merge_method": "nearswap", "dtype": "float32", "base_model": "base", "parameters": {"t": 0.03},
+                 "models": [{"model": "ft1"}]},
+    "arcee_fusion": {"merge_method": "arcee_fusion", "dtype": "float32", "base_model": "base",
+                     "models": [{"model": "ft1"}]},
+    "ram": {"merge_method": "ram", "dtype": "float32", "base_model": "base", "parameters": {"epsilon": 0.03},
+            "models": [{"model": "ft1"}, {"model": "ft2"}]},
+    "ramplus_tl": {"merge_method": "ramplus_tl", "dtype": "float32", "base_model": "base",
+                   "parameters": {"epsilon": 0.04, "r": 0.5, "alpha": 0.7},
+                   "models": [{"model": "ft1"}, {"model": "ft2"}]},
+    "passthrough": {"merge_method": "passthrough", "dtype": "float32",
+                    "models": [{"model": "ft2", "parameters": {"scale": 0.5}}]},
+    # random (mergekit draws from torch's unseeded global generator): compared by statistics
+    "della_linear": {"merge_method": "della_linear", "dtype": "float32", "base_model": "base",
+                     "models": [{"model": "ft1", "parameters": {"density": 0.5, "epsilon": 0.2, "weight": 1.0}}]},
 }
+#: Recipes of :data:`RECIPES` whose method draws random masks: their stored outputs are compared by
+#: statistics (which entries change, how many), not entry by entry.
+RANDOM = {"della_linear"}
 
 
 def _seed(*parts: object) -> int:
