@@ -176,9 +176,10 @@ def merge_models(
     The same steps as :func:`align_models` then :func:`merge_aligned`.
 
     The reference is ``base_model`` if given, else ``models[0]``; the result is a new model of
-    the reference's class, in the reference's unit order. Methods that need a base
-    (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``slerp``) take it from
-    ``base_model``, as in mergekit; ``linear`` averages ``models`` only.
+    the reference's class, in the reference's unit order. Methods that take a base
+    (:attr:`~merge_graphs.methods.MergeMethod.base`: ``task_arithmetic``, ``ties``, ``slerp`` ...;
+    optionally ``nuslerp``, ``multislerp``) take it from ``base_model``, as in mergekit;
+    ``linear`` averages ``models`` only.
 
     Args:
         models: the models to merge (a base model listed here too is ignored for methods
@@ -207,19 +208,20 @@ def merge_models(
     if not models:
         raise ValueError("merge_models needs at least one model")
     reference = base_model if base_model is not None else models[0]
-    needs_base = get_method(method).needs_base
-    if needs_base and base_model is None:
+    policy = get_method(method).base
+    if policy == "required" and base_model is None:
         raise ValueError(f"merge method {method!r} needs a base: pass base_model=...")
     if weights is not None and len(weights) != len(models):
         raise ValueError(f"got {len(weights)} weights for {len(models)} models; give one weight per model")
     per_model = list(model_parameters) if model_parameters is not None else [{} for _ in models]
     if weights is not None or "weight" in get_method(method).model_parameters:
         per_model = [{"weight": 1.0 if weights is None else weights[i], **p} for i, p in enumerate(per_model)]
-    keep = [i for i, m in enumerate(models) if not (needs_base and m is base_model)]
+    takes_base = policy != "none" and base_model is not None
+    keep = [i for i, m in enumerate(models) if not (takes_base and m is base_model)]
     merged_models = [models[i] for i in keep]
     alignments = align_models(reference, merged_models, align, residual=residual, solver=solver,
                               calibration=calibration, tokenizer=tokenizer, seed=seed, verify=verify, learn=learn)
-    return merge_aligned(reference, merged_models, alignments, method, base_model=base_model if needs_base else None,
+    return merge_aligned(reference, merged_models, alignments, method, base_model=base_model if takes_base else None,
                          model_parameters=[per_model[i] for i in keep], parameters=parameters, seed=seed)
 
 

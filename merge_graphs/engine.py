@@ -64,12 +64,14 @@ class MergedModel:
     method: str
     seed: int
     device: torch.device
+    dtype: torch.dtype | None = None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, merged tensor)`` for every stored name, in order; nothing kept between steps.
 
         Non-floating tensors (integer ids, masks) are the first input's, as they are. ``seed``
-        seeds random pruning, drawn in this order.
+        seeds random pruning, drawn in this order. The method computes in ``dtype`` (default:
+        each tensor's stored dtype), as mergekit does.
         """
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         for name in self.names:
@@ -86,7 +88,7 @@ class MergedModel:
                 self.method, [self.views[id(i.model)][i.name].float() for i in task.inputs],
                 base=None if base is None else self.views[id(base.model)][base.name].float(),
                 model_parameters=[resolve(i.parameters, i.name, task.t) for i in task.inputs],
-                parameters=shared, generator=generator,
+                parameters=shared, generator=generator, dtype=self.dtype or self.layout[name].dtype,
             )
 
     def into(self, skeleton: nn.Module) -> nn.Module:
@@ -110,6 +112,7 @@ def plan_merge(
     parameters: Mapping[str, Any] | None = None,
     slices: Sequence[OutputSlice] | None = None,
     seed: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> MergedModel:
     """Plan the merge of ``models``, each mapped onto ``reference`` by its alignment.
 
@@ -131,6 +134,9 @@ def plan_merge(
             merging whole models; ``model_parameters`` is then unused (each source carries
             its own).
         seed: seeds random pruning (``dare_*`` ...).
+        dtype: the dtype the method computes in (mergekit's recipe ``dtype``); None: each
+            tensor's stored dtype (a bfloat16 checkpoint merges in bfloat16, as in mergekit;
+            some methods accumulate in float32 anyway).
 
     Raises:
         MergeParameterError: a malformed setting, a filter matching no tensor, slices that do
@@ -188,7 +194,7 @@ def plan_merge(
             config.tie_word_embeddings = False
     else:
         names, aliases = reference.stored(), dict(reference.aliases)
-    plan = plan_tensors(names, slices, needs_base=get_method(method).needs_base, parameters=parameters or {},
+    plan = plan_tensors(names, slices, separate_base=get_method(method).base != "none", parameters=parameters or {},
                         views={k: list(v) for k, v in views.items()}, whole=whole)
     names, tasks = plan.names, plan.tasks
     layout = _layout(tasks, views)
@@ -203,7 +209,7 @@ def plan_merge(
                 f"like {', '.join(merged_names[:3])}); fix the filter or remove that entry")
     return MergedModel(
         basis=basis, spec=identity.spec, names=names, aliases=aliases, layout=layout, config=config, tasks=tasks,
-        views=views, method=method, seed=seed, device=reference.device,
+        views=views, method=method, seed=seed, device=reference.device, dtype=dtype,
     )
 
 

@@ -30,13 +30,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge_graphs.aligners import ALIGNERS
-from merge_graphs.errors import RecipeError
+from merge_graphs.errors import MergeParameterError, RecipeError
 from merge_graphs.methods import METHODS, get_method
 from merge_graphs.parameters import check_setting
 
 logger = logging.getLogger(__name__)
 
-MERGEKIT_KEYS = {"merge_method", "models", "parameters", "base_model", "dtype", "tokenizer_source", "slices"}
+MERGEKIT_KEYS = {"merge_method", "models", "parameters", "base_model", "dtype", "out_dtype", "tokenizer_source",
+                 "slices"}
 
 
 class _Strict(BaseModel):
@@ -186,6 +187,7 @@ class Recipe(_Strict):
     align: Align = Field(default_factory=Align)
     merge: Merge = Field(default_factory=Merge)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     tokenizer_source: str | None = None
     output: Output = Field(default_factory=Output)
     evaluate: Evaluate | None = None
@@ -201,14 +203,17 @@ class Recipe(_Strict):
             raise ValueError("give exactly one of 'models' (whole models, e.g. models: [{model: org/name}]) or "
                              "'slices' (ranges of layers)")
         every_slice_has_a_base = self.slices is not None and all(s.base_model for s in self.slices)
-        if method.needs_base and not self.base_model and not every_slice_has_a_base:
+        if method.base == "required" and not self.base_model and not every_slice_has_a_base:
             raise ValueError(f"merge method {self.merge.method!r} needs base_model: add base_model: <model>")
-        if self.merge.method == "slerp":
-            if self.models and len([m for m in self.models if m.model != self.base_model]) != 1:
-                raise ValueError("slerp merges exactly two models: base_model and one entry of models")
-            for i, sl in enumerate(self.slices or []):
-                if len(sl.sources) != 2 or (sl.base_model or self.base_model) not in [s.model for s in sl.sources]:
-                    raise ValueError(f"slices[{i}]: slerp merges exactly two sources, the base_model and one other")
+        try:
+            if self.models:
+                method.check_count(len(self.merged_entries()))
+            for sl in self.slices or []:
+                base = sl.base_model or self.base_model
+                separate = method.base != "none" and base in [src.model for src in sl.sources]
+                method.check_count(len(sl.sources) - separate)
+        except MergeParameterError as e:
+            raise ValueError(str(e)) from None
         allowed = set(method.global_parameters) | set(method.model_parameters)
         settings = [("merge.parameters", self.merge.parameters)]
         settings += [(f"models[{i}].parameters", m.merge_parameters()) for i, m in enumerate(self.models)]
@@ -235,7 +240,7 @@ class Recipe(_Strict):
         of a task-vector method."""
         models = self.models or [ModelEntry(model=ref)
                                  for ref in dict.fromkeys(src.model for s in self.slices for src in s.sources)]
-        if not get_method(self.merge.method).needs_base:
+        if get_method(self.merge.method).base == "none":
             return list(models)
         return [m for m in models if m.model != self.base_model]
 
@@ -324,8 +329,12 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(f"models[{i}]: each entry needs 'model: <id or folder>'")
         models.append({"model": m["model"], "parameters": dict(m.get("parameters") or {})})
     method = data["merge_method"]
-    if data.get("base_model") and method in METHODS and METHODS[method].needs_base:
-        models = [m for m in models if m["model"] != data["base_model"]]
+    base = data.get("base_model")
+    if base and method in METHODS:
+        if METHODS[method].base != "none":
+            models = [m for m in models if m["model"] != base]
+        elif models and base not in [m["model"] for m in models]:
+            models.append({"model": base, "parameters": {}})  # mergekit merges an unlisted base like the rest
     out = {
         "models": models,
         **({"slices": data["slices"]} if "slices" in data else {}),
@@ -333,7 +342,7 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         "merge": {"method": method, "parameters": dict(data.get("parameters") or {})},
         "source_format": "mergekit",
     }
-    for key in ("base_model", "dtype", "tokenizer_source"):
+    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
         if data.get(key) is not None:
             out[key] = data[key]
     return out

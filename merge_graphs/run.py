@@ -212,9 +212,10 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
     def merge(alignments: list[Alignment]) -> MergedModel:
         return plan_merge(
             reference, merged, alignments, recipe.merge.method,
-            base=sources[recipe.base_model] if get_method(recipe.merge.method).needs_base else None,
+            base=sources[recipe.base_model] if recipe.base_model and get_method(recipe.merge.method).base != "none"
+            else None,
             model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, slices=slices,
-            seed=recipe.seed,
+            seed=recipe.seed, dtype=_stored_dtype(recipe.dtype, folders[reference_ref]),
         )
 
     plan = merge(result.alignments)
@@ -236,7 +237,7 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         result.output = write_tensor_folder(
             tqdm(tensors, total=len(plan.names), desc="merging", disable=not progress or bool(recipe.evaluate)),
             plan.layout, plan.config, target, shard_size=recipe.output.shard_size,
-            dtype=_out_dtype(recipe, folders[reference_ref]),
+            dtype=_stored_dtype(recipe.out_dtype or recipe.dtype, folders[reference_ref]),
             generation_config=_generation_config(folders[reference_ref]),
             tokenizer_from=_tokenizer_folder(recipe, folders),
             extra_files=_extra_files(recipe, result), overwrite=overwrite,
@@ -392,9 +393,11 @@ def _summary(alignments: list[Alignment]) -> dict[str, dict[str, float]] | None:
     return summary
 
 
-def _out_dtype(recipe: Recipe, reference_folder: Path) -> torch.dtype:
-    if recipe.dtype:
-        return getattr(torch, recipe.dtype)
+def _stored_dtype(dtype: str | None, reference_folder: Path) -> torch.dtype:
+    """``dtype``, or by default the dtype the reference checkpoint stores (mergekit's default for
+    both the arithmetic and the output)."""
+    if dtype:
+        return getattr(torch, dtype)
     stored = [i.dtype for i in Checkpoint(reference_folder).infos().values() if i.dtype.is_floating_point]
     return stored[0] if stored else torch.float32
 

@@ -147,7 +147,7 @@ def plan_tensors(
     names: Sequence[str],
     slices: Sequence[OutputSlice],
     *,
-    needs_base: bool,
+    separate_base: bool,
     parameters: Mapping[str, Any],
     views: Mapping[int, Sequence[str]],
     whole: bool,
@@ -158,21 +158,21 @@ def plan_tensors(
         names: the reference's names (in the merge's basis), in order.
         slices: the slices; with ``whole``, one slice of whole models (layer ranges ignored),
             whose every name maps to itself, however many stacks of layers the model has.
-        needs_base: whether the method takes its base apart from the other inputs.
+        separate_base: whether the method takes a slice's base apart from its other inputs.
         parameters: the merge's own settings (below every slice's).
         views: the names each model holds in the merge's basis, by ``id`` of its source.
     """
     for i, s in enumerate(slices):
         if not s.sources:
             raise MergeParameterError(f"slices[{i}] has no sources; list at least one model with its layer_range")
-        if needs_base and s.base is not None and not any(src.model is s.base for src in s.sources):
+        if separate_base and s.base is not None and not any(src.model is s.base for src in s.sources):
             raise MergeParameterError(f"slices[{i}]: the base model {s.base.label} is not among its sources; add it "
                                       "with the layer_range it contributes")
 
     def task(name: str, s: OutputSlice, inputs: list[tuple[SliceSource, str]], t: float) -> TensorTask:
         made = [TensorInput(src.model, n, src.parameters) for src, n in inputs]
         base = None
-        if needs_base and s.base is not None:
+        if separate_base and s.base is not None:
             base = next(x for x in made if x.model is s.base)
             made = [x for x in made if x is not base]
         return TensorTask(name, tuple(made), base, (s.parameters, parameters), t)

@@ -70,21 +70,7 @@ def test_the_stored_outputs_tell_the_recipes_apart():
                 assert_same_tensors(tensors[a], tensors[b], 1e-3)
 
 
-#: Recipes the method computes as mergekit does (:func:`test_merge_tensors_gives_mergekits_tensors`)
-#: but our recipe loader does not yet hand it what it needs: name -> what is missing.
-NEEDS_RECIPE_WIRING = {
-    "ties-float16": "the recipe's dtype is not passed to merge_tensors(dtype=), so the merge runs in float32",
-    "nuslerp-base-rows": "base_model is not passed as base to a method whose base is optional (METHODS[m].base)",
-}
-
-
-def _cli_case(name):
-    if name in NEEDS_RECIPE_WIRING:
-        return pytest.param(name, marks=pytest.mark.xfail(reason=NEEDS_RECIPE_WIRING[name], strict=True))
-    return name
-
-
-@pytest.mark.parametrize("name", [_cli_case(name) for name in DETERMINISTIC])
+@pytest.mark.parametrize("name", DETERMINISTIC)
 def test_our_merge_of_a_mergekit_recipe_gives_mergekits_tensors(tmp_path, name, capsys):
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe(name, FOLDERS)), encoding="utf-8")
