@@ -78,6 +78,7 @@ NOT_YET: dict[str, str] = {
     # recipe keys
     "AngelSlayer-12B-Unslop-Mell-RPMax-DARKNESS-v3": "['chat_template'] are not supported",
     "CapyTessBorosYi-34B-200K-DARE-Ties": "['int8_mask'] are not supported",
+    "Gemma-Moon-2-9B-it": "['chat_template'] are not supported",
     "KansenSakura-Symbiosis-12B": "['chat_template', 'tokenizer'] are not supported",
     "MN-Hekate-model_stock": "['out_dtype'] are not supported",
 }

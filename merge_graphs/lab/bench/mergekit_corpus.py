@@ -66,7 +66,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": False, "head_dim": 4}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 4}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 4}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1,
+                                               "eos_token_id": 2}),
 }
 #: Model-name patterns -> family, first match wins; a recipe's ``family`` in sources.json overrides.
 NAME_FAMILIES: tuple[tuple[str, str], ...] = (
