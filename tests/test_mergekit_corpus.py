@@ -37,6 +37,7 @@ from merge_graphs.lab.bench.mergekit_corpus import (
     read_recipe,
     recipe_file,
     tensors_digest,
+    tokenizer_facts,
 )
 from merge_graphs.lab.bench.mergekit_fixtures import sha256
 
@@ -210,6 +211,17 @@ def _assert_same_tensors(ours, theirs):
             raise AssertionError(f"{key}: differs from mergekit's by up to {diff:.3g}")
 
 
+def _assert_same_tokenizer(folder, theirs):
+    """Our folder has a tokenizer when mergekit's has one, of the same vocabulary size and chat template."""
+    if theirs is None:
+        return
+    ours = tokenizer_facts(folder)
+    assert ours is not None, "mergekit wrote a tokenizer, we did not"
+    assert ours["vocab_size"] == theirs["vocab_size"]
+    if theirs["chat_template"] is not None:
+        assert ours["chat_template"] == theirs["chat_template"], "the chat template differs from mergekit's"
+
+
 @pytest.mark.parametrize("name", list(_params()))
 def test_our_cli_on_a_real_recipe_does_what_mergekit_does(tmp_path, name, capsys):
     p, recipe_file = prepare(CORPUS, name, tmp_path, SOURCES)
@@ -230,6 +242,7 @@ def test_our_cli_on_a_real_recipe_does_what_mergekit_does(tmp_path, name, capsys
         return
     assert entry["mergekit"] == "merged"
     assert rc == 0, f"exit code {rc}; stderr: {err[-500:]}"
+    _assert_same_tokenizer(tmp_path / "out", entry["tokenizer"])
     ours, theirs = _tensors(tmp_path / "out"), load_file(OUTPUTS / f"{name}.safetensors")
     if _method(name) in RANDOM_METHODS:
         base = model_states(p)[p.folders[p.base]]

@@ -22,8 +22,11 @@ This script, for each recipe:
    (``NAME.safetensors``), or, when mergekit itself refuses the recipe, its error message;
 4. writes ``OUT/manifest.json``: versions, the tiny config, per recipe the family, layer count,
    model-name-to-folder map, a digest of every rebuilt input model's tensors (the test checks the
-   rebuild against it), mergekit's outcome and the files it wrote, and the SHA-256 of every stored
-   file and of every corpus recipe.
+   rebuild against it), mergekit's outcome, the files it wrote and its tokenizer (vocabulary size,
+   chat template), and the SHA-256 of every stored file and of every corpus recipe.
+
+The stand-ins of one recipe share one tokenizer (:func:`_write_tokenizer`, the vocabulary of the
+tiny embeddings), so ``tokenizer_source`` decides which files are copied, not the embeddings.
 
 Tests (``tests/test_mergekit_corpus.py``) need neither network nor mergekit. Rerun this script
 when a recipe is added to the corpus, and commit what it writes.
@@ -318,6 +321,25 @@ def prepare(corpus: str | Path, name: str, folder: str | Path,
     return p, rewritten
 
 
+def tokenizer_facts(folder: str | Path) -> dict[str, Any] | None:
+    """What a merged folder's tokenizer is: its vocabulary size and chat template (None when it has none).
+
+    Example:
+        >>> tokenizer_facts(tempfile.mkdtemp()) is None
+        True
+    """
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    vocab = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "tokenizer_config.json").is_file():
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    return {"vocab_size": len(vocab), "chat_template": template}
+
+
 def mergekit_exe(venv: str | Path | None) -> Path:
     """``mergekit-yaml`` of ``venv`` when it already has mergekit 0.1.5, else the one
     :func:`merge_graphs.lab.bench.mergekit.mergekit_env` makes."""
@@ -392,6 +414,7 @@ def make_outputs(corpus: str | Path = DEFAULT_CORPUS, out: str | Path = DEFAULT_
                 save_file(dict(sorted(tensors.items())), str(out / f"{name}.safetensors"), metadata={"format": "pt"})
                 entry["files"] = sorted(str(f.relative_to(Path(scratch) / "merged"))
                                         for f in (Path(scratch) / "merged").rglob("*") if f.is_file())
+                entry["tokenizer"] = tokenizer_facts(Path(scratch) / "merged")
                 logger.info("%s: mergekit merged (%d tensors)", name, len(tensors))
             else:
                 entry["message"] = message
