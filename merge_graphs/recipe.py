@@ -12,8 +12,10 @@ A merge-graphs recipe::
     dtype: bfloat16
     output: {path: ./merged, shard_size: 5GB, push_to_hub: {repo_id: me/merged, private: true}}
 
-A mergekit recipe (``merge_method``, ``models``, ``parameters``, ``base_model``, ``dtype``,
-``tokenizer_source``) is accepted as it is and runs without alignment, as mergekit would.
+A mergekit recipe (``merge_method``, ``models`` or ``slices``, ``parameters``, ``base_model``,
+``dtype``, ``out_dtype``, ``tokenizer_source``) is accepted as it is and runs without alignment,
+as mergekit would; keys and parameters mergekit ignores are ignored too, with a warning naming
+them, and those it acts on that are not implemented here (:data:`MERGEKIT_UNSUPPORTED`) are refused.
 Relative folders are resolved against the recipe file's folder. Every error names the field,
 the bad value and the fix.
 """
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 MERGEKIT_KEYS = {"merge_method", "models", "parameters", "base_model", "dtype", "out_dtype", "tokenizer_source",
                  "slices"}
+#: mergekit keys that mergekit acts on and merge-graphs does not implement yet: refused, by name.
+MERGEKIT_UNSUPPORTED = {"modules", "tokenizer", "chat_template"}
 
 
 class _Strict(BaseModel):
@@ -315,31 +319,61 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any] | Recipe) -> Recip
 
 
 def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(data) - MERGEKIT_KEYS
-    if unknown:
-        raise RecipeError(f"mergekit recipe keys {sorted(unknown)} are not supported here; "
-                          f"supported: {sorted(MERGEKIT_KEYS)}")
+    unsupported = sorted(set(data) & MERGEKIT_UNSUPPORTED)
+    if unsupported:
+        raise RecipeError(f"mergekit recipe keys {unsupported} are not supported here yet; remove them (and set the "
+                          "tokenizer or chat template of the written folder yourself), or merge with mergekit")
     logger.warning("mergekit recipe: merging without alignment, as mergekit does "
                    "(write align: {method: weight} in a merge-graphs recipe to align units)")
-    models = []
-    for i, m in enumerate(data.get("models") or []):
+    method = data["merge_method"]
+    known = METHODS.get(method)
+    ignored = [k for k in data if k not in MERGEKIT_KEYS]
+
+    def parameters(where: str, value: Any) -> dict[str, Any]:
+        value = dict(value or {})
+        if known is None:
+            return value
+        allowed = {*known.global_parameters, *known.model_parameters}
+        ignored.extend(f"{where}.{k}" for k in value if k not in allowed)
+        return {k: v for k, v in value.items() if k in allowed}
+
+    def entry(where: str, m: Any, keys: tuple[str, ...]) -> dict[str, Any]:
         if isinstance(m, str):
             m = {"model": m}
         if not isinstance(m, dict) or "model" not in m:
-            raise RecipeError(f"models[{i}]: each entry needs 'model: <id or folder>'")
-        models.append({"model": m["model"], "parameters": dict(m.get("parameters") or {})})
-    method = data["merge_method"]
+            raise RecipeError(f"{where}: each entry needs 'model: <id or folder>'")
+        ignored.extend(f"{where}.{k}" for k in m if k not in (*keys, "parameters"))
+        return {**{k: m[k] for k in keys if k in m}, "parameters": parameters(f"{where}.parameters", m.get("parameters"))}
+
+    models = [entry(f"models[{i}]", m, ("model",)) for i, m in enumerate(data.get("models") or [])]
+    slices = None
+    if data.get("slices") is not None:
+        slices = []
+        for i, sl in enumerate(data["slices"]):
+            if not isinstance(sl, dict):
+                raise RecipeError(f"slices[{i}]: a slice is a mapping with 'sources: [{{model, layer_range}}, ...]'")
+            ignored.extend(f"slices[{i}].{k}" for k in sl if k not in ("sources", "base_model", "parameters"))
+            slices.append({
+                "sources": [entry(f"slices[{i}].sources[{j}]", src, ("model", "layer_range"))
+                            for j, src in enumerate(sl.get("sources") or [])],
+                **({"base_model": sl["base_model"]} if sl.get("base_model") else {}),
+                "parameters": parameters(f"slices[{i}].parameters", sl.get("parameters")),
+            })
+    top = parameters("parameters", data.get("parameters"))
+    if ignored:
+        logger.warning("mergekit recipe: ignoring %s, which mergekit 0.1.5 ignores too (unknown keys, or parameters "
+                       "that %s does not take)", ", ".join(ignored), method)
     base = data.get("base_model")
-    if base and method in METHODS:
-        if METHODS[method].base != "none":
+    if base and known is not None:
+        if known.base != "none":
             models = [m for m in models if m["model"] != base]
         elif models and base not in [m["model"] for m in models]:
             models.append({"model": base, "parameters": {}})  # mergekit merges an unlisted base like the rest
     out = {
         "models": models,
-        **({"slices": data["slices"]} if "slices" in data else {}),
+        **({"slices": slices} if slices is not None else {}),
         "align": {"method": "none"},
-        "merge": {"method": method, "parameters": dict(data.get("parameters") or {})},
+        "merge": {"method": method, "parameters": top},
         "source_format": "mergekit",
     }
     for key in ("base_model", "dtype", "out_dtype", "tokenizer_source"):

@@ -72,11 +72,27 @@ dtype: bfloat16
 
 
 def test_mergekit_features_we_do_not_support_are_named():
-    with pytest.raises(RecipeError, match=r"'slices.0.sources.0.residual': unknown field"):
-        load_recipe({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1],
-                                                                         "residual": 1}]}]})
     with pytest.raises(RecipeError, match=r"keys \['chat_template'\] are not supported"):
         load_recipe({"merge_method": "linear", "models": TWO, "chat_template": "chatml"})
+
+
+def test_what_mergekit_ignores_is_ignored_and_named(caplog):
+    """mergekit's config models ignore unknown keys, and its methods the parameters they do not take: a
+    recipe mergekit runs must run here too, saying what has no effect."""
+    r = load_recipe({"merge_method": "model_stock", "base_model": "base", "int8_mask": True,
+                     "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b"}],
+                     "parameters": {"filter_wise": False, "normalize": True}})
+    assert [m.model for m in r.models] == ["a", "b"] and r.models[0].parameters == {}
+    assert r.merge.parameters == {"filter_wise": False}
+    said = caplog.text
+    assert "ignoring int8_mask, models[0].parameters.weight, parameters.normalize" in said
+    r = load_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "a", "layer_range": [0, 2], "revision": "dpo-v0"}], "residual_weight": 0.5}]})
+    assert r.slices[0].sources[0].model == "a" and "slices[0].residual_weight, slices[0].sources[0].revision" in caplog.text
+    # a merge-graphs recipe stays strict
+    with pytest.raises(RecipeError, match="model_stock has no parameter"):
+        load_recipe({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b"}], "base_model": "c",
+                     "merge": {"method": "model_stock"}})
 
 
 def test_relative_folders_resolve_against_the_recipe_file(tmp_path):
