@@ -39,9 +39,16 @@ from merge_graphs.parameters import check_setting
 logger = logging.getLogger(__name__)
 
 MERGEKIT_KEYS = {"merge_method", "models", "parameters", "base_model", "dtype", "out_dtype", "tokenizer_source",
-                 "slices"}
+                 "tokenizer", "chat_template", "slices"}
 #: mergekit keys that mergekit acts on and merge-graphs does not implement yet: refused, by name.
-MERGEKIT_UNSUPPORTED = {"modules", "tokenizer", "chat_template"}
+MERGEKIT_UNSUPPORTED = {"modules"}
+#: Chat templates known by name (``chat_template: chatml``); ``auto`` takes the one most of the
+#: models have, and a template's own text is used as it is.
+CHAT_TEMPLATES = {
+    "chatml": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+               "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+               "{% endif %}"),
+}
 
 
 class _Strict(BaseModel):
@@ -193,6 +200,7 @@ class Recipe(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     tokenizer_source: str | None = None
+    chat_template: str | None = None
     output: Output = Field(default_factory=Output)
     evaluate: Evaluate | None = None
     allow_pickle: bool = False
@@ -234,9 +242,14 @@ class Recipe(_Strict):
                     check_setting(setting)
                 except ValueError as e:
                     raise ValueError(f"{where}.{name}: {e}") from None
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source 'union' is not supported: aligned models must share one "
+        if self.tokenizer_source == "union" and self.align.method != "none":
+            raise ValueError("tokenizer_source 'union' needs align: {method: none}: aligned models share one "
                              "vocabulary; use 'base', 'first' or one of the models")
+        template = self.chat_template
+        if template is not None and template != "auto" and template not in CHAT_TEMPLATES and (
+                len(template) < 20 or "{" not in template):
+            raise ValueError(f"chat_template {template!r} is neither 'auto', a known name "
+                             f"({', '.join(CHAT_TEMPLATES)}) nor a Jinja template; give the template's text")
         return self
 
     def merged_entries(self) -> list[ModelEntry]:
@@ -360,6 +373,17 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                 "parameters": parameters(f"slices[{i}].parameters", sl.get("parameters")),
             })
     top = parameters("parameters", data.get("parameters"))
+    tokenizer = data.get("tokenizer")
+    if tokenizer is not None:
+        if data.get("tokenizer_source") is not None:
+            raise RecipeError("give tokenizer_source or a tokenizer section, not both (mergekit refuses both too)")
+        if not isinstance(tokenizer, dict) or "source" not in tokenizer:
+            raise RecipeError("tokenizer: write tokenizer: {source: base | union | <model>}")
+        extra = sorted(set(tokenizer) - {"source"})
+        if extra:
+            raise RecipeError(f"tokenizer {extra} (added tokens, a padded vocabulary) are not supported here yet; keep "
+                              "only tokenizer: {source: ...}, or merge with mergekit")
+        data = {**data, "tokenizer_source": tokenizer["source"]}
     if ignored:
         logger.warning("mergekit recipe: ignoring %s, which mergekit 0.1.5 ignores too (unknown keys, or parameters "
                        "that %s does not take)", ", ".join(ignored), method)
@@ -376,7 +400,7 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         "merge": {"method": method, "parameters": top},
         "source_format": "mergekit",
     }
-    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
+    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source", "chat_template"):
         if data.get(key) is not None:
             out[key] = data[key]
     return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from merge_graphs.io.writer import tokenizer_files, write_tensor_folder
 from merge_graphs.match import Alignment
 from merge_graphs.memory import PeakRSS
 from merge_graphs.methods import get_method
-from merge_graphs.recipe import Recipe, load_recipe
+from merge_graphs.recipe import CHAT_TEMPLATES, Recipe, load_recipe
 from merge_graphs.rotation import rotation_kind
 from merge_graphs.slices import OutputSlice, SliceSource
 from merge_graphs.sources import ModelTensors, StateTensors, TensorSource, compatible
@@ -181,6 +182,7 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         folders = _resolve_all(recipe)
         sources = {ref: _source(folder, recipe, device, whole=result.path == "in-memory")
                    for ref, folder in folders.items()}
+        tokenizer = _tokenizer(recipe, folders)
         reference_ref = recipe.base_model or recipe.first_model
         reference = sources[reference_ref]
         merged = [sources[ref] for ref in result.merged]
@@ -239,7 +241,7 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
             plan.layout, plan.config, target, shard_size=recipe.output.shard_size,
             dtype=_stored_dtype(recipe.out_dtype or recipe.dtype, folders[reference_ref]),
             generation_config=_generation_config(folders[reference_ref]),
-            tokenizer_from=_tokenizer_folder(recipe, folders),
+            tokenizer_from=tokenizer,
             extra_files=_extra_files(recipe, result), overwrite=overwrite,
         )
 
@@ -402,8 +404,59 @@ def _stored_dtype(dtype: str | None, reference_folder: Path) -> torch.dtype:
     return stored[0] if stored else torch.float32
 
 
+def _tokenizer(recipe: Recipe, folders: Mapping[str, Path]) -> Any:
+    """What the output's tokenizer is written from: a folder whose files are copied, or (with a
+    ``chat_template``) a tokenizer with the template set; None if there is none."""
+    folder = _tokenizer_folder(recipe, folders)
+    if recipe.chat_template is None:
+        return folder
+    if folder is None:
+        raise RecipeError("chat_template needs a tokenizer, and the reference has no tokenizer files; set "
+                          "tokenizer_source to a model that has one")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.trust_remote_code)
+    template = CHAT_TEMPLATES.get(recipe.chat_template, recipe.chat_template)
+    if template == "auto":
+        # mergekit's rule: the template most of the models have (the first listed of the most common)
+        found = [_chat_template(folders[ref], recipe) for ref in recipe.refs()]
+        found = [t.strip() for t in found if t]
+        if not found:
+            logger.warning("chat_template auto: none of the models has a chat template; the output has none")
+            return folder
+        template = Counter(found).most_common(1)[0][0]
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _chat_template(folder: Path, recipe: Recipe) -> str | None:
+    if not tokenizer_files(folder):
+        return None
+    template = AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.trust_remote_code).chat_template
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def _union_tokenizer(recipe: Recipe, folders: Mapping[str, Path]) -> Path:
+    """mergekit's ``union`` where every model has the same vocabulary (then it is the base's
+    tokenizer, and no embedding moves); a union of different vocabularies is refused."""
+    vocabularies = {}
+    for ref in recipe.refs():
+        if tokenizer_files(folders[ref]):
+            vocab = AutoTokenizer.from_pretrained(folders[ref], trust_remote_code=recipe.trust_remote_code).get_vocab()
+            vocabularies[ref] = vocab
+    if not vocabularies:
+        raise RecipeError("tokenizer_source union: none of the models has tokenizer files")
+    first, *others = vocabularies
+    differ = [ref for ref in others if vocabularies[ref] != vocabularies[first]]
+    if differ:
+        raise RecipeError(f"tokenizer_source union of different vocabularies ({first} and {differ[0]} differ) is not "
+                          "supported here yet: it rebuilds the embeddings; use base or one model's tokenizer, or "
+                          "merge with mergekit")
+    return folders[recipe.base_model or recipe.first_model]
+
+
 def _tokenizer_folder(recipe: Recipe, folders: Mapping[str, Path]) -> Path | None:
     source = recipe.tokenizer_source
+    if source == "union":
+        return _union_tokenizer(recipe, folders)
     if source in (None, "base"):
         folder = folders[recipe.base_model or recipe.first_model]
     elif source == "first":

@@ -72,8 +72,8 @@ dtype: bfloat16
 
 
 def test_mergekit_features_we_do_not_support_are_named():
-    with pytest.raises(RecipeError, match=r"keys \['chat_template'\] are not supported"):
-        load_recipe({"merge_method": "linear", "models": TWO, "chat_template": "chatml"})
+    with pytest.raises(RecipeError, match=r"keys \['modules'\] are not supported"):
+        load_recipe({"merge_method": "linear", "modules": {"text_decoder": {"models": TWO}}})
 
 
 def test_what_mergekit_ignores_is_ignored_and_named(caplog):
