@@ -25,7 +25,7 @@ TWO = [{"model": "org/a"}, {"model": "org/b"}]
     ({"models": [{"model": "a", "parameters": {"density": 0.5}}]}, r"models\[0\].parameters: linear has no parameter"),
     ({"models": TWO, "output": {"push_to_hub": {"repo_id": "nonamespace"}}},
      r"'output.push_to_hub.repo_id': repo_id must look like 'your-name/model-name', got 'nonamespace'"),
-    ({"models": TWO, "tokenizer_source": "union"}, r"'union' is not supported"),
+    ({"models": TWO, "tokenizer_source": "union"}, r"'union' needs align: {method: none}"),
     ({"models": TWO, "evaluate": {"data": "x.txt", "max_windows": 0}}, r"'evaluate.max_windows'"),
     ({"models": TWO, "align": {"method": "none", "residual": "rotation"}}, r"residual 'rotation' needs method"),
     ({"models": TWO, "align": {"residual": "orthogonal"}}, r"'align.residual'.*'rotation'.*\(got 'orthogonal'\)"),
