@@ -14,7 +14,8 @@ A merge-graphs recipe::
 
 A mergekit recipe (``merge_method``, ``models`` or ``slices``, ``parameters``, ``base_model``,
 ``dtype``, ``out_dtype``, ``tokenizer_source``) is accepted as it is and runs without alignment,
-as mergekit would; keys and parameters mergekit ignores are ignored too, with a warning naming
+as mergekit would (or, with merge-graphs' own ``align:`` section added, aligns every model first
+and then merges with the recipe's method); keys and parameters mergekit ignores are ignored too, with a warning naming
 them, and those it acts on that are not implemented here (:data:`MERGEKIT_UNSUPPORTED`) are refused.
 Relative folders are resolved against the recipe file's folder. Every error names the field,
 the bad value and the fix.
@@ -39,7 +40,7 @@ from merge_graphs.parameters import check_setting
 logger = logging.getLogger(__name__)
 
 MERGEKIT_KEYS = {"merge_method", "models", "parameters", "base_model", "dtype", "out_dtype", "tokenizer_source",
-                 "tokenizer", "chat_template", "slices"}
+                 "tokenizer", "chat_template", "slices", "align"}
 #: mergekit keys that mergekit acts on and merge-graphs does not implement yet: refused, by name.
 MERGEKIT_UNSUPPORTED = {"modules"}
 #: Chat templates known by name (``chat_template: chatml``); ``auto`` takes the one most of the
@@ -336,8 +337,9 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     if unsupported:
         raise RecipeError(f"mergekit recipe keys {unsupported} are not supported here yet; remove them (and set the "
                           "tokenizer or chat template of the written folder yourself), or merge with mergekit")
-    logger.warning("mergekit recipe: merging without alignment, as mergekit does "
-                   "(write align: {method: weight} in a merge-graphs recipe to align units)")
+    if "align" not in data:
+        logger.warning("mergekit recipe: merging without alignment, as mergekit does "
+                       "(add align: {method: weight} to align units first)")
     method = data["merge_method"]
     known = METHODS.get(method)
     ignored = [k for k in data if k not in MERGEKIT_KEYS]
@@ -396,7 +398,7 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     out = {
         "models": models,
         **({"slices": slices} if slices is not None else {}),
-        "align": {"method": "none"},
+        "align": data.get("align") or {"method": "none"},
         "merge": {"method": method, "parameters": top},
         "source_format": "mergekit",
     }

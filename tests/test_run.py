@@ -1,5 +1,6 @@
 """Running recipes end to end: the CLI, the output folder, dry runs, interruptions, mergekit recipes."""
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -181,6 +182,32 @@ def test_mergekit_recipe_gives_mergekits_linear_tensors_and_says_it_did_not_alig
     assert "mergekit recipe: merging without alignment" in caplog.text
     assert yaml.safe_load((tmp_path / "out" / "merge-graphs.yaml").read_text())["align"] == {"method": "none"}
     assert "merged name by name without aligning hidden units" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_mergekit_recipe_with_an_align_section_aligns_before_its_method(tmp_path, caplog):
+    """A TIES recipe over a fine-tune whose units were shuffled: with our align section the fine-tune is
+    put back in the base's order first, and TIES gives what it gives on the unshuffled fine-tune."""
+    base = gpt2(0)
+    torch.manual_seed(1)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    spec = mg.symmetry_spec(base)
+    shuffled = mg.permute(tuned, mg.random_permutations(spec, seed=5), spec)
+    folders = {n: save(m, tmp_path / n) for n, m in [("base", base), ("tuned", tuned), ("shuffled", shuffled)]}
+    recipe = {"merge_method": "ties", "base_model": folders["base"], "dtype": "float32",
+              "models": [{"model": folders["shuffled"], "parameters": {"density": 0.5, "weight": 1.0}}]}
+    assert main([write_recipe(tmp_path, {**recipe, "align": {"method": "weight"}}), "--out", str(tmp_path / "aligned"),
+                 "--quiet"]) == 0
+    assert "merging without alignment" not in caplog.text
+    assert main([write_recipe(tmp_path, recipe), "--out", str(tmp_path / "as-is"), "--quiet"]) == 0
+    unshuffled = {**recipe, "models": [{**recipe["models"][0], "model": folders["tuned"]}]}
+    assert main([write_recipe(tmp_path, unshuffled), "--out", str(tmp_path / "want"), "--quiet"]) == 0
+    aligned, as_is, want = (load_file(tmp_path / n / "model.safetensors") for n in ("aligned", "as-is", "want"))
+    w = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.allclose(aligned[w], want[w], atol=1e-6)
+    assert not torch.allclose(as_is[w], want[w], atol=1e-2)
 
 
 @pytest.fixture
