@@ -92,11 +92,16 @@ class MergedModel:
             )
 
     def into(self, skeleton: nn.Module) -> nn.Module:
-        """The merge loaded into a copy of ``skeleton`` (a module of the output's class and
-        config, e.g. :func:`output_skeleton`); tied names get their stored tensor."""
+        """The merge loaded into a module like ``skeleton`` (the output's class, e.g.
+        :func:`output_skeleton`): a copy of it, or, when slices stack another number of layers, a
+        new one of its class built from :attr:`config`; tied names get their stored tensor."""
         merged = dict(self.tensors())
         merged.update({alias: merged[name] for alias, name in self.aliases.items()})
-        out = copy.deepcopy(skeleton)
+        layers = getattr(self.config, "num_hidden_layers", None)
+        if layers is not None and getattr(getattr(skeleton, "config", None), "num_hidden_layers", layers) != layers:
+            out = type(skeleton)._from_config(self.config).eval()
+        else:
+            out = copy.deepcopy(skeleton)
         out.load_state_dict(merged)
         return out
 

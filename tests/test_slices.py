@@ -62,6 +62,16 @@ def test_a_frankenmerge_stacks_the_layers_it_names_and_the_model_runs(tmp_path, 
     assert torch.isfinite(merged(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_a_sliced_merge_loads_into_a_model_of_its_own_depth():
+    model = llama(0)
+    m = StateTensors(model)
+    plan = plan_merge(m, [m], [basis_identity(m)], "linear", parameters={"weight": 1.0},
+                      slices=[OutputSlice([SliceSource(m, (0, 4))]), OutputSlice([SliceSource(m, (2, 4))])])
+    out = plan.into(model)
+    assert out.config.num_hidden_layers == 6 and model.config.num_hidden_layers == 4
+    assert torch.equal(out.model.layers[5].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)
+
+
 def test_a_gradient_runs_from_0_to_1_across_each_slice():
     a, b = StateTensors(llama(0)), StateTensors(llama(1))
     slices = [OutputSlice([SliceSource(a, (0, 3)), SliceSource(b, (1, 4))], base=a, parameters={"t": [0.0, 1.0]}),
