@@ -1,5 +1,5 @@
 """Learned alignment: the learned maps keep B's function, and learning lowers the interpolated
-models' loss on a real pair."""
+models' loss on a real pair; post-LayerNorm encoders learn permutations (straight-through)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
 
 import merge_graphs as mg
 from merge_graphs.aligners import basis_identity
 from merge_graphs.api import aligned_model, merge_aligned
-from merge_graphs.errors import RecipeError, UnsupportedArchitectureError
+from merge_graphs.errors import AlignmentError, RecipeError
 from merge_graphs.lab import trainers
 from merge_graphs.lab.quickstart import calibration_inputs, heldout_loss, load_pair
-from merge_graphs.learned import learned_alignment
+from merge_graphs.learned import learned_alignment, learned_permutations
+from merge_graphs.match import weight_matching
 from merge_graphs.recipe import load_recipe
+from merge_graphs.run import run_recipe
 from merge_graphs.sources import StateTensors
-from tests.tiny_models import VOCAB, example_input, make, outputs
+from tests.tiny_models import VOCAB, example_input, make, outputs, randomize
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
 
@@ -57,18 +60,119 @@ def test_learning_lowers_the_midpoint_loss_of_a_real_pair():
     assert after < before - 0.02, (before, after)
 
 
-def test_learned_alignment_refuses_post_layernorm_encoders():
-    a, b = make("bert-mlm", 0), make("bert-mlm", 1)
-    with pytest.raises(UnsupportedArchitectureError, match="post-LayerNorm"):
-        mg.align(a, b, "learned", calibration={"input_ids": torch.randint(2, VOCAB, (4, 8))})
-
-
 def test_recipe_learned_needs_calibration_and_merges_in_the_folded_basis():
     with pytest.raises(RecipeError, match="calibration"):
         load_recipe({"models": [{"model": "a"}, {"model": "b"}], "align": {"method": "learned"}})
     recipe = load_recipe({"models": [{"model": "a"}, {"model": "b"}],
                           "align": {"method": "learned", "calibration": {"texts": ["x"]}, "learn": {"steps": 7}}})
-    assert recipe.align.residual == "rotation" and recipe.align.learn.steps == 7
+    assert recipe.align.learn.steps == 7 and recipe.align.learn.settings() == {"steps": 7}
     with pytest.raises(RecipeError, match="drop residual: permutation"):
         load_recipe({"models": [{"model": "a"}, {"model": "b"}],
                      "align": {"method": "learned", "residual": "permutation", "calibration": {"texts": ["x"]}}})
+
+
+# --- post-LayerNorm encoders: permutations learned by a straight-through estimator -------------
+
+# Odd sizes: 3 heads of 7 dims, 29 MLP units, 2 layers.
+BERT_ODD = dict(vocab_size=VOCAB, hidden_size=21, num_hidden_layers=2, num_attention_heads=3, intermediate_size=29,
+                max_position_embeddings=16, type_vocab_size=2)
+
+
+def bert(kind: str, seed: int):
+    torch.manual_seed(seed)
+    if kind == "seqcls":
+        return randomize(T.BertForSequenceClassification(T.BertConfig(**BERT_ODD, num_labels=3)))
+    return randomize(T.BertForMaskedLM(T.BertConfig(**BERT_ODD)))
+
+
+def bert_calibration(kind: str, n: int = 12):
+    g = torch.Generator().manual_seed(5)
+    calib = {"input_ids": torch.randint(2, VOCAB, (n, 9), generator=g), "attention_mask": torch.ones(n, 9, dtype=torch.long)}
+    calib["attention_mask"][::3, 6:] = 0
+    if kind == "seqcls":
+        calib["labels"] = torch.randint(0, 3, (n,), generator=g)
+    return calib
+
+
+def midpoint_loss(a, b, alignment, calib, lam=0.5):
+    """The loss of ``(1 - lam) A + lam B'`` on ``calib`` (labels, or the masked-LM loss on every token)."""
+    merged = merge_aligned(a, [a, b], [basis_identity(StateTensors(a)), alignment], "linear",
+                           model_parameters=[{"weight": 1 - lam}, {"weight": lam}])
+    labels = calib.get("labels", calib["input_ids"].masked_fill(calib["attention_mask"] == 0, -100))
+    with torch.no_grad():
+        return merged(input_ids=calib["input_ids"], attention_mask=calib["attention_mask"], labels=labels).loss.item()
+
+
+@pytest.mark.parametrize("kind", ["seqcls", "mlm"])
+def test_learned_permutations_keep_b_function_and_are_deterministic(kind):
+    a, b = bert(kind, 0), bert(kind, 1)
+    calib = bert_calibration(kind)
+    found = learned_permutations(a, b, calib, steps=6, batch_size=4, lr=0.2)
+    again = learned_permutations(a, b, calib, steps=6, batch_size=4, lr=0.2)
+    assert found.method == "learned" and found.basis == "permutation" and len(found.loss_curve) == 6
+    assert found.loss_curve == again.loss_curve
+    assert all(torch.equal(found.permutations[g], again.permutations[g]) for g in found.spec.groups)
+    start = weight_matching(found.spec, a.state_dict(), b.state_dict())
+    assert any(not torch.equal(found.permutations[g], start.permutations[g]) for g in found.spec.groups)
+    moved = aligned_model(b, found)  # raises if B's function changed
+    inputs = example_input(b)
+    want = outputs(b, inputs)["logits"]
+    assert torch.allclose(outputs(moved, inputs)["logits"], want, atol=1e-5 * want.abs().max())
+
+
+def test_straight_through_start_is_the_weight_matching_start():
+    a, b = bert("seqcls", 0), bert("seqcls", 1)
+    calib = {k: v[:1] for k, v in bert_calibration("seqcls").items()}  # one sample: step 0's batch is known
+    start = weight_matching(mg.symmetry_spec(b), a.state_dict(), b.state_dict())
+    found = learned_permutations(a, b, calib, start=start, steps=1, lam_range=(0.5, 0.5))
+    assert all(torch.equal(found.permutations[g], start.permutations[g]) for g in start.spec.groups)
+    assert found.loss_curve[0] == pytest.approx(midpoint_loss(a, b, start, calib), rel=1e-5)
+    unmoved = learned_permutations(a, b, calib, start=start, steps=0)
+    assert all(torch.equal(unmoved.permutations[g], start.permutations[g]) for g in start.spec.groups)
+
+
+@pytest.mark.parametrize("kind", ["seqcls", "mlm"])
+def test_learned_permutations_lower_the_midpoint_loss_below_the_start(kind):
+    a, b = bert(kind, 0), bert(kind, 1)
+    calib = bert_calibration(kind, n=16)
+    start = weight_matching(mg.symmetry_spec(b), a.state_dict(), b.state_dict())
+    found = learned_permutations(a, b, calib, start=start, steps=40, batch_size=16, mlm_probability=1.0)
+    before, after = midpoint_loss(a, b, start, calib), midpoint_loss(a, b, found, calib)
+    assert after < before, (before, after)
+
+
+def test_api_and_recipe_learn_permutations_on_bert(tmp_path):
+    a, b = bert("seqcls", 0), bert("seqcls", 1)
+    calib = bert_calibration("seqcls")
+    found = mg.align(a, b, "learned", calibration=calib, learn={"steps": 3, "batch_size": 4})
+    assert found.method == "learned" and found.basis == "permutation" and len(found.loss_curve) == 3
+    merged = mg.merge_models([a, b], align="learned", calibration=calib, learn={"steps": 2})
+    assert type(merged) is T.BertForSequenceClassification
+    with pytest.raises(AlignmentError, match="labels"):
+        mg.align(a, b, "learned", calibration={k: calib[k] for k in ("input_ids", "attention_mask")})
+    with pytest.raises(ValueError, match="drop heads"):
+        mg.align(a, b, "learned", calibration=calib, learn={"heads": True})
+
+    import shutil
+
+    from tests.tiny_models import minilm_path
+    tokenizer = T.AutoTokenizer.from_pretrained(minilm_path())
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = T.BertForMaskedLM(T.BertConfig(**dict(BERT_ODD, vocab_size=tokenizer.vocab_size)))
+        folder = tmp_path / f"m{seed}"
+        model.save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            shutil.copy(Path(minilm_path()) / name, folder / name)
+        folders.append(str(folder))
+    recipe = {"models": [{"model": f} for f in folders],
+              "align": {"method": "learned", "calibration": {"texts": ["the cat sat on the mat", "hello world"] * 3},
+                        "learn": {"steps": 2, "batch_size": 2}},
+              "output": {"path": str(tmp_path / "out")}}
+    result = run_recipe(load_recipe(recipe))
+    assert [al.method for al in result.alignments] == ["none", "learned"]
+    assert {al.basis for al in result.alignments} == {"permutation"}
+    out = T.BertForMaskedLM.from_pretrained(tmp_path / "out")
+    assert out.config.hidden_size == 21
+    assert "straight-through" in (tmp_path / "out" / "README.md").read_text()
