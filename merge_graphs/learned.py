@@ -191,7 +191,7 @@ def learned_alignment(
 MLM_PROBABILITY = 0.15
 
 
-def sinkhorn(logits: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+def sinkhorn(logits: torch.Tensor, iterations: int = 10) -> torch.Tensor:
     """The doubly stochastic matrix ``exp(logits)`` scaled to unit row and column sums (log domain)."""
     log_p = logits
     for _ in range(iterations):
@@ -275,12 +275,12 @@ def learned_permutations(
     calibration: Mapping[str, torch.Tensor],
     *,
     start: Alignment | None = None,
-    steps: int = 200,
+    steps: int = 300,
     lr: float = 0.05,
     batch_size: int = 32,
     lam_range: tuple[float, float] = (0.4, 0.6),
     tau: float = 1.0,
-    sinkhorn_iterations: int = 20,
+    sinkhorn_iterations: int = 10,
     groups: list[str] | None = None,
     mlm_probability: float = MLM_PROBABILITY,
     mask_token_id: int | None = None,
