@@ -19,6 +19,7 @@ all-ones vector), ``S = 0`` at the start, so step 0 is the data-free alignment.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import time
@@ -238,9 +239,9 @@ def _permute_soft(tensor: torch.Tensor, ops, maps: Mapping[str, torch.Tensor]) -
     return tensor
 
 
-def _task_loss(model: nn.Module, calibration: Mapping[str, torch.Tensor], mask_token_id: int | None,
-               mlm_probability: float):
-    """``(inputs, loss kind)``: the calibration's own labels (the task head's loss), or masked-LM labels."""
+def _loss_kind(model: nn.Module, calibration: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """``(inputs, kind)``: ``"labels"``, the task's own loss on the calibration's labels (the model's
+    ``loss`` when its forward takes ``labels``, else cross-entropy on its output), or ``"mlm"``."""
     inputs = {k: v for k, v in calibration.items() if isinstance(v, torch.Tensor)}
     if "labels" in inputs:
         return inputs, "labels"
@@ -248,9 +249,21 @@ def _task_loss(model: nn.Module, calibration: Mapping[str, torch.Tensor], mask_t
         return inputs, "mlm"
     raise AlignmentError(
         f"learned permutations need a loss: {type(model).__name__} has no masked-LM head, so give the task's "
-        "labels with the calibration inputs (a dict with input_ids, attention_mask and labels, through the API: "
-        "merge_graphs.align(a, b, 'learned', calibration={...})); recipes' calibration texts train a masked-LM "
-        "head only")
+        "labels with the calibration inputs (a dict of model inputs with labels, e.g. input_ids, attention_mask "
+        "and labels, through the API: merge_graphs.align(a, b, 'learned', calibration={...})); a recipe's "
+        "calibration texts train a masked-LM head only")
+
+
+def _model_loss(skeleton: nn.Module, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
+                takes_labels: bool) -> torch.Tensor:
+    """The loss of ``skeleton`` with ``params`` on ``batch`` (which holds ``labels``)."""
+    if takes_labels:
+        return functional_call(skeleton, dict(params), (), dict(batch)).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = functional_call(skeleton, dict(params), (), inputs)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                                       ignore_index=-100)
 
 
 def _mlm_batch(ids: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, probability: float,
@@ -290,16 +303,18 @@ def learned_permutations(
 ) -> Alignment:
     """Align ``model_b`` to ``model_a`` by learning permutations on the interpolated models' loss.
 
-    For families whose residual stream admits permutations only (post-LayerNorm BERT and
-    RoBERTa), in the manner of Peña et al. ("Re-basin via implicit Sinkhorn differentiation",
+    For families that admit permutations only (post-LayerNorm BERT and RoBERTa; MLPs and CNNs
+    with labels), in the manner of Peña et al. ("Re-basin via implicit Sinkhorn differentiation",
     CVPR 2023) with a straight-through estimator: starting from weight matching, every root
     group (the residual stream, each layer's attention heads and MLP units, the pooler) keeps a
     learnable score matrix, the identity on top of the start at step 0. Each step the forward
     pass runs ``(1 - lam) * A + lam * P(B)`` with the *hard* permutations ``P`` (the assignment
     maximizing the scores, :func:`merge_graphs.match.solve`), and the gradient flows through
     their soft relaxation, Sinkhorn of ``scores / tau``: ``P_hard + P_soft - P_soft.detach()``.
-    The loss is the model's own: the task head's when ``calibration`` carries ``labels``, else
-    the masked-LM loss on ``mlm_probability`` of the tokens (a ``...ForMaskedLM``).
+    The loss is the model's own: the task head's when ``calibration`` carries ``labels`` (a
+    transformers model's ``loss``; for a model whose forward takes no labels, e.g. an MLP,
+    cross-entropy on its output), else the masked-LM loss on ``mlm_probability`` of the tokens (a
+    ``...ForMaskedLM``).
 
     Args:
         model_a: the reference.
@@ -342,7 +357,8 @@ def learned_permutations(
     if start is None:
         start = weight_matching(spec, model_a.state_dict(), model_b.state_dict(), groups=groups, seed=seed,
                                 **start_kwargs)
-    inputs, kind = _task_loss(model_b, calibration, mask_token_id, mlm_probability)
+    inputs, kind = _loss_kind(model_b, calibration)
+    takes_labels = "labels" in inspect.signature(model_a.forward).parameters
     device = next(model_a.parameters()).device
     skeleton = copy.deepcopy(model_a).eval()
     for p in skeleton.parameters():
@@ -388,11 +404,11 @@ def learned_permutations(
                 continue
             b_moved = _permute_soft(b_state[name], ops[name], maps) if name in ops else b_state[name]
             mixed[name] = (1 - lam) * a_state[name] + lam * b_moved
-        out = functional_call(skeleton, mixed, (), batch)
+        loss = _model_loss(skeleton, mixed, batch, takes_labels)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         optimizer.step()
-        curve.append(out.loss.item())
+        curve.append(loss.item())
 
     relative = {g: solve(s.detach()) for g, s in scores.items()}
     permutations = compose_permutations(spec, start.permutations, relative)

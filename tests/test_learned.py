@@ -120,6 +120,19 @@ def test_learned_permutations_keep_b_function_and_are_deterministic(kind):
     assert torch.allclose(outputs(moved, inputs)["logits"], want, atol=1e-5 * want.abs().max())
 
 
+def test_learned_permutations_of_an_mlp_take_cross_entropy_on_its_output():
+    a, b = make("mlp", 0), make("mlp", 1)
+    g = torch.Generator().manual_seed(0)
+    calib = {"input": torch.randn(16, 10, generator=g), "labels": torch.randint(0, 3, (16,), generator=g)}
+    found = mg.align(a, b, "learned", calibration=calib, learn={"steps": 5, "batch_size": 8, "lr": 0.3})
+    assert found.method == "learned" and len(found.loss_curve) == 5 and found.basis == "permutation"
+    moved = aligned_model(b, found)
+    x = calib["input"]
+    assert torch.allclose(moved(x), b(x), atol=1e-5)
+    with pytest.raises(AlignmentError, match="labels"):
+        mg.align(a, b, "learned", calibration=x)
+
+
 def test_straight_through_start_is_the_weight_matching_start():
     a, b = bert("seqcls", 0), bert("seqcls", 1)
     calib = {k: v[:1] for k, v in bert_calibration("seqcls").items()}  # one sample: step 0's batch is known
