@@ -120,7 +120,8 @@ class Align(_Strict):
             raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}} or "
                              "{file: path}, or use method 'weight' (data-free)")
         if aligner.basis == FAMILY:
-            if "residual" in self.model_fields_set:
+            # residual: rotation insists on a rotation (a post-LN family then refuses with the reason).
+            if "residual" in self.model_fields_set and self.residual != "rotation":
                 raise ValueError(f"method {self.method!r} aligns the residual stream as the family admits (a rotation "
                                  "for pre-norm transformers, a permutation for post-LayerNorm encoders): drop "
                                  f"residual: {self.residual}")

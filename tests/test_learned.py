@@ -12,7 +12,7 @@ import transformers as T
 import merge_graphs as mg
 from merge_graphs.aligners import basis_identity
 from merge_graphs.api import aligned_model, merge_aligned
-from merge_graphs.errors import AlignmentError, RecipeError
+from merge_graphs.errors import AlignmentError, RecipeError, UnsupportedArchitectureError
 from merge_graphs.lab import trainers
 from merge_graphs.lab.quickstart import calibration_inputs, heldout_loss, load_pair
 from merge_graphs.learned import learned_alignment, learned_permutations
@@ -66,7 +66,10 @@ def test_recipe_learned_needs_calibration_and_merges_in_the_folded_basis():
     recipe = load_recipe({"models": [{"model": "a"}, {"model": "b"}],
                           "align": {"method": "learned", "calibration": {"texts": ["x"]}, "learn": {"steps": 7}}})
     assert recipe.align.learn.steps == 7 and recipe.align.learn.settings() == {"steps": 7}
-    with pytest.raises(RecipeError, match="drop residual: permutation"):
+    insist = load_recipe({"models": [{"model": "a"}, {"model": "b"}],
+                          "align": {"method": "learned", "residual": "rotation", "calibration": {"texts": ["x"]}}})
+    assert insist.align.residual == "rotation"
+    with pytest.raises(RecipeError, match="as the family admits.*drop residual: permutation"):
         load_recipe({"models": [{"model": "a"}, {"model": "b"}],
                      "align": {"method": "learned", "residual": "permutation", "calibration": {"texts": ["x"]}}})
 
@@ -165,6 +168,8 @@ def test_api_and_recipe_learn_permutations_on_bert(tmp_path):
         mg.align(a, b, "learned", calibration={k: calib[k] for k in ("input_ids", "attention_mask")})
     with pytest.raises(ValueError, match="drop heads"):
         mg.align(a, b, "learned", calibration=calib, learn={"heads": True})
+    with pytest.raises(UnsupportedArchitectureError, match="post-LayerNorm"):  # insisting on a rotation
+        mg.align(a, b, "learned", calibration=calib, residual="rotation")
 
     import shutil
 
