@@ -14,6 +14,14 @@ exactly what B computes (the function check still holds), so the result is an or
 
 The maps are parametrized as ``exp(S - S^T)`` (under LayerNorm, in the complement of the
 all-ones vector), ``S = 0`` at the start, so step 0 is the data-free alignment.
+
+Families without a residual rotation (post-LayerNorm BERT and RoBERTa; MLPs and CNNs) learn their
+permutations instead: :func:`learned_permutations` starts from weight matching and learns one
+score matrix per permutation group by a straight-through estimator (the hard assignment forward,
+its Sinkhorn relaxation backward), on the model's own loss (the task head's on labelled
+calibration inputs, or the masked-LM loss). The result is an ordinary permutation
+:class:`~merge_graphs.match.Alignment`. The aligner ``"learned"``
+(:mod:`merge_graphs.aligners`) picks one or the other by the family's spec.
 """
 
 from __future__ import annotations
