@@ -211,9 +211,6 @@ def _learned(a: TensorSource, b: TensorSource, spec: SymmetrySpec, options: Alig
         # A family without the symmetry refuses in rotation_alignment, saying why.
         return learned_alignment(a.model, b.model, inputs, solver=options.solver, groups=options.groups,
                                  seed=options.seed, **settings)
-    if settings.pop("heads", False):
-        raise ValueError(f"learn.heads: within-head maps beyond permutations need a pre-norm family; {spec.family} "
-                         "admits permutations only (drop heads)")
     settings.setdefault("mask_token_id", options.mask_token_id)
     return learned_permutations(a.model, b.model, inputs, solver=options.solver, groups=options.groups,
                                 seed=options.seed, **settings)

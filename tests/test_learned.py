@@ -106,12 +106,12 @@ def midpoint_loss(a, b, alignment, calib, lam=0.5):
         return merged(input_ids=calib["input_ids"], attention_mask=calib["attention_mask"], labels=labels).loss.item()
 
 
-@pytest.mark.parametrize("kind", ["seqcls", "mlm"])
-def test_learned_permutations_keep_b_function_and_are_deterministic(kind):
+@pytest.mark.parametrize("kind, heads", [("seqcls", False), ("mlm", False), ("seqcls", True)])
+def test_learned_permutations_keep_b_function_and_are_deterministic(kind, heads):
     a, b = bert(kind, 0), bert(kind, 1)
     calib = bert_calibration(kind)
-    found = learned_permutations(a, b, calib, steps=6, batch_size=4, lr=0.2)
-    again = learned_permutations(a, b, calib, steps=6, batch_size=4, lr=0.2)
+    found = learned_permutations(a, b, calib, steps=6, batch_size=4, lr=0.2, heads=heads)
+    again = learned_permutations(a, b, calib, steps=6, batch_size=4, lr=0.2, heads=heads)
     assert found.method == "learned" and found.basis == "permutation" and len(found.loss_curve) == 6
     assert found.loss_curve == again.loss_curve
     assert all(torch.equal(found.permutations[g], again.permutations[g]) for g in found.spec.groups)
@@ -121,6 +121,24 @@ def test_learned_permutations_keep_b_function_and_are_deterministic(kind):
     inputs = example_input(b)
     want = outputs(b, inputs)["logits"]
     assert torch.allclose(outputs(moved, inputs)["logits"], want, atol=1e-5 * want.abs().max())
+
+
+def test_permutation_matrices_move_tensors_as_the_permutations_do():
+    """The forward pass's hard matrices (children inside each head too) are the spec's permutations."""
+    from merge_graphs.learned import _factor_ops, _permute_soft
+
+    model = bert("seqcls", 0)
+    spec = mg.symmetry_spec(model)
+    perms = mg.random_permutations(spec, seed=3)
+    eye = {g: torch.eye(grp.size) if grp.parent is None else torch.eye(grp.size).repeat(spec.groups[grp.parent].size, 1, 1)
+           for g, grp in spec.groups.items()}
+    maps = {g: eye[g][p] if p.dim() == 1 else torch.stack([eye[g][r][row] for r, row in enumerate(p)])
+            for g, p in perms.items()}
+    ops = _factor_ops(spec, set(spec.groups))
+    want = mg.permute(model, perms, spec).state_dict()
+    for name, tensor in model.state_dict().items():
+        if name in ops:
+            assert torch.allclose(_permute_soft(tensor, ops[name], maps), want[name], atol=1e-6), name
 
 
 def test_learned_permutations_of_an_mlp_take_cross_entropy_on_its_output():
@@ -166,8 +184,6 @@ def test_api_and_recipe_learn_permutations_on_bert(tmp_path):
     assert type(merged) is T.BertForSequenceClassification
     with pytest.raises(AlignmentError, match="labels"):
         mg.align(a, b, "learned", calibration={k: calib[k] for k in ("input_ids", "attention_mask")})
-    with pytest.raises(ValueError, match="drop heads"):
-        mg.align(a, b, "learned", calibration=calib, learn={"heads": True})
     with pytest.raises(UnsupportedArchitectureError, match="post-LayerNorm"):  # insisting on a rotation
         mg.align(a, b, "learned", calibration=calib, residual="rotation")
 

@@ -16,7 +16,8 @@ training metadata is identical. For each pair and method
 * ``gnn``, ``gnn+weight``: the pretrained GNN's embeddings (data-free), then refined by weight
   matching;
 * ``learned (STE permutations, N steps x B of M inputs)``: weight matching's permutations, then learned
-  (:func:`merge_graphs.learned.learned_permutations`: hard permutations forward, Sinkhorn backward) on
+  (:func:`merge_graphs.learned.learned_permutations`, every group and the dims inside each head: hard
+  permutations forward, Sinkhorn backward) on
   the classifiers' own cross-entropy at ``(1 - lam) A + lam B'``, ``lam ~ U(0.4, 0.6)``: N Adam steps
   of B labelled inputs drawn from the first M training inputs (300 x 32 of all 1437; ``--quick``: 20
   steps);
