@@ -68,9 +68,9 @@ class Aligner:
         name: the name recipes and the API use, e.g. ``"weight"``.
         needs_models: whether it runs forward passes on whole models (then it cannot stream).
         residuals: the residual alignments it supports.
-        basis: the basis it always merges in, :data:`FAMILY`: the one the family admits
-            (learned alignment: rotations for pre-norm transformers, permutations for post-LN
-            encoders), or None: the one ``residual`` names.
+        basis: the basis it merges in: a fixed one (``"permutation"`` or ``"rotation"``),
+            :data:`FAMILY`: the one the family admits (learned alignment: a rotation for pre-norm
+            transformers, permutations for post-LN encoders), or None: the one ``residual`` names.
         fn: ``fn(a, b, spec, options) -> Alignment``.
     """
 
