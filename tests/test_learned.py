@@ -97,13 +97,20 @@ def bert_calibration(kind: str, n: int = 12):
     return calib
 
 
+MASK = 1  # the masked-LM tests' mask token
+
+
 def midpoint_loss(a, b, alignment, calib, lam=0.5):
-    """The loss of ``(1 - lam) A + lam B'`` on ``calib`` (labels, or the masked-LM loss on every token)."""
+    """The loss of ``(1 - lam) A + lam B'`` on ``calib``: its labels, or the masked-LM loss with every
+    attended token masked (``mlm_probability=1.0, mask_token_id=MASK``)."""
     merged = merge_aligned(a, [a, b], [basis_identity(StateTensors(a)), alignment], "linear",
                            model_parameters=[{"weight": 1 - lam}, {"weight": lam}])
-    labels = calib.get("labels", calib["input_ids"].masked_fill(calib["attention_mask"] == 0, -100))
+    ids, mask = calib["input_ids"], calib["attention_mask"]
+    labels = calib.get("labels")
+    if labels is None:
+        ids, labels = ids.masked_fill(mask != 0, MASK), ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
-        return merged(input_ids=calib["input_ids"], attention_mask=calib["attention_mask"], labels=labels).loss.item()
+        return merged(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
 
 
 @pytest.mark.parametrize("kind, heads", [("seqcls", False), ("mlm", False), ("seqcls", True)])
@@ -170,7 +177,9 @@ def test_learned_permutations_lower_the_midpoint_loss_below_the_start(kind):
     a, b = bert(kind, 0), bert(kind, 1)
     calib = bert_calibration(kind, n=16)
     start = weight_matching(mg.symmetry_spec(b), a.state_dict(), b.state_dict())
-    found = learned_permutations(a, b, calib, start=start, steps=40, batch_size=16, mlm_probability=1.0)
+    # Masked-LM: every attended token masked, so the loss learned on is the one measured.
+    found = learned_permutations(a, b, calib, start=start, steps=40, batch_size=16, mlm_probability=1.0,
+                                 mask_token_id=MASK)
     before, after = midpoint_loss(a, b, start, calib), midpoint_loss(a, b, found, calib)
     assert after < before, (before, after)
 
