@@ -457,4 +457,4 @@ def learned_permutations(
                 steps, moved, seconds)
     after, group_after = objective(spec, model_a.state_dict(), model_b.state_dict(), permutations)
     return Alignment(spec, permutations, "learned", start.objective_before, after, start.group_objective_before,
-                     group_after, seconds + start.seconds, start.iterations, loss_curve=curve)
+                     group_after, seconds, start.iterations, loss_curve=curve)
