@@ -20,9 +20,9 @@ import torch
 from merge_graphs.activations import activation_matching
 from merge_graphs.errors import UnsupportedArchitectureError
 from merge_graphs.gnn.alignment import gnn_align
-from merge_graphs.learned import learned_alignment
+from merge_graphs.learned import learned_alignment, learned_permutations
 from merge_graphs.match import Alignment, weight_matching
-from merge_graphs.rotation import folded_identity, rotation_alignment
+from merge_graphs.rotation import admits_rotation, folded_identity, rotation_alignment
 from merge_graphs.sources import TensorSource
 from merge_graphs.symmetry import SymmetrySpec, identity_permutations
 
@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 #: How the residual stream may be aligned.
 RESIDUALS = ("permutation", "rotation")
+#: :attr:`Aligner.basis` of an aligner whose basis is the family's: ``"rotation"`` where the spec admits a
+#: residual rotation (pre-norm transformers), ``"permutation"`` otherwise (post-LayerNorm encoders).
+FAMILY = "family"
 
 
 @dataclass
@@ -43,7 +46,9 @@ class AlignOptions:
         seed: the visiting order of weight matching.
         refine: after activation or GNN matching, weight matching started from it.
         calibration: model inputs (``input_ids`` ...) for aligners that run forward passes.
-        learn: settings of :func:`merge_graphs.learned.learned_alignment`.
+        learn: settings of :func:`merge_graphs.learned.learned_alignment` (pre-norm families) or
+            :func:`merge_graphs.learned.learned_permutations` (post-LayerNorm encoders).
+        mask_token_id: the tokenizer's mask token, for a masked-LM loss (None: unknown).
     """
 
     residual: str = "permutation"
@@ -53,6 +58,7 @@ class AlignOptions:
     refine: bool = False
     calibration: Mapping[str, torch.Tensor] | None = None
     learn: Mapping[str, Any] = field(default_factory=dict)
+    mask_token_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,9 @@ class Aligner:
         name: the name recipes and the API use, e.g. ``"weight"``.
         needs_models: whether it runs forward passes on whole models (then it cannot stream).
         residuals: the residual alignments it supports.
-        basis: the basis it always merges in (``"rotation"`` for learned alignment), or None:
-            the one ``residual`` names.
+        basis: the basis it merges in: a fixed one (``"permutation"`` or ``"rotation"``),
+            :data:`FAMILY`: the one the family admits (learned alignment: a rotation for pre-norm
+            transformers, permutations for post-LN encoders), or None: the one ``residual`` names.
         fn: ``fn(a, b, spec, options) -> Alignment``.
     """
 
@@ -90,8 +97,12 @@ class Aligner:
                 f"{spec.unaligned} Alignment is unavailable for {spec.family} until it has a spec; it merges "
                 "without alignment (align: {method: none}, or a mergekit recipe)")
 
-    def merge_basis(self, residual: str = "permutation") -> str:
-        """The basis this aligner's alignments map into, asked for ``residual``."""
+    def merge_basis(self, residual: str = "permutation", spec: SymmetrySpec | None = None) -> str:
+        """The basis this aligner's alignments of models with ``spec`` map into, asked for ``residual``."""
+        if self.basis == FAMILY:
+            if spec is None:
+                raise ValueError(f"align method {self.name!r} merges in the basis the family admits: give the spec")
+            return "rotation" if admits_rotation(spec) else "permutation"
         return self.basis or residual
 
 
@@ -138,7 +149,7 @@ def align_sources(
     out = []
     for model in tqdm(models, desc="aligning", disable=not progress or len(models) < 2):
         if model is reference:
-            out.append(basis_identity(reference, aligner.merge_basis(options.residual)))
+            out.append(basis_identity(reference, aligner.merge_basis(options.residual, spec)))
             continue
         alignment = aligner(reference, model, spec, options)
         logger.info("aligned %s (%s): objective %.4g -> %.4g in %.1fs", model.label, alignment.method,
@@ -200,9 +211,16 @@ def _activation(a: TensorSource, b: TensorSource, spec: SymmetrySpec, options: A
     return refined
 
 
-@register_aligner("learned", needs_models=True, residuals=RESIDUALS, basis="rotation")
+@register_aligner("learned", needs_models=True, residuals=RESIDUALS, basis=FAMILY)
 def _learned(a: TensorSource, b: TensorSource, spec: SymmetrySpec, options: AlignOptions) -> Alignment:
-    """The data-free rotation alignment, then its maps learned on the interpolated models' loss."""
+    """A data-free start, then refined on the interpolated models' loss: the residual rotation (and
+    within-head maps) of pre-norm families, the permutations (straight-through) of post-LN encoders."""
     inputs = _require_calibration(options, "learned")
-    return learned_alignment(a.model, b.model, inputs, solver=options.solver, groups=options.groups,
-                             seed=options.seed, **options.learn)
+    settings = {k: v for k, v in options.learn.items() if v is not None}
+    if admits_rotation(spec) or options.residual == "rotation":
+        # A family without the symmetry refuses in rotation_alignment, saying why.
+        return learned_alignment(a.model, b.model, inputs, solver=options.solver, groups=options.groups,
+                                 seed=options.seed, **settings)
+    settings.setdefault("mask_token_id", options.mask_token_id)
+    return learned_permutations(a.model, b.model, inputs, solver=options.solver, groups=options.groups,
+                                seed=options.seed, **settings)

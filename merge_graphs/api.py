@@ -102,11 +102,17 @@ def align(
             permutations of the other groups. Returns a
             :class:`~merge_graphs.rotation.RotationAlignment`; merge its ``apply(b)`` with A folded.
         seed: seed for the order in which weight matching visits groups.
-        learn: for ``method="learned"`` (pre-norm causal LMs; implies ``residual="rotation"``):
-            settings of :func:`merge_graphs.learned.learned_alignment` (``steps``, ``lr``,
-            ``batch_size``, ``heads``). It starts from the data-free rotation alignment and learns
-            B's residual map (and with ``heads``, within-head maps) on the loss of the
-            interpolated models on ``calibration`` texts.
+        learn: for ``method="learned"``, which merges in the basis the family admits. Pre-norm
+            causal LMs (a rotation): settings of :func:`merge_graphs.learned.learned_alignment`
+            (``steps``, ``lr``, ``batch_size``, ``heads``); it starts from the data-free rotation
+            alignment and learns B's residual map (and with ``heads``, within-head maps) on the
+            loss of the interpolated models on ``calibration`` texts. Post-LayerNorm encoders
+            (BERT, RoBERTa: permutations): settings of
+            :func:`merge_graphs.learned.learned_permutations` (``steps``, ``lr``, ``batch_size``,
+            ``tau``); it starts from weight matching and learns the permutations by a
+            straight-through estimator on the task head's loss when ``calibration`` is a dict
+            with ``labels``, else on the masked-LM loss (a ``...ForMaskedLM``; the mask token is
+            ``tokenizer``'s when given).
 
     Example:
         >>> import torch, merge_graphs
@@ -134,7 +140,7 @@ def _options(model, residual, solver, groups, seed, refine, calibration, tokeniz
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                   for k, v in prepare_inputs(calibration, tokenizer).items()}
     return AlignOptions(residual=residual, solver=solver, groups=groups, seed=seed, refine=refine, calibration=inputs,
-                        learn=dict(learn or {}))
+                        learn=dict(learn or {}), mask_token_id=getattr(tokenizer, "mask_token_id", None))
 
 
 def aligned_model(model: nn.Module, alignment: Alignment, *, verify: bool = True) -> nn.Module:
@@ -192,8 +198,8 @@ def merge_models(
         parameters: the method's global parameters, e.g. ``{"t": 0.5}`` for slerp.
         model_parameters: per-model parameters, e.g. ``[{"density": 0.5}, ...]``.
         solver, residual, calibration, tokenizer, learn: as in :func:`align`. With
-            ``residual="rotation"`` (or ``align="learned"``) the result is the reference's class
-            with folded norms.
+            ``residual="rotation"`` (or ``align="learned"`` on a pre-norm LM) the result is the
+            reference's class with folded norms.
         seed: seeds the alignment's visiting order and ``dare_*`` pruning.
         verify: check every alignment preserves its model's function before merging.
 

@@ -135,6 +135,7 @@ class Alignment:
             the two models' tensors) before and after, in total and per group.
         seconds: time spent.
         iterations: coordinate-descent sweeps over the groups.
+        loss_curve: for a learned alignment, the interpolated models' loss at each step.
     """
 
     spec: SymmetrySpec
@@ -146,6 +147,7 @@ class Alignment:
     group_objective_after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     iterations: int = 0
+    loss_curve: list[float] = field(default_factory=list)
 
     #: The basis it maps into: ``"permutation"`` (the models' own), or ``"rotation"`` (norms folded).
     basis = "permutation"

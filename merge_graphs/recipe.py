@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from merge_graphs.aligners import ALIGNERS
+from merge_graphs.aligners import ALIGNERS, FAMILY
 from merge_graphs.errors import MergeParameterError, RecipeError
 from merge_graphs.methods import METHODS, get_method
 from merge_graphs.parameters import check_setting
@@ -104,12 +104,26 @@ class Calibration(_Strict):
 
 
 class Learn(_Strict):
-    """Settings of learned alignment (:func:`merge_graphs.learned.learned_alignment`)."""
+    """Settings of learned alignment; unset ones take the family's defaults.
 
-    steps: int = Field(300, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    batch_size: int = Field(16, gt=0)
-    heads: bool = False
+    Pre-norm causal LMs (:func:`merge_graphs.learned.learned_alignment`: 300 steps, lr 2e-3, 16 samples
+    a step, ``heads`` (default false): also learn within-head maps); post-LayerNorm encoders
+    (:func:`merge_graphs.learned.learned_permutations`: the permutations by a straight-through
+    estimator, 300 steps, lr 0.05, 32 samples a step, ``heads`` (default true): also the dims inside
+    each head, ``tau``: the Sinkhorn temperature, 1). From a recipe an encoder learns on the masked-LM
+    loss of the calibration texts (a ``...ForMaskedLM``); a classifier's task-head loss needs the
+    labels, which only the API takes (``merge_graphs.align(a, b, "learned", calibration={..., "labels": y})``).
+    """
+
+    steps: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    heads: bool | None = None
+    tau: float | None = Field(None, gt=0)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings given, as keyword arguments."""
+        return self.model_dump(exclude_none=True)
 
 
 class Align(_Strict):
@@ -136,7 +150,13 @@ class Align(_Strict):
         if aligner.needs_models and self.calibration is None:
             raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}} or "
                              "{file: path}, or use method 'weight' (data-free)")
-        if aligner.basis is not None:
+        if aligner.basis == FAMILY:
+            # residual: rotation insists on a rotation (a post-LN family then refuses with the reason).
+            if "residual" in self.model_fields_set and self.residual != "rotation":
+                raise ValueError(f"method {self.method!r} aligns the residual stream as the family admits (a rotation "
+                                 "for pre-norm transformers, a permutation for post-LayerNorm encoders): drop "
+                                 f"residual: {self.residual}")
+        elif aligner.basis is not None:
             if "residual" in self.model_fields_set and self.residual != aligner.basis:
                 raise ValueError(f"method {self.method!r} aligns the residual stream by {aligner.basis}: drop "
                                  f"residual: {self.residual} (or write residual: {aligner.basis})")

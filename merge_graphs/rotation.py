@@ -88,6 +88,7 @@ __all__ = [
     "FITS",
     "RESIDUAL",
     "RotationAlignment",
+    "admits_rotation",
     "check_rotation",
     "embed_fixing_ones",
     "fit_head_maps",
@@ -125,13 +126,18 @@ DEFAULT_HEAD_MAPS: dict[str, tuple[str, ...]] = {
 
 # --- what a family admits ---------------------------------------------------------------------
 
+def admits_rotation(spec: SymmetrySpec) -> bool:
+    """Whether the folded residual stream admits orthogonal maps (pre-norm transformers), not only permutations."""
+    return spec.rotation in ROTATION_KINDS and RESIDUAL in spec.groups
+
+
 def rotation_kind(spec: SymmetrySpec) -> str:
     """The orthogonal maps the folded residual stream admits: ``"free"`` or ``"fix_ones"``.
 
     Raises:
         UnsupportedArchitectureError: the family has no such symmetry; the message says why.
     """
-    if spec.rotation in ROTATION_KINDS and RESIDUAL in spec.groups:
+    if admits_rotation(spec):
         return spec.rotation
     if spec.family in ("bert", "roberta"):
         raise UnsupportedArchitectureError(
@@ -610,7 +616,6 @@ class RotationAlignment(Alignment):
         source_spec: B's unfolded spec, used to fold B's tensors.
         head_maps: within-head maps applied after the rotation (:func:`fit_head_maps`,
             :func:`rotate_heads`): ``{head map name: (heads, head_dim, head_dim)}``; empty for none.
-        loss_curve: for a learned alignment, the interpolated models' loss at each step.
 
     Unlike a permutation-only :class:`Alignment`, ``permutations`` alone do not map B onto A:
     :meth:`tensor` folds, permutes, rotates and maps heads; merge with A folded
@@ -624,7 +629,6 @@ class RotationAlignment(Alignment):
     fit_error_before: float = math.nan
     source_spec: SymmetrySpec | None = None
     head_maps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    loss_curve: list[float] = dataclasses.field(default_factory=list)
 
     #: The basis it maps into: every model's norms folded (see :func:`output_skeleton`).
     basis = "rotation"

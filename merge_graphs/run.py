@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
-from merge_graphs.aligners import AlignOptions, align_sources, basis_identity, get_aligner
+from merge_graphs.activations import prepare_inputs
+from merge_graphs.aligners import FAMILY, AlignOptions, align_sources, basis_identity, get_aligner
 from merge_graphs.api import output_skeleton
 from merge_graphs.engine import MergedModel, plan_merge
 from merge_graphs.errors import RecipeError
@@ -192,12 +193,15 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         if spec.unaligned:
             logger.info("%s has no symmetry spec: its tensors are merged by name, without alignment", spec.family)
     with _stage(result, "align"):
-        calibration, _ = _calibration(recipe, folders[reference_ref])
+        calibration, tokenizer = _calibration(recipe, folders[reference_ref])
+        if calibration is not None:
+            inputs = prepare_inputs(calibration, tokenizer, max_length=recipe.align.calibration.max_length)
+            calibration = {k: v.to(device) for k, v in inputs.items()}
         align = recipe.align
         options = AlignOptions(
             residual=align.residual, solver=align.solver, groups=align.groups, seed=recipe.seed, refine=align.refine,
-            calibration=None if calibration is None else {k: v.to(device) for k, v in calibration.items()},
-            learn={**align.learn.model_dump(), "progress": progress},
+            calibration=calibration, learn={**align.learn.settings(), "progress": progress},
+            mask_token_id=getattr(tokenizer, "mask_token_id", None),
         )
         result.alignments = align_sources(reference, merged, align.method, spec, options, progress=progress)
     with _stage(result, "verify"):
@@ -257,18 +261,25 @@ def _source(folder: Path, recipe: Recipe, device: torch.device, *, whole: bool) 
     return StateTensors(model.to(device))
 
 
-def _card_notes(recipe: Recipe) -> list[str]:
-    if recipe.align.residual != "rotation":
-        return []
-    notes = ["Before matching, every norm's gain and bias were folded into the layers that read it, and the "
-             "residual stream of each model was rotated onto the reference's (orthogonal Procrustes, alternated "
-             "with the permutations). The merged model computes in that folded basis: its norms have unit gains "
-             "and its LM head is untied."]
-    if recipe.align.method == "learned":
+def _card_notes(recipe: Recipe, alignments: list[Alignment]) -> list[str]:
+    rotated = any(a.basis == "rotation" for a in alignments)
+    notes = []
+    if rotated:
+        notes.append("Before matching, every norm's gain and bias were folded into the layers that read it, and the "
+                     "residual stream of each model was rotated onto the reference's (orthogonal Procrustes, "
+                     "alternated with the permutations). The merged model computes in that folded basis: its norms "
+                     "have unit gains and its LM head is untied.")
+    learned = [a for a in alignments if a.method == "learned"]
+    if learned:
         learn = recipe.align.learn
-        notes.append(f"The residual map{' and within-head maps' if learn.heads else ''} were then learned on the "
-                     f"calibration text: {learn.steps} Adam steps (lr {learn.lr:g}, {learn.batch_size} samples a step) "
-                     "on the loss of the interpolated models, each model's own function unchanged.")
+        given = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in learn.settings().items() if k != "heads")
+        what = (f"The residual map{' and within-head maps' if learn.heads else ''} were" if rotated else
+                "The permutations (weight matching's at the start) were")
+        how = "" if rotated else ", by a straight-through estimator (hard permutations forward, Sinkhorn backward)"
+        notes.append(f"{what} then learned on the calibration text{how}: {len(learned[0].loss_curve)} Adam steps"
+                     f"{f' ({given})' if given else ''} on the loss of the interpolated models, each model's own "
+                     "function unchanged.")
     return notes
 
 
@@ -297,7 +308,7 @@ def _extra_files(recipe: Recipe, result: RunResult) -> dict[str, str]:
     card = model_card(
         base_models=recipe.refs(), merge_method=recipe.merge.method, align_method=recipe.align.method,
         parameters=recipe.merge.parameters, alignment_summary=_summary(result.alignments),
-        recipe_yaml=recipe.to_yaml(), scores=result.scores, notes=_card_notes(recipe),
+        recipe_yaml=recipe.to_yaml(), scores=result.scores, notes=_card_notes(recipe, result.alignments),
     )
     return {"merge-graphs.yaml": recipe.to_yaml(), "README.md": card}
 
@@ -336,7 +347,9 @@ def _plan(recipe: Recipe, target: Path | None, repo_id: str | None, result: RunR
                     else f"{spec.family}, {len(spec.groups)} groups")
         plan.append(f"{ref}: {ckpt.architecture} ({symmetry}), {len(ckpt.names())} tensors")
     align = recipe.align
-    plan.append(f"align with {align.method}" + (f" ({align.solver}, residual {align.residual})"
+    residual = ("as the family admits" if get_aligner(align.method).basis == FAMILY
+                else align.residual)
+    plan.append(f"align with {align.method}" + (f" ({align.solver}, residual {residual})"
                                                 if align.method != "none" else ""))
     plan.append(f"merge with {recipe.merge.method} {recipe.merge.parameters or ''}".rstrip())
     plan.append(f"path: {result.path} ({result.path_reason})")

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from merge_graphs.lab.bench import BERT_METHODS, main
+from merge_graphs.lab.bench import main
+from merge_graphs.lab.bench.bert import bert_methods
 
 
 @pytest.mark.slow
@@ -16,7 +17,7 @@ def test_bert_suite_quick(tmp_path, capsys, monkeypatch):
     written = json.loads((tmp_path / "bench-bert.json").read_text(encoding="utf-8"))
     assert written["suite"] == "bert" and written["settings"]["quick"] and written["settings"]["pairs"] == 1
     (pair,) = written["pairs"]
-    assert set(pair["methods"]) == set(BERT_METHODS) == set(written["summary"])
+    assert set(pair["methods"]) == set(bert_methods(quick=True)) == set(written["summary"])
     assert written["skipped"] == {"rebasin": "not installed (test)"}
     for name, row in pair["methods"].items():
         for key in ("barrier", "removed", "midpoint", "midpoint_acc", "align_s"):
@@ -29,7 +30,7 @@ def test_bert_suite_quick(tmp_path, capsys, monkeypatch):
     assert pair["methods"]["naive"]["barrier"] > 0
     assert (tmp_path / "bench-bert.png").stat().st_size > 0
     table = capsys.readouterr().out
-    assert all(name in table for name in BERT_METHODS) and "rebasin" in table and "skipped" in table
+    assert all(name in table for name in bert_methods(quick=True)) and "rebasin" in table and "skipped" in table
 
     # A second run reuses the cached models (identical training metadata).
     assert main(["bert", "--quick", "--out", str(tmp_path), "--quiet"]) == 0

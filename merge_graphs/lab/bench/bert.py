@@ -15,6 +15,12 @@ training metadata is identical. For each pair and method
 * ``activation+weight``: activation matching refined by weight matching;
 * ``gnn``, ``gnn+weight``: the pretrained GNN's embeddings (data-free), then refined by weight
   matching;
+* ``learned (STE permutations, N steps x B of M inputs)``: weight matching's permutations, then learned
+  (:func:`merge_graphs.learned.learned_permutations`, every group and the dims inside each head: hard
+  permutations forward, Sinkhorn backward) on
+  the classifiers' own cross-entropy at ``(1 - lam) A + lam B'``, ``lam ~ U(0.4, 0.6)``: N Adam steps
+  of B labelled inputs drawn from the first M training inputs (300 x 32 of all 1437; ``--quick``: 20
+  steps);
 * ``rebasin``: the external ``rebasin`` package's weight matching, run in this process, when it
   is installed and supports the model (:mod:`merge_graphs.lab.bench.rebasin_baseline`); otherwise
   the report says why it was skipped;
@@ -49,11 +55,25 @@ from merge_graphs.lab.plots import plot_curves
 
 logger = logging.getLogger(__name__)
 
-#: The methods of the MLP suite; ``rebasin`` is added when it runs.
-BERT_METHODS = MLP_METHODS
-BERT = {"config": dict(trainers.DIGITS_BERT), "epochs": 30, "lr": 1e-3, "batch_size": 32, "calibration": 256}
+BERT = {"config": dict(trainers.DIGITS_BERT), "epochs": 30, "lr": 1e-3, "batch_size": 32, "calibration": 256,
+        "learn": {"steps": 300, "batch_size": 32, "inputs": 1437}}
 BERT_QUICK = {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-              "epochs": 5, "lr": 3e-3}
+              "epochs": 5, "lr": 3e-3, "learn": {"steps": 20, "batch_size": 32, "inputs": 1437}}
+
+
+def learned_row(learn: Mapping[str, int]) -> str:
+    """The name of the learned-permutations row: its steps, batch and labelled training inputs (the first
+    ``inputs`` of the training split, all 1437 by default)."""
+    return f"learned (STE permutations, {learn['steps']} steps x {learn['batch_size']} of {learn['inputs']} inputs)"
+
+
+def bert_methods(quick: bool = False) -> dict[str, tuple[str, bool, bool]]:
+    """The methods of the MLP suite and learned permutations (``rebasin`` is added when it runs)."""
+    return {**MLP_METHODS, learned_row((BERT_QUICK if quick else BERT)["learn"]): ("learned", False, True)}
+
+
+#: The full run's methods.
+BERT_METHODS = bert_methods()
 #: Inputs ``rebasin`` traces the models with.
 TRACE_INPUTS = 4
 
@@ -114,9 +134,15 @@ def bert_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
                          f"{settings['lr']}")
     out = out_folder(out)
     config = dict(trainers.DIGITS_BERT, **settings["config"])
-    x_train, _, x_test, y_test = trainers.load_digit_tokens()
+    x_train, y_train, x_test, y_test = trainers.load_digit_tokens()
     calibration = {"input_ids": x_train[:settings["calibration"], 0],
                    "attention_mask": x_train[:settings["calibration"], 1]}
+    # Learned permutations: the classifiers' own loss on labelled training inputs.
+    methods = bert_methods(quick)
+    learn = dict(settings["learn"])
+    m = learn.pop("inputs")
+    labelled = {"input_ids": x_train[:m, 0], "attention_mask": x_train[:m, 1], "labels": y_train[:m]}
+    align_kwargs = {learned_row(settings["learn"]): {"calibration": labelled, "learn": learn}}
     training = {k: settings[k] for k in ("epochs", "lr", "batch_size")}
     record = {"architecture": "BertForSequenceClassification", "config": config,
               "data": "trainers.load_digit_tokens(0)", "training": dict(training, optimizer="adam", threads=1),
@@ -142,10 +168,11 @@ def bert_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
             train_wall += spent or 0.0
         a, b = models
         trace = (x_train[:TRACE_INPUTS, 0], x_train[:TRACE_INPUTS, 1])
-        methods, skipped = classifier_pair(a, b, loss, acc, calibration, trace, progress=progress)
+        rows, skipped = classifier_pair(a, b, loss, acc, calibration, trace, methods=methods,
+                                        align_kwargs=align_kwargs, progress=progress)
         rebasin_skip = rebasin_skip or skipped
         results.append({"seeds": seeds, "train_s": seconds, "loss_a": loss(a), "loss_b": loss(b), "acc_a": acc(a),
-                        "acc_b": acc(b), "methods": methods})
+                        "acc_b": acc(b), "methods": rows})
     names = [n for n in results[0]["methods"] if all(n in r["methods"] for r in results)]
     report = {
         "suite": "bert",
@@ -153,9 +180,10 @@ def bert_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
                      "batch_size": training["batch_size"], "config": config,
                      "data": "sklearn digits as [CLS] + 64 pixel tokens (trainers.load_digit_tokens(0))",
                      "train_inputs": len(x_train), "test_inputs": len(x_test),
-                     "calibration": settings["calibration"], "points": POINTS},
+                     "calibration": settings["calibration"], "learn": settings["learn"],
+                     "points": POINTS},
         "machine": machine(),
-        "methods": {name: {"align": m, "refine": r, "calibration": d} for name, (m, r, d) in BERT_METHODS.items()},
+        "methods": {name: {"align": m, "refine": r, "calibration": d} for name, (m, r, d) in methods.items()},
         "skipped": {} if rebasin_skip is None else {"rebasin": rebasin_skip},
         "pairs": results,
         "summary": summary(results, names, ("barrier", "removed", "midpoint", "midpoint_acc", "align_s")),

@@ -63,12 +63,15 @@ TRACE_INPUTS = 4
 def classifier_pair(a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], float],
                     acc: Callable[[nn.Module], float], calibration: Any, trace_inputs: Any, *,
                     methods: Mapping[str, tuple[str, bool, bool]] = MLP_METHODS,
+                    align_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
                     progress: bool = False) -> tuple[dict[str, dict[str, Any]], str | None]:
     """Every method's figures for one pair of classifiers, and why ``rebasin`` was skipped (None when it ran).
 
     For each of ``methods`` (and ``rebasin``, :mod:`merge_graphs.lab.bench.rebasin_baseline`, traced on
     ``trace_inputs``, when it is installed and supports the model): ``loss`` at 11 points from A to
     aligned B, its barrier and midpoint, ``acc`` at the midpoint and the alignment time.
+    ``align_kwargs[name]`` overrides :func:`merge_graphs.align`'s arguments for the method ``name``
+    (e.g. labelled ``calibration`` and ``learn`` settings for learned alignment).
     """
     from tqdm.auto import tqdm
 
@@ -78,7 +81,9 @@ def classifier_pair(a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], floa
     for name in tqdm(methods, desc="methods", leave=False, disable=not progress):
         method, refine, needs_data = methods[name]
         start = time.perf_counter()
-        alignment = mg.align(a, b, method, refine=refine, calibration=calibration if needs_data else None)
+        kwargs = {"refine": refine, "calibration": calibration if needs_data else None,
+                  **(align_kwargs or {}).get(name, {})}
+        alignment = mg.align(a, b, method, **kwargs)
         aligned[name] = (alignment.apply(b.state_dict()), time.perf_counter() - start, alignment.method)
     skipped = rebasin_baseline.unavailable()
     if skipped is None:
@@ -103,14 +108,15 @@ def classifier_pair(a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], floa
 def classifier_table(report: Mapping[str, Any]) -> list[str]:
     """The rows shared by the classifier suites' tables: per method, median [min, max] over pairs; skipped
     methods; the parents; the machine."""
-    lines = [(f"{'method':18s} {'barrier':>24s} {'% removed':>24s} {'midpoint loss':>24s} {'midpoint acc %':>21s} "
+    width = max([18, *map(len, report["summary"])])
+    lines = [(f"{'method':{width}s} {'barrier':>24s} {'% removed':>24s} {'midpoint loss':>24s} {'midpoint acc %':>21s} "
               f"{'align s':>21s}")]
     for name, s in report["summary"].items():
-        lines.append(f"{name:18s} {cell(s['barrier'], '.4f'):>24s} {cell(s['removed'], '.1f', 100):>24s} "
+        lines.append(f"{name:{width}s} {cell(s['barrier'], '.4f'):>24s} {cell(s['removed'], '.1f', 100):>24s} "
                      f"{cell(s['midpoint'], '.4f'):>24s} {cell(s['midpoint_acc'], '.1f', 100):>21s} "
                      f"{cell(s['align_s'], '.2f'):>21s}")
     for name, why in report.get("skipped", {}).items():
-        lines.append(f"{name:18s} skipped: {why}")
+        lines.append(f"{name:{width}s} skipped: {why}")
     parents = [f"{r['seeds'][0]}/{r['seeds'][1]}: {100 * r['acc_a']:.1f}% / {100 * r['acc_b']:.1f}% "
                f"(loss {r['loss_a']:.4f} / {r['loss_b']:.4f})" for r in report["pairs"]]
     lines.append("parents' test accuracy (A / B): " + "; ".join(parents))
