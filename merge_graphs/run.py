@@ -183,7 +183,7 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         folders = _resolve_all(recipe)
         sources = {ref: _source(folder, recipe, device, whole=result.path == "in-memory")
                    for ref, folder in folders.items()}
-        tokenizer = _tokenizer(recipe, folders)
+        output_tokenizer = _tokenizer(recipe, folders)
         reference_ref = recipe.base_model or recipe.first_model
         reference = sources[reference_ref]
         merged = [sources[ref] for ref in result.merged]
@@ -245,7 +245,7 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
             plan.layout, plan.config, target, shard_size=recipe.output.shard_size,
             dtype=_stored_dtype(recipe.out_dtype or recipe.dtype, folders[reference_ref]),
             generation_config=_generation_config(folders[reference_ref]),
-            tokenizer_from=tokenizer,
+            tokenizer_from=output_tokenizer,
             extra_files=_extra_files(recipe, result), overwrite=overwrite,
         )
 
