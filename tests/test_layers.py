@@ -14,12 +14,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "merge_graphs"
 
 #: Bottom to top. A module (or package) imports from its own layer or those below.
 LAYERS = [
-    ["errors", "tensors", "memory", "assignment"],
+    ["errors", "tensors", "memory", "assignment", "parameters"],
     ["io"],
     ["symmetry", "graph", "sources"],
     ["gnn", "match", "activations", "rotation", "learned", "fusion", "evaluate"],
     ["aligners"],
-    ["methods", "verify", "engine"],
+    ["methods", "verify", "slices", "engine"],
     ["recipe", "api"],
     ["run"],
     ["cli", "__init__"],
