@@ -6,14 +6,26 @@ stand-in ``mergekit-yaml`` (our own tool on the same mergekit recipe), which che
 our tensors are compared with real mergekit 0.1.5's in ``test_mergekit_fixtures.py``."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from merge_graphs.lab.bench import main
+from merge_graphs.lab.bench import SUITES, Suite, main
 from merge_graphs.lab.bench import mergekit as mk
-from merge_graphs.lab.bench.scale import SIZES, VARIANTS, parameter_count, scale_suite
+from merge_graphs.lab.bench.scale import (
+    MERGES,
+    RANDOM_MERGES,
+    SIZES,
+    VARIANTS,
+    method_config,
+    method_seeds,
+    parameter_count,
+    scale_suite,
+)
+from merge_graphs.methods import METHODS
+from merge_graphs.recipe import load_recipe
 
 
 def no_mergekit(venv=None):
@@ -43,14 +55,19 @@ def test_scale_quick_without_mergekit(tmp_path, capsys, monkeypatch):
     assert merges["ours-gnn"]["alignments"][1]["method"] == "gnn" and merges["ours-gnn"]["path"] == "streamed"
     rotation = merges["ours-rotation"]
     assert rotation["alignments"][1]["method"].startswith("weight+rotation") and rotation["path"] == "streamed"
-    assert {a["method"] for a in merges["ours-ties"]["alignments"]} == {"none"}
+    for method in MERGES:  # every method of the registry but linear, unaligned, from mergekit's recipe
+        assert {a["method"] for a in merges[f"ours-{method}"]["alignments"]} == {"none"}, method
+    # the third model, for model_stock and nuslerp
+    assert size["models"] == [str(tmp_path / "scale" / f"quick-seed{seed}") for seed in (0, 1, 2)]
     (solver,) = report["solvers"]
     assert solver["n"] == 256 and solver["relative_gap"] < 1e-5 and solver["scipy_s"] > 0
-    # Merged folders are deleted once measured; the pair stays for the next run.
-    assert sorted(p.name for p in (tmp_path / "scale").iterdir() if p.is_dir()) == ["quick-seed0", "quick-seed1"]
+    # Merged folders are deleted once measured; the models stay for the next run.
+    models = ["quick-seed0", "quick-seed1", "quick-seed2"]
+    assert sorted(p.name for p in (tmp_path / "scale").iterdir() if p.is_dir()) == models
     table = capsys.readouterr().out
     assert "ours-weight" in table and "assignment n=256" in table and "machine:" in table
-    assert "mergekit-ties      skipped: no mergekit environment" in table
+    assert re.search(r"mergekit-ties +skipped: no mergekit environment", table)
+    assert "ours-breadcrumbs_ties " in table and "ours-model_stock " in table
 
 
 STANDIN = """import sys
@@ -71,19 +88,21 @@ def test_scale_compares_each_method_with_mergekits_merge(tmp_path, monkeypatch):
     exe.write_text(f"#!{sys.executable}\n" + STANDIN.format(root=root), encoding="utf-8")
     exe.chmod(0o755)
     monkeypatch.setattr(mk, "mergekit_env", lambda venv=None: exe)
-    variants = ["mergekit", "ours-none", "mergekit-ties", "ours-ties"]
+    variants = ["mergekit", "ours-none", "mergekit-ties", "ours-ties", "mergekit-nuslerp", "ours-nuslerp",
+                "mergekit-della", "ours-della"]
     report = scale_suite(quick=True, out=tmp_path, variants=variants, solvers=False)
     (size,) = report["sizes"]
     merges = size["merges"]
     assert merges["mergekit"]["command"][0] == str(exe) and "--copy-tokenizer" in merges["mergekit"]["command"]
-    for name in ("mergekit", "mergekit-ties"):
+    for name in ("mergekit", "mergekit-ties", "mergekit-nuslerp", "mergekit-della"):
         assert merges[name]["skipped"] is None and merges[name]["wall_s"] > 0 and "wall_ratio" not in merges[name]
-    for ours, theirs in (("ours-none", "mergekit"), ("ours-ties", "mergekit-ties")):
+    for ours, theirs in (("ours-none", "mergekit"), ("ours-ties", "mergekit-ties"), ("ours-nuslerp", "mergekit-nuslerp"),
+                         ("ours-della", "mergekit-della")):
         row = merges[ours]
         assert row["wall_ratio"] == pytest.approx(row["wall_s"] / merges[theirs]["wall_s"])
         assert row["rss_ratio"] == pytest.approx(row["peak_rss_bytes"] / merges[theirs]["peak_rss_bytes"])
     diff = size["diff_vs_mergekit"]
-    assert set(diff) == {"linear", "ties"}
+    assert set(diff) == {"linear", "ties", "nuslerp"}  # della is random: not compared
     for method in diff.values():  # the same tool on the same recipe: every entry compared, none differs
         assert method == {"max": 0.0, "entries": 0, "of": size["parameters"]}
 
@@ -101,3 +120,36 @@ def test_mergekit_unavailable_is_a_skip_not_an_error(tmp_path, monkeypatch):
 def test_linear_config_refuses_mismatched_weights():
     with pytest.raises(ValueError, match="2 models but 1 weights"):
         mk.linear_config(["a", "b"], [0.5])
+
+
+def test_every_registered_method_has_a_valid_scale_recipe():
+    """Derived from the registry: every method but linear (the linear variants' own), each recipe one our
+    reader accepts (model counts, required parameters), a third model only where a pair is too few."""
+    assert set(MERGES) == set(METHODS) - {"linear"}
+    assert set(RANDOM_MERGES) == {m for m in MERGES if METHODS[m].random}
+    assert {f"{tool}-{m}" for m in MERGES for tool in ("mergekit", "ours")} <= set(VARIANTS)
+    folders = {seed: Path(f"m{seed}") for seed in (0, 1, 2)}
+    third = set()
+    for method in MERGES:
+        base, others = method_seeds(method)
+        assert (base is None) == (METHODS[method].base == "none"), method
+        if 2 in others:
+            third.add(method)
+        config = method_config(method, folders, "float32")
+        assert load_recipe(config).merge.method == method
+    assert third == {"model_stock", "nuslerp"}
+    assert method_config("slerp", folders, "float32")["parameters"] == {"t": 0.5}
+    assert method_config("ties", folders, "float32")["models"][0]["parameters"]["density"] == 0.5
+
+
+def test_scale_command_passes_sizes_variants_and_venv(monkeypatch, capsys):
+    seen = {}
+
+    def fake(quick=False, out=None, sizes=None, variants=None, venv=None, progress=False):
+        seen.update(sizes=sizes, variants=variants, venv=venv)
+        return {"files": {}}
+
+    monkeypatch.setitem(SUITES, "scale", Suite("scale", fake, lambda report: "table"))
+    assert main(["scale", "--sizes", "100m", "--variants", "mergekit-ties, ours-ties", "--venv", "/v", "--quiet"]) == 0
+    assert seen == {"sizes": ["100m"], "variants": ["mergekit-ties", "ours-ties"], "venv": "/v"}
+    assert "table" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 many permuted units each recovers, and what it costs.
 
     merge-graphs bench SUITE [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J] [--quiet]
+    merge-graphs bench scale [--sizes A,B] [--variants A,B] [--venv DIR] ...
     python -m merge_graphs.lab.bench SUITE ...
 
 Each suite prints a table, writes every figure to ``OUT/bench-SUITE.json`` (``out/bench`` by
@@ -14,7 +15,7 @@ that CI does. The suites (one module each; see their docstrings):
 * ``minilm`` (:mod:`merge_graphs.lab.bench.minilm`): the real MiniLM-L6 against permuted, noised copies;
 * ``gnn`` (:mod:`merge_graphs.lab.bench.gnn`): the pretrained GNN against weight matching on held-out zoo models;
 * ``scale`` (:mod:`merge_graphs.lab.bench.scale`): wall time and peak memory of merging Llama pairs up to 1B
-  (8B on a GPU), beside mergekit's linear merge;
+  (8B on a GPU) by every merge method, beside mergekit's merge by the same method;
 * ``bert`` (:mod:`merge_graphs.lab.bench.bert`): different-seed BERT classifiers (post-LN) on digit tokens;
 * ``speed`` (:mod:`merge_graphs.lab.bench.speed`): time and peak memory per stage of aligning and merging a
   MiniLM-L6 pair, beside mergekit's linear merge;
@@ -52,6 +53,11 @@ def run_suite(name: str, **options) -> dict:
     return run(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
+def _comma_list(text: str) -> list[str]:
+    """``"a, b,"`` -> ``["a", "b"]``: an option's comma-separated list."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``merge-graphs bench`` command."""
     parser = argparse.ArgumentParser(prog="merge-graphs bench", description=__doc__.split("\n")[0])
@@ -65,6 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results and cached models (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=None, help="train this many models at once (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no log lines or progress bars")
+    parser.add_argument("--sizes", type=_comma_list, default=None,
+                        help="scale: comma-separated model sizes to run, e.g. 100m,1b (default: all but quick)")
+    parser.add_argument("--variants", type=_comma_list, default=None,
+                        help="scale: comma-separated merges to run, e.g. mergekit-ties,ours-ties (default: all)")
+    parser.add_argument("--venv", default=None,
+                        help="scale: mergekit's virtual environment (default out/bench/mergekit-venv, made if missing)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
@@ -75,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         report = run_suite(args.suite, pairs=args.pairs, steps=args.steps, lr=args.lr, quick=args.quick,
-                           out=args.out, jobs=args.jobs, progress=not args.quiet)
+                           out=args.out, jobs=args.jobs, sizes=args.sizes, variants=args.variants, venv=args.venv,
+                           progress=not args.quiet)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

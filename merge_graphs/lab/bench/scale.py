@@ -1,6 +1,6 @@
 """Suite ``scale``: wall time and peak memory of merging Llama pairs, beside mergekit's merges.
 
-    merge-graphs bench scale [--quick] [--out DIR]
+    merge-graphs bench scale [--quick] [--out DIR] [--sizes 100m,1b] [--variants mergekit-ties,ours-ties] [--venv DIR]
 
 Pairs of Llama models with random weights from seeds 0 and 1 (float32, ``save_pretrained`` as
 sharded safetensors under ``OUT/scale/``, kept for the next run), in the sizes of :data:`SIZES`:
@@ -25,15 +25,26 @@ memory is its own (:func:`~merge_graphs.lab.bench.measure.run_measured`):
 * ``ours-gnn``: the same with ``align: gnn`` (the pretrained encoder's embeddings, streamed);
 * ``ours-rotation``: the same with ``align: {method: weight, residual: rotation}`` (norms folded,
   orthogonal weight matching and within-head maps, streamed);
-* ``mergekit-M`` and ``ours-M`` for each method ``M`` of :data:`MERGES` (slerp, TIES, DARE-TIES
-  with seed 0's model as the base): one mergekit recipe, run by mergekit and by our tool
-  (which reads mergekit recipes and merges them without alignment, as mergekit does).
+* ``mergekit-M`` and ``ours-M`` for each method ``M`` of :data:`MERGES` (every method of the registry,
+  :data:`merge_graphs.methods.METHODS`, but ``linear``): one mergekit recipe (:func:`method_config`),
+  run by mergekit and by our tool (which reads mergekit recipes and merges them without alignment,
+  as mergekit does). The registry says which models a method takes (:func:`method_seeds`): seed 0's
+  model is the base of a method that takes one (required or optional), seed 1's the other; a method
+  without a base merges seeds 0 and 1 alike (``passthrough``: seed 0's alone); ``model_stock`` and
+  ``nuslerp``, which need two models besides the base, also take seed 2's, made for them only.
+  Parameters (:data:`PARAMETERS`): weight 1, density 0.5 for the sparsifying methods (TIES, DARE,
+  breadcrumbs, DELLA), ``select_topk`` 0.5 for SCE, t 0.5 for slerp, t 0.01 for nearswap, the
+  registry's defaults otherwise.
+
+``--sizes`` and ``--variants`` (comma lists) run a subset; ``--venv`` names mergekit's virtual
+environment (default ``out/bench/mergekit-venv``, made on first use).
 
 Reported per merge: wall time of the child, start to exit (Python start-up and imports
 included, for both tools), its peak RSS, and for ours the time, peak RSS and peak GPU memory
 per stage and the execution path (streamed or in-memory); ratios to mergekit's merge by the same
 method; and per deterministic method the largest difference between our unaligned merge's tensors
-and mergekit's. Before each merge the pair's files are read once so every run starts with them in the
+and mergekit's (not for the random methods of the registry: :data:`RANDOM_MERGES`). Before each merge
+the models' files are read once so every run starts with them in the
 page cache. Then scipy's assignment and the torch auction (:mod:`merge_graphs.assignment`) are
 timed on random square costs of LLM group widths (:data:`SOLVER_SIZES`; 14336 on a GPU only).
 ``OUT/bench-scale.json``. ``--quick`` merges a tiny pair (hidden 64, 2 layers, a few MB) and
@@ -59,6 +70,7 @@ import merge_graphs
 from merge_graphs.lab.bench.common import machine, machine_line, out_folder, register, write_report
 from merge_graphs.lab.bench.measure import run_measured
 from merge_graphs.lab.bench.mergekit import mergekit_linear, mergekit_merge
+from merge_graphs.methods import METHODS, MergeMethod
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +93,37 @@ DTYPES = {"1b-bf16": torch.bfloat16, "8b": torch.bfloat16}
 GPU_SIZES = ("8b",)
 #: Square random costs on which the torch auction is timed against scipy (CPU, GPU, --quick).
 SOLVER_SIZES = {"cpu": (1024, 4096), "cuda": (1024, 4096, 14336), "quick": (256,)}
+#: The pair's seeds. A third model (seed 2) is made, lazily and then kept like the pair, only for methods
+#: that merge more models than a pair gives (``model_stock``: two besides the base; ``nuslerp``: exactly two).
 SEEDS = (0, 1)
 SHARD = "1GB"
-#: Merge methods other than linear, run by both tools from one mergekit recipe without alignment:
-#: method -> (its global parameters, the parameters of seed 1's model). Seed 0's model is the base.
-MERGES: dict[str, tuple[dict[str, float], dict[str, float]]] = {
-    "slerp": ({"t": 0.5}, {}),
-    "ties": ({}, {"density": 0.5, "weight": 1.0}),
-    "dare_ties": ({}, {"density": 0.5, "weight": 1.0}),
+#: Parameter values the scale merges set beyond the registry's defaults, per method: every parameter
+#: the registry requires (its default ``None``: ``weight``, slerp's ``t`` ...) and what makes a method do
+#: its work (density 0.5 for the sparsifying methods). Split into the recipe's global and per-model
+#: parameters by the registry (:func:`method_parameters`).
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "slerp": {"t": 0.5},
+    # entries of the two random models lie ~0.03 apart (init std 0.02): t = 0.01 swaps some, moves the rest
+    "nearswap": {"t": 0.01},
+    "task_arithmetic": {"weight": 1.0},
+    **{m: {"weight": 1.0, "density": 0.5} for m in ("ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                                     "breadcrumbs_ties", "della", "della_linear")},
+    "sce": {"select_topk": 0.5},
+    "multislerp": {"weight": 1.0},
+    "nuslerp": {"weight": 1.0},
 }
-#: Methods whose result is random (a fresh mask per run): the two tools' outputs are not compared.
-RANDOM_MERGES = ("dare_ties",)
+
+
+def _merges() -> dict[str, MergeMethod]:
+    """Every method of the registry but ``linear`` (which the linear variants run, with and without alignment)."""
+    return {name: m for name, m in METHODS.items() if name != "linear"}
+
+
+#: Merge methods other than linear, run by both tools from one mergekit recipe without alignment
+#: (:func:`method_config`): every method of :data:`merge_graphs.methods.METHODS` but ``linear``.
+MERGES: dict[str, MergeMethod] = _merges()
+#: Methods whose result is random (the registry's ``random``): the two tools' outputs are not compared.
+RANDOM_MERGES = tuple(name for name, m in MERGES.items() if m.random)
 #: name -> (tool, merge method, alignment): linear merges with each alignment, then each of
 #: :data:`MERGES` by both tools.
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -102,6 +134,42 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
     "ours-rotation": ("ours", "linear", "rotation"),
     **{f"{tool}-{method}": (tool, method, "none") for method in MERGES for tool in ("mergekit", "ours")},
 }
+
+
+def method_seeds(method: str) -> tuple[int | None, tuple[int, ...]]:
+    """``(the base's seed or None, the other models' seeds)`` that a merge by ``method`` takes, from the
+    registry: seed 0's model is the base of a method that takes one (required or optional), the others
+    as many as the method needs, at least one (seed 2's model where a pair is not enough); a
+    method without a base merges seeds 0 and 1 alike (one model where it merges exactly one).
+
+    Example:
+        >>> method_seeds("ties"), method_seeds("model_stock"), method_seeds("karcher"), method_seeds("passthrough")
+        ((0, (1,)), (0, (1, 2)), (None, (0, 1)), (None, (0,)))
+    """
+    m = METHODS[method]
+    low, high = m.models
+    if m.base == "none":
+        count = min(2, high) if high is not None else 2
+        return None, tuple(range(max(low, count)))
+    return 0, tuple(range(1, 1 + max(low, 1)))
+
+
+def method_parameters(method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(global parameters, each model's parameters)`` of the scale merge by ``method``: :data:`PARAMETERS`
+    split by the registry. ValueError when a parameter the registry requires is not set there.
+
+    Example:
+        >>> method_parameters("della")
+        ({}, {'weight': 1.0, 'density': 0.5})
+    """
+    m = METHODS[method]
+    values = PARAMETERS.get(method, {})
+    required = [k for k, v in {**m.global_parameters, **m.model_parameters}.items() if v is None and k not in values]
+    if required:
+        raise ValueError(f"the scale merge by {method} needs {required}: add them to PARAMETERS")
+    return ({k: v for k, v in values.items() if k in m.global_parameters},
+            {k: v for k, v in values.items() if k in m.model_parameters})
+
 
 # The child that runs our recipe: run_recipe is what `merge-graphs recipe.yaml` calls; the child
 # writes what the command would print as JSON, for the report.
@@ -163,27 +231,29 @@ def parameter_count(size: Mapping[str, Any]) -> int:
 
 def llama_pair(name: str, folder: Path) -> list[Path]:
     """The pair of size ``name`` under ``folder`` (``NAME-seed0``, ``NAME-seed1``), made when missing."""
+    return [llama_model(name, folder, seed) for seed in SEEDS]
+
+
+def llama_model(name: str, folder: Path, seed: int) -> Path:
+    """The model of size ``name`` from ``seed`` under ``folder`` (``NAME-seedS``), made when missing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dtype = DTYPES.get(name, torch.float32)
+    path = folder / f"{name}-seed{seed}"
+    if (path / "config.json").is_file():
+        return path
     config = LlamaConfig(**SIZES[name], max_position_embeddings=2048, tie_word_embeddings=False, dtype=dtype)
-    paths = []
-    for seed in SEEDS:
-        path = folder / f"{name}-seed{seed}"
-        paths.append(path)
-        if (path / "config.json").is_file():
-            continue
-        logger.info("making %s (%.2fB parameters, seed %d)", path, parameter_count(SIZES[name]) / 1e9, seed)
-        torch.manual_seed(seed)
-        with torch.device("cuda" if name in GPU_SIZES else "cpu"):
-            model = LlamaForCausalLM(config).to(dtype)
-        # Written aside, then renamed: a folder with a config is always a complete model.
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial, max_shard_size=SHARD)
-        del model
-        partial.rename(path)
-    return paths
+    logger.info("making %s (%.2fB parameters, seed %d)", path, parameter_count(SIZES[name]) / 1e9, seed)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if name in GPU_SIZES else "cpu"):
+        model = LlamaForCausalLM(config).to(dtype)
+    # Written aside, then renamed: a folder with a config is always a complete model.
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, max_shard_size=SHARD)
+    del model
+    partial.rename(path)
+    return path
 
 
 def _warm(folders: Sequence[Path]) -> None:
@@ -195,20 +265,34 @@ def _warm(folders: Sequence[Path]) -> None:
                     pass
 
 
-def method_config(method: str, pair: Sequence[Path], dtype: str) -> dict[str, Any]:
-    """The mergekit recipe of one of :data:`MERGES` for ``pair`` (both tools read it).
+def method_config(method: str, models: Mapping[int, Path], dtype: str) -> dict[str, Any]:
+    """The mergekit recipe of one of :data:`MERGES` (both tools read it): the models of
+    :func:`method_seeds` (``models``: seed -> folder) with :func:`method_parameters`; the base is
+    ``base_model`` and not listed among ``models`` (mergekit adds it to the inputs).
 
     Example:
-        >>> method_config("ties", [Path("a"), Path("b")], "float32")["models"]
-        [{'model': 'b', 'parameters': {'density': 0.5, 'weight': 1.0}}]
+        >>> method_config("ties", {0: Path("a"), 1: Path("b")}, "float32")["models"]
+        [{'model': 'b', 'parameters': {'weight': 1.0, 'density': 0.5}}]
     """
-    global_parameters, parameters = MERGES[method]
-    base, other = (str(p) for p in pair)
-    models = [{"model": other, "parameters": dict(parameters)}]
-    if method == "slerp":  # mergekit's slerp interpolates between the two models it lists
-        models.insert(0, {"model": base})
-    return {"merge_method": method, "base_model": base, "models": models, "parameters": dict(global_parameters),
-            "dtype": dtype}
+    base, others = method_seeds(method)
+    global_parameters, parameters = method_parameters(method)
+    config: dict[str, Any] = {"merge_method": method}
+    if base is not None:
+        config["base_model"] = str(models[base])
+    config["models"] = [{"model": str(models[seed]), **({"parameters": dict(parameters)} if parameters else {})}
+                        for seed in others]
+    if global_parameters:
+        config["parameters"] = dict(global_parameters)
+    config["dtype"] = dtype
+    return config
+
+
+def method_models(method: str, name: str, folder: Path) -> dict[int, Path]:
+    """seed -> folder of the models a merge by ``method`` (linear: the pair) takes, made when missing."""
+    if method == "linear":
+        return dict(enumerate(llama_pair(name, folder)))
+    base, others = method_seeds(method)
+    return {seed: llama_model(name, folder, seed) for seed in ([] if base is None else [base]) + list(others)}
 
 
 def run_ours(recipe: Mapping[str, Any], out: Path, device: str) -> dict[str, Any]:
@@ -227,17 +311,19 @@ def run_ours(recipe: Mapping[str, Any], out: Path, device: str) -> dict[str, Any
     return {"wall_s": done.wall_s, "peak_rss_bytes": done.peak_rss_bytes, **json.loads(figures.read_text(encoding="utf-8"))}
 
 
-def _merge(variant: str, pair: Sequence[Path], target: Path, dtype: torch.dtype, device: str) -> dict[str, Any]:
-    """One variant's merge of ``pair`` into ``target``, measured."""
+def _merge(variant: str, models: Mapping[int, Path], target: Path, dtype: torch.dtype, device: str,
+           venv: str | os.PathLike | None = None) -> dict[str, Any]:
+    """One variant's merge of ``models`` (:func:`method_models`) into ``target``, measured."""
     tool, method, align = VARIANTS[variant]
     dtype_name = str(dtype).split(".")[1]
     extra = ["--cuda"] if device == "cuda" else []
     if method != "linear":
-        config = method_config(method, pair, dtype_name)
-        return (mergekit_merge(config, target, extra_args=extra).to_dict() if tool == "mergekit"
+        config = method_config(method, models, dtype_name)
+        return (mergekit_merge(config, target, venv=venv, extra_args=extra).to_dict() if tool == "mergekit"
                 else run_ours(config, target, device))
+    pair = [models[seed] for seed in SEEDS]
     if tool == "mergekit":
-        return mergekit_linear(pair, target, dtype=dtype_name, extra_args=extra).to_dict()
+        return mergekit_linear(pair, target, dtype=dtype_name, venv=venv, extra_args=extra).to_dict()
     return run_ours(linear_recipe(pair, target, align), target, device)
 
 
@@ -293,13 +379,14 @@ def format_scale(report: Mapping[str, Any]) -> str:
     """The table: per size and merge, wall time, peak RSS and their ratios to mergekit."""
     lines = [(f"scale suite: merges of random-weight Llama pairs (seeds {SEEDS[0]}/{SEEDS[1]}); each merge a "
               "process of its own; ratio = ours / mergekit 0.1.5's merge by the same method")]
-    lines.append(f"{'size':6} {'params':>7} {'merge':18} {'wall s':>8} {'peak RSS GB':>12} {'x wall':>7} {'x RSS':>6}"
+    width = max([18, *(len(name) for size in report["sizes"] for name in size["merges"])])
+    lines.append(f"{'size':6} {'params':>7} {'merge':{width}} {'wall s':>8} {'peak RSS GB':>12} {'x wall':>7} {'x RSS':>6}"
                  f"  {'path':10} stages")
     for size in report["sizes"]:
         params = f"{size['parameters'] / 1e9:.2f}B"
         for name, row in size["merges"].items():
             if row.get("skipped"):
-                lines.append(f"{size['name']:6} {params:>7} {name:18} skipped: {row['skipped'][:100]}")
+                lines.append(f"{size['name']:6} {params:>7} {name:{width}} skipped: {row['skipped'][:100]}")
                 continue
             ratios = (f"{row['wall_ratio']:>7.2f} {row['rss_ratio']:>6.2f}" if "wall_ratio" in row
                       else f"{'':>7} {'':>6}")
@@ -308,7 +395,7 @@ def format_scale(report: Mapping[str, Any]) -> str:
                                     else "")
                 for k, v in row.get("stage_seconds", {}).items())
             gpu = f"; GPU peak {row['gpu_peak_bytes'] / 1e9:.2f} GB" if row.get("gpu_peak_bytes") else ""
-            lines.append(f"{size['name']:6} {params:>7} {name:18} {row['wall_s']:>8.1f} "
+            lines.append(f"{size['name']:6} {params:>7} {name:{width}} {row['wall_s']:>8.1f} "
                          f"{row['peak_rss_bytes'] / 1e9:>12.2f} {ratios}  {row.get('path', ''):10} {stages}{gpu}")
         for method, diff in size["diff_vs_mergekit"].items():
             lines.append(f"{'':6} {method} without alignment, ours vs mergekit: largest difference {diff['max']:.3g}, "
@@ -324,7 +411,7 @@ def format_scale(report: Mapping[str, Any]) -> str:
 @register("scale", format=format_scale)
 def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes: Sequence[str] | None = None,
                 variants: Sequence[str] = tuple(VARIANTS), keep: bool = False, solvers: bool = True, *,
-                progress: bool = False) -> dict[str, Any]:
+                venv: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
     """Time and measure our merges of Llama pairs beside mergekit's; writes ``bench-scale.json``.
 
     Args:
@@ -332,9 +419,12 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
         out: results folder (``out/bench``); pairs and merges go to ``OUT/scale/``.
         sizes: names from :data:`SIZES` (default ``100m``, ``1b`` and ``1b-bf16``, and ``8b`` when CUDA
             is available).
-        variants: which merges of :data:`VARIANTS` to run.
+        variants: which merges of :data:`VARIANTS` to run (``merge-graphs bench scale --variants
+            mergekit-ties,ours-ties``).
         keep: keep the merged folders (by default each is deleted once measured; the pairs stay).
         solvers: also time the assignment solvers (:func:`solver_timings`, :data:`SOLVER_SIZES`).
+        venv: mergekit's virtual environment (:func:`~merge_graphs.lab.bench.mergekit.mergekit_env`'s
+            default when None; made when missing).
         progress: accepted for the command's sake; the children run without bars.
     """
     total_start = time.perf_counter()
@@ -352,19 +442,21 @@ def scale_suite(quick: bool = False, out: str | os.PathLike | None = None, sizes
     folder.mkdir(exist_ok=True)
     results = []
     for name in sizes:
-        pair = llama_pair(name, folder)
+        used: dict[int, Path] = {}  # every model a merge took: the pair, and the third where one needed it
         merges: dict[str, dict[str, Any]] = {}
         for variant in variants:
             target = folder / f"{name}-merged-{variant}"
             shutil.rmtree(target, ignore_errors=True)
-            _warm(pair)
+            models = method_models(VARIANTS[variant][1], name, folder)
+            used.update(models)
+            _warm(list(models.values()))
             logger.info("%s: %s merge ...", name, variant)
-            merges[variant] = _merge(variant, pair, target, DTYPES.get(name, torch.float32), device)
+            merges[variant] = _merge(variant, models, target, DTYPES.get(name, torch.float32), device, venv)
             logger.info("%s %s: %.1f s, peak RSS %.2f GB", name, variant, merges[variant]["wall_s"] or 0,
                         (merges[variant]["peak_rss_bytes"] or 0) / 1e9)
         _ratios(merges)
         row = {"name": name, "config": SIZES[name], "parameters": parameter_count(SIZES[name]),
-               "dtype": str(DTYPES.get(name, torch.float32)), "models": [str(p) for p in pair],
+               "dtype": str(DTYPES.get(name, torch.float32)), "models": [str(used[s]) for s in sorted(used)],
                "merges": merges, "diff_vs_mergekit": {}}
         # Unaligned merges by a deterministic method should give mergekit's tensors: count where not.
         for ours in variants:
