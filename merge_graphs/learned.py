@@ -86,6 +86,7 @@ def learned_alignment(
     batch_size: int = 16,
     lam_range: tuple[float, float] = (0.4, 0.6),
     heads: bool = False,
+    schedule: str = "constant",
     seed: int = 0,
     progress: bool = False,
     **start_kwargs,
@@ -102,6 +103,8 @@ def learned_alignment(
         lr: Adam's learning rate.
         batch_size: calibration samples per step, drawn at random.
         lam_range: the interpolation weight of B is drawn uniformly from this range each step.
+        schedule: the learning rate over the steps: ``"constant"``, or ``"cosine"`` (from ``lr``
+            down to 0 at the last step).
         heads: also learn the maps of the dims inside every attention head that the family
             declares (``spec.head_maps``: v/o orthogonal; q/k orthogonal, or with RoPE a rotation in
             each frequency plane), on top of those the data-free start fitted.
@@ -124,6 +127,8 @@ def learned_alignment(
         >>> found.method, len(found.loss_curve)
         ('learned', 5)
     """
+    if schedule not in ("constant", "cosine"):
+        raise AlignmentError(f"schedule must be 'constant' or 'cosine'; got {schedule!r}")
     begin = time.perf_counter()
     if start is None:
         start = rotation_alignment(model_a, model_b, seed=seed, **start_kwargs)
@@ -148,6 +153,8 @@ def learned_alignment(
             skews[hm.name] = torch.zeros(shape, device=device, requires_grad=True)
             kinds[hm.name] = hm.kind
     optimizer = torch.optim.Adam(list(skews.values()), lr=lr)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+                 if schedule == "cosine" else None)
 
     ids, mask, labels = _lm_batches(calibration)
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
@@ -173,6 +180,8 @@ def learned_alignment(
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         curve.append(out.loss.item())
 
     with torch.no_grad():
