@@ -14,7 +14,7 @@ This script, for each recipe:
    family, :data:`TINY` widths, as many layers as the recipe's ``layer_range`` needs and at least
    :data:`MIN_LAYERS`). The recipe's ``base_model`` is a shared seeded base; every other model is
    that base plus small seeded noise (a "fine-tune"), so task-vector methods are meaningful. Every
-   tensor comes from its own seeded ``torch.Generator`` (:func:`mergekit_fixtures._seed`), so the
+   tensor comes from its own seeded ``torch.Generator`` (:func:`mergekit_fixtures.seeded_states`), so the
    models are rebuilt bit for bit at test time instead of being stored (:func:`build_models`);
 2. rewrites only the model references of the recipe to those folders (:func:`rewrite`);
 3. runs mergekit 0.1.5's ``mergekit-yaml`` on it (its own virtual environment, see
@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import yaml
 
-from merge_graphs.lab.bench.mergekit_fixtures import FINETUNE_NOISE, _seed, sha256
+from merge_graphs.lab.bench.mergekit_fixtures import FINETUNE_NOISE, seeded_states, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -214,21 +214,9 @@ def _shapes(family: str, num_layers: int) -> dict[str, tuple[int, ...]]:
 
 def model_states(p: Plan) -> dict[str, dict[str, torch.Tensor]]:
     """Folder name -> state dict (float32): the recipe's base model is the shared seeded base, every other
-    model the base plus :data:`FINETUNE_NOISE` seeded by its name; deterministic."""
-    base = {}
-    for tensor, shape in sorted(_shapes(p.family, p.num_layers).items()):
-        g = torch.Generator().manual_seed(_seed(BASE_SEED, p.family, tensor))
-        value = torch.randn(shape, generator=g)
-        base[tensor] = value * shape[-1] ** -0.5 if len(shape) > 1 else 1.0 + 0.3 * value
-    states = {}
-    for model, folder in p.folders.items():
-        if model == p.base:
-            states[folder] = base
-            continue
-        states[folder] = {k: v + FINETUNE_NOISE * torch.randn(v.shape, generator=torch.Generator()
-                                                              .manual_seed(_seed(model, k)))
-                          for k, v in base.items()}
-    return states
+    model the base plus the fine-tune noise seeded by its name; deterministic."""
+    return seeded_states(_shapes(p.family, p.num_layers), (BASE_SEED, p.family),
+                         {folder: None if model == p.base else model for model, folder in p.folders.items()})
 
 
 def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:

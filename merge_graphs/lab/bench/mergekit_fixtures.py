@@ -139,20 +139,28 @@ def model_states(config: Mapping[str, Any] = CONFIG) -> dict[str, dict[str, torc
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(LlamaConfig(**config)).state_dict().items()}
+    return seeded_states(shapes, (BASE_SEED,), MODELS)
+
+
+def seeded_states(shapes: Mapping[str, tuple[int, ...]], base_key: Sequence[object],
+                  finetunes: Mapping[str, object | None]) -> dict[str, dict[str, torch.Tensor]]:
+    """A seeded base and its "fine-tunes": name -> state dict (float32), deterministic.
+
+    The base's tensors are drawn from generators seeded by ``base_key`` and the tensor's name
+    (matrices ``N(0, 1/fan_in)``, vectors ``1 + 0.3 N(0, 1)``); each entry of ``finetunes`` is the
+    base itself (``None``) or the base plus ``FINETUNE_NOISE * N(0, 1)`` seeded by its key and the
+    tensor's name.
+    """
     base = {}
     for name, shape in sorted(shapes.items()):
-        g = torch.Generator().manual_seed(_seed(BASE_SEED, name))
+        g = torch.Generator().manual_seed(_seed(*base_key, name))
         value = torch.randn(shape, generator=g)
         base[name] = value * shape[-1] ** -0.5 if len(shape) > 1 else 1.0 + 0.3 * value
-    states = {}
-    for model, seed in MODELS.items():
-        if seed is None:
-            states[model] = base
-            continue
-        states[model] = {name: value + FINETUNE_NOISE * torch.randn(value.shape, generator=torch.Generator()
-                                                                    .manual_seed(_seed(seed, name)))
-                         for name, value in base.items()}
-    return states
+    return {model: base if key is None else
+            {name: value + FINETUNE_NOISE * torch.randn(value.shape, generator=torch.Generator()
+                                                        .manual_seed(_seed(key, name)))
+             for name, value in base.items()}
+            for model, key in finetunes.items()}
 
 
 def write_models(folder: str | Path, config: Mapping[str, Any] = CONFIG) -> dict[str, Path]:
