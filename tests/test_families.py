@@ -14,6 +14,7 @@ import transformers as T
 from tiny_models import VOCAB, example_input, make, outputs
 
 import merge_graphs as mg
+from merge_graphs.api import aligned_model
 from merge_graphs.learned import learned_alignment
 from merge_graphs.rotation import (
     fold_norms,
@@ -111,6 +112,20 @@ def test_post_norms_leave_permutations_only_and_rotation_is_refused_saying_why(n
     offset = spec.norms[-1].offset
     plain = holding(model, {k: torch.full_like(v, 1 - offset) if k in post else v for k, v in model.state_dict().items()})
     assert same_outputs(plain, rotated(plain))
+
+
+@pytest.mark.parametrize("name", POST_NORM)
+def test_post_norm_decoders_learn_their_permutations_on_the_next_token_loss(name):
+    """Without a residual rotation, learned alignment learns permutations (straight-through) on the causal-LM
+    loss of the interpolated models: B's function is kept and the result is deterministic."""
+    a, b = make(name), make(name, seed=1)
+    calibration = {"input_ids": torch.randint(2, VOCAB, (8, 9), generator=torch.Generator().manual_seed(0))}
+    found = [mg.align(a, b, "learned", calibration=calibration, learn={"steps": 3, "batch_size": 4}) for _ in range(2)]
+    assert found[0].method == "learned" and found[0].basis == "permutation" and len(found[0].loss_curve) == 3
+    assert all(torch.equal(p, found[1].permutations[g]) for g, p in found[0].permutations.items())
+    assert same_outputs(b, aligned_model(b, found[0]))
+    with pytest.raises(mg.UnsupportedArchitectureError, match=WHY_NOT):  # insisting on a rotation
+        mg.align(a, b, "learned", calibration=calibration, residual="rotation")
 
 
 def test_gemma_folding_reads_the_gain_as_one_plus_weight():

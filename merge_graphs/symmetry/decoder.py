@@ -127,7 +127,7 @@ class Decoder:
             "does not commute with that per-unit gain g (RMSNorm(y Q) * g = (RMSNorm(y) Q) * g, not "
             "(RMSNorm(y) * g) Q), and the gain cannot be folded through the normalization, so norm folding and "
             "residual rotation do not apply: the stream admits permutations only (each unit's gain moves with "
-            "it). Align it with permutations (weight or activation matching) instead.")
+            "it). Align it with permutations (weight, activation or learned matching) instead.")
         notes = ["RoPE: q/k dims inside a head stay fixed; heads move as blocks with their key/value head",
                  unrotated or "pre-RMSNorm: after folding the norms the residual stream also admits any rotation"]
         if self.gain_offset:
