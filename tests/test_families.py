@@ -14,6 +14,7 @@ import transformers as T
 from tiny_models import VOCAB, example_input, make, outputs
 
 import merge_graphs as mg
+from merge_graphs.activations import activation_matching
 from merge_graphs.api import aligned_model
 from merge_graphs.learned import learned_alignment
 from merge_graphs.rotation import (
@@ -186,6 +187,18 @@ def test_olmo2_q_norm_gain_must_move_with_its_head():
     for norm in ("q_norm", "k_norm"):
         name = f"model.layers.0.self_attn.{norm}.weight"
         assert not same_outputs(model, holding(model, {**state, name: model.state_dict()[name]})), norm
+
+
+@pytest.mark.parametrize("name", ROTATING + POST_NORM)
+def test_activation_matching_puts_a_permuted_copy_back(name):
+    """Every space is observed where a module reads or writes it, fused projections' parts included."""
+    model = make(name)
+    spec = mg.symmetry_spec(model)
+    perms = mg.random_permutations(spec, seed=5)
+    calibration = {"input_ids": torch.randint(2, VOCAB, (8, 9), generator=torch.Generator().manual_seed(0))}
+    found = activation_matching(spec, model, mg.permute(model, perms, spec), calibration)
+    for group, p in mg.invert_permutations(spec, perms).items():
+        assert torch.equal(found.permutations[group], p), group
 
 
 @pytest.mark.parametrize("name", ROTATING + POST_NORM)
