@@ -19,8 +19,8 @@ Families without a residual rotation (post-LayerNorm BERT and RoBERTa; the post-
 Gemma 2/3 and OLMo 2; MLPs and CNNs) learn their permutations instead: :func:`learned_permutations`
 starts from weight matching and learns one score matrix per permutation group by a straight-through
 estimator (the hard assignment forward, its Sinkhorn relaxation backward), on the model's own loss
-(the task head's on labelled calibration inputs, the causal-LM or the masked-LM loss). The result is an ordinary permutation
-:class:`~merge_graphs.match.Alignment`. The aligner ``"learned"``
+(the task head's on labelled calibration inputs, the causal-LM or the masked-LM loss). The result is
+an ordinary permutation :class:`~merge_graphs.match.Alignment`. The aligner ``"learned"``
 (:mod:`merge_graphs.aligners`) picks one or the other by the family's spec.
 """
 
@@ -342,11 +342,11 @@ def learned_permutations(
     """Align ``model_b`` to ``model_a`` by learning permutations on the interpolated models' loss.
 
     For families that admit permutations only (post-LayerNorm BERT and RoBERTa; post-norm decoders,
-    Gemma 2/3 and OLMo 2; MLPs and CNNs with labels), in the manner of Peña et al. ("Re-basin via implicit Sinkhorn differentiation",
-    CVPR 2023) with a straight-through estimator: starting from weight matching, every root
-    group (the residual stream, each layer's attention heads and MLP units, the pooler) keeps a
-    learnable score matrix, the identity on top of the start at step 0 (and with ``heads``, so
-    does every child group, one matrix per parent unit: the dims inside each head). Each step the forward
+    Gemma 2/3 and OLMo 2; MLPs and CNNs with labels), in the manner of Peña et al. ("Re-basin via
+    implicit Sinkhorn differentiation", CVPR 2023) with a straight-through estimator: starting from
+    weight matching, every root group (the residual stream, each layer's attention heads and MLP
+    units, the pooler) keeps a learnable score matrix, the identity on top of the start at step 0
+    (and with ``heads``, so does every child group, one matrix per parent unit: the dims inside each head). Each step the forward
     pass runs ``(1 - lam) * A + lam * P(B)`` with the *hard* permutations ``P`` (the assignment
     maximizing the scores, :func:`merge_graphs.match.solve`), and the gradient flows through
     their soft relaxation, Sinkhorn of ``scores / tau``: ``P_hard + P_soft - P_soft.detach()``.

@@ -301,8 +301,8 @@ def fold_norms(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> tuple[S
 def folded_model(model: nn.Module) -> nn.Module:
     """A new model of the same class computing the same function, with its norms folded.
 
-    The norm gains are 1 (Gemma's stored weights 0) and biases 0 (GPT-2's final norm: bias all ones, see the module
-    docstring); a tied LM head is untied (``config.tie_word_embeddings = False``). The model
+    The norm gains are 1 (Gemma's stored weights 0) and biases 0 (GPT-2's final norm: bias all ones,
+    see the module docstring); a tied LM head is untied (``config.tie_word_embeddings = False``). The model
     saves with ``save_pretrained`` and loads back with ``from_pretrained`` as an ordinary
     checkpoint of its class. ``model`` is not modified.
 

@@ -43,7 +43,8 @@ def same_outputs(model, other) -> bool:
 
 
 def holding(model, state):
-    """A model of ``model``'s class and config, its head untied (a folded head is not the embedding), holding ``state``."""
+    """A model of ``model``'s class and config holding ``state``, its head untied (a folded head is not the
+    embedding)."""
     config = copy.deepcopy(model.config)
     config.tie_word_embeddings = False
     out = type(model)(config).eval()
@@ -101,7 +102,8 @@ def test_post_norms_leave_permutations_only_and_rotation_is_refused_saying_why(n
     # writes it; a norm's gain stays a gain) changes the outputs ...
     forced = dataclasses.replace(spec, rotation="free")
     q = random_rotation(spec.groups["residual"].size, "free", seed=3)
-    post = [n for n in spec.tensors if n.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"))]
+    post = [n for n in spec.tensors if n.endswith(("post_attention_layernorm.weight",
+                                                   "post_feedforward_layernorm.weight"))]
     assert len(post) == 2 * model.config.num_hidden_layers
 
     def rotated(m):
@@ -111,7 +113,8 @@ def test_post_norms_leave_permutations_only_and_rotation_is_refused_saying_why(n
     assert not same_outputs(model, rotated(model))
     # ... and only because of the post-norms' gains: with every one of them at 1, the same rotation is exact.
     offset = spec.norms[-1].offset
-    plain = holding(model, {k: torch.full_like(v, 1 - offset) if k in post else v for k, v in model.state_dict().items()})
+    plain = holding(model, {k: torch.full_like(v, 1 - offset) if k in post else v
+                            for k, v in model.state_dict().items()})
     assert same_outputs(plain, rotated(plain))
 
 
@@ -168,7 +171,8 @@ def test_specs_label_what_each_family_changes():
     gemma2 = mg.symmetry_spec(make("gemma2-lm"))
     assert [n.weight.split(".")[-2] for n in gemma2.norms[:2]] == ["input_layernorm", "pre_feedforward_layernorm"]
     phi3 = mg.symmetry_spec(make("phi3-lm"))
-    qkv, gate_up = (phi3.tensors[f"model.layers.0.{t}.weight"].axes[0] for t in ("self_attn.qkv_proj", "mlp.gate_up_proj"))
+    qkv, gate_up = (phi3.tensors[f"model.layers.0.{t}.weight"].axes[0]
+                    for t in ("self_attn.qkv_proj", "mlp.gate_up_proj"))
     assert [s.name for s in qkv] == ["layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v"]
     assert [s.name for s in gate_up] == ["layers.0.mlp", "layers.0.mlp"]
     gemma = mg.symmetry_spec(make("gemma-lm"))  # multi-query: one key/value head, its 6 query heads move
@@ -223,5 +227,5 @@ def test_two_seeds_merge_from_a_recipe_into_a_folder_that_loads(tmp_path, name):
         assert not same_outputs(models[0], merged) and not same_outputs(models[1], merged)
     if name in POST_NORM:
         with pytest.raises(mg.UnsupportedArchitectureError, match=WHY_NOT):
-            run_recipe({"models": [{"model": f} for f in folders], "align": {"method": "weight", "residual": "rotation"}},
-                       dry_run=True)
+            run_recipe({"models": [{"model": f} for f in folders],
+                        "align": {"method": "weight", "residual": "rotation"}}, dry_run=True)

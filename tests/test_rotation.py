@@ -181,8 +181,8 @@ def _scrambled(model, seed):
     return folded, permutation_matrix(perms[RESIDUAL]) @ q0
 
 
-@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied", "qwen3-lm-tied-bias",
-                                  "gemma-lm", "phi3-lm"])
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied",
+                                  "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm"])
 @pytest.mark.parametrize("data", ["data-free", "calibration"])
 def test_rotation_and_permutations_are_recovered(name, data):
     model = make(name)

@@ -68,7 +68,8 @@ class SpecBuilder:
         if qk_map:
             self.head_map_table.append(HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim,
                                                "rope_pairs" if rope else "orthogonal"))
-        self.head_map_table.append(HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim, "orthogonal"))
+        self.head_map_table.append(HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim,
+                                           "orthogonal"))
         return (
             self.space(f"{layer}.q", *query, qk),
             self.space(f"{layer}.k", heads, qk),
