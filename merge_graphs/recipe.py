@@ -154,8 +154,9 @@ class Learn(_Strict):
     a step, ``heads`` (default false): also learn within-head maps); post-LayerNorm encoders
     (:func:`merge_graphs.learned.learned_permutations`: the permutations by a straight-through
     estimator, 300 steps, lr 0.05, 32 samples a step, ``heads`` (default true): also the dims inside
-    each head, ``tau``: the Sinkhorn temperature, 1). From a recipe an encoder learns on the masked-LM
-    loss of the calibration texts (a ``...ForMaskedLM``); a classifier's task-head loss needs the
+    each head, ``tau``: the Sinkhorn temperature, 1; so do post-norm decoders, Gemma 2/3 and OLMo 2). From
+    a recipe an encoder learns on the masked-LM loss of the calibration texts (a ``...ForMaskedLM``), a
+    post-norm decoder on their next-token loss; a classifier's task-head loss needs the
     labels, which only the API takes (``merge_graphs.align(a, b, "learned", calibration={..., "labels": y})``).
     """
 

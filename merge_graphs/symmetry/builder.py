@@ -44,7 +44,7 @@ class SpecBuilder:
         return Space(name, ((None, size),))
 
     def attention(
-        self, layer: str, n_heads: int, n_kv_heads: int, head_dim: int, rope: bool
+        self, layer: str, n_heads: int, n_kv_heads: int, head_dim: int, rope: bool, qk_map: bool = True
     ) -> tuple[Space, Space, Space, Space]:
         """Groups and spaces of one attention layer: the q, k, v outputs and the o input.
 
@@ -53,8 +53,10 @@ class SpecBuilder:
         (``{layer}.query_heads``, one permutation per key/value head). Within each head, the
         q/k dims share one permutation (``{layer}.qk``) and the v/o dims another
         (``{layer}.vo``). RoPE rotates fixed pairs of q/k dims, so with RoPE the q/k dims stay put.
-        Beyond permutations, it declares the head maps (:class:`HeadMap`) ``{layer}.qk``
-        (orthogonal, or RoPE-pair rotations) and ``{layer}.vo`` (orthogonal).
+        Beyond permutations, it declares the head maps (:class:`HeadMap`) ``{layer}.vo``
+        (orthogonal) and, unless ``qk_map`` is False, ``{layer}.qk`` (orthogonal, or RoPE-pair
+        rotations). A family turns the q/k map off where something between the projections and
+        the scores does not commute with it (a per-dim q/k norm gain, RoPE on part of each head).
         """
         if n_heads % n_kv_heads:
             raise SpecMismatchError(f"{layer}: {n_heads} query heads do not divide into {n_kv_heads} key/value heads")
@@ -63,10 +65,11 @@ class SpecBuilder:
         qk = (None if rope else self.group(f"{layer}.qk", head_dim, parent=heads[0]), head_dim)
         vo = (self.group(f"{layer}.vo", head_dim, parent=heads[0]), head_dim)
         query = (heads,) if per_kv == 1 else (heads, (self.group(f"{layer}.query_heads", per_kv, parent=heads[0]), per_kv))
-        self.head_map_table += [
-            HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim, "rope_pairs" if rope else "orthogonal"),
-            HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim, "orthogonal"),
-        ]
+        if qk_map:
+            self.head_map_table.append(HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim,
+                                               "rope_pairs" if rope else "orthogonal"))
+        self.head_map_table.append(HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim,
+                                           "orthogonal"))
         return (
             self.space(f"{layer}.q", *query, qk),
             self.space(f"{layer}.k", heads, qk),
@@ -90,17 +93,20 @@ class SpecBuilder:
         """Copy floating-point tensors matching ``pattern`` (e.g. RoPE's frequencies) as they are."""
         self.carry_patterns.append(pattern)
 
-    def norm(self, weight: str, bias: str | None, readers: Sequence[tuple[str, str | None]]) -> None:
-        """Declare a pre-norm: its gain and bias tensors and the ``(weight, bias)`` pairs that read
-        its output. Entries the checkpoint lacks are dropped at :meth:`build`."""
-        self.norm_table.append(Norm(weight, bias, tuple(readers)))
+    def norm(self, weight: str, bias: str | None, readers: Sequence[tuple[str, str | None]],
+             offset: float = 0.0) -> None:
+        """Declare a pre-norm: its gain and bias tensors, the ``(weight, bias)`` pairs that read
+        its output, and the gain's offset (:class:`Norm`). Entries the checkpoint lacks are
+        dropped at :meth:`build`."""
+        self.norm_table.append(Norm(weight, bias, tuple(readers), offset))
 
     def tie(self, name: str, source: str) -> None:
         """``name`` (an LM head) is tied to ``source`` and may be stored only as ``source``."""
         self.ties[name] = source
 
     def build(
-        self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = (), rotation: str | None = None
+        self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = (), rotation: str | None = None,
+        unrotated: str | None = None,
     ) -> SymmetrySpec:
         tensors: dict[str, TensorSpec] = {}
         carried: list[str] = []
@@ -132,13 +138,13 @@ class SpecBuilder:
         present = set(tensors) | set(tied)
         norms = tuple(
             Norm(n.weight, n.bias if n.bias in tensors else None,
-                 tuple((w, bias if bias in tensors else None) for w, bias in n.readers if w in present))
+                 tuple((w, bias if bias in tensors else None) for w, bias in n.readers if w in present), n.offset)
             for n in self.norm_table if n.weight in tensors
         )
         spaces = {s.name for t in tensors.values() for axis in t.axes for s in axis or ()}
         head_maps = tuple(m for m in self.head_map_table if m.heads in groups and set(m.spaces) <= spaces)
         return SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes),
-                            norms, rotation, tied, head_maps)
+                            norms, rotation, tied, head_maps, unrotated=unrotated)
 
     def _check_shape(self, label: TensorSpec, info: TensorInfo) -> None:
         if len(label.axes) != len(info.shape):
