@@ -566,12 +566,33 @@ BYTE_LLAMA = {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads":
               "intermediate_size": 344, "max_position_embeddings": 128, "tie_word_embeddings": False}
 
 
-def make_byte_llama(seed: int | None = None, **config):
-    """A fresh byte-level ``LlamaForCausalLM`` (vocabulary 257 as :func:`make_byte_gpt2`'s, bos = eos = 256, no
-    padding token, no dropout), initialized from ``seed``.
+def make_byte_lm(architecture: str, seed: int | None = None, **config):
+    """A fresh byte-level causal LM of any transformers decoder class (vocabulary 257 as :func:`make_byte_gpt2`'s,
+    bos = eos = 256, no padding token, no attention dropout), initialized from ``seed``.
 
-    ``config`` overrides :data:`BYTE_LLAMA` and any other ``LlamaConfig`` field. With a seed the global random
-    state is left as it was. Train it with :func:`train_byte_lm`.
+    ``architecture`` names the model class (``"Qwen3ForCausalLM"``); its config class (``Qwen3Config``) is the
+    class's own, and ``config`` sets its fields (sizes, and what sets the family apart). With a seed the global
+    random state is left as it was. Train it with :func:`train_byte_lm`.
+
+    Example:
+        >>> m = make_byte_lm("Qwen3ForCausalLM", 0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                  num_key_value_heads=1, head_dim=8, intermediate_size=32, max_position_embeddings=8)
+        >>> type(m.config).__name__, m.config.vocab_size, m.config.pad_token_id
+        ('Qwen3Config', 257, None)
+    """
+    import transformers
+
+    cls = getattr(transformers, architecture, None)
+    if cls is None or not hasattr(cls, "config_class"):
+        raise ValueError(f"transformers has no model class {architecture!r}; name one such as 'LlamaForCausalLM'")
+    fields = dict(vocab_size=BYTE_VOCAB_SIZE, bos_token_id=256, eos_token_id=256, pad_token_id=None,
+                  attention_dropout=0.0)
+    return _seeded_model(cls, cls.config_class(**{**fields, **config}), seed)
+
+
+def make_byte_llama(seed: int | None = None, **config):
+    """A fresh byte-level ``LlamaForCausalLM`` (:func:`make_byte_lm` of :data:`BYTE_LLAMA`), initialized from
+    ``seed``; ``config`` overrides :data:`BYTE_LLAMA` and any other ``LlamaConfig`` field.
 
     Example:
         >>> m = make_byte_llama(0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -579,17 +600,13 @@ def make_byte_llama(seed: int | None = None, **config):
         >>> m.config.vocab_size, m.config.tie_word_embeddings, sum(p.numel() for p in m.parameters())
         (257, False, 10576)
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    fields = dict(BYTE_LLAMA, vocab_size=BYTE_VOCAB_SIZE, bos_token_id=256, eos_token_id=256, pad_token_id=None,
-                  attention_dropout=0.0)
-    return _seeded_model(LlamaForCausalLM, LlamaConfig(**{**fields, **config}), seed)
+    return make_byte_lm("LlamaForCausalLM", seed, **{**BYTE_LLAMA, **config})
 
 
 __all__ += [
     "BYTE_GPT2", "BYTE_LLAMA", "DOCSTRING_HELDOUT_MODULES", "DOCSTRING_TRAIN_MODULES", "byte_tokenizer",
-    "docstring_corpus_sha256", "load_docstring_corpus", "make_byte_gpt2", "make_byte_llama", "module_docstrings",
-    "train_byte_gpt2", "train_byte_lm",
+    "docstring_corpus_sha256", "load_docstring_corpus", "make_byte_gpt2", "make_byte_lm", "make_byte_llama",
+    "module_docstrings", "train_byte_gpt2", "train_byte_lm",
 ]
 
 

@@ -3,6 +3,7 @@ many permuted units each recovers, and what it costs.
 
     merge-graphs bench SUITE [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J] [--quiet]
     merge-graphs bench scale [--sizes A,B] [--variants A,B] [--venv DIR] ...
+    merge-graphs bench families [--families A,B] ...
     python -m merge_graphs.lab.bench SUITE ...
 
 Each suite prints a table, writes every figure to ``OUT/bench-SUITE.json`` (``out/bench`` by
@@ -11,6 +12,8 @@ that CI does. The suites (one module each; see their docstrings):
 
 * ``gpt2`` (:mod:`merge_graphs.lab.bench.lm`): different-seed byte-level GPT-2 language models;
 * ``llama`` (:mod:`merge_graphs.lab.bench.lm`): different-seed byte-level Llama language models (GQA, RoPE);
+* ``families`` (:mod:`merge_graphs.lab.bench.families`): one different-seed pair per decoder family (Llama, Qwen3,
+  Gemma 1/2/3, OLMo 2, Phi-3) at one small size: naive, weight matching, the best data-free alignment;
 * ``mlp`` (:mod:`merge_graphs.lab.bench.mlp`): different-seed MLPs on scikit-learn's digits;
 * ``minilm`` (:mod:`merge_graphs.lab.bench.minilm`): the real MiniLM-L6 against permuted, noised copies;
 * ``gnn`` (:mod:`merge_graphs.lab.bench.gnn`): the pretrained GNN against weight matching on held-out zoo models;
@@ -31,17 +34,18 @@ import logging
 import time
 from collections.abc import Sequence
 
-from merge_graphs.lab.bench import bert, finetune, gnn, gpt2, lm, minilm, mlp, scale, speed
+from merge_graphs.lab.bench import bert, families, finetune, gnn, gpt2, lm, minilm, mlp, scale, speed
 from merge_graphs.lab.bench.bert import BERT_METHODS, bert_suite
 from merge_graphs.lab.bench.common import DEFAULT_OUT, SUITES, Suite, register
+from merge_graphs.lab.bench.families import families_suite
 from merge_graphs.lab.bench.gpt2 import METHODS, gpt2_suite
 from merge_graphs.lab.bench.lm import LLAMA_METHODS, llama_suite
 from merge_graphs.lab.bench.minilm import minilm_suite
 from merge_graphs.lab.bench.mlp import MLP_METHODS, mlp_suite
 
 __all__ = ["BERT_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "bert", "bert_suite",
-           "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm", "main", "minilm", "minilm_suite", "mlp",
-           "mlp_suite", "register", "run_suite", "scale", "speed"]
+           "families", "families_suite", "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm", "main",
+           "minilm", "minilm_suite", "mlp", "mlp_suite", "register", "run_suite", "scale", "speed"]
 
 
 def run_suite(name: str, **options) -> dict:
@@ -64,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
     parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, llama 3, mlp 5, bert 3)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per model (gpt2, default 800; llama, default 500; finetune, default 150) "
+                        help="training steps per model (gpt2, default 800; llama, default 500; families, default 300; "
+                             "finetune, default 150) "
                              "or epochs (mlp, default 20; bert, default 30)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of the trained models (gpt2, llama)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of the trained models (gpt2, llama, families)")
     parser.add_argument("--quick", action="store_true", help="one pair, a few steps and windows (CI smoke run)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results and cached models (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=None, help="train this many models at once (default 1)")
@@ -75,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="scale: comma-separated model sizes to run, e.g. 100m,1b (default: all but quick)")
     parser.add_argument("--variants", type=_comma_list, default=None,
                         help="scale: comma-separated merges to run, e.g. mergekit-ties,ours-ties (default: all)")
+    parser.add_argument("--families", type=_comma_list, default=None,
+                        help="families: comma-separated rows to run, e.g. qwen3,gemma2 (default: all)")
     parser.add_argument("--venv", default=None,
                         help="scale: mergekit's virtual environment (default out/bench/mergekit-venv, made if missing)")
     args = parser.parse_args(argv)
@@ -88,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run_suite(args.suite, pairs=args.pairs, steps=args.steps, lr=args.lr, quick=args.quick,
                            out=args.out, jobs=args.jobs, sizes=args.sizes, variants=args.variants, venv=args.venv,
-                           progress=not args.quiet)
+                           families=args.families, progress=not args.quiet)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

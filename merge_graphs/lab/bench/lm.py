@@ -62,6 +62,7 @@ from torch import nn
 from merge_graphs.evaluate import InterpolationCurve
 from merge_graphs.lab import quickstart, trainers
 from merge_graphs.lab.bench.common import (
+    DEFAULT_OUT,
     POINTS,
     add_removed,
     cell,
@@ -192,11 +193,12 @@ def _folder(family: Family, root: Path, seed: int, training: Mapping[str, Any]) 
     return root / f"{family.name}-seed{seed}-steps{training['steps']}{lr}"
 
 
-def _train_one(family_name: str, seed: int, folder: str, train_text: str, record: dict[str, Any]) -> float:
-    """Train and save one model (top-level so that spawned workers can run it); returns seconds."""
+def _train_one(family: Family, seed: int, folder: str, train_text: str, record: dict[str, Any]) -> float:
+    """Train and save one model (top-level so that spawned workers can run it: ``family`` travels pickled, so its
+    ``make`` is a module-level function or a ``functools.partial`` of one); returns seconds."""
     start = time.perf_counter()
     training = {k: v for k, v in record["training"].items() if k != "threads"}
-    model = trainers.train_byte_lm(FAMILIES[family_name].make(seed), train_text, seed, threads=1, **training)
+    model = trainers.train_byte_lm(family.make(seed), train_text, seed, threads=1, **training)
     seconds = time.perf_counter() - start
     tmp = Path(folder + ".tmp")
     model.save_pretrained(tmp)
@@ -204,7 +206,7 @@ def _train_one(family_name: str, seed: int, folder: str, train_text: str, record
     if Path(folder).exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
-    logger.info("trained %s seed %d (%d steps) in %.1f s -> %s", family_name, seed, training["steps"], seconds,
+    logger.info("trained %s seed %d (%d steps) in %.1f s -> %s", family.name, seed, training["steps"], seconds,
                 folder)
     return seconds
 
@@ -233,7 +235,7 @@ def _models(family: Family, seeds: Sequence[int], training: Mapping[str, Any], t
             logger.info("reusing %s", folder)
             seconds[seed] = None
         else:
-            tasks.append((family.name, seed, str(folder), train_text, record))
+            tasks.append((family, seed, str(folder), train_text, record))
     if tasks:
         root.mkdir(parents=True, exist_ok=True)
         if jobs > 1 and len(tasks) > 1:
@@ -315,15 +317,14 @@ def format_lm(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, quick: bool = False,
-             out: str | os.PathLike | None = None, jobs: int = 1, lr: float | None = None, *,
-             progress: bool = False) -> dict[str, Any]:
-    """Run the different-seed suite of ``family``; writes ``bench-FAMILY.json`` and ``bench-FAMILY.png`` into
-    ``out`` and returns every figure (see the module docstring). ``steps`` and ``lr`` replace the family's."""
+def measure_family(family: Family, pairs: int = 3, steps: int | None = None, quick: bool = False,
+                   models: str | os.PathLike = os.path.join(DEFAULT_OUT, "models"), jobs: int = 1,
+                   lr: float | None = None, *, progress: bool = False) -> dict[str, Any]:
+    """Train ``pairs`` different-seed pairs of ``family`` (or reuse them from the folder ``models``) and measure
+    every method of the family on each: the report of the module docstring, without the total time or any file
+    written. ``steps`` and ``lr`` replace the family's."""
     from tqdm.auto import tqdm
 
-    family = FAMILIES[family] if isinstance(family, str) else family
-    total_start = time.perf_counter()
     steps = family.training["steps"] if steps is None else steps
     windows, (n_cal, cal_len) = WINDOWS, CALIBRATION
     if quick:
@@ -333,13 +334,12 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
         raise ValueError(f"pairs and steps must be at least 1; got {pairs} and {steps}")
     if lr is not None and not lr > 0:
         raise ValueError(f"the learning rate must be positive; got {lr}")
-    out = out_folder(out)
     training = _training(family, steps, lr)
     train_text = trainers.load_docstring_corpus("train")
     heldout_text = trainers.load_docstring_corpus("heldout")
     seeds = [s for i in range(pairs) for s in (2 * i, 2 * i + 1)]
     start = time.perf_counter()
-    models, train_seconds = _models(family, seeds, training, train_text, out / "models", jobs)
+    trained, train_seconds = _models(family, seeds, training, train_text, Path(models), jobs)
     train_wall = time.perf_counter() - start
     calibration = quickstart.calibration_inputs(train_text, n=n_cal, seq_len=cal_len)
     n_learn, learn_len = (n_cal, cal_len) if quick else LEARN_CALIBRATION
@@ -351,7 +351,7 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
 
     results = []
     for i in tqdm(range(pairs), desc="pairs", disable=not progress):
-        a, b = models[2 * i], models[2 * i + 1]
+        a, b = trained[2 * i], trained[2 * i + 1]
         row = _pair(family, a, b, loss, calibration, learn_calibration, learn_steps, progress=progress)
         row["seeds"] = [2 * i, 2 * i + 1]
         row["train_s"] = [train_seconds[2 * i], train_seconds[2 * i + 1]]
@@ -364,7 +364,7 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
                 "training": training, "config": dict(family.config)}
     if family.detail:
         settings.update(detail=True, unigram=quickstart.unigram_loss(heldout_text, fit_text=train_text))
-    report = {
+    return {
         "suite": family.name,
         "settings": settings,
         "machine": machine(),
@@ -375,11 +375,25 @@ def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, qui
         "summary": summary(results, list(family.methods), ("barrier", "removed", "midpoint", "align_s")),
         "train_wall_s": train_wall,
     }
-    curves = {name: InterpolationCurve.from_dict(row["curve"]) for name, row in results[0]["methods"].items()}
+
+
+def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, quick: bool = False,
+             out: str | os.PathLike | None = None, jobs: int = 1, lr: float | None = None, *,
+             progress: bool = False) -> dict[str, Any]:
+    """Run the different-seed suite of ``family`` (:func:`measure_family`, models cached in ``out/models``);
+    writes ``bench-FAMILY.json`` and ``bench-FAMILY.png`` into ``out`` and returns every figure (see the module
+    docstring). ``steps`` and ``lr`` replace the family's."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    total_start = time.perf_counter()
+    report = measure_family(family, pairs, steps, quick, Path(out or DEFAULT_OUT) / "models", jobs, lr,
+                            progress=progress)
+    out = out_folder(out)
+    first = report["pairs"][0]
+    curves = {name: InterpolationCurve.from_dict(row["curve"]) for name, row in first["methods"].items()}
     plot = plot_curves(curves,
                        out / f"bench-{family.name}.png",
-                       title=f"{family.title}, seeds {results[0]['seeds'][0]}/{results[0]['seeds'][1]}, {steps} steps, "
-                             f"lr {training['lr']:g}",
+                       title=f"{family.title}, seeds {first['seeds'][0]}/{first['seeds'][1]}, "
+                             f"{report['settings']['steps']} steps, lr {report['settings']['training']['lr']:g}",
                        ylabel="held-out loss (nats/byte)")
     return write_report(report, out, family.name, plot, total_start)
 
