@@ -61,9 +61,15 @@ class Row:
     what: str
 
 
+#: The size every row shares (head_dim spelled out: Qwen3 and Gemma would otherwise pick their own).
+SIZE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "intermediate_size": 256, "max_position_embeddings": 128, "tie_word_embeddings": False}
+#: ``--quick``'s size: the same heads of 32 dims (so every row's config holds), a width of 32, context 32.
+QUICK_SIZE = dict(SIZE, hidden_size=32, intermediate_size=48, max_position_embeddings=32)
+
 #: Gemma 2 and 3 as their checkpoints set them: attention scores scaled by head_dim ** -0.5 (transformers'
 #: default of 256 is Gemma's head_dim), and a sliding-window layer before a global one.
-_GEMMA_LAYERS = {"query_pre_attn_scalar": 32, "sliding_window": 16,
+_GEMMA_LAYERS = {"query_pre_attn_scalar": SIZE["head_dim"], "sliding_window": 16,
                  "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True}
 
 #: The families: name -> row. Mixture-of-experts and vision families join with their specs.
@@ -78,12 +84,6 @@ ROWS: dict[str, Row] = {
     "olmo2": Row("Olmo2ForCausalLM", {}, "post-norms only, q/k RMSNorm over the whole projection"),
     "phi3": Row("Phi3ForCausalLM", {}, "fused qkv_proj and gate_up_proj"),
 }
-
-#: The size every row shares (head_dim spelled out: Qwen3 and Gemma would otherwise pick their own).
-SIZE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 32, "intermediate_size": 256, "max_position_embeddings": 128, "tie_word_embeddings": False}
-#: ``--quick``'s size: the same heads of 32 dims (so every row's config holds), a width of 32, context 32.
-QUICK_SIZE = dict(SIZE, hidden_size=32, intermediate_size=48, max_position_embeddings=32)
 
 #: The training recipe (:func:`merge_graphs.lab.trainers.train_byte_lm`): the ``llama`` suite's, for 300 steps.
 TRAINING = dict(LLAMA_TRAINING, steps=300)

@@ -41,6 +41,8 @@ the share of the naive barrier removed and the alignment time are reported, with
 and range over pairs. ``OUT/bench-FAMILY.json`` holds every figure, ``OUT/bench-FAMILY.png`` the
 curves of pair 0. ``--quick`` (one pair, a few training steps, few windows) is the CI smoke run.
 The llama table also lists every pair and the byte-unigram baseline the parents must beat.
+:func:`measure_family` is the measurement without the files: the ``families`` suite
+(:mod:`merge_graphs.lab.bench.families`) runs it on one :class:`Family` per decoder family.
 """
 
 from __future__ import annotations
