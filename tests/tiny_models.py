@@ -15,6 +15,12 @@ GPT2 = dict(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=16,
             bos_token_id=0, eos_token_id=0)
 LLAMA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=2, intermediate_size=40, max_position_embeddings=32)
+# Mixtures of experts: 3-4 experts, top-2, expert widths that are not powers of two (transformers' grouped
+# matmul on CPU needs multiples of 4); Qwen2-MoE's second layer is dense.
+MIXTRAL = dict(LLAMA, intermediate_size=20, num_local_experts=4, num_experts_per_tok=2)
+QWEN2_MOE = dict(LLAMA, intermediate_size=26, moe_intermediate_size=12, shared_expert_intermediate_size=18,
+                 num_experts=3, num_experts_per_tok=2, mlp_only_layers=[1])
+QWEN3_MOE = dict(LLAMA, head_dim=6, moe_intermediate_size=28, num_experts=4, num_experts_per_tok=2)
 
 
 def mlp():
@@ -48,6 +54,10 @@ FACTORIES = {
     "mistral-lm": lambda: T.MistralForCausalLM(T.MistralConfig(**LLAMA)),
     "qwen2-lm": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA)),
     "qwen2-lm-tied": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
+    "mixtral": lambda: T.MixtralModel(T.MixtralConfig(**MIXTRAL)),
+    "mixtral-lm": lambda: T.MixtralForCausalLM(T.MixtralConfig(**MIXTRAL)),
+    "qwen2-moe-lm": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**QWEN2_MOE)),
+    "qwen3-moe-lm-tied": lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**QWEN3_MOE, tie_word_embeddings=True)),
 }
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from merge_graphs.errors import UnsupportedArchitectureError
-from merge_graphs.symmetry import bert, gpt2, llama, sequential
+from merge_graphs.symmetry import bert, gpt2, llama, moe, sequential
 from merge_graphs.symmetry.builder import SpecBuilder
 from merge_graphs.symmetry.spec import (
     Group,
@@ -20,13 +20,16 @@ from merge_graphs.symmetry.spec import (
     invert_permutations,
     permute_state_dict,
     permute_tensor,
+    permuted,
     random_permutations,
+    source_name,
 )
 from merge_graphs.tensors import TensorInfo, infos
 
 # config.model_type -> family module
-FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama}
-SUPPORTED = tuple(a for m in (bert, gpt2, llama) for a in m.ARCHITECTURES) + ("torch.nn.Sequential (MLP, CNN)",)
+FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama,
+            "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe}
+SUPPORTED = tuple(a for m in (bert, gpt2, llama, moe) for a in m.ARCHITECTURES) + ("torch.nn.Sequential (MLP, CNN)",)
 
 
 def spec_from_config(config, tensors: Mapping[str, TensorInfo], architecture: str | None = None) -> SymmetrySpec:
@@ -96,5 +99,6 @@ def symmetry_spec(model: nn.Module) -> SymmetrySpec:
 __all__ = [
     "FAMILIES", "SUPPORTED", "Group", "Permutations", "Space", "SymmetrySpec", "TensorSpec",
     "compose_permutations", "identity_permutations", "invert_permutations", "permute_state_dict",
-    "permute_tensor", "random_permutations", "spec_from_config", "symmetry_spec", "unaligned_spec",
+    "permute_tensor", "permuted", "random_permutations", "source_name", "spec_from_config", "symmetry_spec",
+    "unaligned_spec",
 ]
