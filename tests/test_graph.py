@@ -1,5 +1,7 @@
 """Neural graphs: counts match the spec, and permuting a model permutes its graph's nodes."""
 
+import math
+
 import pytest
 import torch
 import transformers as T
@@ -21,7 +23,15 @@ def test_graph_of_permuted_model_is_the_graph_with_nodes_permuted(name):
         src, dst = g.node_sets[e.src], g.node_sets[e.dst]
         rows = order[dst.offset:dst.offset + dst.size] - dst.offset
         cols = order[src.offset:src.offset + src.size] - src.offset
-        assert torch.equal(gp.block(e), g.block(e)[rows][:, cols]), e
+        if e.src_nodes is None and e.dst_nodes is None:
+            assert torch.equal(gp.block(e), g.block(e)[rows][:, cols]), e
+    # A block into one expert's nodes: permuting experts hands it another expert's weights, so
+    # compare the node sets' whole adjacency, put together from every such block.
+    for key in {(e.src, e.dst, e.role) for e in g.edges if e.src_nodes is not None or e.dst_nodes is not None}:
+        src, dst = g.node_sets[key[0]], g.node_sets[key[1]]
+        rows = order[dst.offset:dst.offset + dst.size] - dst.offset
+        cols = order[src.offset:src.offset + src.size] - src.offset
+        assert torch.equal(adjacency(gp, *key), adjacency(g, *key)[rows][:, cols]), key
     for f in g.node_features:
         ns = g.node_sets[f.nodes]
         idx = order[ns.offset:ns.offset + ns.size] - ns.offset
@@ -32,13 +42,25 @@ def test_graph_of_permuted_model_is_the_graph_with_nodes_permuted(name):
             assert torch.equal(order[ns.offset:ns.offset + ns.size], torch.arange(ns.offset, ns.offset + ns.size))
 
 
+def adjacency(g, src: str, dst: str, role: str) -> torch.Tensor:
+    """The ``(dst, src)`` weights of every edge block of ``role`` between two node sets, in place."""
+    out = torch.zeros(g.node_sets[dst].size, g.node_sets[src].size)
+    whole = slice(None)
+    for e in g.edges:
+        if (e.src, e.dst, e.role) == (src, dst, role):
+            out[e.dst_nodes or whole, e.src_nodes or whole] += g.block(e)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_graph_counts_match_the_spec(name):
     model = make(name)
     g = mg.neural_graph(model)
     state = model.state_dict()
     spec = g.spec
-    kernel = {k: v[0, 0].numel() if v.ndim > 2 else 1 for k, v in state.items()}
+    # A convolution's edge carries its kernel: the axes no group labels.
+    kernel = {k: math.prod(v.shape[a] for a, axis in enumerate(spec.tensors[k].axes) if axis is None)
+              for k, v in state.items() if k in spec.tensors}
     weights = sum(state[k].numel() // kernel[k] for k, t in spec.tensors.items() if len(t.axes) >= 2)
     assert g.num_edges == weights
     assert g.num_nodes == sum(s.size for s in spec.spaces.values())
