@@ -31,6 +31,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from merge_graphs.assignment import auction
+from merge_graphs.errors import SpecMismatchError
 from merge_graphs.symmetry.spec import (
     Permutations,
     SymmetrySpec,
@@ -180,6 +181,7 @@ class Alignment:
     def apply(self, state_b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """B's tensors in A's basis, all at once (:meth:`tensors`, gathered)."""
         check_permutations(self.spec, self.permutations)
+        check_names(self.spec, state_b)
         return dict(self.tensors(state_b))
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -188,6 +190,20 @@ class Alignment:
             g: {"before": self.group_objective_before.get(g, math.nan), "after": self.group_objective_after.get(g, math.nan)}
             for g in self.permutations
         }
+
+
+def check_names(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`SpecMismatchError` when ``state`` names its tensors otherwise than ``spec`` labels
+    them: a model's state dict (stacked experts) given to an alignment over its checkpoint's names
+    (one tensor per expert), which would leave the unlabelled tensors unmapped."""
+    absent = [n for n in spec.tensors if n not in state and n not in spec.tied]
+    unknown = [n for n in state if n not in spec.tensors and n not in spec.carried and state[n].is_floating_point()]
+    if absent and unknown:
+        raise SpecMismatchError(
+            f"this alignment labels tensors such as {absent[0]!r}, but was given {unknown[0]!r} instead: the tensors "
+            "are named otherwise than the spec it was made with (e.g. a model's state_dict, whose experts are "
+            "stacked, for an alignment over its checkpoint's names). Pass the model's tensors as its checkpoint "
+            "stores them, merge_graphs.sources.StateTensors(model), or align with the spec of the names you hold")
 
 
 class AlignedTensors(Mapping[str, torch.Tensor]):

@@ -67,8 +67,8 @@ import torch
 from torch import nn
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
-from merge_graphs.match import Alignment, objective, weight_matching
-from merge_graphs.sources import SpilledTensors, TensorSource, tensor_source
+from merge_graphs.match import Alignment, check_names, objective, weight_matching
+from merge_graphs.sources import SpilledTensors, TensorSource, module_tensors, tensor_source
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import (
     ROTATION_KINDS,
@@ -79,6 +79,8 @@ from merge_graphs.symmetry.spec import (
     check_permutations,
     identity_permutations,
     permute_tensor,
+    permuted,
+    source_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -336,7 +338,7 @@ def _rebuild(model: nn.Module, state: Mapping[str, torch.Tensor], untie: bool) -
         config.tie_word_embeddings = False
     param = next(model.parameters())
     out = type(model)(config).to(device=param.device, dtype=param.dtype)
-    out.load_state_dict(state)
+    out.load_state_dict(dict(module_tensors(out, state)))
     return out.train(model.training)
 
 
@@ -641,7 +643,8 @@ class RotationAlignment(Alignment):
     def tensor(self, name: str, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """B's tensor ``name`` folded, permuted, rotated and mapped within heads into A's folded basis,
         read from ``source`` (B's unfolded tensors)."""
-        x = self.folding.tensor(name, source)
+        # One expert's tensor of a per-expert checkpoint is read from the expert moved to its name.
+        x = self.folding.tensor(source_name(self.spec, name, self.permutations), source)
         if self.permutations:
             x = permute_tensor(self.spec, name, x, self.permutations)
         if self.rotation is not None:
@@ -655,6 +658,7 @@ class RotationAlignment(Alignment):
     def apply(self, state_b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """B's tensors in A's folded basis, all at once; the maps checked first."""
         check_permutations(self.spec, self.permutations)
+        check_names(self.folding.source_spec, state_b)
         if self.rotation is not None:
             check_rotation(self.rotation, self.kind, size=self.spec.groups[RESIDUAL].size)
         return dict(self.tensors(state_b))
@@ -713,7 +717,7 @@ def residual_similarity(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Ma
         if axis is None:
             continue
         xa = _work(a[name]).movedim(axis, -1).reshape(-1, d)
-        xb = _work(permute_tensor(spec, name, b[name], moved) if moved else b[name]).movedim(axis, -1).reshape(-1, d)
+        xb = _work(permuted(spec, name, b, moved)).movedim(axis, -1).reshape(-1, d)
         m += (xb.T @ xa).double().cpu()
     return m
 

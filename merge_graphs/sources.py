@@ -1,9 +1,13 @@
 """Where a merge reads a model's named tensors: a checkpoint on disk or a model in memory.
 
 The engine (:mod:`merge_graphs.engine`) aligns and merges :class:`TensorSource` s and never asks
-which kind it holds. Both list the names the model uses, in its state-dict order, and know which
-of them are aliases of another (a head tied to the embedding is one tensor under two names,
-stored once):
+which kind it holds. Both list the names the model's checkpoint stores, in the model's order, and
+know which of them are aliases of another (a head tied to the embedding is one tensor under two
+names, stored once). Those are the model's state-dict names, except where transformers 5 renames
+or fuses weights on loading (Mixtral's and Qwen-MoE's per-expert tensors become one stacked tensor
+per projection in memory): a source then holds the checkpoint's names and layout, in memory as on
+disk (:func:`checkpoint_state`), so both paths align, filter and write the same tensors;
+:func:`module_tensors` turns such tensors back into what the module loads.
 
 * :class:`ModelTensors`: a lazily opened checkpoint; a tensor is read when asked for and not kept;
 * :class:`StateTensors`: a model's state dict, already in memory.
@@ -149,7 +153,7 @@ class StateTensors(TensorSource):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.state = model.state_dict()
+        self.state = checkpoint_state(model)
         self.config = getattr(model, "config", None)
         self.architecture = type(model).__name__
         first = next(iter(self.state.values()), None)
@@ -162,7 +166,7 @@ class StateTensors(TensorSource):
         return infos(self.state)
 
     def _family_spec(self) -> SymmetrySpec:
-        return symmetry_spec(self.model)
+        return symmetry_spec(self.model) if self.config is None else super()._family_spec()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.state[name]
@@ -234,6 +238,100 @@ def tensor_source(model: nn.Module | Checkpoint | TensorSource, device: str | to
     return StateTensors(model)
 
 
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s tensors under the names and in the layout its checkpoints store (views, not copies).
+
+    That is its state dict, except for weights transformers renames or fuses on loading, which get
+    back their stored form, as ``save_pretrained`` writes them: a Mixtral's stacked
+    ``mlp.experts.gate_up_proj`` is ``block_sparse_moe.experts.{j}.w1.weight`` and ``.w3.weight`` again.
+
+    Example:
+        >>> import transformers
+        >>> from merge_graphs.sources import checkpoint_state
+        >>> cfg = transformers.MixtralConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                                  num_key_value_heads=1, intermediate_size=4, num_local_experts=2)
+        >>> state = checkpoint_state(transformers.MixtralForCausalLM(cfg))
+        >>> tuple(state["model.layers.0.block_sparse_moe.experts.1.w3.weight"].shape)
+        (4, 8)
+    """
+    return _stored(model, model.state_dict())
+
+
+def _stored(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` in its stored form (:func:`checkpoint_state`), in the model's order: each converted
+    tensor's stored pieces where it stood."""
+    revert = _reverter()
+    if revert is None or not hasattr(model, "config"):
+        return state
+    stored = revert(model, state)
+    if stored.keys() == state.keys():
+        return state
+    out = {}
+    for name, tensor in state.items():
+        out.update({name: stored[name]} if name in stored else revert(model, {name: tensor}))
+    return out
+
+
+def module_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every name of ``model``'s state dict that ``tensors`` (named as the checkpoint
+    stores them, :func:`checkpoint_state`) holds, one at a time: a name it has is read as it is, a
+    weight transformers fuses on loading is put together from its stored pieces.
+
+    Where each stored entry goes is found by storing the flat indices of the fused weights
+    (transformers' own ``revert_weight_conversion`` of an index tensor), so every layout transformers
+    converts is undone exactly, and one fused weight at a time is built.
+
+    Example:
+        >>> import torch, transformers
+        >>> from merge_graphs.sources import checkpoint_state, module_tensors
+        >>> cfg = transformers.MixtralConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                                  num_key_value_heads=1, intermediate_size=4, num_local_experts=2)
+        >>> model = transformers.MixtralForCausalLM(cfg)
+        >>> back = dict(module_tensors(model, checkpoint_state(model)))
+        >>> all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+        True
+    """
+    state = model.state_dict()
+    missing = [n for n in state if n not in tensors]
+    for name in state:
+        if name in tensors:
+            yield name, tensors[name]
+    revert = _reverter()
+    if not missing or revert is None:
+        return
+    starts = torch.tensor([0] + [state[n].numel() for n in missing]).cumsum(0)
+    probes = {n: torch.arange(int(starts[i]), int(starts[i + 1]), dtype=torch.float64).view(state[n].shape)
+              for i, n in enumerate(missing)}
+    pieces: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for stored, index in revert(model, probes).items():
+        index = index.reshape(-1).long()
+        if stored in tensors and index.numel():
+            owner = missing[int(torch.searchsorted(starts, index[0], right=True)) - 1]
+            pieces.setdefault(owner, []).append((stored, index - int(starts[missing.index(owner)])))
+    for name in missing:
+        found = pieces.get(name)
+        if not found:
+            continue
+        first = tensors[found[0][0]]
+        flat = torch.empty(state[name].numel(), dtype=first.dtype, device=first.device)
+        covered = torch.zeros(flat.numel(), dtype=torch.bool)
+        for stored, index in found:
+            flat[index.to(flat.device)] = tensors[stored].reshape(-1)
+            covered[index] = True
+        if bool(covered.all()):
+            yield name, flat.view(state[name].shape)
+
+
+def _reverter():
+    """transformers' ``revert_weight_conversion`` (transformers 5), or None where models keep their
+    checkpoints' names and layouts in memory (transformers 4)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    return revert_weight_conversion
+
+
 def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """``{name: earlier name}`` for the names of ``state`` that hold the same tensor as an
     earlier one (a state dict's tied weights).
@@ -299,6 +397,9 @@ def _model_names(ckpt: Checkpoint) -> tuple[list[str], list[list[str]]]:
         model = cls._from_config(ckpt.config)
     # keep_vars: the Parameter objects themselves, so tied names can be grouped by identity
     state = model.state_dict(keep_vars=True)
+    stored = _stored(model, state)
+    if (set(stored) - set(state)) & set(ckpt.names()):
+        state = stored  # a checkpoint in the layout save_pretrained writes (per-expert tensors)
     entries: dict[int, list[str]] = {}
     for name, value in state.items():
         entries.setdefault(id(value), []).append(name)

@@ -28,7 +28,7 @@ from torch import nn
 from merge_graphs.errors import AlignmentError, CheckpointNotFoundError
 from merge_graphs.io.model import auto_class
 from merge_graphs.match import Alignment
-from merge_graphs.sources import StateTensors, TensorSource
+from merge_graphs.sources import StateTensors, TensorSource, module_tensors
 from merge_graphs.symmetry.spec import SymmetrySpec
 
 logger = logging.getLogger(__name__)
@@ -154,10 +154,10 @@ def truncated_model(source: TensorSource, alignment: Alignment | None = None, *,
     model = cls._from_config(config, dtype=torch.float32) if hasattr(cls, "_from_config") else cls(config)
     params = model.state_dict()
     loaded = set()
-    for name, param in params.items():
-        if name not in tensors:
-            continue
-        tensor = tensors[name]
+    # By the module's names: a weight transformers fuses on loading (stacked experts) is put together
+    # from the checkpoint's pieces, one at a time.
+    for name, tensor in module_tensors(model, tensors):
+        param = params[name]
         for axis, (have, size) in enumerate(zip(tensor.shape, param.shape)):
             if have != size:  # a vocabulary axis, cut
                 tensor = tensor.narrow(axis, 0, size)
