@@ -28,7 +28,7 @@ from merge_graphs.rotation import (
 from merge_graphs.symmetry import permute_state_dict
 
 PRE_NORM = ["gpt2", "gpt2-lm", "llama", "llama-lm", "llama-lm-mha-tied-bias", "mistral-lm", "qwen2-lm",
-            "qwen2-lm-tied"]
+            "qwen2-lm-tied", "mixtral", "mixtral-lm", "qwen2-moe-lm", "qwen3-moe-lm-tied"]
 LMS = [n for n in PRE_NORM if n.endswith(("-lm", "-tied", "-bias"))]
 POST_NORM = ["bert", "bert-mlm", "bert-seqcls", "roberta", "roberta-mlm"]
 
@@ -180,7 +180,8 @@ def _scrambled(model, seed):
     return folded, permutation_matrix(perms[RESIDUAL]) @ q0
 
 
-@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied"])
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied", "mixtral-lm",
+                                  "qwen3-moe-lm-tied"])
 @pytest.mark.parametrize("data", ["data-free", "calibration"])
 def test_rotation_and_permutations_are_recovered(name, data):
     model = make(name)
@@ -279,7 +280,7 @@ def _random_head_maps(spec, seed, angle=3.14):
     return maps
 
 
-@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied"])
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied", "qwen2-moe-lm"])
 def test_within_head_maps_preserve_outputs(name):
     model = make(name)
     spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
