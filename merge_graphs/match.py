@@ -506,6 +506,9 @@ def _start_block(spec, a, b, perms, group, children, solver, pool: Executor | No
     callable that waits for it and gives ``(found, old objective, new objective)``."""
     n = spec.groups[group].size
     moved = _without_identities(perms)
+    if len(children) == 1 and (n * spec.groups[children[0]].size) ** 2 > PAIRWISE_GRAM:
+        result = _match_pairwise(spec, a, b, perms, moved, group, children[0], solver)
+        return lambda: result
     if children:
         result = _match_heads(spec, a, b, perms, moved, group, children, solver)
         return lambda: result
@@ -578,6 +581,42 @@ def _match_heads(spec, a, b, perms, moved, group, children, solver) -> tuple[Per
     heads = solve(score, solver).to(device)
     found = {group: heads.cpu(), **{c: pair[c][rows, heads].cpu() for c in children}}
     return found, old, float(score[rows, heads].sum())
+
+
+#: Entries of a block's all-pairs Gram matrix (``(units x child units)^2``) above which a block with one
+#: child group is matched one pair of units at a time (:func:`_match_pairwise`): 256 MB in float32. A
+#: Mixtral layer's experts (8 x 14336 hidden units) would need 53 GB at once.
+PAIRWISE_GRAM = 1 << 26
+
+
+def _match_pairwise(spec, a, b, perms, moved, group, child, solver) -> tuple[Permutations, float, float]:
+    """:func:`_match_heads` for a group with one child (experts and their hidden units), one pair of
+    units at a time: for A's unit ``i`` and B's unit ``j`` the child similarity (summed over every
+    occurrence) is built, its best matching solved and scored; then the units are matched on the scores.
+    The same answer, holding one ``(child, child)`` similarity instead of all of them."""
+    n, k = spec.groups[group].size, spec.groups[child].size
+    parts = list(_occurrences(spec, a, b, moved, {group, child}))
+    units_now, child_now = perms[group].cpu(), perms[child].cpu()
+    rows = torch.arange(k)
+    score = torch.zeros(n, n, dtype=torch.float64)
+    inside = torch.empty(n, n, k, dtype=torch.long)
+    old = 0.0
+    for i in range(n):
+        for j in range(n):
+            sim, own = torch.zeros(k, k), 0.0
+            for factors, pa, pb in parts:
+                if child in factors:
+                    # Unpermuted factors (RoPE's head dims) are summed over, like the other axes.
+                    at = factors.index(child) - 1
+                    sim = sim + _gram(pa[i].movedim(at, 0).reshape(k, -1), pb[j].movedim(at, 0).reshape(k, -1)).cpu()
+                else:
+                    own += _inner(pa[i], pb[j])
+            inside[i, j] = solve(sim)
+            score[i, j] = own + float(sim[rows, inside[i, j]].sum())
+            if j == units_now[i]:
+                old += own + float(sim[rows, child_now[i]].sum())
+    units = solve(score, solver)
+    return {group: units, child: inside[torch.arange(n), units]}, old, float(score[torch.arange(n), units].sum())
 
 
 class _HeadGram:
