@@ -96,7 +96,8 @@ def learned_alignment(
     """Align causal LM ``model_b`` to ``model_a`` by learning its symmetry maps on calibration text.
 
     Args:
-        model_a: the reference, a pre-norm causal LM (GPT-2, Llama, Mistral, Qwen2).
+        model_a: the reference, a pre-norm causal LM (GPT-2, Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE,
+            Qwen3-MoE).
         model_b: a model of the same architecture and size.
         calibration: ``input_ids`` (samples x tokens) and optionally ``attention_mask``.
         start: the data-free alignment to start from (default: :func:`rotation_alignment` with

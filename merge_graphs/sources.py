@@ -260,8 +260,8 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _stored(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` in its stored form (:func:`checkpoint_state`), in the model's order: each converted
     tensor's stored pieces where it stood."""
-    revert = _reverter()
-    if revert is None or not hasattr(model, "config"):
+    revert = _reverter(model)
+    if revert is None:
         return state
     stored = revert(model, state)
     if stored.keys() == state.keys():
@@ -296,7 +296,7 @@ def module_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Ite
     for name in state:
         if name in tensors:
             yield name, tensors[name]
-    revert = _reverter()
+    revert = _reverter(model)
     if not missing or revert is None:
         return
     starts = torch.tensor([0] + [state[n].numel() for n in missing]).cumsum(0)
@@ -322,14 +322,16 @@ def module_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Ite
             yield name, flat.view(state[name].shape)
 
 
-def _reverter():
-    """transformers' ``revert_weight_conversion`` (transformers 5), or None where models keep their
-    checkpoints' names and layouts in memory (transformers 4)."""
+def _reverter(model: nn.Module):
+    """transformers' ``revert_weight_conversion`` for a transformers model (transformers 5), or None
+    where the model keeps its checkpoint's names and layout in memory (other modules, transformers 4)."""
+    import transformers
+
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
         return None
-    return revert_weight_conversion
+    return revert_weight_conversion if isinstance(model, transformers.PreTrainedModel) else None
 
 
 def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
