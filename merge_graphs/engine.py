@@ -36,6 +36,7 @@ from merge_graphs.slices import OutputSlice, SliceSource, TensorTask, plan_tenso
 from merge_graphs.sources import TensorSource, module_tensors
 from merge_graphs.symmetry import SymmetrySpec
 from merge_graphs.tensors import TensorInfo
+from merge_graphs.vocabulary import Vocabulary
 
 
 @dataclass
@@ -65,6 +66,7 @@ class MergedModel:
     seed: int
     device: torch.device
     dtype: torch.dtype | None = None
+    vocabulary: Vocabulary | None = None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, merged tensor)`` for every stored name, in order; nothing kept between steps.
@@ -84,12 +86,26 @@ class MergedModel:
             for level in reversed(task.parameters):
                 shared.update(resolve(level, name, task.t))
             base = task.base
+            inputs = [self.views[id(i.model)][i.name].float() for i in task.inputs]
+            base_tensor = None if base is None else self.views[id(base.model)][base.name].float()
+            if self.vocabulary is not None and name in self.vocabulary.axes:
+                inputs, base_tensor = self._on_vocabulary(name, task, inputs, base_tensor)
             yield name, merge_tensors(
-                self.method, [self.views[id(i.model)][i.name].float() for i in task.inputs],
-                base=None if base is None else self.views[id(base.model)][base.name].float(),
+                self.method, inputs, base=base_tensor,
                 model_parameters=[resolve(i.parameters, i.name, task.t) for i in task.inputs],
                 parameters=shared, generator=generator, dtype=self.dtype or self.layout[name].dtype,
             )
+
+    def _on_vocabulary(self, name: str, task: TensorTask, inputs: list[torch.Tensor],
+                       base: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """A token-indexed tensor of every model moved onto the output vocabulary (in mergekit's
+        model order: the models, then the base)."""
+        vocabulary = self.vocabulary
+        owners = [vocabulary.owners[id(i.model)] for i in task.inputs]
+        base_owner = None if task.base is None else vocabulary.owners[id(task.base.model)]
+        moved = vocabulary.remap(inputs + ([base] if base is not None else []), owners + [base_owner] * (base is not None),
+                                 axis=vocabulary.axes[name], base=vocabulary.base, dtype=self.dtype or self.layout[name].dtype)
+        return moved[:len(inputs)], (moved[-1] if base is not None else None)
 
     def into(self, skeleton: nn.Module) -> nn.Module:
         """The merge loaded into a module like ``skeleton`` (the output's class, e.g.
@@ -97,8 +113,8 @@ class MergedModel:
         new one of its class built from :attr:`config`; tied names get their stored tensor."""
         merged = dict(self.tensors())
         merged.update({alias: merged[name] for alias, name in self.aliases.items()})
-        layers = getattr(self.config, "num_hidden_layers", None)
-        if layers is not None and getattr(getattr(skeleton, "config", None), "num_hidden_layers", layers) != layers:
+        if any(getattr(self.config, key, None) is not None and getattr(getattr(skeleton, "config", None), key, None)
+               not in (None, getattr(self.config, key)) for key in ("num_hidden_layers", "vocab_size")):
             out = type(skeleton)._from_config(self.config).eval()
         else:
             out = copy.deepcopy(skeleton)
@@ -118,6 +134,7 @@ def plan_merge(
     slices: Sequence[OutputSlice] | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> MergedModel:
     """Plan the merge of ``models``, each mapped onto ``reference`` by its alignment.
 
@@ -142,6 +159,9 @@ def plan_merge(
         dtype: the dtype the method computes in (mergekit's recipe ``dtype``); None: each
             tensor's stored dtype (a bfloat16 checkpoint merges in bfloat16, as in mergekit;
             some methods accumulate in float32 anyway).
+        vocabulary: one output vocabulary (mergekit's ``tokenizer_source``): the token-indexed
+            tensors of every model are moved onto it before they are merged
+            (:meth:`~merge_graphs.vocabulary.Vocabulary.remap`), and the config says its size.
 
     Raises:
         MergeParameterError: a malformed setting, a filter matching no tensor, slices that do
@@ -202,9 +222,11 @@ def plan_merge(
     plan = plan_tensors(names, slices, separate_base=get_method(method).base != "none", parameters=parameters or {},
                         views={k: list(v) for k, v in views.items()}, whole=whole)
     names, tasks = plan.names, plan.tasks
-    layout = _layout(tasks, views)
+    layout = _layout(tasks, views, vocabulary)
     if plan.layers is not None:
         config = _with_layers(config, plan.layers)
+    if vocabulary is not None:
+        config = _with_vocabulary(config, vocabulary.size)
 
     merged_names = [n for n in names if layout[n].dtype.is_floating_point]
     for pattern, key in filters(settings).items():
@@ -214,13 +236,15 @@ def plan_merge(
                 f"like {', '.join(merged_names[:3])}); fix the filter or remove that entry")
     return MergedModel(
         basis=basis, spec=identity.spec, names=names, aliases=aliases, layout=layout, config=config, tasks=tasks,
-        views=views, method=method, seed=seed, device=reference.device, dtype=dtype,
+        views=views, method=method, seed=seed, device=reference.device, dtype=dtype, vocabulary=vocabulary,
     )
 
 
-def _layout(tasks: Mapping[str, TensorTask], views: Mapping[int, AlignedTensors]) -> dict[str, TensorInfo]:
+def _layout(tasks: Mapping[str, TensorTask], views: Mapping[int, AlignedTensors],
+            vocabulary: Vocabulary | None = None) -> dict[str, TensorInfo]:
     """Shape and dtype of every output tensor, from its first input's header; every input must
-    exist and agree in shape."""
+    exist and agree in shape (token-indexed tensors beyond their vocabulary axis, which has the
+    output vocabulary's size)."""
     infos: dict[int, dict[str, TensorInfo]] = {}
     layout = {}
     for name, task in tasks.items():
@@ -232,13 +256,28 @@ def _layout(tasks: Mapping[str, TensorTask], views: Mapping[int, AlignedTensors]
                 raise MergeParameterError(f"{i.model.label} has no tensor {i.name!r} (wanted for {name!r}); merge "
                                           "models of one architecture")
             found.append(known[i.name])
-        shapes = {info.shape for info in found}
+        axis = vocabulary.axes.get(name) if vocabulary is not None else None
+        shapes = {info.shape if axis is None else info.shape[:axis] + info.shape[axis + 1:] for info in found}
         if len(shapes) > 1:
             raise MergeParameterError(f"{name!r} is made from tensors of different shapes "
                                       f"({', '.join(f'{i.model.label}: {tuple(f.shape)}' for i, f in zip(inputs, found))}); "
                                       "merge models of one architecture and size")
         layout[name] = found[0]
+        if axis is not None:
+            shape = list(found[0].shape)
+            shape[axis] = vocabulary.size
+            layout[name] = TensorInfo(shape, found[0].dtype)
     return layout
+
+
+def _with_vocabulary(config: Any, size: int) -> Any:
+    """``config`` with ``vocab_size`` (its text config's, for a composite model) set to ``size``."""
+    if config is None:
+        return None
+    config = copy.deepcopy(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text.vocab_size = size
+    return config
 
 
 def _with_layers(config: Any, layers: Sequence[tuple[TensorSource, int]]) -> Any:

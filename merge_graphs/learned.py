@@ -15,12 +15,12 @@ exactly what B computes (the function check still holds), so the result is an or
 The maps are parametrized as ``exp(S - S^T)`` (under LayerNorm, in the complement of the
 all-ones vector), ``S = 0`` at the start, so step 0 is the data-free alignment.
 
-Families without a residual rotation (post-LayerNorm BERT and RoBERTa; MLPs and CNNs) learn their
-permutations instead: :func:`learned_permutations` starts from weight matching and learns one
-score matrix per permutation group by a straight-through estimator (the hard assignment forward,
-its Sinkhorn relaxation backward), on the model's own loss (the task head's on labelled
-calibration inputs, or the masked-LM loss). The result is an ordinary permutation
-:class:`~merge_graphs.match.Alignment`. The aligner ``"learned"``
+Families without a residual rotation (post-LayerNorm BERT and RoBERTa; the post-norm decoders
+Gemma 2/3 and OLMo 2; MLPs and CNNs) learn their permutations instead: :func:`learned_permutations`
+starts from weight matching and learns one score matrix per permutation group by a straight-through
+estimator (the hard assignment forward, its Sinkhorn relaxation backward), on the model's own loss
+(the task head's on labelled calibration inputs, the causal-LM or the masked-LM loss). The result is
+an ordinary permutation :class:`~merge_graphs.match.Alignment`. The aligner ``"learned"``
 (:mod:`merge_graphs.aligners`) picks one or the other by the family's spec.
 """
 
@@ -96,8 +96,8 @@ def learned_alignment(
     """Align causal LM ``model_b`` to ``model_a`` by learning its symmetry maps on calibration text.
 
     Args:
-        model_a: the reference, a pre-norm causal LM (GPT-2, Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE,
-            Qwen3-MoE).
+        model_a: the reference, a pre-norm causal LM (GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Mixtral,
+            Qwen2-MoE, Qwen3-MoE).
         model_b: a model of the same architecture and size.
         calibration: ``input_ids`` (samples x tokens) and optionally ``attention_mask``.
         start: the data-free alignment to start from (default: :func:`rotation_alignment` with
@@ -281,17 +281,20 @@ def _permute_soft(tensor: torch.Tensor, ops, maps: Mapping[str, torch.Tensor]) -
 
 def _loss_kind(model: nn.Module, calibration: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """``(inputs, kind)``: ``"labels"``, the task's own loss on the calibration's labels (the model's
-    ``loss`` when its forward takes ``labels``, else cross-entropy on its output), or ``"mlm"``."""
+    ``loss`` when its forward takes ``labels``, else cross-entropy on its output; a causal LM's labels
+    are its input ids), or ``"mlm"``."""
     inputs = {k: v for k, v in calibration.items() if isinstance(v, torch.Tensor)}
     if "labels" in inputs:
         return inputs, "labels"
+    if type(model).__name__.endswith("ForCausalLM") and "input_ids" in inputs:
+        return {**inputs, "labels": _lm_batches(inputs)[2]}, "labels"
     if type(model).__name__.endswith("ForMaskedLM") and "input_ids" in inputs:
         return inputs, "mlm"
     raise AlignmentError(
-        f"learned permutations need a loss: {type(model).__name__} has no masked-LM head, so give the task's "
-        "labels with the calibration inputs (a dict of model inputs with labels, e.g. input_ids, attention_mask "
-        "and labels, through the API: merge_graphs.align(a, b, 'learned', calibration={...})); a recipe's "
-        "calibration texts train a masked-LM head only")
+        f"learned permutations need a loss: {type(model).__name__} has no masked-LM or causal-LM head, so give "
+        "the task's labels with the calibration inputs (a dict of model inputs with labels, e.g. input_ids, "
+        "attention_mask and labels, through the API: merge_graphs.align(a, b, 'learned', calibration={...})); "
+        "a recipe's calibration texts train a masked-LM or causal-LM head only")
 
 
 def _model_loss(skeleton: nn.Module, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
@@ -344,19 +347,19 @@ def learned_permutations(
 ) -> Alignment:
     """Align ``model_b`` to ``model_a`` by learning permutations on the interpolated models' loss.
 
-    For families that admit permutations only (post-LayerNorm BERT and RoBERTa; MLPs and CNNs
-    with labels), in the manner of Peña et al. ("Re-basin via implicit Sinkhorn differentiation",
-    CVPR 2023) with a straight-through estimator: starting from weight matching, every root
-    group (the residual stream, each layer's attention heads and MLP units, the pooler) keeps a
-    learnable score matrix, the identity on top of the start at step 0 (and with ``heads``, so
-    does every child group, one matrix per parent unit: the dims inside each head). Each step the forward
+    For families that admit permutations only (post-LayerNorm BERT and RoBERTa; post-norm decoders,
+    Gemma 2/3 and OLMo 2; MLPs and CNNs with labels), in the manner of Peña et al. ("Re-basin via
+    implicit Sinkhorn differentiation", CVPR 2023) with a straight-through estimator: starting from
+    weight matching, every root group (the residual stream, each layer's attention heads and MLP
+    units, the pooler) keeps a learnable score matrix, the identity on top of the start at step 0
+    (and with ``heads``, so does every child group, one matrix per parent unit: the dims inside each head). Each step the forward
     pass runs ``(1 - lam) * A + lam * P(B)`` with the *hard* permutations ``P`` (the assignment
     maximizing the scores, :func:`merge_graphs.match.solve`), and the gradient flows through
     their soft relaxation, Sinkhorn of ``scores / tau``: ``P_hard + P_soft - P_soft.detach()``.
     The loss is the model's own: the task head's when ``calibration`` carries ``labels`` (a
     transformers model's ``loss``; for a model whose forward takes no labels, e.g. an MLP,
-    cross-entropy on its output), else the masked-LM loss on ``mlm_probability`` of the tokens (a
-    ``...ForMaskedLM``).
+    cross-entropy on its output), else the next-token loss on the calibration ids (a ``...ForCausalLM``),
+    else the masked-LM loss on ``mlm_probability`` of the tokens (a ``...ForMaskedLM``).
 
     Args:
         model_a: the reference.

@@ -36,6 +36,7 @@ from merge_graphs.aligners import ALIGNERS, FAMILY
 from merge_graphs.errors import MergeParameterError, RecipeError
 from merge_graphs.methods import METHODS, get_method
 from merge_graphs.parameters import check_setting
+from merge_graphs.vocabulary import TokenEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,49 @@ class SliceEntry(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class ModelToken(_Strict):
+    """A token's row taken from another token of one model (by text or by id)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("a model_token source gives one of token or token_id")
+        return self
+
+
+class ZeroToken(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenEntry(_Strict):
+    """Where one output token's row comes from (mergekit's ``tokenizer.tokens`` entry): a model's
+    own row of it, another token of a model, or zero; ``force``: in every model, not only those
+    that lack it."""
+
+    source: ModelToken | ZeroToken | str | None = None
+    force: bool = False
+
+    def embedding(self) -> TokenEmbedding:
+        source = self.source
+        if isinstance(source, ModelToken):
+            return TokenEmbedding(source.model, source.token, source.token_id, self.force)
+        return TokenEmbedding("zero" if isinstance(source, ZeroToken) else source, force=self.force)
+
+
+class TokenizerSection(_Strict):
+    """The output's tokenizer (mergekit's ``tokenizer`` section): ``source`` (``base``, ``union``
+    or a model), tokens to add and where their rows come from, and a padded vocabulary size."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEntry] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+
+
 class Calibration(_Strict):
     """Inputs for activation matching and learned alignment: texts inline, or a text file.
 
@@ -110,8 +154,9 @@ class Learn(_Strict):
     a step, ``heads`` (default false): also learn within-head maps); post-LayerNorm encoders
     (:func:`merge_graphs.learned.learned_permutations`: the permutations by a straight-through
     estimator, 300 steps, lr 0.05, 32 samples a step, ``heads`` (default true): also the dims inside
-    each head, ``tau``: the Sinkhorn temperature, 1). From a recipe an encoder learns on the masked-LM
-    loss of the calibration texts (a ``...ForMaskedLM``); a classifier's task-head loss needs the
+    each head, ``tau``: the Sinkhorn temperature, 1; so do post-norm decoders, Gemma 2/3 and OLMo 2). From
+    a recipe an encoder learns on the masked-LM loss of the calibration texts (a ``...ForMaskedLM``), a
+    post-norm decoder on their next-token loss; a classifier's task-head loss needs the
     labels, which only the API takes (``merge_graphs.align(a, b, "learned", calibration={..., "labels": y})``).
     """
 
@@ -221,6 +266,7 @@ class Recipe(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
     chat_template: str | None = None
     output: Output = Field(default_factory=Output)
     evaluate: Evaluate | None = None
@@ -228,6 +274,16 @@ class Recipe(_Strict):
     trust_remote_code: bool = False
     seed: int = 0
     source_format: Literal["merge-graphs", "mergekit"] = "merge-graphs"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_source(cls, data: Any) -> Any:
+        section = data.get("tokenizer") if isinstance(data, dict) else None
+        if isinstance(section, dict):
+            if data.get("tokenizer_source") is not None:
+                raise ValueError("give tokenizer_source or a tokenizer section, not both (mergekit refuses both too)")
+            data = {**data, "tokenizer_source": section.get("source", "union")}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -307,7 +363,8 @@ class Recipe(_Strict):
         return out + list(dict.fromkeys(m for m in listed if m not in out))
 
     def to_yaml(self) -> str:
-        data = self.model_dump(mode="json", exclude_defaults=True, exclude={"source_format"})
+        hidden = {"source_format"} | ({"tokenizer_source"} if self.tokenizer is not None else set())
+        data = self.model_dump(mode="json", exclude_defaults=True, exclude=hidden)
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -395,17 +452,8 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                 "parameters": parameters(f"slices[{i}].parameters", sl.get("parameters")),
             })
     top = parameters("parameters", data.get("parameters"))
-    tokenizer = data.get("tokenizer")
-    if tokenizer is not None:
-        if data.get("tokenizer_source") is not None:
-            raise RecipeError("give tokenizer_source or a tokenizer section, not both (mergekit refuses both too)")
-        if not isinstance(tokenizer, dict) or "source" not in tokenizer:
-            raise RecipeError("tokenizer: write tokenizer: {source: base | union | <model>}")
-        extra = sorted(set(tokenizer) - {"source"})
-        if extra:
-            raise RecipeError(f"tokenizer {extra} (added tokens, a padded vocabulary) are not supported here yet; keep "
-                              "only tokenizer: {source: ...}, or merge with mergekit")
-        data = {**data, "tokenizer_source": tokenizer["source"]}
+    if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
+        raise RecipeError("give tokenizer_source or a tokenizer section, not both (mergekit refuses both too)")
     if ignored:
         logger.warning("mergekit recipe: ignoring %s, which mergekit 0.1.5 ignores too (unknown keys, or parameters "
                        "that %s does not take)", ", ".join(ignored), method)
@@ -422,7 +470,7 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         "merge": {"method": method, "parameters": top},
         "source_format": "mergekit",
     }
-    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source", "chat_template"):
+    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
         if data.get(key) is not None:
             out[key] = data[key]
     return out
@@ -460,8 +508,19 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         update["slices"] = [sl.model_copy(update={
             "base_model": fix(sl.base_model),
             "sources": [src.model_copy(update={"model": fix(src.model)}) for src in sl.sources]}) for sl in recipe.slices]
-    if recipe.tokenizer_source not in (None, "base", "first"):
+    if recipe.tokenizer_source not in (None, "base", "first", "union"):
         update["tokenizer_source"] = fix(recipe.tokenizer_source)
+    if recipe.tokenizer is not None:
+        tokens = {}
+        for token, entry in recipe.tokenizer.tokens.items():
+            source = entry.source
+            if isinstance(source, ModelToken):
+                source = source.model_copy(update={"model": fix(source.model)})
+            elif isinstance(source, str):
+                source = fix(source)
+            tokens[token] = entry.model_copy(update={"source": source})
+        update["tokenizer"] = recipe.tokenizer.model_copy(update={
+            "source": update.get("tokenizer_source", recipe.tokenizer_source), "tokens": tokens})
     if recipe.evaluate:
         update["evaluate"] = recipe.evaluate.model_copy(update={"data": fix(recipe.evaluate.data)})
     cal = recipe.align.calibration

@@ -24,7 +24,8 @@ and its readers ``Q^T W``. A residual permutation ``perm`` of :mod:`merge_graphs
 
 **Folding** (:func:`fold_norms`) works on named tensors: for a reader ``y = W n'(h) + b`` of a
 norm ``n'(h) = g * n(h) + beta``, ``W <- W diag(g)`` and ``b <- b + W beta``; the gain becomes 1
-and the bias 0. Under LayerNorm the writers into the stream (token and position embeddings,
+and the bias 0. Where the gain is ``offset + weight`` (Gemma's ``1 + weight``) the stored weight becomes
+``1 - offset``. Under LayerNorm the writers into the stream (token and position embeddings,
 attention and MLP output projections and their biases) are also centred, ``W <- W (I - 11^T/d)``
 on the residual axis: LayerNorm subtracts the mean anyway, so this changes nothing the model
 computes, and it puts every model in one canonical form (the stream is mean-free), so two models
@@ -120,7 +121,7 @@ FITS = ("embeddings", "alternate")
 #: windows; no maps / q/k / v/o / both): byte-level GPT-2 (``bench gpt2``) 75.2 [50.9, 86.3] /
 #: 77.4 [49.4, 86.4] / 73.6 [56.9, 87.4] / 75.6 [55.9, 86.5]; byte-level Llama (GQA 4:2, RoPE, 500 steps at
 #: lr 2e-3) 35.8 [20.4, 43.9] / 41.8 [25.9, 53.6] / 39.7 [22.3, 45.9] / 43.3 [24.2, 54.3]. Mistral and Qwen2
-#: share Llama's spec module and take its entry.
+#: share Llama's spec module and take its entry. Qwen3, Gemma and Phi-3 are not measured yet: no maps.
 DEFAULT_HEAD_MAPS: dict[str, tuple[str, ...]] = {
     "gpt2": ("qk",), "llama": ("qk", "vo"), "mistral": ("qk", "vo"), "qwen2": ("qk", "vo"),
 }
@@ -141,20 +142,12 @@ def rotation_kind(spec: SymmetrySpec) -> str:
     """
     if admits_rotation(spec):
         return spec.rotation
-    if spec.family in ("bert", "roberta"):
-        raise UnsupportedArchitectureError(
-            f"{spec.family} is a post-LayerNorm encoder: its residual stream cannot be rotated, so norm "
-            "folding and residual rotation do not apply. Each block's LayerNorm output is itself the stream "
-            "carried to the next block (h <- LayerNorm(h + f(h))), so the LayerNorm gains and biases act on "
-            "the stream and cannot be folded into the layers that read it, and the masked-LM head (its "
-            "LayerNorm and the decoder tied to the embeddings) breaks it too. Only permutations of the "
-            "residual stream preserve such a model: align it with permutations (weight or activation "
-            "matching) instead."
-        )
+    if spec.unrotated:
+        raise UnsupportedArchitectureError(spec.unrotated)
     raise UnsupportedArchitectureError(
         f"{spec.family} models have no pre-norm residual stream, so there is no norm to fold and no "
         "rotation symmetry; align them with permutations (weight or activation matching). Rotations "
-        "apply to pre-norm transformers: GPT-2 and the Llama family (Llama, Mistral, Qwen2)."
+        "apply to pre-norm transformers: GPT-2, the Llama family (Llama, Mistral, Qwen2), Qwen3, Gemma and Phi-3."
     )
 
 
@@ -246,14 +239,14 @@ class Folding:
             norm = self._norm_of[name]
             if not norm.readers:
                 return raw
-            if name == norm.weight or norm.weight in self._ones_channel:
-                return torch.ones_like(raw)
-            return torch.zeros_like(raw)
+            if name == norm.weight:
+                return torch.full_like(raw, 1 - norm.offset)
+            return torch.ones_like(raw) if norm.weight in self._ones_channel else torch.zeros_like(raw)
         if name in self._reader_of:
             norm, bias = self._reader_of[name]
             weight = _work(raw)
             axis = _residual_axis(self.spec.tensors[name])
-            gain = _work(source[norm.weight])
+            gain = _work(source[norm.weight]) + norm.offset
             new = weight * _along(weight, axis, gain)
             if norm.weight in self._ones_channel:
                 # The norm's output n(h) is mean-free: the head may use the all-ones direction.
@@ -310,8 +303,8 @@ def fold_norms(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> tuple[S
 def folded_model(model: nn.Module) -> nn.Module:
     """A new model of the same class computing the same function, with its norms folded.
 
-    The norm gains are 1 and biases 0 (GPT-2's final norm: bias all ones, see the module
-    docstring); a tied LM head is untied (``config.tie_word_embeddings = False``). The model
+    The norm gains are 1 (Gemma's stored weights 0) and biases 0 (GPT-2's final norm: bias all ones,
+    see the module docstring); a tied LM head is untied (``config.tie_word_embeddings = False``). The model
     saves with ``save_pretrained`` and loads back with ``from_pretrained`` as an ordinary
     checkpoint of its class. ``model`` is not modified.
 
@@ -443,12 +436,13 @@ def _check_folded(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> None
                 f"{norm.weight} is the last layer of this {spec.family} model (a bare model without a head): "
                 "its output is the model's output, in the residual basis, with a per-unit gain that does not "
                 "commute with a rotation. Rotate a model with its LM head (e.g. ...ForCausalLM / GPT2LMHeadModel).")
-        gain = state[norm.weight].float()
+        gain = state[norm.weight].float() + norm.offset
         bias = state[norm.bias].float() if norm.bias else None
         if not torch.equal(gain, torch.ones_like(gain)) or (
                 bias is not None and not (torch.equal(bias, torch.zeros_like(bias))
                                           or torch.equal(bias, torch.ones_like(bias)))):
-            raise ValueError(f"{norm.weight} is not folded (gain 1{', bias 0 or 1' if bias is not None else ''}); "
+            want = "gain 1" if not norm.offset else f"gain {norm.offset:g} + weight = 1"
+            raise ValueError(f"{norm.weight} is not folded ({want}{', bias 0 or 1' if bias is not None else ''}); "
                              "fold the norms first: fold_norms(spec, state) or folded_model(model)")
 
 

@@ -49,6 +49,7 @@ from merge_graphs.rotation import rotation_kind
 from merge_graphs.slices import OutputSlice, SliceSource
 from merge_graphs.sources import ModelTensors, StateTensors, TensorSource, compatible
 from merge_graphs.verify import check_alignment
+from merge_graphs.vocabulary import Vocabulary, build_vocabulary, token_indexed
 
 logger = logging.getLogger(__name__)
 
@@ -183,13 +184,14 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         folders = _resolve_all(recipe)
         sources = {ref: _source(folder, recipe, device, whole=result.path == "in-memory")
                    for ref, folder in folders.items()}
-        output_tokenizer = _tokenizer(recipe, folders)
         reference_ref = recipe.base_model or recipe.first_model
         reference = sources[reference_ref]
+        output_tokenizer, vocabulary = _tokenizer(recipe, folders, sources, reference)
         merged = [sources[ref] for ref in result.merged]
-        # Slices may take layers from models of other depths: their tensors are checked one by one.
-        spec = (reference.spec() if recipe.slices is not None and recipe.align.method == "none"
-                else compatible(reference, list(sources.values())))
+        # Slices may take layers from models of other depths, and vocabularies may differ: the
+        # engine checks their tensors one by one.
+        spec = (reference.spec() if (recipe.slices is not None or vocabulary is not None)
+                and recipe.align.method == "none" else compatible(reference, list(sources.values())))
         if spec.unaligned:
             logger.info("%s has no symmetry spec: its tensors are merged by name, without alignment", spec.family)
     with _stage(result, "align"):
@@ -221,7 +223,7 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
             base=sources[recipe.base_model] if recipe.base_model and get_method(recipe.merge.method).base != "none"
             else None,
             model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, slices=slices,
-            seed=recipe.seed, dtype=_stored_dtype(recipe.dtype, folders[reference_ref]),
+            seed=recipe.seed, dtype=_stored_dtype(recipe.dtype, folders[reference_ref]), vocabulary=vocabulary,
         )
 
     plan = merge(result.alignments)
@@ -417,16 +419,20 @@ def _stored_dtype(dtype: str | None, reference_folder: Path) -> torch.dtype:
     return stored[0] if stored else torch.float32
 
 
-def _tokenizer(recipe: Recipe, folders: Mapping[str, Path]) -> Any:
-    """What the output's tokenizer is written from: a folder whose files are copied, or (with a
-    ``chat_template``) a tokenizer with the template set; None if there is none."""
-    folder = _tokenizer_folder(recipe, folders)
+def _tokenizer(recipe: Recipe, folders: Mapping[str, Path], sources: Mapping[str, TensorSource],
+               reference: TensorSource) -> tuple[Any, Vocabulary | None]:
+    """What the output's tokenizer is written from (a folder whose files are copied, or a
+    tokenizer), and, when the recipe's tokenizer source changes the vocabulary of some model, the
+    vocabulary its token-indexed tensors are moved onto (mergekit's rule); None if none changes."""
+    vocabulary = _vocabulary(recipe, folders, sources, reference)
+    folder = None if vocabulary is not None else _tokenizer_folder(recipe, folders)
     if recipe.chat_template is None:
-        return folder
-    if folder is None:
+        return (vocabulary.tokenizer if vocabulary is not None else folder), vocabulary
+    if vocabulary is None and folder is None:
         raise RecipeError("chat_template needs a tokenizer, and the reference has no tokenizer files; set "
                           "tokenizer_source to a model that has one")
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.trust_remote_code)
+    tokenizer = vocabulary.tokenizer if vocabulary is not None else \
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.trust_remote_code)
     template = CHAT_TEMPLATES.get(recipe.chat_template, recipe.chat_template)
     if template == "auto":
         # mergekit's rule: the template most of the models have (the first listed of the most common)
@@ -434,10 +440,10 @@ def _tokenizer(recipe: Recipe, folders: Mapping[str, Path]) -> Any:
         found = [t.strip() for t in found if t]
         if not found:
             logger.warning("chat_template auto: none of the models has a chat template; the output has none")
-            return folder
+            return (tokenizer if vocabulary is not None else folder), vocabulary
         template = Counter(found).most_common(1)[0][0]
     tokenizer.chat_template = template
-    return tokenizer
+    return tokenizer, vocabulary
 
 
 def _chat_template(folder: Path, recipe: Recipe) -> str | None:
@@ -447,30 +453,63 @@ def _chat_template(folder: Path, recipe: Recipe) -> str | None:
     return template.get("default") if isinstance(template, dict) else template
 
 
-def _union_tokenizer(recipe: Recipe, folders: Mapping[str, Path]) -> Path:
-    """mergekit's ``union`` where every model has the same vocabulary (then it is the base's
-    tokenizer, and no embedding moves); a union of different vocabularies is refused."""
-    vocabularies = {}
-    for ref in recipe.refs():
-        if tokenizer_files(folders[ref]):
-            vocab = AutoTokenizer.from_pretrained(folders[ref], trust_remote_code=recipe.trust_remote_code).get_vocab()
-            vocabularies[ref] = vocab
-    if not vocabularies:
-        raise RecipeError("tokenizer_source union: none of the models has tokenizer files")
-    first, *others = vocabularies
-    differ = [ref for ref in others if vocabularies[ref] != vocabularies[first]]
-    if differ:
-        raise RecipeError(f"tokenizer_source union of different vocabularies ({first} and {differ[0]} differ) is not "
-                          "supported here yet: it rebuilds the embeddings; use base or one model's tokenizer, or "
-                          "merge with mergekit")
-    return folders[recipe.base_model or recipe.first_model]
+def _vocabulary(recipe: Recipe, folders: Mapping[str, Path], sources: Mapping[str, TensorSource],
+                reference: TensorSource) -> Vocabulary | None:
+    """mergekit builds the output tokenizer from ``tokenizer_source`` and moves every model's
+    token-indexed tensors onto its vocabulary (:mod:`merge_graphs.vocabulary`); None when no
+    tensor would change, so that the tokenizer files are copied as they are."""
+    source = recipe.tokenizer_source
+    if source is None:
+        return None
+    first = recipe.base_model or recipe.first_model
+    source = {"first": recipe.first_model}.get(source, source)
+    tokenizers = {ref: AutoTokenizer.from_pretrained(folders[ref], trust_remote_code=recipe.trust_remote_code)
+                  for ref in dict.fromkeys([first, *recipe.refs()]) if tokenizer_files(folders[ref])}
+    if first not in tokenizers:
+        raise RecipeError(f"tokenizer_source {recipe.tokenizer_source}: {first} has no tokenizer files, and the output "
+                          "vocabulary is built on its tokenizer; give a base_model that has one")
+    if source not in ("base", "union") and source not in tokenizers:
+        tokenizers[source] = AutoTokenizer.from_pretrained(folders.get(source) or resolve(source),
+                                                           trust_remote_code=recipe.trust_remote_code)
+    section = recipe.tokenizer
+    sizes = {ref: _vocab_size(src.config) for ref, src in sources.items()}
+    try:
+        vocabulary = build_vocabulary(
+            tokenizers, sizes, source, first,
+            tokens={t: e.embedding() for t, e in section.tokens.items()} if section else None,
+            pad_to_multiple_of=section.pad_to_multiple_of if section else None)
+        axes = token_indexed(reference.config, reference.architecture)
+    except ValueError as e:
+        raise RecipeError(f"tokenizer_source {recipe.tokenizer_source}: {e}") from None
+    rows = {}
+    for ref, src in sources.items():
+        infos = src.infos()
+        rows[ref] = next((infos[n].shape[a] for n, a in axes.items() if n in infos), None)
+    if not any(vocabulary.moves(ref, n) for ref, n in rows.items() if n is not None):
+        return None
+    if recipe.align.method != "none":
+        raise RecipeError(f"tokenizer_source {recipe.tokenizer_source} changes the vocabulary of some models, and "
+                          "aligned models must share one vocabulary; merge with align: {method: none}, or use a "
+                          "tokenizer source whose vocabulary every model has")
+    most = max((n for n in rows.values() if n is not None), default=0)
+    if vocabulary.size < most:
+        logger.warning("the output tokenizer has %d tokens and the embeddings up to %d rows: as in mergekit, the output "
+                       "keeps %d rows (tokenizer: {pad_to_multiple_of: N} pads it)", len(vocabulary.tokens), most,
+                       vocabulary.size)
+    vocabulary.axes = axes
+    vocabulary.owners = {id(src): ref for ref, src in sources.items()}
+    vocabulary.base = recipe.base_model
+    return vocabulary
+
+
+def _vocab_size(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
 
 
 def _tokenizer_folder(recipe: Recipe, folders: Mapping[str, Path]) -> Path | None:
     source = recipe.tokenizer_source
-    if source == "union":
-        return _union_tokenizer(recipe, folders)
-    if source in (None, "base"):
+    if source in (None, "base", "union"):
         folder = folders[recipe.base_model or recipe.first_model]
     elif source == "first":
         folder = folders[recipe.first_model]

@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from tiny_models import make, minilm_path
 
+import merge_graphs as mg
 from merge_graphs.cli import main
 
 
@@ -23,6 +25,24 @@ def test_inspect_a_saved_tiny_llama(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "layers.0.attn.query_heads" in out and "RoPE" in out
+
+
+@pytest.mark.parametrize("name, says", [
+    ("qwen3-lm", "q/k RMSNorm over each head's dims"), ("gemma-lm", "RMSNorm scales by (1 + weight)"),
+    ("gemma2-lm", "post_attention_layernorm, post_feedforward_layernorm"), ("gemma3-text", "permutations only"),
+    ("olmo2-lm", "over the whole projection"), ("phi3-lm", "fused qkv_proj"),
+])
+def test_inspect_a_saved_tiny_decoder_of_each_family(tmp_path, capsys, name, says):
+    model = make(name)
+    model.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == model.config.model_type and any(says in note for note in report["notes"])
+    graph = mg.neural_graph(model)
+    # A tied head is not stored: the checkpoint's graph lacks its edges.
+    tied = sum(model.state_dict()[n].numel() for n in graph.spec.tied)
+    assert report["graph"] == {"node_sets": len(graph.node_sets), "nodes": graph.num_nodes,
+                               "edges": graph.num_edges - tied}
 
 
 def test_missing_model_exits_non_zero_with_a_message(tmp_path):

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "merge_graphs"
 
 #: Bottom to top. A module (or package) imports from its own layer or those below.
 LAYERS = [
-    ["errors", "tensors", "memory", "assignment", "parameters"],
+    ["errors", "tensors", "memory", "assignment", "parameters", "vocabulary"],
     ["io"],
     ["symmetry", "graph", "sources"],
     ["gnn", "match", "activations", "rotation", "learned", "fusion", "evaluate"],

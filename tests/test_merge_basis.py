@@ -15,7 +15,8 @@ from merge_graphs.sources import StateTensors
 from merge_graphs.symmetry import symmetry_spec
 from tests.tiny_models import example_input, make, outputs
 
-LM_FAMILIES = ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm", "qwen2-lm-tied", "mistral-lm"]
+LM_FAMILIES = ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm", "qwen2-lm-tied", "mistral-lm",
+               "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm-tied"]
 
 
 def _copy_of(model, seed: int):

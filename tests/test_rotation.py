@@ -28,7 +28,8 @@ from merge_graphs.rotation import (
 from merge_graphs.symmetry import permute_state_dict
 
 PRE_NORM = ["gpt2", "gpt2-lm", "llama", "llama-lm", "llama-lm-mha-tied-bias", "mistral-lm", "qwen2-lm",
-            "qwen2-lm-tied", "mixtral", "mixtral-lm", "qwen2-moe-lm", "qwen3-moe-lm-tied"]
+            "qwen2-lm-tied", "qwen3-lm", "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm", "phi3-lm-tied", "mixtral",
+            "mixtral-lm", "qwen2-moe-lm", "qwen3-moe-lm-tied"]
 LMS = [n for n in PRE_NORM if n.endswith(("-lm", "-tied", "-bias"))]
 POST_NORM = ["bert", "bert-mlm", "bert-seqcls", "roberta", "roberta-mlm"]
 
@@ -56,7 +57,8 @@ def test_folding_preserves_outputs(name):
     state = folded.state_dict()
     for norm in spec.norms:
         if norm.readers:  # a bare model's final norm is its output: kept
-            assert torch.equal(state[norm.weight], torch.ones_like(state[norm.weight])), norm.weight
+            gain = state[norm.weight] + norm.offset  # Gemma scales by 1 + weight
+            assert torch.equal(gain, torch.ones_like(gain)), norm.weight
     if spec.tied:
         assert folded.config.tie_word_embeddings is False
         assert folded.lm_head.weight.data_ptr() != folded.get_input_embeddings().weight.data_ptr()
@@ -180,8 +182,8 @@ def _scrambled(model, seed):
     return folded, permutation_matrix(perms[RESIDUAL]) @ q0
 
 
-@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied", "mixtral-lm",
-                                  "qwen3-moe-lm-tied"])
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied",
+                                  "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm", "mixtral-lm", "qwen3-moe-lm-tied"])
 @pytest.mark.parametrize("data", ["data-free", "calibration"])
 def test_rotation_and_permutations_are_recovered(name, data):
     model = make(name)

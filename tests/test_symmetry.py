@@ -27,8 +27,9 @@ def assert_same_function(model, permuted, spec, perms, inputs):
 def assert_one_tensor_left_behind_changes_the_function(model, spec, perms, inputs, group=None):
     """Negative control: the check of :func:`assert_same_function` can fail. Leaving one tensor that a
     hidden group touches unpermuted (the group's units all moved) must change the outputs."""
-    group = group or next(g for g in spec.groups if g != "residual" and any(
-        len(spec.tensors[t].axes) > 1 for t, _ in spec.touching(g)))
+    # By default the first hidden root group that can move (multi-query attention's one key/value head cannot).
+    movable = [g for g, grp in spec.groups.items() if g != "residual" and grp.parent is None and grp.size >= 2]
+    group = group or next(g for g in movable if any(len(spec.tensors[t].axes) > 1 for t, _ in spec.touching(g)))
     size = spec.groups[group].size
     assert size >= 2, f"group {group} of size {size} cannot move"
     perms = {**perms, group: torch.roll(torch.arange(size), 1)}  # every unit moves
@@ -122,6 +123,39 @@ def test_llama_property(kv_heads, per_kv, head_dim, layers, inter, tied, seed):
                         tie_word_embeddings=tied, head_dim=head_dim)
     torch.manual_seed(seed)
     model = randomize(T.LlamaForCausalLM(cfg))
+    spec = mg.symmetry_spec(model)
+    perms = mg.random_permutations(spec, seed=seed)
+    ids = {"input_ids": torch.randint(0, 23, (2, 5))}
+    assert_same_function(model, mg.permute(model, perms, spec), spec, perms, ids)
+    assert_one_tensor_left_behind_changes_the_function(model, spec, perms, ids, "layers.0.mlp")
+    assert_one_tensor_left_behind_changes_the_function(model, spec, perms, ids, "residual")
+
+
+DECODERS = {
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM), "gemma": (T.GemmaConfig, T.GemmaForCausalLM),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM), "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM),
+    "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM), "phi3": (T.Phi3Config, T.Phi3ForCausalLM),
+}
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    family=st.sampled_from(sorted(DECODERS)), kv_heads=st.integers(1, 3), per_kv=st.integers(1, 3),
+    head_dim=st.sampled_from([2, 4, 6]), per_head=st.integers(1, 5), layers=st.integers(1, 2),
+    inter=st.integers(3, 20), tied=st.booleans(), seed=st.integers(0, 99),
+)
+def test_decoder_families_property(family, kv_heads, per_kv, head_dim, per_head, layers, inter, tied, seed):
+    """Issue #18's decoders: MQA to GQA, tied or not, a head_dim set apart from the width (which Gemma 2/3's
+    configs want a multiple of the heads)."""
+    heads = kv_heads * per_kv
+    assume(heads * per_head >= 4)
+    config_class, model_class = DECODERS[family]
+    cfg = config_class(vocab_size=23, hidden_size=heads * per_head, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=inter,
+                       tie_word_embeddings=tied, max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=1)
+    torch.manual_seed(seed)
+    model = randomize(model_class(cfg))
     spec = mg.symmetry_spec(model)
     perms = mg.random_permutations(spec, seed=seed)
     ids = {"input_ids": torch.randint(0, 23, (2, 5))}

@@ -1,6 +1,7 @@
 """The output's tokenizer, as mergekit recipes set it: ``tokenizer_source`` (a model, ``base``, ``union``
 of one vocabulary), the ``tokenizer: {source}`` section, and ``chat_template`` (a name, ``auto``, a
-template's text); what is not supported is refused before anything is written."""
+template's text); what is not supported is refused before anything is written. Different
+vocabularies: tests/test_vocabulary.py."""
 
 import json
 
@@ -68,8 +69,9 @@ def test_the_tokenizer_section_and_a_union_of_one_vocabulary(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, says", [
-    ({"tokenizer_source": "union"}, "union of different vocabularies"),
-    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "a"}}}}, "['tokens']"),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "c"}}}}, "'c' is not a model of this merge"),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "a"}}}}, "has no token '<x>'"),
+    ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, "not both"),
     ({"chat_template": "llama9"}, "neither 'auto', a known name"),
 ])
 def test_what_is_not_supported_exits_1_and_writes_nothing(tmp_path, capsys, recipe, says):

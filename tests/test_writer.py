@@ -119,7 +119,7 @@ def tiny_mixtral():
 
 
 @pytest.mark.parametrize("name", ["bert", "bert-mlm", "roberta-mlm", "gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias",
-                                  "qwen2-lm-tied", "mixtral"])
+                                  "qwen2-lm-tied", "gemma-lm", "phi3-lm", "mixtral"])
 def test_the_folder_is_the_one_save_pretrained_writes(tmp_path, name):
     model = tiny_mixtral() if name == "mixtral" else make(name)
     model.save_pretrained(tmp_path / "hf")

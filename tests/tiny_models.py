@@ -15,6 +15,13 @@ GPT2 = dict(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=16,
             bos_token_id=0, eos_token_id=0)
 LLAMA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=2, intermediate_size=40, max_position_embeddings=32)
+# The decoders of issue #18: an odd width, a head_dim set apart from width / heads, GQA 6:2, special
+# tokens inside the tiny vocabulary.
+DECODER = dict(vocab_size=VOCAB, hidden_size=30, num_hidden_layers=2, num_attention_heads=6,
+               num_key_value_heads=2, head_dim=6, intermediate_size=22, max_position_embeddings=32,
+               bos_token_id=1, eos_token_id=1, pad_token_id=0)
+# Gemma 2/3: a sliding window shorter than example_input's 9 tokens, one sliding and one global layer.
+SLIDING = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"])
 # Mixtures of experts: 3-4 experts, top-2, expert widths that are not powers of two (transformers' grouped
 # matmul on CPU needs multiples of 4); Qwen2-MoE's second layer is dense.
 MIXTRAL = dict(LLAMA, intermediate_size=20, num_local_experts=4, num_experts_per_tok=2)
@@ -54,6 +61,17 @@ FACTORIES = {
     "mistral-lm": lambda: T.MistralForCausalLM(T.MistralConfig(**LLAMA)),
     "qwen2-lm": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA)),
     "qwen2-lm-tied": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
+    "qwen3-lm": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**DECODER)),
+    "qwen3-lm-tied-bias": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(
+        **{**DECODER, "num_key_value_heads": 3}, tie_word_embeddings=True, attention_bias=True)),
+    "gemma-lm": lambda: T.GemmaForCausalLM(T.GemmaConfig(**{**DECODER, "num_key_value_heads": 1})),
+    "gemma2-lm": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**DECODER, **SLIDING, attention_bias=True)),
+    "gemma3-lm": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**DECODER, **SLIDING)),
+    "gemma3-text": lambda: T.Gemma3TextModel(T.Gemma3TextConfig(**{**DECODER, "num_key_value_heads": 3}, **SLIDING)),
+    "olmo2-lm": lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**DECODER, attention_bias=True)),
+    "phi3-lm": lambda: T.Phi3ForCausalLM(T.Phi3Config(**DECODER)),
+    "phi3-lm-tied": lambda: T.Phi3ForCausalLM(T.Phi3Config(
+        **{**DECODER, "num_key_value_heads": 6, "head_dim": 8}, tie_word_embeddings=True, partial_rotary_factor=0.75)),
     "mixtral": lambda: T.MixtralModel(T.MixtralConfig(**MIXTRAL)),
     "mixtral-lm": lambda: T.MixtralForCausalLM(T.MixtralConfig(**MIXTRAL)),
     "qwen2-moe-lm": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**QWEN2_MOE)),

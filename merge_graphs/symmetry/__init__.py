@@ -7,7 +7,21 @@ from collections.abc import Mapping
 from torch import nn
 
 from merge_graphs.errors import UnsupportedArchitectureError
-from merge_graphs.symmetry import bert, gpt2, llama, moe, sequential
+from merge_graphs.symmetry import (
+    bert,
+    gemma,
+    gemma2,
+    gemma3,
+    gpt2,
+    llama,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    sequential,
+)
 from merge_graphs.symmetry.builder import SpecBuilder
 from merge_graphs.symmetry.spec import (
     Group,
@@ -27,9 +41,13 @@ from merge_graphs.symmetry.spec import (
 from merge_graphs.tensors import TensorInfo, infos
 
 # config.model_type -> family module
-FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama,
-            "mixtral": moe, "qwen2_moe": moe, "qwen3_moe": moe}
-SUPPORTED = tuple(a for m in (bert, gpt2, llama, moe) for a in m.ARCHITECTURES) + ("torch.nn.Sequential (MLP, CNN)",)
+FAMILIES = {
+    "bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": qwen3,
+    "gemma": gemma, "gemma2": gemma2, "gemma3_text": gemma3, "olmo2": olmo2, "phi3": phi3,
+    "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
+}
+SUPPORTED = tuple(a for m in dict.fromkeys(FAMILIES.values()) for a in m.ARCHITECTURES) + (
+    "torch.nn.Sequential (MLP, CNN)",)
 
 
 def spec_from_config(config, tensors: Mapping[str, TensorInfo], architecture: str | None = None) -> SymmetrySpec:

@@ -84,4 +84,12 @@ def build(b: SpecBuilder, config, architecture: str):
     return b.build(
         outputs={"last_hidden_state": "residual", "pooler_output": "pooler"} if bare else {},
         notes=("post-LayerNorm: the residual stream admits permutations, not rotations",),
+        unrotated=(
+            f"{b.family} is a post-LayerNorm encoder: its residual stream cannot be rotated, so norm "
+            "folding and residual rotation do not apply. Each block's LayerNorm output is itself the stream "
+            "carried to the next block (h <- LayerNorm(h + f(h))), so the LayerNorm gains and biases act on "
+            "the stream and cannot be folded into the layers that read it, and the masked-LM head (its "
+            "LayerNorm and the decoder tied to the embeddings) breaks it too. Only permutations of the "
+            "residual stream preserve such a model: align it with permutations (weight or activation "
+            "matching) instead."),
     )

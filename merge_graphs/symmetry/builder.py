@@ -78,7 +78,8 @@ class SpecBuilder:
         if qk_map:
             self.head_map_table.append(HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim,
                                                "rope_pairs" if rope else "orthogonal"))
-        self.head_map_table.append(HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim, "orthogonal"))
+        self.head_map_table.append(HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim,
+                                           "orthogonal"))
         return (
             self.space(f"{layer}.q", *query, qk),
             self.space(f"{layer}.k", heads, qk),
@@ -117,17 +118,20 @@ class SpecBuilder:
         """Copy floating-point tensors matching ``pattern`` (e.g. RoPE's frequencies) as they are."""
         self.carry_patterns.append(pattern)
 
-    def norm(self, weight: str, bias: str | None, readers: Sequence[tuple[str, str | None]]) -> None:
-        """Declare a pre-norm: its gain and bias tensors and the ``(weight, bias)`` pairs that read
-        its output. Entries the checkpoint lacks are dropped at :meth:`build`."""
-        self.norm_table.append(Norm(weight, bias, tuple(readers)))
+    def norm(self, weight: str, bias: str | None, readers: Sequence[tuple[str, str | None]],
+             offset: float = 0.0) -> None:
+        """Declare a pre-norm: its gain and bias tensors, the ``(weight, bias)`` pairs that read
+        its output, and the gain's offset (:class:`Norm`). Entries the checkpoint lacks are
+        dropped at :meth:`build`."""
+        self.norm_table.append(Norm(weight, bias, tuple(readers), offset))
 
     def tie(self, name: str, source: str) -> None:
         """``name`` (an LM head) is tied to ``source`` and may be stored only as ``source``."""
         self.ties[name] = source
 
     def build(
-        self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = (), rotation: str | None = None
+        self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = (), rotation: str | None = None,
+        unrotated: str | None = None,
     ) -> SymmetrySpec:
         tensors: dict[str, TensorSpec] = {}
         carried: list[str] = []
@@ -160,13 +164,13 @@ class SpecBuilder:
         present = set(tensors) | set(tied)
         norms = tuple(
             Norm(n.weight, n.bias if n.bias in tensors else None,
-                 tuple((w, bias if bias in tensors else None) for w, bias in n.readers if w in present))
+                 tuple((w, bias if bias in tensors else None) for w, bias in n.readers if w in present), n.offset)
             for n in self.norm_table if n.weight in tensors
         )
         spaces = {s.name for t in tensors.values() for axis in t.axes for s in axis or ()}
         head_maps = tuple(m for m in self.head_map_table if m.heads in groups and set(m.spaces) <= spaces)
         spec = SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes),
-                            norms, rotation, tied, head_maps)
+                            norms, rotation, tied, head_maps, unrotated=unrotated)
         for t in tensors.values():
             self._check_units(spec, t)
         return spec

@@ -111,11 +111,14 @@ class Norm:
         readers: ``(weight, bias or None)`` of every linear map that reads the norm's output.
             Empty when the norm's output is the model's output (a bare model's final norm):
             such a norm cannot be folded.
+        offset: the gain is ``offset + weight`` (Gemma's RMSNorm scales by ``1 + weight``), so a
+            folded norm, whose gain is 1, stores ``1 - offset``.
     """
 
     weight: str
     bias: str | None
     readers: tuple[tuple[str, str | None], ...]
+    offset: float = 0.0
 
 
 #: HeadMap.kind: which maps of one head's dims commute with what the attention computes.
@@ -174,6 +177,8 @@ class SymmetrySpec:
         norms: the pre-norms of a pre-norm family, with the tensors that read them (folding).
         rotation: after folding, the orthogonal maps the residual stream admits: ``"free"``,
             ``"fix_ones"`` (see :data:`ROTATION_KINDS`) or None (permutations only).
+        unrotated: for a transformer whose residual stream admits permutations only
+            (``rotation`` None), why: what norm folding and residual rotation say when they refuse.
         tied: tensors that may be stored as another tensor (an LM head tied to the embedding):
             ``{name: source}``.
         head_maps: the maps of the dims inside each attention head that the family admits beyond
@@ -193,6 +198,7 @@ class SymmetrySpec:
     tied: dict[str, str] = field(default_factory=dict)
     head_maps: tuple[HeadMap, ...] = ()
     unaligned: str | None = None
+    unrotated: str | None = None
 
     @property
     def spaces(self) -> dict[str, Space]:
