@@ -15,6 +15,9 @@ GPT2 = dict(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=16,
             bos_token_id=0, eos_token_id=0)
 LLAMA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=2, intermediate_size=40, max_position_embeddings=32)
+# Images of 12 x 12 pixels in 4 x 4 patches: 9 patches and the class token. Head dims 5 and 6.
+VIT = dict(image_size=12, patch_size=4, num_channels=3, hidden_size=20, num_hidden_layers=2,
+           num_attention_heads=4, intermediate_size=27)
 
 
 def mlp():
@@ -48,6 +51,8 @@ FACTORIES = {
     "mistral-lm": lambda: T.MistralForCausalLM(T.MistralConfig(**LLAMA)),
     "qwen2-lm": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA)),
     "qwen2-lm-tied": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
+    "vit": lambda: T.ViTModel(T.ViTConfig(**VIT)),
+    "vit-cls": lambda: T.ViTForImageClassification(T.ViTConfig(**VIT, num_labels=3)),
 }
 
 
@@ -63,7 +68,7 @@ def randomize(model: nn.Module) -> nn.Module:
         # transformers' init (std 0.02, unit gains, zero biases) leaves outputs that hardly
         # depend on the hidden units, which would hide axis mistakes: use O(1) activations.
         for n, p in model.named_parameters():
-            if p.ndim == 1:
+            if p.ndim <= 1:  # biases, gains, CLIP's logit scale
                 p.add_(0.3 * torch.randn_like(p))
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5)
@@ -75,14 +80,22 @@ def randomize(model: nn.Module) -> nn.Module:
 
 
 def example_input(model: nn.Module, seed: int = 0):
-    """Keyword arguments for one forward pass."""
+    """Keyword arguments for one forward pass: token ids, images sized from the config, or both (CLIP)."""
     g = torch.Generator().manual_seed(seed)
     if isinstance(model, nn.Sequential):
         first = model[0]
         shape = (4, 3, 8, 8) if isinstance(first, nn.Conv2d) else (4, first.in_features)
         return {"input": torch.randn(shape, generator=g)}
-    ids = torch.randint(2, VOCAB, (2, 9), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    config, inputs = model.config, {}
+    text = getattr(config, "text_config", None) or config
+    vision = getattr(config, "vision_config", None) or config
+    if hasattr(text, "vocab_size"):
+        ids = torch.randint(2, VOCAB, (2, 9), generator=g)
+        inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if hasattr(vision, "image_size"):
+        side = vision.image_size
+        inputs["pixel_values"] = torch.randn(2, vision.num_channels, side, side, generator=g)
+    return inputs
 
 
 def outputs(model: nn.Module, inputs) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from merge_graphs.errors import UnsupportedArchitectureError
-from merge_graphs.symmetry import bert, gpt2, llama, sequential
+from merge_graphs.symmetry import bert, gpt2, llama, sequential, vit
 from merge_graphs.symmetry.builder import SpecBuilder
 from merge_graphs.symmetry.spec import (
     Group,
@@ -25,8 +25,9 @@ from merge_graphs.symmetry.spec import (
 from merge_graphs.tensors import TensorInfo, infos
 
 # config.model_type -> family module
-FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama}
-SUPPORTED = tuple(a for m in (bert, gpt2, llama) for a in m.ARCHITECTURES) + ("torch.nn.Sequential (MLP, CNN)",)
+FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama,
+            "vit": vit}
+SUPPORTED = tuple(a for m in (bert, gpt2, llama, vit) for a in m.ARCHITECTURES) + ("torch.nn.Sequential (MLP, CNN)",)
 
 
 def spec_from_config(config, tensors: Mapping[str, TensorInfo], architecture: str | None = None) -> SymmetrySpec:

@@ -100,7 +100,8 @@ class SpecBuilder:
         self.ties[name] = source
 
     def build(
-        self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = (), rotation: str | None = None
+        self, outputs: Mapping[str, str] | None = None, notes: Sequence[str] = (), rotation: str | None = None,
+        no_rotation: str | None = None,
     ) -> SymmetrySpec:
         tensors: dict[str, TensorSpec] = {}
         carried: list[str] = []
@@ -138,7 +139,7 @@ class SpecBuilder:
         spaces = {s.name for t in tensors.values() for axis in t.axes for s in axis or ()}
         head_maps = tuple(m for m in self.head_map_table if m.heads in groups and set(m.spaces) <= spaces)
         return SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes),
-                            norms, rotation, tied, head_maps)
+                            norms, rotation, tied, head_maps, no_rotation=no_rotation)
 
     def _check_shape(self, label: TensorSpec, info: TensorInfo) -> None:
         if len(label.axes) != len(info.shape):

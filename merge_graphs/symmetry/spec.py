@@ -156,6 +156,8 @@ class SymmetrySpec:
             permutations (:class:`HeadMap`).
         unaligned: for an architecture without a spec of its own, why it has none: then the
             spec has no groups, and merging matches its tensors by name, without alignment.
+        no_rotation: why the residual stream admits no rotation, where the family can say
+            (``rotation`` is then None): the refusal users see when they ask for one.
     """
 
     family: str
@@ -169,6 +171,7 @@ class SymmetrySpec:
     tied: dict[str, str] = field(default_factory=dict)
     head_maps: tuple[HeadMap, ...] = ()
     unaligned: str | None = None
+    no_rotation: str | None = None
 
     @property
     def spaces(self) -> dict[str, Space]:
