@@ -174,6 +174,21 @@ def test_post_norm_families_refuse_and_say_why(name):
         rotation_alignment(model, make(name, seed=1))
 
 
+@pytest.mark.parametrize("name, why", [
+    ("clip", "CLIPModel admits no residual rotation: the vision tower's pre_layrnorm.*per-unit gain.*text tower alone"),
+    ("clip-vision-proj", "pre_layrnorm writes its output into the stream.*commutes with permutations"),
+    ("clip-text-proj", "final_layer_norm output is the model's output"),
+])
+def test_clip_refuses_a_residual_rotation_and_says_why(name, why):
+    model = make(name)
+    spec = mg.symmetry_spec(model)
+    assert spec.rotation is None
+    with pytest.raises(mg.UnsupportedArchitectureError, match=why):
+        fold_norms(spec, model.state_dict())
+    with pytest.raises(mg.UnsupportedArchitectureError, match=why + ".*weight or activation matching"):
+        rotation_alignment(model, make(name, seed=1))
+
+
 def _scrambled(model, seed):
     """A folded copy of ``model`` with every group permuted and the residual stream rotated."""
     folded = folded_model(model)

@@ -18,6 +18,12 @@ LLAMA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attentio
 # Images of 12 x 12 pixels in 4 x 4 patches: 9 patches and the class token. Head dims 5 and 6.
 VIT = dict(image_size=12, patch_size=4, num_channels=3, hidden_size=20, num_hidden_layers=2,
            num_attention_heads=4, intermediate_size=27)
+# eos_token_id=2: CLIP's text tower pools the position of the largest token id (its original rule),
+# so the pooled token sees the whole text through the causal attention.
+CLIP_TEXT = dict(vocab_size=VOCAB, hidden_size=18, num_hidden_layers=2, num_attention_heads=3,
+                 intermediate_size=25, max_position_embeddings=16, projection_dim=11,
+                 bos_token_id=0, pad_token_id=1, eos_token_id=2)
+CLIP_VISION = dict(VIT, projection_dim=11)
 
 
 def mlp():
@@ -53,6 +59,11 @@ FACTORIES = {
     "qwen2-lm-tied": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
     "vit": lambda: T.ViTModel(T.ViTConfig(**VIT)),
     "vit-cls": lambda: T.ViTForImageClassification(T.ViTConfig(**VIT, num_labels=3)),
+    "clip": lambda: T.CLIPModel(T.CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION, projection_dim=11)),
+    "clip-text": lambda: T.CLIPTextModel(T.CLIPTextConfig(**CLIP_TEXT)),
+    "clip-text-proj": lambda: T.CLIPTextModelWithProjection(T.CLIPTextConfig(**CLIP_TEXT)),
+    "clip-vision": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**CLIP_VISION)),
+    "clip-vision-proj": lambda: T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**CLIP_VISION)),
 }
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from merge_graphs.errors import UnsupportedArchitectureError
-from merge_graphs.symmetry import bert, gpt2, llama, sequential, vit
+from merge_graphs.symmetry import bert, clip, gpt2, llama, sequential, vit
 from merge_graphs.symmetry.builder import SpecBuilder
 from merge_graphs.symmetry.spec import (
     Group,
@@ -26,8 +26,8 @@ from merge_graphs.tensors import TensorInfo, infos
 
 # config.model_type -> family module
 FAMILIES = {"bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama,
-            "vit": vit}
-SUPPORTED = tuple(a for m in (bert, gpt2, llama, vit) for a in m.ARCHITECTURES) + ("torch.nn.Sequential (MLP, CNN)",)
+            "vit": vit, "clip": clip, "clip_text_model": clip, "clip_vision_model": clip}
+SUPPORTED = tuple(a for m in (bert, gpt2, llama, vit, clip) for a in m.ARCHITECTURES) + ("torch.nn.Sequential (MLP, CNN)",)
 
 
 def spec_from_config(config, tensors: Mapping[str, TensorInfo], architecture: str | None = None) -> SymmetrySpec:

@@ -1,0 +1,113 @@
+"""CLIP: a text tower and a vision tower, pre-LayerNorm encoders projected into one embedding space.
+
+Each tower's residual stream is a group of its own (``text.residual``, ``vision.residual``), and so
+are its heads and MLPs (``text.layers.N.*``, ``vision.layers.N.*``); the layers are the encoder
+layers of :mod:`merge_graphs.symmetry.encoder`. The text tower embeds tokens and positions and ends
+in ``final_layer_norm``; the vision tower embeds patches (a convolution over the fixed pixel
+channels), a class embedding and positions, normalizes that with ``pre_layrnorm`` *into* the
+stream, and normalizes the pooled class token with ``post_layernorm``. ``text_projection`` and
+``visual_projection`` read the towers and write the shared embedding space, which no group moves:
+image and text embeddings must stay comparable. ``logit_scale`` is a scalar, merged as it is.
+
+No residual rotation: ``pre_layrnorm``'s per-unit gain sits on the vision stream itself, and the
+single-tower models return their last norm's output (see :data:`WHY_NOT`).
+"""
+
+from __future__ import annotations
+
+from merge_graphs.symmetry.builder import SpecBuilder, find_prefix
+from merge_graphs.symmetry.encoder import LayerNames, encoder_layer, layer_norm, patch_positions
+from merge_graphs.symmetry.spec import Space
+
+# architecture: (its towers, its outputs in a tower's residual stream)
+CLASSES = {
+    "CLIPModel": (("text", "vision"), ()),
+    "CLIPTextModel": (("text",), ("last_hidden_state", "pooler_output")),
+    "CLIPTextModelWithProjection": (("text",), ("last_hidden_state",)),
+    "CLIPVisionModel": (("vision",), ("last_hidden_state", "pooler_output")),
+    "CLIPVisionModelWithProjection": (("vision",), ("last_hidden_state",)),
+}
+ARCHITECTURES = tuple(CLASSES)
+
+LAYER = LayerNames(norm1="layer_norm1", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                   o="self_attn.out_proj", norm2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2")
+
+WHY_NOT = {
+    "vision": "the vision tower's pre_layrnorm writes its output into the stream (h = g * LayerNorm(x) + b), so "
+              "its per-unit gain g acts on the stream itself: it commutes with permutations of the stream, not "
+              "with rotations, and there is no reader to fold it into",
+    "text": "the text tower's final_layer_norm output is the model's output (last_hidden_state), in the stream's "
+            "basis with a per-unit gain that does not commute with a rotation",
+    "two towers": "the text tower alone would admit rotations that fix the all-ones direction, but a residual "
+                  "rotation maps one stream per model",
+}
+
+
+def build(b: SpecBuilder, config, architecture: str):
+    towers, in_stream = CLASSES[architecture]
+    both = len(towers) == 2
+    embedding = b.fixed("embedding", config.projection_dim)
+    outputs, why = {}, []
+    if "text" in towers:
+        text = config.text_config if both else config
+        r = _text_tower(b, text, embedding, "last_hidden_state" in in_stream)
+        outputs.update({k: r.name for k in in_stream})
+        why.append(WHY_NOT["two towers"] if both else WHY_NOT["text"])
+    if "vision" in towers:
+        vision = config.vision_config if both else config
+        r = _vision_tower(b, vision, embedding, "pooler_output" in in_stream)
+        outputs.update({k: r.name for k in in_stream})
+        why.insert(0, WHY_NOT["vision"])
+    if both:
+        b.tensor("logit_scale", role="scale")
+    return b.build(
+        outputs=outputs,
+        notes=("two towers: text and vision residual streams are separate groups; the projections write the "
+               "shared embedding space, which stays fixed" if both else f"one CLIP tower: {towers[0]}",
+               "vision pre_layrnorm sits in the stream: permutations only" if "vision" in towers else
+               "pre-LayerNorm text encoder"),
+        no_rotation=f"{architecture} admits no residual rotation: " + "; ".join(why) + ". Align it with "
+                    "permutations (weight or activation matching) instead.",
+    )
+
+
+def _layers(b: SpecBuilder, p: str, tower: str, r: Space, config) -> None:
+    head_dim = config.hidden_size // config.num_attention_heads
+    for i in range(config.num_hidden_layers):
+        encoder_layer(b, f"{p}encoder.layers.{i}", f"{tower}.layers.{i}", r, LAYER, config.num_attention_heads,
+                      head_dim, config.intermediate_size)
+
+
+def _residual(b: SpecBuilder, tower: str, d: int) -> Space:
+    return b.space(f"{tower}.residual", (b.group(f"{tower}.residual", d), d))
+
+
+def _text_tower(b: SpecBuilder, config, embedding: Space, norm_is_output: bool) -> Space:
+    p = find_prefix(b.stored, "text_model", "embeddings.token_embedding.weight")
+    r = _residual(b, "text", config.hidden_size)
+    e = f"{p}embeddings"
+    b.tensor(f"{e}.token_embedding.weight", b.fixed("vocab", config.vocab_size), r, role="embed", fan_in_axis=0)
+    b.tensor(f"{e}.position_embedding.weight", b.fixed("text.positions", config.max_position_embeddings), r,
+             role="embed.position", fan_in_axis=0)
+    _layers(b, p, "text", r, config)
+    # Pooled at the end-of-text token, then projected.
+    layer_norm(b, f"{p}final_layer_norm", r, [] if norm_is_output else ["text_projection"])
+    b.tensor("text_projection.weight", embedding, r, role="linear")
+    return r
+
+
+def _vision_tower(b: SpecBuilder, config, embedding: Space, norm_is_output: bool) -> Space:
+    p = find_prefix(b.stored, "vision_model", "embeddings.class_embedding")
+    r = _residual(b, "vision", config.hidden_size)
+    e = f"{p}embeddings"
+    b.tensor(f"{e}.class_embedding", r, role="embed.cls")
+    b.tensor(f"{e}.patch_embedding.weight", r, b.fixed("channels", config.num_channels), None, None,
+             role="embed.patch")
+    b.tensor(f"{e}.position_embedding.weight", b.fixed("vision.positions", patch_positions(config)), r,
+             role="embed.position", fan_in_axis=0)
+    layer_norm(b, f"{p}pre_layrnorm", r, readers=None)
+    _layers(b, p, "vision", r, config)
+    # Applied to the pooled class token only, then projected.
+    layer_norm(b, f"{p}post_layernorm", r, [] if norm_is_output else ["visual_projection"])
+    b.tensor("visual_projection.weight", embedding, r, role="linear")
+    return r
