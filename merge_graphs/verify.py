@@ -73,7 +73,8 @@ def _towers(config: Any) -> tuple[Any, Any]:
 
 
 def forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Named floating-point outputs of one forward pass in eval mode."""
+    """Named floating-point outputs of one forward pass in eval mode; those of a nested output by
+    dotted names (CLIP's ``text_model_output.last_hidden_state``)."""
     was_training = model.training
     model.eval()
     try:
@@ -83,7 +84,17 @@ def forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, t
         model.train(was_training)
     if isinstance(out, torch.Tensor):
         return {"output": out}
-    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return _float_tensors(out)
+
+
+def _float_tensors(out: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    found = {}
+    for k, v in out.items():
+        if isinstance(v, Mapping):
+            found.update(_float_tensors(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            found[prefix + k] = v
+    return found
 
 
 def check_function_preserved(

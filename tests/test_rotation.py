@@ -175,9 +175,9 @@ def test_post_norm_families_refuse_and_say_why(name):
 
 
 @pytest.mark.parametrize("name, why", [
-    ("clip", "CLIPModel admits no residual rotation: the vision tower's pre_layrnorm.*per-unit gain.*text tower alone"),
+    ("clip", "CLIPModel admits no residual rotation: the vision tower's pre_layrnorm.*per-unit gain.*final_layer_norm"),
     ("clip-vision-proj", "pre_layrnorm writes its output into the stream.*commutes with permutations"),
-    ("clip-text-proj", "final_layer_norm output is the model's output"),
+    ("clip-text-proj", "final_layer_norm output is returned"),
 ])
 def test_clip_refuses_a_residual_rotation_and_says_why(name, why):
     model = make(name)

@@ -121,17 +121,19 @@ def test_clip_towers_are_separate_groups_and_the_shared_embedding_is_fixed():
     text, image = spec.tensors["text_projection.weight"], spec.tensors["visual_projection.weight"]
     assert text.axes[0] == image.axes[0] and not text.axes[0][0].groups  # one fixed space, 11 units
     assert (text.axes[1][0].groups, image.axes[1][0].groups) == (("text.residual",), ("vision.residual",))
-    assert spec.tensors["logit_scale"].axes == () and spec.outputs == {}
-    # pre_layrnorm normalizes into the stream: not a pre-norm. The others fold into what reads them.
+    assert spec.tensors["logit_scale"].axes == ()
+    assert spec.outputs == {"text_model_output.last_hidden_state": "text.residual",
+                            "vision_model_output.last_hidden_state": "vision.residual"}
+    # pre_layrnorm normalizes into the stream: not a pre-norm. post_layernorm folds into the projection;
+    # the text tower's final norm is returned (text_model_output.last_hidden_state): kept.
     readers = {n.weight: n.readers for n in spec.norms}
     assert "vision_model.pre_layrnorm.weight" not in readers
     assert readers["vision_model.post_layernorm.weight"] == (("visual_projection.weight", None),)
-    assert readers["text_model.final_layer_norm.weight"] == (("text_projection.weight", None),)
-    # A single tower returns its last norm's output: that norm is kept.
+    assert readers["text_model.final_layer_norm.weight"] == ()
     single = mg.symmetry_spec(make("clip-text-proj"))
-    assert {n.weight: n.readers for n in single.norms}["text_model.final_layer_norm.weight"] == ()
     assert single.outputs == {"last_hidden_state": "text.residual"}
     assert set(single.groups) == {g for g in spec.groups if g.startswith("text.")}
+    assert {n.weight: n.readers for n in mg.symmetry_spec(make("clip-vision")).norms}["post_layernorm.weight"] == ()
 
 
 def test_a_recipe_asking_clip_for_a_residual_rotation_is_refused_with_the_reason(tmp_path):

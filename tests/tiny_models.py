@@ -110,12 +110,17 @@ def example_input(model: nn.Module, seed: int = 0):
 
 
 def outputs(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
-    """Named float outputs of one forward pass."""
+    """Named float outputs of one forward pass; a nested output's (CLIP's text_model_output) by dotted names."""
     with torch.no_grad():
         if isinstance(model, nn.Sequential):
             return {"output": model(inputs["input"])}
         out = model(**inputs)
-    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    named = {}
+    for k, v in out.items():
+        for sub, x in (v.items() if isinstance(v, dict) else [("", v)]):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                named[f"{k}.{sub}" if sub else k] = x
+    return named
 
 
 def minilm_path() -> str:

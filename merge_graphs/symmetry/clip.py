@@ -19,13 +19,16 @@ from merge_graphs.symmetry.builder import SpecBuilder, find_prefix
 from merge_graphs.symmetry.encoder import LayerNames, encoder_layer, layer_norm, patch_positions
 from merge_graphs.symmetry.spec import Space
 
-# architecture: (its towers, its outputs in a tower's residual stream)
+# architecture: {tower: its outputs in that tower's residual stream}. A tower's last_hidden_state is its
+# final norm's output (text) or its last layer's (vision); its pooler_output, where not projected, is its
+# final norm's output at the pooled token.
 CLASSES = {
-    "CLIPModel": (("text", "vision"), ()),
-    "CLIPTextModel": (("text",), ("last_hidden_state", "pooler_output")),
-    "CLIPTextModelWithProjection": (("text",), ("last_hidden_state",)),
-    "CLIPVisionModel": (("vision",), ("last_hidden_state", "pooler_output")),
-    "CLIPVisionModelWithProjection": (("vision",), ("last_hidden_state",)),
+    "CLIPModel": {"text": ("text_model_output.last_hidden_state",),
+                  "vision": ("vision_model_output.last_hidden_state",)},
+    "CLIPTextModel": {"text": ("last_hidden_state", "pooler_output")},
+    "CLIPTextModelWithProjection": {"text": ("last_hidden_state",)},
+    "CLIPVisionModel": {"vision": ("last_hidden_state", "pooler_output")},
+    "CLIPVisionModelWithProjection": {"vision": ("last_hidden_state",)},
 }
 ARCHITECTURES = tuple(CLASSES)
 
@@ -36,38 +39,36 @@ WHY_NOT = {
     "vision": "the vision tower's pre_layrnorm writes its output into the stream (h = g * LayerNorm(x) + b), so "
               "its per-unit gain g acts on the stream itself: it commutes with permutations of the stream, not "
               "with rotations, and there is no reader to fold it into",
-    "text": "the text tower's final_layer_norm output is the model's output (last_hidden_state), in the stream's "
-            "basis with a per-unit gain that does not commute with a rotation",
-    "two towers": "the text tower alone would admit rotations that fix the all-ones direction, but a residual "
-                  "rotation maps one stream per model",
+    "text": "the text tower's final_layer_norm output is returned (last_hidden_state), in the stream's basis "
+            "with a per-unit gain that does not commute with a rotation",
 }
 
 
 def build(b: SpecBuilder, config, architecture: str):
-    towers, in_stream = CLASSES[architecture]
+    towers = CLASSES[architecture]
     both = len(towers) == 2
     embedding = b.fixed("embedding", config.projection_dim)
-    outputs, why = {}, []
-    if "text" in towers:
-        text = config.text_config if both else config
-        r = _text_tower(b, text, embedding, "last_hidden_state" in in_stream)
-        outputs.update({k: r.name for k in in_stream})
-        why.append(WHY_NOT["two towers"] if both else WHY_NOT["text"])
+    outputs = {}
     if "vision" in towers:
-        vision = config.vision_config if both else config
-        r = _vision_tower(b, vision, embedding, "pooler_output" in in_stream)
-        outputs.update({k: r.name for k in in_stream})
-        why.insert(0, WHY_NOT["vision"])
+        fields = towers["vision"]
+        r = _vision_tower(b, config.vision_config if both else config, embedding,
+                          any(f.endswith("pooler_output") for f in fields))
+        outputs.update(dict.fromkeys(fields, r.name))
+    if "text" in towers:
+        fields = towers["text"]
+        r = _text_tower(b, config.text_config if both else config, embedding, bool(fields))
+        outputs.update(dict.fromkeys(fields, r.name))
     if both:
         b.tensor("logit_scale", role="scale")
+    why = "; ".join(WHY_NOT[t] for t in ("vision", "text") if t in towers)
     return b.build(
         outputs=outputs,
-        notes=("two towers: text and vision residual streams are separate groups; the projections write the "
-               "shared embedding space, which stays fixed" if both else f"one CLIP tower: {towers[0]}",
-               "vision pre_layrnorm sits in the stream: permutations only" if "vision" in towers else
-               "pre-LayerNorm text encoder"),
-        no_rotation=f"{architecture} admits no residual rotation: " + "; ".join(why) + ". Align it with "
-                    "permutations (weight or activation matching) instead.",
+        notes=("text and vision residual streams are separate groups; the projections write the shared "
+               "embedding space, which stays fixed",
+               "no residual rotation: the vision tower's pre_layrnorm sits in the stream, the text tower "
+               "returns its final norm's output"),
+        no_rotation=f"{architecture} admits no residual rotation: {why}. Align it with permutations (weight or "
+                    "activation matching) instead.",
     )
 
 
