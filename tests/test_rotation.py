@@ -301,12 +301,12 @@ def _random_head_maps(spec, seed, angle=3.14):
     return maps
 
 
-@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied"])
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied", "vit-cls"])
 def test_within_head_maps_preserve_outputs(name):
     model = make(name)
     spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
     kinds = {hm.name.rsplit(".", 1)[1]: hm.kind for hm in spec.head_maps}
-    assert kinds == {"qk": "orthogonal" if name.startswith("gpt2") else "rope_pairs", "vo": "orthogonal"}
+    assert kinds == {"qk": "orthogonal" if name.startswith(FIX_ONES) else "rope_pairs", "vo": "orthogonal"}
     assert len(spec.head_maps) == 2 * (GPT2["n_layer"] if name.startswith("gpt2") else model.config.num_hidden_layers)
     moved = folded_model(model)
     moved.load_state_dict(rotate_heads(spec, state, _random_head_maps(spec, seed=1)))

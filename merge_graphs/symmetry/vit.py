@@ -46,10 +46,12 @@ def build(b: SpecBuilder, config, architecture: str):
     labels = b.fixed("labels", getattr(config, "num_labels", 2))
     b.tensor("classifier.weight", labels, r, role="linear")
     b.tensor("classifier.bias", labels, role="bias")
+    bare = architecture == "ViTModel"
     return b.build(
-        outputs={"last_hidden_state": "residual"} if architecture == "ViTModel" else {},
+        outputs={"last_hidden_state": "residual"} if bare else {},
         notes=("pre-LayerNorm: after folding the norms the residual stream also admits rotations "
                "that fix the all-ones direction",
-               "the pooler's output (a bare ViTModel's pooler_output) is fixed: no group moves it"),
+               *(["a bare ViTModel returns its final norm's output: it rotates only with a classifier; its "
+                  "pooler_output is fixed"] if bare else [])),
         rotation="fix_ones",
     )
