@@ -9,8 +9,8 @@ stream, and normalizes the pooled class token with ``post_layernorm``. ``text_pr
 ``visual_projection`` read the towers and write the shared embedding space, which no group moves:
 image and text embeddings must stay comparable. ``logit_scale`` is a scalar, merged as it is.
 
-No residual rotation: ``pre_layrnorm``'s per-unit gain sits on the vision stream itself, and the
-single-tower models return their last norm's output (see :data:`WHY_NOT`).
+No residual rotation (see :data:`WHY_NOT`): ``pre_layrnorm``'s per-unit gain sits on the vision stream
+itself, and every class with the text tower returns its final norm's output.
 """
 
 from __future__ import annotations
