@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_graphs.symmetry.spec import Space, SymmetrySpec, space_index
+from merge_graphs.symmetry.spec import Space, SymmetrySpec, TensorSpec, space_index
 
 
 @dataclass(frozen=True)
@@ -86,16 +86,20 @@ class NeuralGraph:
                 order.append(space)
 
         for t in spec.tensors.values():
-            if len(t.axes) == 1:
-                for s, part in _parts(t.axes[0]):
+            lead = _lead(t)
+            axes = t.axes[lead:]
+            if not axes:  # a scalar (CLIP's logit scale) belongs to no unit
+                continue
+            if len(axes) == 1:
+                for s, part in _parts(axes[0]):
                     self.node_features.append(NodeFeature(t.name, s.name, t.role, part))
                 continue
-            src_axis = t.fan_in_axis
+            src_axis = t.fan_in_axis - lead
             dst_axis = 1 - src_axis
             roles = t.role.split("|")
-            for src, src_part in _parts(t.axes[src_axis]):
+            for src, src_part in _parts(axes[src_axis]):
                 visit(src)
-                for k, (dst, dst_part) in enumerate(_parts(t.axes[dst_axis])):
+                for k, (dst, dst_part) in enumerate(_parts(axes[dst_axis])):
                     visit(dst)
                     role = roles[k] if len(roles) > 1 else t.role
                     self.edges.append(EdgeBlock(t.name, src.name, dst.name, role, src_axis, src_part, dst_part))
@@ -124,7 +128,7 @@ class NeuralGraph:
 
     def block(self, edge: EdgeBlock) -> torch.Tensor:
         """The edge block as ``(dst, src, *kernel)``: row ``i`` holds node ``i``'s incoming weights."""
-        w = self.tensors[edge.tensor]
+        w = self._core(edge.tensor)
         w = w.narrow(edge.src_axis, edge.src_slice.start, edge.src_slice.stop - edge.src_slice.start)
         dst_axis = 1 - edge.src_axis
         w = w.narrow(dst_axis, edge.dst_slice.start, edge.dst_slice.stop - edge.dst_slice.start)
@@ -132,7 +136,12 @@ class NeuralGraph:
 
     def feature(self, feature: NodeFeature) -> torch.Tensor:
         """The values of one node feature, one per node of its node set."""
-        return self.tensors[feature.tensor][feature.index]
+        return self._core(feature.tensor)[feature.index]
+
+    def _core(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` without its leading singleton axes (:func:`_lead`)."""
+        w = self.tensors[name]
+        return w.reshape(w.shape[_lead(self.spec.tensors[name]):])
 
     def node_order(self, permutations: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Global node index ``idx``: node ``i`` of the permuted model's graph is node ``idx[i]`` here."""
@@ -144,6 +153,15 @@ class NeuralGraph:
             f"NeuralGraph(family={self.spec.family!r}, node_sets={len(self.node_sets)}, "
             f"nodes={self.num_nodes}, edge_blocks={len(self.edges)}, edges={self.num_edges})"
         )
+
+
+def _lead(t: TensorSpec) -> int:
+    """How many unlabelled axes come before the first labelled one: axes of size 1 that hold no units
+    (ViT stores its class token as ``(1, 1, d)`` and its position embeddings as ``(1, n, d)``)."""
+    for a, axis in enumerate(t.axes):
+        if axis:
+            return a
+    return 0
 
 
 def _parts(spaces) -> list[tuple[Space, slice]]:
@@ -162,7 +180,7 @@ def _node_role(space: Space, edge_role: str | None) -> str:
     """
     if not space.groups:
         return f"fixed.{space.name}"
-    if space.name == "residual":
+    if space.name == "residual" or space.name.endswith(".residual"):  # CLIP: text.residual, vision.residual
         return "residual"
     if edge_role == "conv":
         return "conv"

@@ -38,12 +38,16 @@ def test_graph_counts_match_the_spec(name):
     g = mg.neural_graph(model)
     state = model.state_dict()
     spec = g.spec
-    kernel = {k: v[0, 0].numel() if v.ndim > 2 else 1 for k, v in state.items()}
-    weights = sum(state[k].numel() // kernel[k] for k, t in spec.tensors.items() if len(t.axes) >= 2)
+    # A weight has an edge per pair of units of its two labelled axes (a convolution's kernel rides on
+    # one edge); a tensor with one labelled axis gives one feature per unit; a scalar (CLIP's logit
+    # scale) neither. ViT's class token (1, 1, d) is a vector, its position embeddings (1, n, d) a weight.
+    labelled = {k: [a for a, axis in enumerate(t.axes) if axis] for k, t in spec.tensors.items()}
+    weights = sum(state[k].shape[a[0]] * state[k].shape[a[1]] for k, a in labelled.items() if len(a) == 2)
     assert g.num_edges == weights
     assert g.num_nodes == sum(s.size for s in spec.spaces.values())
-    vectors = sum(state[k].numel() for k, t in spec.tensors.items() if len(t.axes) == 1)
+    vectors = sum(state[k].numel() for k, a in labelled.items() if len(a) == 1)
     assert sum(g.feature(f).numel() for f in g.node_features) == vectors
+    assert all(len(a) <= 2 for a in labelled.values())
 
 
 def test_graph_roles_and_orientation():
