@@ -100,19 +100,23 @@ class NeuralGraph:
 
         units = spec.spaces
         for t in spec.tensors.values():
-            if len(t.axes) == 1:
-                if t.slot is not None or outer_parents(spec, t, 0):
+            lead = _lead(t)
+            axes = t.axes[lead:]
+            if not axes:  # a scalar (CLIP's logit scale) belongs to no unit
+                continue
+            if len(axes) == 1:
+                if t.slot is not None or outer_parents(spec, t, lead):
                     raise NotImplementedError(f"{t.name}: one expert's 1-D tensor is not a node feature yet")
-                for s, part in _parts(t.axes[0]):
+                for s, part in _parts(axes[0]):
                     self.node_features.append(NodeFeature(t.name, s.name, t.role, part))
                 continue
-            for select, unit, axes in _blocks(spec, t):
-                src_axis = t.fan_in_axis - (select is not None and select[0] < t.fan_in_axis)
+            for select, unit, block_axes in _blocks(spec, t, lead):
+                src_axis = t.fan_in_axis - lead - (select is not None and select[0] < t.fan_in_axis - lead)
                 dst_axis = 1 - src_axis
                 roles = t.role.split("|")
-                for src, src_part in _parts(axes[src_axis]):
+                for src, src_part in _parts(block_axes[src_axis]):
                     visit(units[src.name])
-                    for k, (dst, dst_part) in enumerate(_parts(axes[dst_axis])):
+                    for k, (dst, dst_part) in enumerate(_parts(block_axes[dst_axis])):
                         visit(units[dst.name])
                         role = roles[k] if len(roles) > 1 else t.role
                         self.edges.append(EdgeBlock(t.name, src.name, dst.name, role, src_axis, src_part, dst_part,
@@ -143,7 +147,7 @@ class NeuralGraph:
     def block(self, edge: EdgeBlock) -> torch.Tensor:
         """The edge block as ``(dst, src, *kernel)``: row ``i`` holds the incoming weights of node
         ``i`` of ``edge.dst_nodes``."""
-        w = self.tensors[edge.tensor]
+        w = self._core(edge.tensor)
         if edge.select is not None:
             w = w.select(*edge.select)
         w = w.narrow(edge.src_axis, edge.src_slice.start, edge.src_slice.stop - edge.src_slice.start)
@@ -153,7 +157,12 @@ class NeuralGraph:
 
     def feature(self, feature: NodeFeature) -> torch.Tensor:
         """The values of one node feature, one per node of its node set."""
-        return self.tensors[feature.tensor][feature.index]
+        return self._core(feature.tensor)[feature.index]
+
+    def _core(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` without its leading singleton axes (:func:`_lead`)."""
+        w = self.tensors[name]
+        return w.reshape(w.shape[_lead(self.spec.tensors[name]):])
 
     def node_order(self, permutations: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Global node index ``idx``: node ``i`` of the permuted model's graph is node ``idx[i]`` here."""
@@ -167,17 +176,27 @@ class NeuralGraph:
         )
 
 
-def _blocks(spec: SymmetrySpec, t: TensorSpec):
-    """``(select, unit, axes)`` for each block of a weight tensor: the whole tensor (unit: its slot's
-    index, or None), or with experts stacked on an axis, each expert's slice (that axis dropped)."""
-    stacked = {p for a in range(len(t.axes)) for p in outer_parents(spec, t, a).values()}
+def _lead(t: TensorSpec) -> int:
+    """How many unlabelled axes come before the first labelled one: axes of size 1 that hold no units
+    (ViT stores its class token as ``(1, 1, d)`` and its position embeddings as ``(1, n, d)``)."""
+    for a, axis in enumerate(t.axes):
+        if axis:
+            return a
+    return 0
+
+
+def _blocks(spec: SymmetrySpec, t: TensorSpec, lead: int):
+    """``(select, unit, axes)`` for each block of a weight tensor (its axes from ``lead`` on): the whole
+    tensor (unit: its slot's index, or None), or with experts stacked on an axis, each expert's slice
+    (that axis dropped)."""
+    axes = t.axes[lead:]
+    stacked = {p - lead for a in range(len(t.axes)) for p in outer_parents(spec, t, a).values()}
     if not stacked:
-        yield None, t.slot.index if t.slot is not None else None, t.axes
+        yield None, t.slot.index if t.slot is not None else None, axes
         return
     (axis,) = stacked
-    rest = t.axes[:axis] + t.axes[axis + 1:]
-    for unit in range(t.axes[axis][0].size):
-        yield (axis, unit), unit, rest
+    for unit in range(axes[axis][0].size):
+        yield (axis, unit), unit, axes[:axis] + axes[axis + 1:]
 
 
 def _nodes(space: Space, units, unit: int | None) -> slice | None:
@@ -203,7 +222,7 @@ def _node_role(space: Space, edge_role: str | None) -> str:
     """
     if not space.groups:
         return f"fixed.{space.name}"
-    if space.name == "residual":
+    if space.name == "residual" or space.name.endswith(".residual"):  # CLIP: text.residual, vision.residual
         return "residual"
     if edge_role == "conv":
         return "conv"

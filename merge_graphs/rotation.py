@@ -266,7 +266,9 @@ class Folding:
             return (_work(raw) + shift).to(raw.dtype)
         t = self.spec.tensors.get(name)
         axis = _residual_axis(t) if t is not None and self.kind == "fix_ones" else None
-        if axis is None:
+        if axis is None or (len(t.axes) > 1 and axis == t.fan_in_axis):
+            # Only writers are centred. A reader here reads a norm kept as it is (a bare ViTModel's
+            # pooler reads its final norm), whose output the centring does not change.
             return raw
         x = _work(raw)
         return (x - x.mean(axis, keepdim=True)).to(raw.dtype)
@@ -724,14 +726,14 @@ def _fit_error(xb: torch.Tensor, xa: torch.Tensor, q: torch.Tensor) -> float:
 def _hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor], batch_size: int) -> list[torch.Tensor]:
     """Residual stream at every block boundary, ``(tokens, d)`` per boundary (masked tokens dropped)."""
     device = next(model.parameters()).device
-    ids = inputs["input_ids"]
+    samples = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]  # token ids or images
     mask = inputs.get("attention_mask")
     per_layer: list[list[torch.Tensor]] = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, ids.shape[0], batch_size):
+            for start in range(0, samples, batch_size):
                 batch = {k: v[start:start + batch_size].to(device) for k, v in inputs.items()
                          if isinstance(v, torch.Tensor)}
                 hidden = model(**batch, output_hidden_states=True).hidden_states
@@ -779,7 +781,8 @@ def rotation_alignment(
       opened checkpoints (:class:`~merge_graphs.sources.ModelTensors`) this streams: every step
       reads one tensor of each model at a time, and only ``Q``, the permutations and the
       similarity matrices persist.
-    * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``; whole
+    * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``, or with a
+      vision model's ``pixel_values``; whole
       models): ``Q`` from Procrustes between the two folded models' residual-stream activations at
       every block boundary (``output_hidden_states``; each boundary weighted equally), then weight
       matching with ``Q`` fixed.

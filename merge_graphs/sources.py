@@ -82,7 +82,9 @@ class ModelTensors(TensorSource):
     MLM decoder), but the model's state dict has it under both names: here the missing names
     read the stored tensor. Names and order come from the model of ``config.architectures``
     built on the meta device (no memory); a class ``transformers`` does not know gets the
-    checkpoint's names and order. Half-precision tensors are read as float32 (:meth:`infos` keeps
+    checkpoint's names and order. A checkpoint stored under names that transformers only renames
+    on loading (ViT's ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj``
+    in transformers 5) is read under the model's names. Half-precision tensors are read as float32 (:meth:`infos` keeps
     the stored dtypes, which the output is written in by default).
 
     Args:
@@ -106,8 +108,15 @@ class ModelTensors(TensorSource):
         self.label = str(checkpoint.path)
         self.in_memory = False
         self.aliases = {}
-        stored = set(checkpoint.names())
-        order, shared = _model_names(checkpoint)
+        on_disk = set(checkpoint.names())
+        order, shared, renamed = _model_names(checkpoint)
+        self._stored_as = {n: old for n, old in renamed.items() if old in on_disk and n not in on_disk}
+        stored = on_disk | set(self._stored_as)
+        if not all(any(n in stored for n in names) for names in shared):
+            # transformers also splits or fuses some of its tensors on loading (Mixtral's experts):
+            # then it keeps the checkpoint's names throughout.
+            self._stored_as = {}
+            stored = on_disk
         known = []
         for names in shared:
             source = next((n for n in names if n in stored), None)
@@ -116,21 +125,27 @@ class ModelTensors(TensorSource):
                 self.aliases.update({n: source for n in names if n not in stored})
         seen = set(known)
         # Every name in the model's state-dict order, then any the model does not name.
+        old_names = set(self._stored_as.values())
         self._names = [n for n in order if n in seen or n in self.aliases] + \
-            [n for n in checkpoint.names() if n not in seen]
+            [n for n in checkpoint.names() if n not in seen and n not in old_names]
+        self._known = set(self._names)
+
+    def _on_disk(self, name: str) -> str:
+        name = self.aliases.get(name, name)
+        return self._stored_as.get(name, name)
 
     def infos(self) -> dict[str, TensorInfo]:
         stored = self.checkpoint.infos()
-        return {n: stored[self.aliases.get(n, n)] for n in self._names}
+        return {n: stored[self._on_disk(n)] for n in self._names}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self.checkpoint.get(self.aliases.get(name, name), device=self.device)
+        tensor = self.checkpoint.get(self._on_disk(name), device=self.device)
         # Matched, mapped and merged in float32, as a model loaded whole is: a bfloat16 tensor
         # rotated and stored back in bfloat16 would be rounded before it is merged.
         return tensor.float() if tensor.dtype in HALF else tensor
 
     def __contains__(self, name: object) -> bool:
-        return name in self.aliases or name in self.checkpoint
+        return name in self._known
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -241,9 +256,11 @@ def tensor_source(model: nn.Module | Checkpoint | TensorSource, device: str | to
 def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s tensors under the names and in the layout its checkpoints store (views, not copies).
 
-    That is its state dict, except for weights transformers renames or fuses on loading, which get
-    back their stored form, as ``save_pretrained`` writes them: a Mixtral's stacked
-    ``mlp.experts.gate_up_proj`` is ``block_sparse_moe.experts.{j}.w1.weight`` and ``.w3.weight`` again.
+    That is its state dict, unless transformers splits or fuses some of its weights on loading: then
+    every tensor gets back its stored name and layout, as ``save_pretrained`` writes them (a Mixtral's
+    stacked ``mlp.experts.gate_up_proj`` is ``block_sparse_moe.experts.{j}.w1.weight`` and ``.w3.weight``
+    again), as :class:`ModelTensors` reads such a checkpoint. Names transformers only renames (ViT's
+    older names) stay the model's, as :class:`ModelTensors` reads those.
 
     Example:
         >>> import transformers
@@ -259,12 +276,13 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _stored(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` in its stored form (:func:`checkpoint_state`), in the model's order: each converted
-    tensor's stored pieces where it stood."""
+    tensor's stored pieces where it stood; ``state`` itself where transformers only renames."""
     revert = _reverter(model)
     if revert is None:
         return state
     stored = revert(model, state)
-    if stored.keys() == state.keys():
+    held = {id(v) for v in state.values()}
+    if all(id(v) in held for v in stored.values()):  # renamings hand back the same tensors
         return state
     out = {}
     for name, tensor in state.items():
@@ -387,14 +405,15 @@ def compatible(reference: TensorSource, others: Sequence[TensorSource]) -> Symme
     return spec
 
 
-def _model_names(ckpt: Checkpoint) -> tuple[list[str], list[list[str]]]:
-    """The model's state-dict names in order, and its entries in order, each with every name it
-    goes by (tied weights)."""
+def _model_names(ckpt: Checkpoint) -> tuple[list[str], list[list[str]], dict[str, str]]:
+    """The model's state-dict names in order, its entries in order, each with every name it goes by
+    (tied weights), and ``{model name: name in a checkpoint}`` for the names transformers renames on
+    loading (:func:`_checkpoint_names`)."""
     import transformers
 
     cls = getattr(transformers, ckpt.architecture or "", None)
     if cls is None or not hasattr(cls, "_from_config"):
-        return [], []
+        return [], [], {}
     with torch.device("meta"):
         model = cls._from_config(ckpt.config)
     # keep_vars: the Parameter objects themselves, so tied names can be grouped by identity
@@ -405,4 +424,23 @@ def _model_names(ckpt: Checkpoint) -> tuple[list[str], list[list[str]]]:
     entries: dict[int, list[str]] = {}
     for name, value in state.items():
         entries.setdefault(id(value), []).append(name)
-    return list(state), list(entries.values())
+    return list(state), list(entries.values()), _checkpoint_names(model, state)
+
+
+def _checkpoint_names(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{model name: checkpoint name}`` for the tensors transformers 5 only renames on loading: its
+    reverse conversion, as ``save_pretrained`` runs it, hands those back as the same objects.
+    Tensors it splits or fuses (Mixtral's experts) are not renamings, and tied names keep theirs."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 keeps checkpoint names in memory
+        return {}
+    names: dict[int, list[str]] = {}
+    for name, value in state.items():
+        names.setdefault(id(value), []).append(name)
+    renamed = {}
+    for old, value in revert_weight_conversion(model, dict(state)).items():
+        new = names.get(id(value), [])
+        if len(new) == 1 and new[0] != old:
+            renamed[new[0]] = old
+    return renamed

@@ -8,6 +8,7 @@ import transformers as T
 from tiny_models import FACTORIES, make, minilm_path
 
 import merge_graphs as mg
+from merge_graphs.symmetry.spec import outer_parents
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
@@ -58,14 +59,19 @@ def test_graph_counts_match_the_spec(name):
     g = mg.neural_graph(model)
     state = model.state_dict()
     spec = g.spec
-    # A convolution's edge carries its kernel: the axes no group labels.
-    kernel = {k: math.prod(v.shape[a] for a, axis in enumerate(spec.tensors[k].axes) if axis is None)
-              for k, v in state.items() if k in spec.tensors}
-    weights = sum(state[k].numel() // kernel[k] for k, t in spec.tensors.items() if len(t.axes) >= 2)
+    # A weight has an edge per pair of units of its two labelled axes (a convolution's kernel rides on
+    # one edge), per expert when experts are stacked on a third; a tensor with one labelled axis gives one
+    # feature per unit; a scalar (CLIP's logit scale) neither. ViT's class token (1, 1, d) is a vector, its
+    # position embeddings (1, n, d) a weight.
+    labelled = {k: [a for a, axis in enumerate(t.axes) if axis] for k, t in spec.tensors.items()}
+    weights = sum(math.prod(state[k].shape[i] for i in a) for k, a in labelled.items() if len(a) >= 2)
     assert g.num_edges == weights
     assert g.num_nodes == sum(s.size for s in spec.spaces.values())
-    vectors = sum(state[k].numel() for k, t in spec.tensors.items() if len(t.axes) == 1)
+    vectors = sum(state[k].numel() for k, a in labelled.items() if len(a) == 1)
     assert sum(g.feature(f).numel() for f in g.node_features) == vectors
+    # Three labelled axes only where experts are stacked on one of them.
+    stacked = {k for k, t in spec.tensors.items() for a in range(len(t.axes)) if outer_parents(spec, t, a)}
+    assert all(len(a) <= 2 or (len(a) == 3 and k in stacked) for k, a in labelled.items())
 
 
 def test_graph_roles_and_orientation():

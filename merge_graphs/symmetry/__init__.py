@@ -9,6 +9,7 @@ from torch import nn
 from merge_graphs.errors import UnsupportedArchitectureError
 from merge_graphs.symmetry import (
     bert,
+    clip,
     gemma,
     gemma2,
     gemma3,
@@ -21,6 +22,7 @@ from merge_graphs.symmetry import (
     qwen3,
     qwen3_moe,
     sequential,
+    vit,
 )
 from merge_graphs.symmetry.builder import SpecBuilder
 from merge_graphs.symmetry.spec import (
@@ -44,6 +46,7 @@ from merge_graphs.tensors import TensorInfo, infos
 FAMILIES = {
     "bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": qwen3,
     "gemma": gemma, "gemma2": gemma2, "gemma3_text": gemma3, "olmo2": olmo2, "phi3": phi3,
+    "vit": vit, "clip": clip, "clip_text_model": clip, "clip_vision_model": clip,
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
 }
 SUPPORTED = tuple(a for m in dict.fromkeys(FAMILIES.values()) for a in m.ARCHITECTURES) + (
