@@ -3,7 +3,7 @@
 The engine (:mod:`merge_graphs.engine`) aligns and merges :class:`TensorSource` s and never asks
 which kind it holds. Both list the names the model's checkpoint stores, in the model's order, and
 know which of them are aliases of another (a head tied to the embedding is one tensor under two
-names, stored once). Those are the model's state-dict names, except where transformers 5 renames
+names, stored once). Those are the model's state-dict names, except where transformers 5 splits
 or fuses weights on loading (Mixtral's and Qwen-MoE's per-expert tensors become one stacked tensor
 per projection in memory): a source then holds the checkpoint's names and layout, in memory as on
 disk (:func:`checkpoint_state`), so both paths align, filter and write the same tensors;
@@ -431,15 +431,14 @@ def _checkpoint_names(model: nn.Module, state: Mapping[str, torch.Tensor]) -> di
     """``{model name: checkpoint name}`` for the tensors transformers 5 only renames on loading: its
     reverse conversion, as ``save_pretrained`` runs it, hands those back as the same objects.
     Tensors it splits or fuses (Mixtral's experts) are not renamings, and tied names keep theirs."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4 keeps checkpoint names in memory
+    revert = _reverter(model)
+    if revert is None:
         return {}
     names: dict[int, list[str]] = {}
     for name, value in state.items():
         names.setdefault(id(value), []).append(name)
     renamed = {}
-    for old, value in revert_weight_conversion(model, dict(state)).items():
+    for old, value in revert(model, dict(state)).items():
         new = names.get(id(value), [])
         if len(new) == 1 and new[0] != old:
             renamed[new[0]] = old
