@@ -28,7 +28,7 @@ from torch import nn
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
 from merge_graphs.io.checkpoint import Checkpoint
-from merge_graphs.symmetry import SymmetrySpec, spec_from_config, symmetry_spec, unaligned_spec
+from merge_graphs.symmetry import SymmetrySpec, has_spec, spec_from_config, symmetry_spec, unaligned_spec
 from merge_graphs.tensors import TensorInfo, infos
 
 #: Stored dtypes read as float32.
@@ -112,7 +112,9 @@ class ModelTensors(TensorSource):
         order, shared, renamed = _model_names(checkpoint)
         self._stored_as = {n: old for n, old in renamed.items() if old in on_disk and n not in on_disk}
         stored = on_disk | set(self._stored_as)
-        if not all(any(n in stored for n in names) for names in shared):
+        # Without a spec nothing needs the model's names: the checkpoint's are kept, and written,
+        # as mergekit writes them.
+        if not has_spec(self.config, self.architecture) or not all(any(n in stored for n in names) for names in shared):
             # transformers also splits or fuses some of its tensors on loading (Mixtral's experts):
             # then it keeps the checkpoint's names throughout.
             self._stored_as = {}

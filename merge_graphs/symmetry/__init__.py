@@ -59,15 +59,28 @@ def spec_from_config(config, tensors: Mapping[str, TensorInfo], architecture: st
     Needs no weights, so it works on lazily opened safetensors shards.
     """
     model_type = getattr(config, "model_type", None)
-    family = FAMILIES.get(model_type)
     architecture = architecture or (getattr(config, "architectures", None) or [None])[0]
-    if family is None or architecture not in family.ARCHITECTURES:
+    if not has_spec(config, architecture):
         what = architecture or model_type or type(config).__name__
         raise UnsupportedArchitectureError(
             f"no symmetry spec for {what!r}. Supported: {', '.join(SUPPORTED)}. "
             "If config.json lacks 'architectures', load the model with its class and pass it in."
         )
-    return family.build(SpecBuilder(model_type, tensors), config, architecture)
+    return FAMILIES[model_type].build(SpecBuilder(model_type, tensors), config, architecture)
+
+
+def has_spec(config, architecture: str | None = None) -> bool:
+    """Whether a checkpoint of ``config`` (loaded as ``architecture``, default its config's) has a
+    symmetry spec of its own.
+
+    Example:
+        >>> import transformers
+        >>> has_spec(transformers.LlamaConfig(), "LlamaForCausalLM"), has_spec(transformers.GPTNeoXConfig(), "GPTNeoXForCausalLM")
+        (True, False)
+    """
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    architecture = architecture or (getattr(config, "architectures", None) or [None])[0]
+    return family is not None and architecture in family.ARCHITECTURES
 
 
 def unaligned_spec(tensors: Mapping[str, TensorInfo], why: str, family: str = "unaligned") -> SymmetrySpec:
@@ -119,7 +132,7 @@ def symmetry_spec(model: nn.Module) -> SymmetrySpec:
 
 __all__ = [
     "FAMILIES", "SUPPORTED", "Group", "Permutations", "Space", "SymmetrySpec", "TensorSpec",
-    "compose_permutations", "identity_permutations", "invert_permutations", "permute_state_dict",
+    "compose_permutations", "has_spec", "identity_permutations", "invert_permutations", "permute_state_dict",
     "permute_tensor", "permuted", "random_permutations", "source_name", "spec_from_config", "symmetry_spec",
     "unaligned_spec",
 ]
