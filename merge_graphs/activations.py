@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from merge_graphs.errors import UnsupportedArchitectureError
 from merge_graphs.match import Alignment, weight_matching
-from merge_graphs.symmetry.spec import Space, SymmetrySpec, TensorSpec
+from merge_graphs.symmetry.spec import Space, SymmetrySpec, TensorSpec, outer_parents
 
 Calibration = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[str]
 
@@ -111,6 +112,13 @@ def activation_matching(
         >>> torch.equal(found.permutations["mlp.0"], merge_graphs.invert_permutations(spec, perms)["mlp.0"])
         True
     """
+    experts = [t.name for t in spec.tensors.values()
+               if t.slot is not None or any(outer_parents(spec, t, a) for a in range(len(t.axes)))]
+    if experts:
+        raise UnsupportedArchitectureError(
+            f"activation matching observes each weight's module, but a mixture of experts ({spec.family}) computes "
+            f"its experts inside one module, each on the tokens routed to it ({experts[0]} ...): their hidden units "
+            "cannot be observed one by one. Align it with weight or gnn matching, or learned alignment.")
     acts_a = capture(model_a, spec, inputs)
     acts_b = capture(model_b, spec, inputs)
     spaces = {s.name: s for s in spec.spaces.values()}

@@ -22,7 +22,7 @@ from merge_graphs.graph import NeuralGraph
 from merge_graphs.match import Alignment
 from merge_graphs.methods import get_method
 from merge_graphs.rotation import folded_model
-from merge_graphs.sources import StateTensors, compatible
+from merge_graphs.sources import StateTensors, compatible, module_tensors
 from merge_graphs.symmetry import SymmetrySpec, permute_state_dict, symmetry_spec
 from merge_graphs.verify import check_alignment
 
@@ -155,9 +155,10 @@ def aligned_model(model: nn.Module, alignment: Alignment, *, verify: bool = True
         >>> torch.equal(aligned_model(b, merge_graphs.align(a, b))[0].weight, a[0].weight)
         True
     """
+    source = StateTensors(model)
     if verify:
-        check_alignment(StateTensors(model), alignment)
-    return load_state(output_skeleton(model, alignment.basis), alignment.apply(model.state_dict()))
+        check_alignment(source, alignment)
+    return load_state(output_skeleton(model, alignment.basis), alignment.apply(source))
 
 
 def merge_models(
@@ -264,9 +265,9 @@ def output_skeleton(reference: nn.Module, basis: str = "permutation") -> nn.Modu
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` holding ``state``."""
+    """A copy of ``model`` holding ``state`` (named as the model's state dict or as its checkpoint stores it)."""
     out = copy.deepcopy(model)
-    out.load_state_dict(state)
+    out.load_state_dict(dict(module_tensors(out, state)))
     return out
 
 

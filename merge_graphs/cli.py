@@ -19,6 +19,7 @@ from merge_graphs.graph import NeuralGraph
 from merge_graphs.io import Checkpoint, load_model
 from merge_graphs.io.push import push_folder
 from merge_graphs.run import run_recipe
+from merge_graphs.sources import ModelTensors
 from merge_graphs.symmetry import spec_from_config
 
 MAX_GROUP_ROWS = 12
@@ -97,8 +98,9 @@ def _short(ref: str) -> str:
 
 def inspect(args: argparse.Namespace) -> int:
     ckpt = Checkpoint.open(args.model, allow_pickle=args.allow_pickle)
-    spec = spec_from_config(ckpt.config, ckpt.infos(), ckpt.architecture)
-    graph = NeuralGraph(spec, ckpt)
+    tensors = ModelTensors(ckpt)  # under the model's names (a ViT checkpoint's are older)
+    spec = spec_from_config(ckpt.config, tensors.infos(), ckpt.architecture)
+    graph = NeuralGraph(spec, tensors)
     report = {
         "family": spec.family,
         "groups": {name: {"size": g.size, "parent": g.parent} for name, g in spec.groups.items()},

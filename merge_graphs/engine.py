@@ -33,7 +33,7 @@ from merge_graphs.match import AlignedTensors, Alignment
 from merge_graphs.methods import get_method, merge_tensors
 from merge_graphs.parameters import check_setting, filters, resolve
 from merge_graphs.slices import OutputSlice, SliceSource, TensorTask, plan_tensors
-from merge_graphs.sources import TensorSource
+from merge_graphs.sources import TensorSource, module_tensors
 from merge_graphs.symmetry import SymmetrySpec
 from merge_graphs.tensors import TensorInfo
 from merge_graphs.vocabulary import Vocabulary
@@ -118,7 +118,7 @@ class MergedModel:
             out = type(skeleton)._from_config(self.config).eval()
         else:
             out = copy.deepcopy(skeleton)
-        out.load_state_dict(merged)
+        out.load_state_dict(dict(module_tensors(out, merged)))
         return out
 
 

@@ -7,6 +7,11 @@ units it writes, typed by role (``embed``, ``attn.q``, ``mlp.down`` ...). One-di
 tensors (biases, norm gains, BatchNorm statistics) become node features. Blocks reference
 the model's tensors by name and are oriented on demand, so building a graph copies nothing:
 the GNN computes a dense block's messages as matrix products.
+
+A mixture of experts' hidden units are one node set per layer, expert by expert
+(:func:`~merge_graphs.symmetry.spec.unit_space`); each expert's weights are a block of their own
+into its range of that set, whether the experts are stacked on a tensor axis (the block selects
+one expert's slice) or stored one tensor per expert.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_graphs.symmetry.spec import Space, SymmetrySpec, space_index
+from merge_graphs.symmetry.spec import Space, SymmetrySpec, TensorSpec, outer_parents, space_index
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,12 @@ class NodeSet:
 
 @dataclass(frozen=True)
 class EdgeBlock:
-    """A dense block of edges: the slice of ``tensor`` from node set ``src`` to ``dst``."""
+    """A dense block of edges: the slice of ``tensor`` from node set ``src`` to ``dst``.
+
+    ``select`` = ``(axis, index)`` first takes one slice of a stacked tensor (one expert's weights);
+    ``src_axis`` counts the axes after it. The block reaches the nodes ``src_nodes`` of ``src`` and
+    ``dst_nodes`` of ``dst``: every node, or one expert's range of a mixture's hidden units.
+    """
 
     tensor: str
     src: str
@@ -50,6 +60,9 @@ class EdgeBlock:
     src_axis: int
     src_slice: slice
     dst_slice: slice
+    select: tuple[int, int] | None = None
+    src_nodes: slice | None = None
+    dst_nodes: slice | None = None
 
 
 @dataclass(frozen=True)
@@ -85,22 +98,31 @@ class NeuralGraph:
             if space not in order:
                 order.append(space)
 
+        units = spec.spaces
         for t in spec.tensors.values():
-            if len(t.axes) == 1:
-                for s, part in _parts(t.axes[0]):
+            lead = _lead(t)
+            axes = t.axes[lead:]
+            if not axes:  # a scalar (CLIP's logit scale) belongs to no unit
+                continue
+            if len(axes) == 1:
+                if t.slot is not None or outer_parents(spec, t, lead):
+                    raise NotImplementedError(f"{t.name}: one expert's 1-D tensor is not a node feature yet")
+                for s, part in _parts(axes[0]):
                     self.node_features.append(NodeFeature(t.name, s.name, t.role, part))
                 continue
-            src_axis = t.fan_in_axis
-            dst_axis = 1 - src_axis
-            roles = t.role.split("|")
-            for src, src_part in _parts(t.axes[src_axis]):
-                visit(src)
-                for k, (dst, dst_part) in enumerate(_parts(t.axes[dst_axis])):
-                    visit(dst)
-                    role = roles[k] if len(roles) > 1 else t.role
-                    self.edges.append(EdgeBlock(t.name, src.name, dst.name, role, src_axis, src_part, dst_part))
+            for select, unit, block_axes in _blocks(spec, t, lead):
+                src_axis = t.fan_in_axis - lead - (select is not None and select[0] < t.fan_in_axis - lead)
+                dst_axis = 1 - src_axis
+                roles = t.role.split("|")
+                for src, src_part in _parts(block_axes[src_axis]):
+                    visit(units[src.name])
+                    for k, (dst, dst_part) in enumerate(_parts(block_axes[dst_axis])):
+                        visit(units[dst.name])
+                        role = roles[k] if len(roles) > 1 else t.role
+                        self.edges.append(EdgeBlock(t.name, src.name, dst.name, role, src_axis, src_part, dst_part,
+                                                    select, _nodes(src, units, unit), _nodes(dst, units, unit)))
         for f in self.node_features:
-            visit(spec.spaces[f.nodes])
+            visit(units[f.nodes])
 
         first_role = {}
         for e in self.edges:
@@ -123,8 +145,11 @@ class NeuralGraph:
         )
 
     def block(self, edge: EdgeBlock) -> torch.Tensor:
-        """The edge block as ``(dst, src, *kernel)``: row ``i`` holds node ``i``'s incoming weights."""
-        w = self.tensors[edge.tensor]
+        """The edge block as ``(dst, src, *kernel)``: row ``i`` holds the incoming weights of node
+        ``i`` of ``edge.dst_nodes``."""
+        w = self._core(edge.tensor)
+        if edge.select is not None:
+            w = w.select(*edge.select)
         w = w.narrow(edge.src_axis, edge.src_slice.start, edge.src_slice.stop - edge.src_slice.start)
         dst_axis = 1 - edge.src_axis
         w = w.narrow(dst_axis, edge.dst_slice.start, edge.dst_slice.stop - edge.dst_slice.start)
@@ -132,7 +157,12 @@ class NeuralGraph:
 
     def feature(self, feature: NodeFeature) -> torch.Tensor:
         """The values of one node feature, one per node of its node set."""
-        return self.tensors[feature.tensor][feature.index]
+        return self._core(feature.tensor)[feature.index]
+
+    def _core(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` without its leading singleton axes (:func:`_lead`)."""
+        w = self.tensors[name]
+        return w.reshape(w.shape[_lead(self.spec.tensors[name]):])
 
     def node_order(self, permutations: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Global node index ``idx``: node ``i`` of the permuted model's graph is node ``idx[i]`` here."""
@@ -144,6 +174,36 @@ class NeuralGraph:
             f"NeuralGraph(family={self.spec.family!r}, node_sets={len(self.node_sets)}, "
             f"nodes={self.num_nodes}, edge_blocks={len(self.edges)}, edges={self.num_edges})"
         )
+
+
+def _lead(t: TensorSpec) -> int:
+    """How many unlabelled axes come before the first labelled one: axes of size 1 that hold no units
+    (ViT stores its class token as ``(1, 1, d)`` and its position embeddings as ``(1, n, d)``)."""
+    for a, axis in enumerate(t.axes):
+        if axis:
+            return a
+    return 0
+
+
+def _blocks(spec: SymmetrySpec, t: TensorSpec, lead: int):
+    """``(select, unit, axes)`` for each block of a weight tensor (its axes from ``lead`` on): the whole
+    tensor (unit: its slot's index, or None), or with experts stacked on an axis, each expert's slice
+    (that axis dropped)."""
+    axes = t.axes[lead:]
+    stacked = {p - lead for a in range(len(t.axes)) for p in outer_parents(spec, t, a).values()}
+    if not stacked:
+        yield None, t.slot.index if t.slot is not None else None, axes
+        return
+    (axis,) = stacked
+    for unit in range(axes[axis][0].size):
+        yield (axis, unit), unit, axes[:axis] + axes[axis + 1:]
+
+
+def _nodes(space: Space, units, unit: int | None) -> slice | None:
+    """The nodes of ``space``'s node set that a block of one expert (``unit``) reaches, or None for all."""
+    if units[space.name].size == space.size:
+        return None
+    return slice(unit * space.size, (unit + 1) * space.size)
 
 
 def _parts(spaces) -> list[tuple[Space, slice]]:
@@ -162,7 +222,7 @@ def _node_role(space: Space, edge_role: str | None) -> str:
     """
     if not space.groups:
         return f"fixed.{space.name}"
-    if space.name == "residual":
+    if space.name == "residual" or space.name.endswith(".residual"):  # CLIP: text.residual, vision.residual
         return "residual"
     if edge_role == "conv":
         return "conv"

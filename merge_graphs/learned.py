@@ -42,6 +42,7 @@ from merge_graphs.errors import AlignmentError
 from merge_graphs.match import Alignment, objective, solve, weight_matching
 from merge_graphs.rotation import (
     RESIDUAL,
+    Folding,
     RotationAlignment,
     embed_fixing_ones,
     folded_model,
@@ -50,6 +51,7 @@ from merge_graphs.rotation import (
     rotate_heads,
     rotation_alignment,
 )
+from merge_graphs.sources import StateTensors, module_tensors
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import SymmetrySpec, compose_permutations
 
@@ -94,7 +96,8 @@ def learned_alignment(
     """Align causal LM ``model_b`` to ``model_a`` by learning its symmetry maps on calibration text.
 
     Args:
-        model_a: the reference, a pre-norm causal LM (GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3).
+        model_a: the reference, a pre-norm causal LM (GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Mixtral,
+            Qwen2-MoE, Qwen3-MoE).
         model_b: a model of the same architecture and size.
         calibration: ``input_ids`` (samples x tokens) and optionally ``attention_mask``.
         start: the data-free alignment to start from (default: :func:`rotation_alignment` with
@@ -132,13 +135,16 @@ def learned_alignment(
     begin = time.perf_counter()
     if start is None:
         start = rotation_alignment(model_a, model_b, seed=seed, **start_kwargs)
-    spec, kind = start.spec, start.kind
+    kind = start.kind
     device = next(model_a.parameters()).device
     skeleton = folded_model(model_a).eval()
     for p in skeleton.parameters():
         p.requires_grad_(False)
+    # The learned maps act on the module's own tensors: its state-dict names (stacked experts), not
+    # the names B's checkpoint stores (which the start's spec labels); the maps are the same.
+    spec = Folding(symmetry_spec(model_b)).spec
     a_state = {k: v.detach() for k, v in skeleton.state_dict().items()}
-    b_state = {k: v.detach() for k, v in start.apply(model_b.state_dict()).items()}
+    b_state = {k: v.detach() for k, v in module_tensors(skeleton, start.apply(StateTensors(model_b)))}
     floating = [k for k, v in a_state.items() if v.is_floating_point() and k in spec.tensors]
 
     d = spec.groups[RESIDUAL].size
@@ -195,7 +201,7 @@ def learned_alignment(
     logger.info("learned alignment: interpolated loss %.4f -> %.4f over %d steps in %.1fs",
                 curve[0] if curve else float("nan"), curve[-1] if curve else float("nan"), steps, seconds)
     return RotationAlignment(
-        spec, start.permutations, "learned", start.objective_before, start.objective_after,
+        start.spec, start.permutations, "learned", start.objective_before, start.objective_after,
         start.group_objective_before, start.group_objective_after, seconds, start.iterations,
         rotation=rotation.cpu(), kind=kind, fit="learned", fit_error=start.fit_error,
         fit_error_before=start.fit_error_before, source_spec=start.source_spec,

@@ -9,12 +9,14 @@ B (from weights, activations, or GNN embeddings) goes in, a matching comes out.
 * :func:`transport_plan` couples groups of unequal width (OT fusion).
 * :func:`weight_matching` is Git Re-Basin's coordinate descent over every group of a
   :class:`SymmetrySpec`, on named tensors. A group with child groups (attention heads and
-  the dims inside each head) is matched as blocks: the best within-head matching is found for
-  every pair of heads, then heads are matched on those scores.
+  the dims inside each head; experts and the hidden units inside each expert) is matched as
+  blocks: the best within-unit matching is found for every pair of units, then the units are
+  matched on those scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -29,12 +31,17 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from merge_graphs.assignment import auction
+from merge_graphs.errors import SpecMismatchError
 from merge_graphs.symmetry.spec import (
     Permutations,
     SymmetrySpec,
+    TensorSpec,
     check_permutations,
     identity_permutations,
+    outer_parents,
     permute_tensor,
+    permuted,
+    source_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,10 +166,9 @@ class Alignment:
         from ``source`` and nothing else, so an aligned model streams from disk as it maps a
         state dict in memory. Here: the tensor with its units put in A's order.
         """
-        tensor = source[name]
         if self.method == "none":
-            return tensor
-        return permute_tensor(self.spec, name, tensor, self.permutations)
+            return source[name]
+        return permuted(self.spec, name, source, self.permutations)
 
     def names(self, source: Mapping[str, torch.Tensor]) -> list[str]:
         """The names B has in A's basis: ``source``'s."""
@@ -175,6 +181,7 @@ class Alignment:
     def apply(self, state_b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """B's tensors in A's basis, all at once (:meth:`tensors`, gathered)."""
         check_permutations(self.spec, self.permutations)
+        check_names(self.spec, state_b)
         return dict(self.tensors(state_b))
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -183,6 +190,20 @@ class Alignment:
             g: {"before": self.group_objective_before.get(g, math.nan), "after": self.group_objective_after.get(g, math.nan)}
             for g in self.permutations
         }
+
+
+def check_names(spec: SymmetrySpec, state: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`SpecMismatchError` when ``state`` names its tensors otherwise than ``spec`` labels
+    them: a model's state dict (stacked experts) given to an alignment over its checkpoint's names
+    (one tensor per expert), which would leave the unlabelled tensors unmapped."""
+    absent = [n for n in spec.tensors if n not in state and n not in spec.tied]
+    unknown = [n for n in state if n not in spec.tensors and n not in spec.carried and state[n].is_floating_point()]
+    if absent and unknown:
+        raise SpecMismatchError(
+            f"this alignment labels tensors such as {absent[0]!r}, but was given {unknown[0]!r} instead: the tensors "
+            "are named otherwise than the spec it was made with (e.g. a model's state_dict, whose experts are "
+            "stacked, for an alignment over its checkpoint's names). Pass the model's tensors as its checkpoint "
+            "stores them, merge_graphs.sources.StateTensors(model), or align with the spec of the names you hold")
 
 
 class AlignedTensors(Mapping[str, torch.Tensor]):
@@ -216,7 +237,7 @@ def objective(
 ) -> tuple[float, dict[str, float]]:
     """Weight-matching objective: sum over labelled tensors of ``<A, perms(B)>``, total and per group."""
     moved = _without_identities(perms)
-    per_tensor = {name: _inner(a[name], permute_tensor(spec, name, b[name], moved)) for name in spec.tensors if name in a}
+    per_tensor = {name: _inner(a[name], permuted(spec, name, b, moved)) for name in spec.tensors if name in a}
     per_group = {g: sum(per_tensor.get(t, 0.0) for t in {t for t, _ in spec.touching(g)}) for g in spec.groups}
     return sum(per_tensor.values()), per_group
 
@@ -370,7 +391,7 @@ def _without_identities(perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 def _reads(spec: SymmetrySpec, block: set[str]) -> set[str]:
     """The root groups whose permutations a block's subproblem reads: every group on an axis
     other than the one the block moves, in every tensor the block moves (the block's own root
-    too when it meets itself on a second axis)."""
+    too when it meets itself on a second axis), and the group a moved tensor is one unit of."""
     def root(g: str) -> str:
         while spec.groups[g].parent is not None:
             g = spec.groups[g].parent
@@ -379,8 +400,11 @@ def _reads(spec: SymmetrySpec, block: set[str]) -> set[str]:
     out = set()
     for t in spec.tensors.values():
         moved = {i for i, spaces in enumerate(t.axes) if any(block & set(s.groups) for s in spaces or ())}
+        whole = t.slot is not None and t.slot.group in block
+        if moved and t.slot is not None and not whole:
+            out.add(root(t.slot.group))
         for i, spaces in enumerate(t.axes):
-            if moved - {i}:
+            if moved - {i} or whole:
                 out.update(root(g) for s in spaces or () for g in s.groups)
     return out
 
@@ -390,38 +414,85 @@ def _occurrences(spec, a, b, perms, block: set[str]):
     into its factors (moved to the front) and every other axis put in A's order.
 
     Yields ``(factor groups, A part, B part)`` with parts shaped ``(*factor sizes, rest)``, in
-    the checkpoints' dtype (converting a bf16 embedding whole would copy it in float32).
+    the checkpoints' dtype (converting a bf16 embedding whole would copy it in float32). A
+    parent group on one axis and its children on another (stacked experts: experts x hidden x
+    residual) are one occurrence whose factors are the parent's then the space's; the tensors of
+    a :class:`~merge_graphs.symmetry.spec.Slot` stack whose group is in the block are stacked on a
+    leading axis first.
     """
     for name, t in spec.tensors.items():
         if name not in a:
             continue
-        for axis, spaces in enumerate(t.axes):
-            touching = [s for s in spaces or () if block & set(s.groups)]
-            if not touching:
-                continue
-            tb = b[name]
-            for other_axis, other in enumerate(t.axes):
-                if other_axis != axis and other:
-                    tb = permute_tensor(_one_axis(spec, name, other_axis), name, tb, perms)
-            offset = 0
-            for s in spaces:
-                if s in touching:
-                    if set(s.groups) - block:
-                        raise NotImplementedError(f"space {s.name} mixes groups of different blocks")
-                    pa = a[name].narrow(axis, offset, s.size)
-                    pb = tb.narrow(axis, offset, s.size)
-                    sizes = [k for _, k in s.factors]
-                    pa = pa.movedim(axis, 0).reshape(*sizes, -1)
-                    pb = pb.movedim(axis, 0).reshape(*sizes, -1)
-                    yield tuple(g for g, _ in s.factors), pa, pb
-                offset += s.size
+        if t.slot is not None and t.slot.group in block:
+            if t.slot.index == 0:
+                yield from _stack_occurrences(spec, a, b, perms, block, t)
+            continue
+        touched = [i for i, spaces in enumerate(t.axes) if any(block & set(s.groups) for s in spaces or ())]
+        joint = _joint(spec, t, touched)
+        if joint is not None:
+            parent, child = joint
+            tb = _in_a_order(spec, t, b, perms, {parent, child})
+            yield from _split(a[name], tb, t.axes[child], child, block, parent, t.axes[parent][0].groups[0])
+            continue
+        for axis in touched:
+            yield from _split(a[name], _in_a_order(spec, t, b, perms, {axis}), t.axes[axis], axis, block)
 
 
-def _one_axis(spec: SymmetrySpec, name: str, axis: int) -> SymmetrySpec:
-    """A view of ``spec`` in which tensor ``name`` has only ``axis`` labelled."""
-    t = spec.tensors[name]
-    only = tuple(ax if i == axis else None for i, ax in enumerate(t.axes))
-    return SymmetrySpec(spec.family, spec.groups, {name: type(t)(name, only, t.role, t.fan_in_axis)})
+def _joint(spec: SymmetrySpec, t: TensorSpec, touched: list[int]) -> tuple[int, int] | None:
+    """``(parent axis, child axis)`` when a block moves exactly those two axes of ``t``: a parent
+    group alone on one, its children on the other."""
+    for child in touched:
+        outer = outer_parents(spec, t, child)
+        if outer and set(touched) == {child, *outer.values()}:
+            return next(iter(outer.values())), child
+    return None
+
+
+def _stack_occurrences(spec, a, b, perms, block: set[str], t: TensorSpec):
+    """:func:`_occurrences` of a slot stack whose group the block matches: its tensors stacked in
+    B's own order (the block's matching is what orders them), other axes in A's order."""
+    others = {g: p for g, p in perms.items() if g != t.slot.group}
+    touched = [i for i, spaces in enumerate(t.axes) if any(block & set(s.groups) for s in spaces or ())]
+    if len(touched) > 1:
+        raise NotImplementedError(f"{t.name}: a block moves {len(touched)} axes of one unit's tensor")
+    stacked_a = torch.stack([a[n] for n in t.slot.names])
+    stacked_b = torch.stack([_in_a_order(spec, spec.tensors[n], b, others, set(touched)) for n in t.slot.names])
+    if not touched:
+        yield (t.slot.group,), stacked_a.reshape(len(t.slot.names), -1), stacked_b.reshape(len(t.slot.names), -1)
+        return
+    child = touched[0]
+    yield from _split(stacked_a, stacked_b, t.axes[child], child + 1, block, 0, t.slot.group)
+
+
+def _split(ta, tb, spaces, axis: int, block: set[str], parent_axis: int | None = None, parent: str | None = None):
+    """The parts of ``axis`` (concatenated ``spaces``) that the block moves, factors to the front
+    (after the parent's axis, if any)."""
+    offset = 0
+    for s in spaces:
+        if block & set(s.groups):
+            if set(s.groups) - block:
+                raise NotImplementedError(f"space {s.name} mixes groups of different blocks")
+            pa, pb = ta.narrow(axis, offset, s.size), tb.narrow(axis, offset, s.size)
+            sizes = [k for _, k in s.factors]
+            if parent_axis is None:
+                yield tuple(g for g, _ in s.factors), pa.movedim(axis, 0).reshape(*sizes, -1), \
+                    pb.movedim(axis, 0).reshape(*sizes, -1)
+            else:
+                n = pa.shape[parent_axis]
+                yield (parent, *(g for g, _ in s.factors)), \
+                    pa.movedim((parent_axis, axis), (0, 1)).reshape(n, *sizes, -1), \
+                    pb.movedim((parent_axis, axis), (0, 1)).reshape(n, *sizes, -1)
+        offset += s.size
+
+
+def _in_a_order(spec: SymmetrySpec, t: TensorSpec, b, perms, skip: set[int]) -> torch.Tensor:
+    """B's tensor ``t`` with every axis but ``skip`` in A's order (read from the unit that ``perms``
+    moves to its name, for a slot)."""
+    tb = b[source_name(spec, t.name, perms)]
+    if not any(axis for i, axis in enumerate(t.axes) if i not in skip):
+        return tb
+    view = dataclasses.replace(t, axes=tuple(None if i in skip else axis for i, axis in enumerate(t.axes)))
+    return permute_tensor(SymmetrySpec(spec.family, spec.groups, {t.name: view}), t.name, tb, perms)
 
 
 def _match_block(spec, a, b, perms, group, children, solver) -> tuple[Permutations, float, float]:
@@ -435,6 +506,9 @@ def _start_block(spec, a, b, perms, group, children, solver, pool: Executor | No
     callable that waits for it and gives ``(found, old objective, new objective)``."""
     n = spec.groups[group].size
     moved = _without_identities(perms)
+    if len(children) == 1 and (n * spec.groups[children[0]].size) ** 2 > PAIRWISE_GRAM:
+        result = _match_pairwise(spec, a, b, perms, moved, group, children[0], solver)
+        return lambda: result
     if children:
         result = _match_heads(spec, a, b, perms, moved, group, children, solver)
         return lambda: result
@@ -507,6 +581,42 @@ def _match_heads(spec, a, b, perms, moved, group, children, solver) -> tuple[Per
     heads = solve(score, solver).to(device)
     found = {group: heads.cpu(), **{c: pair[c][rows, heads].cpu() for c in children}}
     return found, old, float(score[rows, heads].sum())
+
+
+#: Entries of a block's all-pairs Gram matrix (``(units x child units)^2``) above which a block with one
+#: child group is matched one pair of units at a time (:func:`_match_pairwise`): 256 MB in float32. A
+#: Mixtral layer's experts (8 x 14336 hidden units) would need 53 GB at once.
+PAIRWISE_GRAM = 1 << 26
+
+
+def _match_pairwise(spec, a, b, perms, moved, group, child, solver) -> tuple[Permutations, float, float]:
+    """:func:`_match_heads` for a group with one child (experts and their hidden units), one pair of
+    units at a time: for A's unit ``i`` and B's unit ``j`` the child similarity (summed over every
+    occurrence) is built, its best matching solved and scored; then the units are matched on the scores.
+    The same answer, holding one ``(child, child)`` similarity instead of all of them."""
+    n, k = spec.groups[group].size, spec.groups[child].size
+    parts = list(_occurrences(spec, a, b, moved, {group, child}))
+    units_now, child_now = perms[group].cpu(), perms[child].cpu()
+    rows = torch.arange(k)
+    score = torch.zeros(n, n, dtype=torch.float64)
+    inside = torch.empty(n, n, k, dtype=torch.long)
+    old = 0.0
+    for i in range(n):
+        for j in range(n):
+            sim, own = torch.zeros(k, k), 0.0
+            for factors, pa, pb in parts:
+                if child in factors:
+                    # Unpermuted factors (RoPE's head dims) are summed over, like the other axes.
+                    at = factors.index(child) - 1
+                    sim = sim + _gram(pa[i].movedim(at, 0).reshape(k, -1), pb[j].movedim(at, 0).reshape(k, -1)).cpu()
+                else:
+                    own += _inner(pa[i], pb[j])
+            inside[i, j] = solve(sim)
+            score[i, j] = own + float(sim[rows, inside[i, j]].sum())
+            if j == units_now[i]:
+                old += own + float(sim[rows, child_now[i]].sum())
+    units = solve(score, solver)
+    return {group: units, child: inside[torch.arange(n), units]}, old, float(score[torch.arange(n), units].sum())
 
 
 class _HeadGram:

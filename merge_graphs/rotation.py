@@ -68,8 +68,8 @@ import torch
 from torch import nn
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
-from merge_graphs.match import Alignment, objective, weight_matching
-from merge_graphs.sources import SpilledTensors, TensorSource, tensor_source
+from merge_graphs.match import Alignment, check_names, objective, weight_matching
+from merge_graphs.sources import SpilledTensors, TensorSource, module_tensors, tensor_source
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import (
     ROTATION_KINDS,
@@ -80,6 +80,8 @@ from merge_graphs.symmetry.spec import (
     check_permutations,
     identity_permutations,
     permute_tensor,
+    permuted,
+    source_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -264,7 +266,9 @@ class Folding:
             return (_work(raw) + shift).to(raw.dtype)
         t = self.spec.tensors.get(name)
         axis = _residual_axis(t) if t is not None and self.kind == "fix_ones" else None
-        if axis is None:
+        if axis is None or (len(t.axes) > 1 and axis == t.fan_in_axis):
+            # Only writers are centred. A reader here reads a norm kept as it is (a bare ViTModel's
+            # pooler reads its final norm), whose output the centring does not change.
             return raw
         x = _work(raw)
         return (x - x.mean(axis, keepdim=True)).to(raw.dtype)
@@ -329,7 +333,7 @@ def _rebuild(model: nn.Module, state: Mapping[str, torch.Tensor], untie: bool) -
         config.tie_word_embeddings = False
     param = next(model.parameters())
     out = type(model)(config).to(device=param.device, dtype=param.dtype)
-    out.load_state_dict(state)
+    out.load_state_dict(dict(module_tensors(out, state)))
     return out.train(model.training)
 
 
@@ -635,7 +639,8 @@ class RotationAlignment(Alignment):
     def tensor(self, name: str, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """B's tensor ``name`` folded, permuted, rotated and mapped within heads into A's folded basis,
         read from ``source`` (B's unfolded tensors)."""
-        x = self.folding.tensor(name, source)
+        # One expert's tensor of a per-expert checkpoint is read from the expert moved to its name.
+        x = self.folding.tensor(source_name(self.spec, name, self.permutations), source)
         if self.permutations:
             x = permute_tensor(self.spec, name, x, self.permutations)
         if self.rotation is not None:
@@ -649,6 +654,7 @@ class RotationAlignment(Alignment):
     def apply(self, state_b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """B's tensors in A's folded basis, all at once; the maps checked first."""
         check_permutations(self.spec, self.permutations)
+        check_names(self.folding.source_spec, state_b)
         if self.rotation is not None:
             check_rotation(self.rotation, self.kind, size=self.spec.groups[RESIDUAL].size)
         return dict(self.tensors(state_b))
@@ -707,7 +713,7 @@ def residual_similarity(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Ma
         if axis is None:
             continue
         xa = _work(a[name]).movedim(axis, -1).reshape(-1, d)
-        xb = _work(permute_tensor(spec, name, b[name], moved) if moved else b[name]).movedim(axis, -1).reshape(-1, d)
+        xb = _work(permuted(spec, name, b, moved)).movedim(axis, -1).reshape(-1, d)
         m += (xb.T @ xa).double().cpu()
     return m
 
@@ -720,14 +726,14 @@ def _fit_error(xb: torch.Tensor, xa: torch.Tensor, q: torch.Tensor) -> float:
 def _hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor], batch_size: int) -> list[torch.Tensor]:
     """Residual stream at every block boundary, ``(tokens, d)`` per boundary (masked tokens dropped)."""
     device = next(model.parameters()).device
-    ids = inputs["input_ids"]
+    samples = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]  # token ids or images
     mask = inputs.get("attention_mask")
     per_layer: list[list[torch.Tensor]] = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, ids.shape[0], batch_size):
+            for start in range(0, samples, batch_size):
                 batch = {k: v[start:start + batch_size].to(device) for k, v in inputs.items()
                          if isinstance(v, torch.Tensor)}
                 hidden = model(**batch, output_hidden_states=True).hidden_states
@@ -775,7 +781,8 @@ def rotation_alignment(
       opened checkpoints (:class:`~merge_graphs.sources.ModelTensors`) this streams: every step
       reads one tensor of each model at a time, and only ``Q``, the permutations and the
       similarity matrices persist.
-    * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``; whole
+    * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``, or with a
+      vision model's ``pixel_values``; whole
       models): ``Q`` from Procrustes between the two folded models' residual-stream activations at
       every block boundary (``output_hidden_states``; each boundary weighted equally), then weight
       matching with ``Q`` fixed.

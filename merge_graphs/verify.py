@@ -28,14 +28,15 @@ from torch import nn
 from merge_graphs.errors import AlignmentError, CheckpointNotFoundError
 from merge_graphs.io.model import auto_class
 from merge_graphs.match import Alignment
-from merge_graphs.sources import StateTensors, TensorSource
+from merge_graphs.sources import StateTensors, TensorSource, module_tensors
 from merge_graphs.symmetry.spec import SymmetrySpec
 
 logger = logging.getLogger(__name__)
 
 
 def random_input(model: nn.Module, batch: int = 2, length: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A small random input for ``model``: token ids for transformers, features or images otherwise."""
+    """A small random input for ``model``: token ids, images (``pixel_values``, sized from the config) or
+    both (CLIP) for transformers; features or images for an ``nn.Sequential``."""
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     if isinstance(model, nn.Sequential):
@@ -51,12 +52,29 @@ def random_input(model: nn.Module, batch: int = 2, length: int = 8, seed: int = 
                 continue
             return {"input": x}
         raise ValueError(f"found no image size that {type(model).__name__} accepts; pass verify=False")
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = {}
+    text, vision = _towers(model.config)
+    if text is not None:
+        ids = torch.randint(0, text.vocab_size, (batch, length), generator=g).to(device)
+        inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if vision is not None:
+        side = vision.image_size
+        h, w = side if isinstance(side, (list, tuple)) else (side, side)
+        inputs["pixel_values"] = torch.randn(batch, vision.num_channels, h, w, generator=g).to(device)
+    return inputs
+
+
+def _towers(config: Any) -> tuple[Any, Any]:
+    """The configs that say what a model reads: ``(text config or None, vision config or None)``;
+    a two-tower model (CLIP) keeps them in ``text_config`` and ``vision_config``."""
+    text = getattr(config, "text_config", None) or config
+    vision = getattr(config, "vision_config", None) or config
+    return (text if hasattr(text, "vocab_size") else None), (vision if hasattr(vision, "image_size") else None)
 
 
 def forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Named floating-point outputs of one forward pass in eval mode."""
+    """Named floating-point outputs of one forward pass in eval mode; those of a nested output by
+    dotted names (CLIP's ``text_model_output.last_hidden_state``)."""
     was_training = model.training
     model.eval()
     try:
@@ -66,7 +84,17 @@ def forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, t
         model.train(was_training)
     if isinstance(out, torch.Tensor):
         return {"output": out}
-    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return _float_tensors(out)
+
+
+def _float_tensors(out: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    found = {}
+    for k, v in out.items():
+        if isinstance(v, Mapping):
+            found.update(_float_tensors(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            found[prefix + k] = v
+    return found
 
 
 def check_function_preserved(
@@ -111,7 +139,8 @@ def compare_outputs(
 
 
 def truncated_config(config: Any, layers: int = 2, vocab: int = 256) -> Any:
-    """A copy of a ``transformers`` config with at most ``layers`` layers and ``vocab`` tokens.
+    """A copy of a ``transformers`` config with at most ``layers`` layers and ``vocab`` tokens
+    (in each tower of a two-tower model: CLIP's ``text_config`` and ``vision_config``).
 
     Example:
         >>> import transformers
@@ -121,16 +150,25 @@ def truncated_config(config: Any, layers: int = 2, vocab: int = 256) -> Any:
         (2, 256)
     """
     config = copy.deepcopy(config)
-    keep = min(layers, config.num_hidden_layers)
-    config.num_hidden_layers = keep
-    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2 ...)
-        config.layer_types = config.layer_types[:keep]
-    config.vocab_size = min(vocab, config.vocab_size)
-    pad = getattr(config, "pad_token_id", None)
-    if isinstance(pad, int) and pad >= config.vocab_size:
-        # Only the embedding's padding row is affected, the same way in both copies.
-        config.pad_token_id = 0
+    for part in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if part is not None:
+            _truncate(part, layers, vocab)
     return config
+
+
+def _truncate(config: Any, layers: int, vocab: int) -> None:
+    """Cut ``config`` in place to ``layers`` layers and ``vocab`` tokens, where it has either."""
+    if hasattr(config, "num_hidden_layers"):
+        keep = min(layers, config.num_hidden_layers)
+        config.num_hidden_layers = keep
+        if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2 ...)
+            config.layer_types = config.layer_types[:keep]
+    if hasattr(config, "vocab_size"):
+        config.vocab_size = min(vocab, config.vocab_size)
+        pad = getattr(config, "pad_token_id", None)
+        if isinstance(pad, int) and pad >= config.vocab_size:
+            # Only the embedding's padding row is affected, the same way in both copies.
+            config.pad_token_id = 0
 
 
 def truncated_model(source: TensorSource, alignment: Alignment | None = None, *, layers: int = 2,
@@ -154,10 +192,10 @@ def truncated_model(source: TensorSource, alignment: Alignment | None = None, *,
     model = cls._from_config(config, dtype=torch.float32) if hasattr(cls, "_from_config") else cls(config)
     params = model.state_dict()
     loaded = set()
-    for name, param in params.items():
-        if name not in tensors:
-            continue
-        tensor = tensors[name]
+    # By the module's names: a weight transformers fuses on loading (stacked experts) is put together
+    # from the checkpoint's pieces, one at a time.
+    for name, tensor in module_tensors(model, tensors):
+        param = params[name]
         for axis, (have, size) in enumerate(zip(tensor.shape, param.shape)):
             if have != size:  # a vocabulary axis, cut
                 tensor = tensor.narrow(axis, 0, size)
@@ -187,7 +225,7 @@ def check_alignment(source: TensorSource, alignment: Alignment, *, layers: int =
         aligned.load_state_dict(alignment.apply(source.state))
         return check_function_preserved(model, aligned, spec, alignment.permutations, tolerance)
     model = truncated_model(source, layers=layers, vocab=vocab)
-    name, depth = type(model).__name__, model.config.num_hidden_layers
+    name, depth = type(model).__name__, min(layers, _depth(source.config))
     inputs = random_input(model)
     before = forward(model, inputs)
     del model  # one truncated copy at a time
@@ -199,3 +237,9 @@ def check_alignment(source: TensorSource, alignment: Alignment, *, layers: int =
     logger.info("alignment of %s preserves its function on %d layers (largest difference %.2g)",
                 source.label, depth, worst)
     return worst
+
+
+def _depth(config: Any) -> int:
+    """The most layers of any tower."""
+    towers = (config, getattr(config, "text_config", None), getattr(config, "vision_config", None))
+    return max(getattr(c, "num_hidden_layers", 0) for c in towers if c is not None)

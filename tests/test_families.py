@@ -66,7 +66,8 @@ def random_head_maps(spec, head_maps, seed):
 
 
 HEAD_MAPS = {"llama-lm": {"qk", "vo"}, "qwen3-lm": {"vo"}, "gemma-lm": {"qk", "vo"}, "gemma2-lm": {"qk", "vo"},
-             "gemma3-lm": {"vo"}, "olmo2-lm": {"vo"}, "phi3-lm": {"qk", "vo"}, "phi3-lm-tied": {"vo"}}
+             "gemma3-lm": {"vo"}, "olmo2-lm": {"vo"}, "phi3-lm": {"qk", "vo"}, "phi3-lm-tied": {"vo"},
+             "mixtral-lm": {"qk", "vo"}, "qwen3-moe-lm-tied": {"vo"}}
 
 
 @pytest.mark.parametrize("name", sorted(HEAD_MAPS))

@@ -1,11 +1,14 @@
 """Neural graphs: counts match the spec, and permuting a model permutes its graph's nodes."""
 
+import math
+
 import pytest
 import torch
 import transformers as T
 from tiny_models import FACTORIES, make, minilm_path
 
 import merge_graphs as mg
+from merge_graphs.symmetry.spec import outer_parents
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
@@ -21,7 +24,15 @@ def test_graph_of_permuted_model_is_the_graph_with_nodes_permuted(name):
         src, dst = g.node_sets[e.src], g.node_sets[e.dst]
         rows = order[dst.offset:dst.offset + dst.size] - dst.offset
         cols = order[src.offset:src.offset + src.size] - src.offset
-        assert torch.equal(gp.block(e), g.block(e)[rows][:, cols]), e
+        if e.src_nodes is None and e.dst_nodes is None:
+            assert torch.equal(gp.block(e), g.block(e)[rows][:, cols]), e
+    # A block into one expert's nodes: permuting experts hands it another expert's weights, so
+    # compare the node sets' whole adjacency, put together from every such block.
+    for key in {(e.src, e.dst, e.role) for e in g.edges if e.src_nodes is not None or e.dst_nodes is not None}:
+        src, dst = g.node_sets[key[0]], g.node_sets[key[1]]
+        rows = order[dst.offset:dst.offset + dst.size] - dst.offset
+        cols = order[src.offset:src.offset + src.size] - src.offset
+        assert torch.equal(adjacency(gp, *key), adjacency(g, *key)[rows][:, cols]), key
     for f in g.node_features:
         ns = g.node_sets[f.nodes]
         idx = order[ns.offset:ns.offset + ns.size] - ns.offset
@@ -32,18 +43,35 @@ def test_graph_of_permuted_model_is_the_graph_with_nodes_permuted(name):
             assert torch.equal(order[ns.offset:ns.offset + ns.size], torch.arange(ns.offset, ns.offset + ns.size))
 
 
+def adjacency(g, src: str, dst: str, role: str) -> torch.Tensor:
+    """The ``(dst, src)`` weights of every edge block of ``role`` between two node sets, in place."""
+    out = torch.zeros(g.node_sets[dst].size, g.node_sets[src].size)
+    whole = slice(None)
+    for e in g.edges:
+        if (e.src, e.dst, e.role) == (src, dst, role):
+            out[e.dst_nodes or whole, e.src_nodes or whole] += g.block(e)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_graph_counts_match_the_spec(name):
     model = make(name)
     g = mg.neural_graph(model)
     state = model.state_dict()
     spec = g.spec
-    kernel = {k: v[0, 0].numel() if v.ndim > 2 else 1 for k, v in state.items()}
-    weights = sum(state[k].numel() // kernel[k] for k, t in spec.tensors.items() if len(t.axes) >= 2)
+    # A weight has an edge per pair of units of its two labelled axes (a convolution's kernel rides on
+    # one edge), per expert when experts are stacked on a third; a tensor with one labelled axis gives one
+    # feature per unit; a scalar (CLIP's logit scale) neither. ViT's class token (1, 1, d) is a vector, its
+    # position embeddings (1, n, d) a weight.
+    labelled = {k: [a for a, axis in enumerate(t.axes) if axis] for k, t in spec.tensors.items()}
+    weights = sum(math.prod(state[k].shape[i] for i in a) for k, a in labelled.items() if len(a) >= 2)
     assert g.num_edges == weights
     assert g.num_nodes == sum(s.size for s in spec.spaces.values())
-    vectors = sum(state[k].numel() for k, t in spec.tensors.items() if len(t.axes) == 1)
+    vectors = sum(state[k].numel() for k, a in labelled.items() if len(a) == 1)
     assert sum(g.feature(f).numel() for f in g.node_features) == vectors
+    # Three labelled axes only where experts are stacked on one of them.
+    stacked = {k for k, t in spec.tensors.items() for a in range(len(t.axes)) if outer_parents(spec, t, a)}
+    assert all(len(a) <= 2 or (len(a) == 3 and k in stacked) for k, a in labelled.items())
 
 
 def test_graph_roles_and_orientation():

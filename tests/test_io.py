@@ -275,6 +275,9 @@ def test_auto_class_follows_architectures():
         config = transformers.AutoConfig.for_model(model_type, architectures=[arch])
         assert auto_class(config).__name__ == auto
     assert auto_class(transformers.BertConfig()).__name__ == "AutoModel"
+    # No auto mapping loads CLIP's towers with their projections: their own class does.
+    config = transformers.CLIPTextConfig(architectures=["CLIPTextModelWithProjection"])
+    assert auto_class(config) is transformers.CLIPTextModelWithProjection
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from tests.tiny_models import VOCAB, example_input, make, outputs, randomize
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
 
 
-@pytest.mark.parametrize("family", ["gpt2-lm", "llama-lm", "qwen2-lm-tied", "qwen3-lm", "gemma-lm", "phi3-lm"])
+@pytest.mark.parametrize("family", ["gpt2-lm", "llama-lm", "qwen2-lm-tied", "qwen3-lm", "gemma-lm", "phi3-lm",
+                                    "mixtral-lm", "qwen3-moe-lm-tied"])
 def test_learned_maps_keep_b_function_and_are_deterministic(family):
     a, b = make(family, seed=0), make(family, seed=1)
     calib = {"input_ids": torch.randint(2, VOCAB, (8, 9), generator=torch.Generator().manual_seed(0))}

@@ -60,7 +60,7 @@ def test_weight_matching_recovers_a_permuted_copy(name, solver):
         assert torch.equal(aligned[k], v), k
 
 
-@pytest.mark.parametrize("name", ["mlp", "bert-seqcls", "gpt2-lm", "llama-lm"])
+@pytest.mark.parametrize("name", ["mlp", "bert-seqcls", "gpt2-lm", "llama-lm", "vit-cls", "clip"])
 def test_a_model_matched_with_itself_gives_the_identity(name):
     model = make(name)
     spec = mg.symmetry_spec(model)
@@ -92,7 +92,7 @@ def test_matching_a_subset_of_groups_leaves_the_others_alone():
         weight_matching(spec, model.state_dict(), shuffled.state_dict(), groups=["nope"])
 
 
-@pytest.mark.parametrize("family", ["llama-lm", "gpt2-lm", "bert", "mlp"])
+@pytest.mark.parametrize("family", ["llama-lm", "gpt2-lm", "bert", "mlp", "vit-cls", "clip"])
 def test_weight_matching_stops_at_a_coordinate_optimum_and_skips_unchanged_subproblems(family, monkeypatch):
     # Groups whose inputs did not change since their last solve are skipped; the result must
     # still be a fixed point of coordinate descent: solving any block again improves nothing.

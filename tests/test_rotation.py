@@ -28,9 +28,12 @@ from merge_graphs.rotation import (
 from merge_graphs.symmetry import permute_state_dict
 
 PRE_NORM = ["gpt2", "gpt2-lm", "llama", "llama-lm", "llama-lm-mha-tied-bias", "mistral-lm", "qwen2-lm",
-            "qwen2-lm-tied", "qwen3-lm", "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm", "phi3-lm-tied"]
-LMS = [n for n in PRE_NORM if n.endswith(("-lm", "-tied", "-bias"))]
+            "qwen2-lm-tied", "qwen3-lm", "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm", "phi3-lm-tied", "vit", "vit-cls",
+            "mixtral", "mixtral-lm", "qwen2-moe-lm", "qwen3-moe-lm-tied"]
+# Models with a head behind their final norm: those rotate.
+HEADED = [n for n in PRE_NORM if n.endswith(("-lm", "-tied", "-bias", "-cls"))]
 POST_NORM = ["bert", "bert-mlm", "bert-seqcls", "roberta", "roberta-mlm"]
+FIX_ONES = ("gpt2", "vit")  # LayerNorm families; the others use RMSNorm
 
 
 def assert_close(a, b, what=""):
@@ -61,9 +64,12 @@ def test_folding_preserves_outputs(name):
     if spec.tied:
         assert folded.config.tie_word_embeddings is False
         assert folded.lm_head.weight.data_ptr() != folded.get_input_embeddings().weight.data_ptr()
-    if spec.rotation == "fix_ones":  # GPT-2: the writers are centred, the stream is mean-free
-        wte = state[next(n for n in state if n.endswith("wte.weight"))]
-        assert wte.mean(1).abs().max() < 1e-6
+    if spec.rotation == "fix_ones":  # GPT-2, ViT: the writers are centred, the stream is mean-free
+        embeddings = [n for n, t in spec.tensors.items() if t.role.startswith("embed")]
+        assert embeddings
+        for n in embeddings:
+            axis = next(a for a, axis in enumerate(spec.tensors[n].axes) if axis and axis[0].name == RESIDUAL)
+            assert state[n].mean(axis).abs().max() < 1e-6, n
 
 
 def test_folding_is_idempotent_and_does_not_touch_the_input():
@@ -92,13 +98,13 @@ def test_folded_model_saves_and_loads_as_its_class(name, tmp_path):
     assert_same_outputs(model, loaded, example_input(model))
 
 
-@pytest.mark.parametrize("name", LMS)
+@pytest.mark.parametrize("name", HEADED)
 def test_admissible_rotation_preserves_outputs_and_rotates_the_stream(name):
     model = make(name)
     folded = folded_model(model)
     spec = mg.symmetry_spec(folded)
     kind = rotation_kind(spec)
-    assert kind == ("fix_ones" if name.startswith("gpt2") else "free")
+    assert kind == ("fix_ones" if name.startswith(FIX_ONES) else "free")
     q = random_rotation(spec.groups[RESIDUAL].size, kind, seed=5)
     rotated = rotate_model(model, q)
     inputs = example_input(model)
@@ -170,6 +176,21 @@ def test_post_norm_families_refuse_and_say_why(name):
         rotation_alignment(model, make(name, seed=1))
 
 
+@pytest.mark.parametrize("name, why", [
+    ("clip", "CLIPModel admits no residual rotation: the vision tower's pre_layrnorm.*per-unit gain.*final_layer_norm"),
+    ("clip-vision-proj", "pre_layrnorm writes its output into the stream.*commutes with permutations"),
+    ("clip-text-proj", "final_layer_norm output is returned"),
+])
+def test_clip_refuses_a_residual_rotation_and_says_why(name, why):
+    model = make(name)
+    spec = mg.symmetry_spec(model)
+    assert spec.rotation is None
+    with pytest.raises(mg.UnsupportedArchitectureError, match=why):
+        fold_norms(spec, model.state_dict())
+    with pytest.raises(mg.UnsupportedArchitectureError, match=why + ".*weight or activation matching"):
+        rotation_alignment(model, make(name, seed=1))
+
+
 def _scrambled(model, seed):
     """A folded copy of ``model`` with every group permuted and the residual stream rotated."""
     folded = folded_model(model)
@@ -182,14 +203,17 @@ def _scrambled(model, seed):
 
 
 @pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied",
-                                  "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm"])
+                                  "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm", "vit-cls", "mixtral-lm",
+                                  "qwen3-moe-lm-tied"])
 @pytest.mark.parametrize("data", ["data-free", "calibration"])
 def test_rotation_and_permutations_are_recovered(name, data):
     model = make(name)
     scrambled, q_total = _scrambled(model, seed=3)
     assert_same_outputs(model, scrambled, example_input(model))
     calibration = None
-    if data == "calibration":
+    if data == "calibration" and name.startswith("vit"):
+        calibration = {"pixel_values": example_input(model, seed=1)["pixel_values"]}
+    elif data == "calibration":
         ids = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
         calibration = {"input_ids": ids}
     alignment = rotation_alignment(model, scrambled, calibration=calibration)
@@ -281,12 +305,13 @@ def _random_head_maps(spec, seed, angle=3.14):
     return maps
 
 
-@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied"])
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "llama-lm-mha-tied-bias", "qwen2-lm-tied", "vit-cls",
+                                  "qwen2-moe-lm"])
 def test_within_head_maps_preserve_outputs(name):
     model = make(name)
     spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
     kinds = {hm.name.rsplit(".", 1)[1]: hm.kind for hm in spec.head_maps}
-    assert kinds == {"qk": "orthogonal" if name.startswith("gpt2") else "rope_pairs", "vo": "orthogonal"}
+    assert kinds == {"qk": "orthogonal" if name.startswith(FIX_ONES) else "rope_pairs", "vo": "orthogonal"}
     assert len(spec.head_maps) == 2 * (GPT2["n_layer"] if name.startswith("gpt2") else model.config.num_hidden_layers)
     moved = folded_model(model)
     moved.load_state_dict(rotate_heads(spec, state, _random_head_maps(spec, seed=1)))

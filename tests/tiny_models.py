@@ -22,6 +22,21 @@ DECODER = dict(vocab_size=VOCAB, hidden_size=30, num_hidden_layers=2, num_attent
                bos_token_id=1, eos_token_id=1, pad_token_id=0)
 # Gemma 2/3: a sliding window shorter than example_input's 9 tokens, one sliding and one global layer.
 SLIDING = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+# Images of 12 x 12 pixels in 4 x 4 patches: 9 patches and the class token. Head dims 5 and 6.
+VIT = dict(image_size=12, patch_size=4, num_channels=3, hidden_size=20, num_hidden_layers=2,
+           num_attention_heads=4, intermediate_size=27)
+# eos_token_id=2: CLIP's text tower pools the position of the largest token id (its original rule),
+# so the pooled token sees the whole text through the causal attention.
+CLIP_TEXT = dict(vocab_size=VOCAB, hidden_size=18, num_hidden_layers=2, num_attention_heads=3,
+                 intermediate_size=25, max_position_embeddings=16, projection_dim=11,
+                 bos_token_id=0, pad_token_id=1, eos_token_id=2)
+CLIP_VISION = dict(VIT, projection_dim=11)
+# Mixtures of experts: 3-4 experts, top-2, expert widths that are not powers of two (transformers' grouped
+# matmul on CPU needs multiples of 4); Qwen2-MoE's second layer is dense.
+MIXTRAL = dict(LLAMA, intermediate_size=20, num_local_experts=4, num_experts_per_tok=2)
+QWEN2_MOE = dict(LLAMA, intermediate_size=26, moe_intermediate_size=12, shared_expert_intermediate_size=18,
+                 num_experts=3, num_experts_per_tok=2, mlp_only_layers=[1])
+QWEN3_MOE = dict(LLAMA, head_dim=6, moe_intermediate_size=28, num_experts=4, num_experts_per_tok=2)
 
 
 def mlp():
@@ -66,6 +81,17 @@ FACTORIES = {
     "phi3-lm": lambda: T.Phi3ForCausalLM(T.Phi3Config(**DECODER)),
     "phi3-lm-tied": lambda: T.Phi3ForCausalLM(T.Phi3Config(
         **{**DECODER, "num_key_value_heads": 6, "head_dim": 8}, tie_word_embeddings=True, partial_rotary_factor=0.75)),
+    "vit": lambda: T.ViTModel(T.ViTConfig(**VIT)),
+    "vit-cls": lambda: T.ViTForImageClassification(T.ViTConfig(**VIT, num_labels=3)),
+    "clip": lambda: T.CLIPModel(T.CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION, projection_dim=11)),
+    "clip-text": lambda: T.CLIPTextModel(T.CLIPTextConfig(**CLIP_TEXT)),
+    "clip-text-proj": lambda: T.CLIPTextModelWithProjection(T.CLIPTextConfig(**CLIP_TEXT)),
+    "clip-vision": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**CLIP_VISION)),
+    "clip-vision-proj": lambda: T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**CLIP_VISION)),
+    "mixtral": lambda: T.MixtralModel(T.MixtralConfig(**MIXTRAL)),
+    "mixtral-lm": lambda: T.MixtralForCausalLM(T.MixtralConfig(**MIXTRAL)),
+    "qwen2-moe-lm": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**QWEN2_MOE)),
+    "qwen3-moe-lm-tied": lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**QWEN3_MOE, tie_word_embeddings=True)),
 }
 
 
@@ -81,7 +107,7 @@ def randomize(model: nn.Module) -> nn.Module:
         # transformers' init (std 0.02, unit gains, zero biases) leaves outputs that hardly
         # depend on the hidden units, which would hide axis mistakes: use O(1) activations.
         for n, p in model.named_parameters():
-            if p.ndim == 1:
+            if p.ndim <= 1:  # biases, gains, CLIP's logit scale
                 p.add_(0.3 * torch.randn_like(p))
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5)
@@ -93,23 +119,36 @@ def randomize(model: nn.Module) -> nn.Module:
 
 
 def example_input(model: nn.Module, seed: int = 0):
-    """Keyword arguments for one forward pass."""
+    """Keyword arguments for one forward pass: token ids, images sized from the config, or both (CLIP)."""
     g = torch.Generator().manual_seed(seed)
     if isinstance(model, nn.Sequential):
         first = model[0]
         shape = (4, 3, 8, 8) if isinstance(first, nn.Conv2d) else (4, first.in_features)
         return {"input": torch.randn(shape, generator=g)}
-    ids = torch.randint(2, VOCAB, (2, 9), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    config, inputs = model.config, {}
+    text = getattr(config, "text_config", None) or config
+    vision = getattr(config, "vision_config", None) or config
+    if hasattr(text, "vocab_size"):
+        ids = torch.randint(2, VOCAB, (2, 9), generator=g)
+        inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if hasattr(vision, "image_size"):
+        side = vision.image_size
+        inputs["pixel_values"] = torch.randn(2, vision.num_channels, side, side, generator=g)
+    return inputs
 
 
 def outputs(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
-    """Named float outputs of one forward pass."""
+    """Named float outputs of one forward pass; a nested output's (CLIP's text_model_output) by dotted names."""
     with torch.no_grad():
         if isinstance(model, nn.Sequential):
             return {"output": model(inputs["input"])}
         out = model(**inputs)
-    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    named = {}
+    for k, v in out.items():
+        for sub, x in (v.items() if isinstance(v, dict) else [("", v)]):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                named[f"{k}.{sub}" if sub else k] = x
+    return named
 
 
 def minilm_path() -> str:

@@ -216,21 +216,24 @@ class MessageLayer(nn.Module):
     ) -> dict[str, torch.Tensor]:
         K, d = len(BASES), self.dim
         inbox = {name: [torch.zeros_like(x) for _ in range(3)] for name, x in h.items()}
-        counts = {name: [0, 0, 0] for name in h}
+        counts = {name: [0.0, 0.0, 0.0] for name in h}
+        whole = slice(None)
         for e in graph.edges:
             r = _role(EDGE_ROLES, e.role)
-            src, dst = h[e.src], h[e.dst]
+            src_nodes, dst_nodes = e.src_nodes or whole, e.dst_nodes or whole
+            src, dst = h[e.src][src_nodes], h[e.dst][dst_nodes]
             block = graph.block(e).to(device=src.device, dtype=src.dtype) / scales[e.tensor]
             n_dst, n_src = block.shape[:2]
             # What each source sends its destinations, and each destination its sources, per basis.
             x = (src @ self.to_dst[r]).view(-1, K, d) * _basis_scale(n_src, src)
             y = (dst @ self.to_src[r]).view(-1, K, d) * _basis_scale(n_dst, dst)
-            to_dst, to_src = inbox[e.dst][0], inbox[e.src][1]
+            to_dst, to_src = inbox[e.dst][0][dst_nodes], inbox[e.src][1][src_nodes]
             for k, a in enumerate(self.bases(block)):
                 to_dst.addmm_(a, x[:, k])
                 to_src.addmm_(a.T, y[:, k])
-            counts[e.dst][0] += 1
-            counts[e.src][1] += 1
+            # A block into one expert's range of a node set counts as that share of a block.
+            counts[e.dst][0] += n_dst / h[e.dst].shape[0]
+            counts[e.src][1] += n_src / h[e.src].shape[0]
         for link in links:
             r = _role(LINK_ROLES, link.role)
             index = link.index.to(h[link.many].device)

@@ -26,8 +26,9 @@ def _names(value: Any) -> tuple[str, ...]:
 def auto_class(config: Any, *, trust_remote_code: bool = False) -> Any:
     """The ``transformers`` auto class that loads the architecture ``config.architectures`` names.
 
-    With ``trust_remote_code``, a custom architecture is found through ``config.auto_map``.
-    Without a match (no ``architectures``, or a class no auto mapping knows), ``AutoModel``.
+    With ``trust_remote_code``, a custom architecture is found through ``config.auto_map``. A class
+    of transformers that no auto mapping knows (``CLIPTextModelWithProjection``) is returned itself.
+    Without a match (no ``architectures``, or a class transformers does not have), ``AutoModel``.
 
     Example:
         >>> import transformers
@@ -51,6 +52,9 @@ def auto_class(config: Any, *, trust_remote_code: bool = False) -> Any:
             names = getattr(getattr(getattr(transformers, auto_name), "_model_mapping", None), "_model_mapping", {})
             if arch in _names(names.get(model_type)):
                 return getattr(transformers, auto_name)
+        own = getattr(transformers, arch, None)
+        if own is not None and hasattr(own, "from_pretrained"):
+            return own
         logger.warning("no transformers auto class loads %r (model_type %r); using AutoModel", arch, model_type)
     return transformers.AutoModel
 

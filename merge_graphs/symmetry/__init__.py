@@ -7,7 +7,23 @@ from collections.abc import Mapping
 from torch import nn
 
 from merge_graphs.errors import UnsupportedArchitectureError
-from merge_graphs.symmetry import bert, gemma, gemma2, gemma3, gpt2, llama, olmo2, phi3, qwen3, sequential
+from merge_graphs.symmetry import (
+    bert,
+    clip,
+    gemma,
+    gemma2,
+    gemma3,
+    gpt2,
+    llama,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    sequential,
+    vit,
+)
 from merge_graphs.symmetry.builder import SpecBuilder
 from merge_graphs.symmetry.spec import (
     Group,
@@ -20,7 +36,9 @@ from merge_graphs.symmetry.spec import (
     invert_permutations,
     permute_state_dict,
     permute_tensor,
+    permuted,
     random_permutations,
+    source_name,
 )
 from merge_graphs.tensors import TensorInfo, infos
 
@@ -28,6 +46,8 @@ from merge_graphs.tensors import TensorInfo, infos
 FAMILIES = {
     "bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": qwen3,
     "gemma": gemma, "gemma2": gemma2, "gemma3_text": gemma3, "olmo2": olmo2, "phi3": phi3,
+    "vit": vit, "clip": clip, "clip_text_model": clip, "clip_vision_model": clip,
+    "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
 }
 SUPPORTED = tuple(a for m in dict.fromkeys(FAMILIES.values()) for a in m.ARCHITECTURES) + (
     "torch.nn.Sequential (MLP, CNN)",)
@@ -39,15 +59,28 @@ def spec_from_config(config, tensors: Mapping[str, TensorInfo], architecture: st
     Needs no weights, so it works on lazily opened safetensors shards.
     """
     model_type = getattr(config, "model_type", None)
-    family = FAMILIES.get(model_type)
     architecture = architecture or (getattr(config, "architectures", None) or [None])[0]
-    if family is None or architecture not in family.ARCHITECTURES:
+    if not has_spec(config, architecture):
         what = architecture or model_type or type(config).__name__
         raise UnsupportedArchitectureError(
             f"no symmetry spec for {what!r}. Supported: {', '.join(SUPPORTED)}. "
             "If config.json lacks 'architectures', load the model with its class and pass it in."
         )
-    return family.build(SpecBuilder(model_type, tensors), config, architecture)
+    return FAMILIES[model_type].build(SpecBuilder(model_type, tensors), config, architecture)
+
+
+def has_spec(config, architecture: str | None = None) -> bool:
+    """Whether a checkpoint of ``config`` (loaded as ``architecture``, default its config's) has a
+    symmetry spec of its own.
+
+    Example:
+        >>> import transformers
+        >>> has_spec(transformers.LlamaConfig(), "LlamaForCausalLM"), has_spec(transformers.GPTNeoXConfig(), "GPTNeoXForCausalLM")
+        (True, False)
+    """
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    architecture = architecture or (getattr(config, "architectures", None) or [None])[0]
+    return family is not None and architecture in family.ARCHITECTURES
 
 
 def unaligned_spec(tensors: Mapping[str, TensorInfo], why: str, family: str = "unaligned") -> SymmetrySpec:
@@ -99,6 +132,7 @@ def symmetry_spec(model: nn.Module) -> SymmetrySpec:
 
 __all__ = [
     "FAMILIES", "SUPPORTED", "Group", "Permutations", "Space", "SymmetrySpec", "TensorSpec",
-    "compose_permutations", "identity_permutations", "invert_permutations", "permute_state_dict",
-    "permute_tensor", "random_permutations", "spec_from_config", "symmetry_spec", "unaligned_spec",
+    "compose_permutations", "has_spec", "identity_permutations", "invert_permutations", "permute_state_dict",
+    "permute_tensor", "permuted", "random_permutations", "source_name", "spec_from_config", "symmetry_spec",
+    "unaligned_spec",
 ]

@@ -13,7 +13,17 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedTensorError
-from merge_graphs.symmetry.spec import ROTATION_KINDS, Group, HeadMap, Norm, Space, SymmetrySpec, TensorSpec
+from merge_graphs.symmetry.spec import (
+    ROTATION_KINDS,
+    Group,
+    HeadMap,
+    Norm,
+    Slot,
+    Space,
+    SymmetrySpec,
+    TensorSpec,
+    outer_parents,
+)
 from merge_graphs.tensors import TensorInfo
 
 Axis = Space | Sequence[Space] | None
@@ -77,17 +87,32 @@ class SpecBuilder:
             self.space(f"{layer}.o", *query, vo),
         )
 
-    def tensor(self, name: str, *axes: Axis, role: str, fan_in_axis: int | None = None) -> None:
+    def experts(self, layer: str, n_experts: int, hidden: int) -> tuple[Space, Space]:
+        """Groups and spaces of one mixture-of-experts layer: the experts (group ``{layer}.experts``,
+        which orders the router's rows and the experts' weights) and, inside each expert, its hidden
+        units (``{layer}.experts.mlp``, one permutation per expert).
+
+        The hidden space holds the child group alone: a tensor that reads or writes it says which
+        expert it belongs to, by an axis labelled with the experts space (stacked weights) or by a
+        :class:`~merge_graphs.symmetry.spec.Slot` (one tensor per expert, :meth:`tensor`).
+        """
+        experts = self.group(f"{layer}.experts", n_experts)
+        units = self.group(f"{layer}.experts.mlp", hidden, parent=experts)
+        return self.space(f"{layer}.experts", (experts, n_experts)), self.space(f"{layer}.experts.mlp", (units, hidden))
+
+    def tensor(self, name: str, *axes: Axis, role: str, fan_in_axis: int | None = None,
+               slot: Slot | None = None) -> None:
         """Label tensor ``name``; it is kept only if the checkpoint has it.
 
         ``fan_in_axis`` is the axis that indexes input units: 1 for ``nn.Linear`` and
         convolutions (the default for 2-D and larger tensors), 0 for GPT-2's ``Conv1D`` and
-        for embeddings, whose rows are indexed by the token that goes in.
+        for embeddings, whose rows are indexed by the token that goes in. ``slot``: the tensor is
+        one unit of a group, stored on its own (an expert's weights in a per-expert checkpoint).
         """
         norm = tuple(None if a is None else ((a,) if isinstance(a, Space) else tuple(a)) for a in axes)
         if fan_in_axis is None:
             fan_in_axis = 1 if len(norm) > 1 else 0
-        self.labels[name] = TensorSpec(name, norm, role, fan_in_axis)
+        self.labels[name] = TensorSpec(name, norm, role, fan_in_axis, slot)
 
     def carry(self, pattern: str) -> None:
         """Copy floating-point tensors matching ``pattern`` (e.g. RoPE's frequencies) as they are."""
@@ -129,6 +154,7 @@ class SpecBuilder:
                 "that does not align units."
             )
         used = {g for t in tensors.values() for axis in t.axes for s in axis or () for g in s.groups}
+        used |= {t.slot.group for t in tensors.values() if t.slot is not None}
         used |= {self.groups[g].parent for g in used if self.groups[g].parent}
         groups = {n: g for n, g in self.groups.items() if n in used}
         outputs = {k: v for k, v in (outputs or {}).items() if v in groups}
@@ -143,8 +169,27 @@ class SpecBuilder:
         )
         spaces = {s.name for t in tensors.values() for axis in t.axes for s in axis or ()}
         head_maps = tuple(m for m in self.head_map_table if m.heads in groups and set(m.spaces) <= spaces)
-        return SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes),
+        spec = SymmetrySpec(self.family, groups, tensors, tuple(carried), outputs, tuple(notes),
                             norms, rotation, tied, head_maps, unrotated=unrotated)
+        for t in tensors.values():
+            self._check_units(spec, t)
+        return spec
+
+    def _check_units(self, spec: SymmetrySpec, t: TensorSpec) -> None:
+        """Every child group on an axis of ``t`` knows its parent unit: in its space, on another axis,
+        or from the slot; and a slot's stack is whole."""
+        for axis in range(len(t.axes)):
+            try:
+                outer_parents(spec, t, axis)
+            except ValueError as e:
+                raise SpecMismatchError(f"the {self.family} spec is inconsistent: {e}") from None
+        if t.slot is not None:
+            missing = [n for n in t.slot.names if n not in spec.tensors]
+            if missing or len(t.slot.names) != spec.groups[t.slot.group].size:
+                raise SpecMismatchError(
+                    f"{t.name} is unit {t.slot.index} of {t.slot.group} ({spec.groups[t.slot.group].size} units), but "
+                    f"the checkpoint lacks {', '.join(missing[:3]) or 'some of its siblings'}: it is incomplete; "
+                    "download or save it again")
 
     def _check_shape(self, label: TensorSpec, info: TensorInfo) -> None:
         if len(label.axes) != len(info.shape):

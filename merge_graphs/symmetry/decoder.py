@@ -30,6 +30,9 @@ does to the symmetry:
 * **Fused projections** (Phi-3): ``qkv_proj`` stores q | k | v and ``gate_up_proj`` gate | up on
   the output axis, like GPT-2's ``c_attn``: both halves of ``gate_up_proj`` are indexed by the
   same MLP units.
+* **Mixtures of experts** (Mixtral, Qwen2-MoE, Qwen3-MoE): the MLP of a sparse layer is a router and
+  a set of experts, a group whose units each hold a group of hidden units
+  (:class:`~merge_graphs.symmetry.moe.Experts` says what that does to the symmetry).
 
 Embedding scales (Gemma's ``sqrt(d)``), logit soft-capping and sliding-window layers act on
 whole vectors, scores or logits, which no map moves: they leave the symmetry as it is, and a
@@ -40,9 +43,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from merge_graphs.symmetry.builder import SpecBuilder, find_prefix
 from merge_graphs.symmetry.spec import Space, SymmetrySpec
+
+if TYPE_CHECKING:
+    from merge_graphs.symmetry.moe import Experts
 
 #: Decoder.qk_norm: what the q/k norms normalize over, and what that leaves of the symmetry.
 QK_NORMS = {
@@ -66,6 +73,7 @@ class Decoder:
         gain_offset: an RMSNorm scales by ``gain_offset + weight`` (Gemma: 1).
         qk_norm: a key of :data:`QK_NORMS`, or None.
         fused: q | k | v in one ``qkv_proj`` and gate | up in one ``gate_up_proj`` (Phi-3).
+        experts: the mixture of experts that replaces the MLP of its sparse layers, or None.
         notes: what the family does that leaves the symmetry as it is.
     """
 
@@ -77,6 +85,7 @@ class Decoder:
     gain_offset: float = 0.0
     qk_norm: str | None = None
     fused: bool = False
+    experts: Experts | None = None
     notes: tuple[str, ...] = ()
 
     def build(self, b: SpecBuilder, config, architecture: str) -> SymmetrySpec:
@@ -104,7 +113,10 @@ class Decoder:
                 attn_in = {f"{x}_proj": (s, f"attn.{x}") for x, s in zip("qkv", (q, k, v))}
                 mlp_in = {f"{x}_proj": (h, f"mlp.{x}") for x in ("gate", "up")}
             self._branch(b, r, layer, attn, self.attn_pre, self.attn_post, attn_in, ("o_proj", o, "attn.o"))
-            self._branch(b, r, layer, mlp, self.mlp_pre, self.mlp_post, mlp_in, ("down_proj", h, "mlp.down"))
+            if self.experts is not None and self.experts.sparse(config, i):
+                self.experts.label(b, config, i, layer, r, self.mlp_pre, self.gain_offset)
+            else:
+                self._branch(b, r, layer, mlp, self.mlp_pre, self.mlp_post, mlp_in, ("down_proj", h, "mlp.down"))
             if self.qk_norm == "head":
                 # One gain per head dim, shared by every head: fixed units, as RoPE gives each dim its frequency.
                 dims = b.fixed(f"layers.{i}.attn.head_dims", head_dim)

@@ -14,6 +14,14 @@ A model's symmetries are described as data, in the spirit of Git Re-Basin's Perm
   concatenates (GPT-2's fused ``c_attn`` output is ``q | k | v``), or ``None`` for axes that
   no permutation touches (a convolution's kernel).
 
+Mixture-of-experts layers store one unit of a parent group per slice of a tensor, or per tensor:
+the experts' weights are stacked on a leading axis (``experts.gate_up_proj``: experts x hidden x
+residual), or stored as one tensor per expert (``experts.3.gate_proj.weight``). A space may then
+hold a child group without its parent (an expert's hidden units): the parent unit is the index on
+the tensor's axis labelled with the parent group, or the tensor's :class:`Slot`. Permuting the
+parent moves stacked slices, or whole tensors between the names of a slot's stack
+(:func:`source_name`); as a set of units, such a space is ``parent x space`` (:func:`unit_space`).
+
 Permutations are dicts ``{group name: LongTensor}``. A root group's permutation has shape
 ``(size,)`` and a child group's ``(parent size, size)``; row ``r`` of a child applies inside
 the parent unit placed at position ``r``. Applying ``perm`` means ``new = old[perm]`` on every
@@ -61,14 +69,30 @@ class Space:
 
 
 @dataclass(frozen=True)
+class Slot:
+    """A tensor that holds one unit of a group as a tensor of its own: ``names[index]`` of a stack
+    of ``names``, one per unit of ``group`` (expert ``j``'s weights in a per-expert checkpoint).
+
+    Permuting ``group`` moves whole tensors between these names; a child group of ``group`` on an
+    axis of the tensor applies its permutation for unit ``index``.
+    """
+
+    group: str
+    names: tuple[str, ...]
+    index: int
+
+
+@dataclass(frozen=True)
 class TensorSpec:
-    """One named tensor: per axis, the spaces it concatenates (or None), its role, and which
-    axis indexes the units that feed it (the neural graph's edges point away from them)."""
+    """One named tensor: per axis, the spaces it concatenates (or None), its role, which axis
+    indexes the units that feed it (the neural graph's edges point away from them), and, for one
+    unit of a group stored on its own, its :class:`Slot`."""
 
     name: str
     axes: tuple[tuple[Space, ...] | None, ...]
     role: str
     fan_in_axis: int = 1
+    slot: Slot | None = None
 
     def spaces(self, axis: int) -> tuple[Space, ...]:
         return self.axes[axis] or ()
@@ -178,16 +202,19 @@ class SymmetrySpec:
 
     @property
     def spaces(self) -> dict[str, Space]:
-        """Every space that some tensor axis indexes, by name, in tensor order."""
+        """Every set of units that some tensor axis indexes, by name, in tensor order: a space
+        that holds a child group without its parent as ``parent x space`` (:func:`unit_space`)."""
         found: dict[str, Space] = {}
         for t in self.tensors.values():
             for axis in t.axes:
                 for s in axis or ():
-                    found.setdefault(s.name, s)
+                    if s.name not in found:
+                        found[s.name] = unit_space(s, self.groups)
         return found
 
     def touching(self, group: str) -> list[tuple[str, int]]:
-        """``(tensor name, axis)`` pairs whose axis is moved by ``group``."""
+        """``(tensor name, axis)`` pairs whose axis is moved by ``group`` (not the tensors of a
+        :class:`Slot` stack, which it moves whole)."""
         return [
             (t.name, a)
             for t in self.tensors.values()
@@ -202,10 +229,22 @@ class SymmetrySpec:
         )
 
 
-def space_index(space: Space, groups: Mapping[str, Group], perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def unit_space(space: Space, groups: Mapping[str, Group]) -> Space:
+    """``space`` as a set of units: a child group whose parent is not among its factors (an
+    expert's hidden units) has one such set per parent unit, so the parent's factor comes first."""
+    outer = [groups[g].parent for g in space.groups if groups[g].parent and groups[g].parent not in space.groups]
+    outer = list(dict.fromkeys(outer))
+    return Space(space.name, tuple((p, groups[p].size) for p in outer) + space.factors) if outer else space
+
+
+def space_index(
+    space: Space, groups: Mapping[str, Group], perms: Mapping[str, torch.Tensor], at: Mapping[str, int] | None = None
+) -> torch.Tensor:
     """Flat index ``idx`` with ``new_axis = old_axis[idx]`` for one space.
 
-    A factor whose group is missing from ``perms`` stays in place.
+    A factor whose group is missing from ``perms`` stays in place. A child group whose parent is
+    not a factor of the space uses its permutation inside the parent unit at (new) position
+    ``at[parent]``.
     """
     sizes = [k for _, k in space.factors]
     position = {g: i for i, (g, _) in enumerate(space.factors) if g is not None}
@@ -220,6 +259,11 @@ def space_index(space: Space, groups: Mapping[str, Group], perms: Mapping[str, t
         parent = groups[g].parent
         if parent is None:
             coords.append(p.view(shape))
+        elif parent not in position:
+            if at is None or parent not in at:
+                raise ValueError(f"space {space.name}: group {g} permutes units inside each unit of {parent}, "
+                                 f"which neither the space nor the tensor says")
+            coords.append(p[at[parent]].view(shape))
         else:
             # A child's permutation is chosen by the parent unit at the *new* position.
             j = position[parent]
@@ -234,28 +278,77 @@ def space_index(space: Space, groups: Mapping[str, Group], perms: Mapping[str, t
     return flat.reshape(-1)
 
 
-def axis_index(spaces: tuple[Space, ...], groups: Mapping[str, Group], perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Flat index for an axis that concatenates ``spaces``."""
+def axis_index(
+    spaces: tuple[Space, ...], groups: Mapping[str, Group], perms: Mapping[str, torch.Tensor],
+    at: Mapping[str, int] | None = None,
+) -> torch.Tensor:
+    """Flat index for an axis that concatenates ``spaces`` (``at`` as for :func:`space_index`)."""
     parts, offset = [], 0
     for s in spaces:
-        parts.append(space_index(s, groups, perms) + offset)
+        parts.append(space_index(s, groups, perms, at) + offset)
         offset += s.size
     return torch.cat(parts)
+
+
+def outer_parents(spec: SymmetrySpec, t: TensorSpec, axis: int) -> dict[str, int]:
+    """``{parent group: the axis of t that indexes it}`` for every child group on ``axis`` whose
+    parent is neither in its space nor ``t``'s slot (the experts of a stacked expert tensor)."""
+    found = {}
+    for s in t.axes[axis] or ():
+        for g in s.groups:
+            parent = spec.groups[g].parent
+            if parent is None or parent in s.groups or (t.slot is not None and t.slot.group == parent):
+                continue
+            where = [a for a, spaces in enumerate(t.axes) if spaces and [x.groups for x in spaces] == [(parent,)]]
+            if len(where) != 1:
+                raise ValueError(f"{t.name}: axis {axis} holds {g}, one permutation per unit of {parent}, but no "
+                                 f"axis of the tensor indexes {parent} alone and the tensor is not one of its units")
+            found[parent] = where[0]
+    return found
+
+
+def source_name(spec: SymmetrySpec, name: str, perms: Mapping[str, torch.Tensor]) -> str:
+    """The name whose tensor, permuted, becomes ``name``'s: ``name`` itself, or for one unit of a
+    group stored on its own (a :class:`Slot`) the name of the unit that ``perms`` moves there."""
+    t = spec.tensors.get(name)
+    if t is None or t.slot is None or t.slot.group not in perms:
+        return name
+    return t.slot.names[int(perms[t.slot.group][t.slot.index])]
 
 
 def permute_tensor(
     spec: SymmetrySpec, name: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
-    """Apply ``perms`` to one named tensor; tensors the spec does not label come back as they are."""
+    """Apply ``perms`` to one named tensor; tensors the spec does not label come back as they are.
+
+    For one unit of a group stored on its own (:class:`Slot`), ``tensor`` is the one stored under
+    :func:`source_name` (see :func:`permuted`).
+    """
     t = spec.tensors.get(name)
     if t is None:
         return tensor
+    at = {t.slot.group: t.slot.index} if t.slot is not None else {}
     out = tensor
-    for a, axis in enumerate(t.axes):
-        if axis and any(g in perms for s in axis for g in s.groups):
-            idx = axis_index(axis, spec.groups, perms).to(out.device)
-            out = out.index_select(a, idx)
+    moved = [a for a, axis in enumerate(t.axes) if axis and any(g in perms for s in axis for g in s.groups)]
+    outer = {a: outer_parents(spec, t, a) for a in moved}
+    # A child's permutation is chosen by the parent unit at the new position: parents first.
+    for a in sorted(moved, key=lambda a: bool(outer[a])):
+        if not outer[a]:
+            out = out.index_select(a, axis_index(t.axes[a], spec.groups, perms, at).to(out.device))
+            continue
+        (parent, p), = outer[a].items()
+        rows = torch.stack([axis_index(t.axes[a], spec.groups, perms, {**at, parent: r}) for r in range(out.shape[p])])
+        shape = [1] * out.dim()
+        shape[p], shape[a] = rows.shape
+        out = out.gather(a, rows.view(shape).expand(out.shape).to(out.device))
     return out
+
+
+def permuted(
+    spec: SymmetrySpec, name: str, source: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """The tensor ``name`` of the model ``source`` holds, after ``perms``: read from :func:`source_name`."""
+    return permute_tensor(spec, name, source[source_name(spec, name, perms)], perms)
 
 
 def permute_state_dict(
@@ -263,7 +356,7 @@ def permute_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Apply ``perms`` to every tensor of ``state``, one tensor at a time."""
     check_permutations(spec, perms)
-    return {k: permute_tensor(spec, k, v, perms) for k, v in state.items()}
+    return {k: permuted(spec, k, state, perms) for k in state}
 
 
 def identity_permutations(spec: SymmetrySpec, device: torch.device | str = "cpu") -> Permutations:
