@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from merge_graphs.evaluate import InterpolationCurve, interpolate_state_dicts
+from merge_graphs.sources import module_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,13 @@ def out_folder(out: str | os.PathLike | None) -> Path:
 
 def curve(skeleton: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
           loss: Callable[[nn.Module], float], label: str, points: int = POINTS) -> InterpolationCurve:
-    """Loss along the line from ``state_a`` to ``state_b``, each point loaded into a copy of ``skeleton``."""
+    """Loss along the line from ``state_a`` to ``state_b`` (named as ``skeleton``'s state dict or as its checkpoints
+    store them: a mixture of experts' experts one tensor each), each point loaded into a copy of ``skeleton``."""
     scratch = copy.deepcopy(skeleton)
     alphas = [i / (points - 1) for i in range(points)]
     losses = []
     for alpha in alphas:
-        scratch.load_state_dict(interpolate_state_dicts(state_a, state_b, alpha))
+        scratch.load_state_dict(dict(module_tensors(scratch, interpolate_state_dicts(state_a, state_b, alpha))))
         losses.append(float(loss(scratch)))
     return InterpolationCurve(alphas, losses, label)
 

@@ -73,7 +73,12 @@ QUICK_SIZE = dict(SIZE, hidden_size=32, intermediate_size=48, max_position_embed
 _GEMMA_LAYERS = {"query_pre_attn_scalar": SIZE["head_dim"], "sliding_window": 16,
                  "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True}
 
-#: The families: name -> row. Mixture-of-experts and vision families join with their specs.
+#: Mixtures of experts: 4 experts of 128 units (half the dense MLP), each token through its top 2, as much
+#: compute a token as the dense rows. Trained on the language-model loss alone (no load-balancing loss).
+_EXPERTS = {"num_experts_per_tok": 2, "moe_intermediate_size": 128}
+
+#: The families: name -> row. Vision families (ViT, CLIP) need a task of their own (images, a classifier's loss)
+#: that this suite does not have yet.
 ROWS: dict[str, Row] = {
     "llama": Row("LlamaForCausalLM", {}, "reference: pre-RMSNorm, GQA, RoPE, untied head"),
     "qwen3": Row("Qwen3ForCausalLM", {"tie_word_embeddings": True}, "q/k RMSNorm in each head, tied head"),
@@ -84,6 +89,12 @@ ROWS: dict[str, Row] = {
     "gemma3": Row("Gemma3ForCausalLM", _GEMMA_LAYERS, "Gemma 2's norms and layers with q/k RMSNorm in each head"),
     "olmo2": Row("Olmo2ForCausalLM", {}, "post-norms only, q/k RMSNorm over the whole projection"),
     "phi3": Row("Phi3ForCausalLM", {}, "fused qkv_proj and gate_up_proj"),
+    "mixtral": Row("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
+                   "4 experts (top-2) of 128 units: experts a group, each expert's units a group"),
+    "qwen2_moe": Row("Qwen2MoeForCausalLM", {**_EXPERTS, "num_experts": 4, "shared_expert_intermediate_size": 128},
+                     "Mixtral's experts with Qwen's q/k/v biases, and a gated shared expert of 128 units"),
+    "qwen3_moe": Row("Qwen3MoeForCausalLM", {**_EXPERTS, "num_experts": 4, "tie_word_embeddings": True},
+                     "Mixtral's experts with Qwen3's q/k RMSNorm in each head, tied head"),
 }
 
 #: The training recipe (:func:`merge_graphs.lab.trainers.train_byte_lm`): the ``llama`` suite's, for 300 steps.
@@ -136,7 +147,7 @@ def format_families(report: Mapping[str, Any]) -> str:
               f"{settings['size']['num_hidden_layers']} layers; held-out loss (nats/byte) on "
               f"{settings['heldout_windows']} windows of {settings['window']} bytes"
               + ("; median [min, max] over pairs" if settings["pairs"] > 1 else "")),
-             f"{'family':8s} {'method':40s} {'barrier':>10s} {'% removed':>10s} {'midpoint':>10s} {'align s':>8s}"]
+             f"{'family':10s} {'method':40s} {'barrier':>10s} {'% removed':>10s} {'midpoint':>10s} {'align s':>8s}"]
     for name, fam in report["families"].items():
         s = fam["summary"]
         best = "rotation" if "rotation" in s else "weight"
@@ -145,14 +156,14 @@ def format_families(report: Mapping[str, Any]) -> str:
                  else "best data-free: = weight (no rotation)")]
         for i, (method, label) in enumerate(rows):
             m = s[method]
-            lines.append(f"{name if i == 0 else '':8s} {label:40s} {_value(m['barrier'], '.4f'):>10s} "
+            lines.append(f"{name if i == 0 else '':10s} {label:40s} {_value(m['barrier'], '.4f'):>10s} "
                          f"{_value(m['removed'], '.1f', 100):>10s} {_value(m['midpoint'], '.4f'):>10s} "
                          f"{_value(m['align_s'], '.2f'):>8s}")
-    lines.append(f"{'family':8s} {'class':20s} {'params':>8s}  {'parents A / B':>16s}  {'train s A / B':>14s}  what")
+    lines.append(f"{'family':10s} {'class':20s} {'params':>8s}  {'parents A / B':>16s}  {'train s A / B':>14s}  what")
     for name, fam in report["families"].items():
         pair = fam["pairs"][0]
         seconds = " / ".join("cached" if t is None else f"{t:.0f}" for t in pair["train_s"])
-        lines.append(f"{name:8s} {fam['architecture']:20s} {fam['params']:>8d}  "
+        lines.append(f"{name:10s} {fam['architecture']:20s} {fam['params']:>8d}  "
                      f"{pair['loss_a']:.4f} / {pair['loss_b']:.4f}  {seconds:>14s}  {fam['what']}")
     unrotated = [name for name, fam in report["families"].items() if fam["unrotated"]]
     if unrotated:

@@ -267,6 +267,9 @@ def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module]
 
     loss_a, loss_b = loss(a), loss(b)
     out: dict[str, Any] = {"loss_a": loss_a, "loss_b": loss_b, "methods": {}}
+    # The parents' tensors as their checkpoints name them, which alignments label (a mixture of experts holds its
+    # experts stacked in memory, one tensor each in a checkpoint).
+    source_a, source_b = StateTensors(a), StateTensors(b)
     folded = {}
     for name in tqdm(family.methods, desc="methods", leave=False, disable=not progress):
         method, residual, needs_data, refine = family.methods[name]
@@ -278,10 +281,10 @@ def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module]
                              learn=learn, **({"groups": groups} if groups is not None else {}))
         seconds = time.perf_counter() - start
         if alignment.basis not in folded:
-            basis = basis_identity(StateTensors(a), alignment.basis)
-            folded[alignment.basis] = (output_skeleton(a, alignment.basis), basis.apply(a.state_dict()))
+            basis = basis_identity(source_a, alignment.basis)
+            folded[alignment.basis] = (output_skeleton(a, alignment.basis), basis.apply(source_a))
         skeleton, state_a = folded[alignment.basis]
-        line = curve(skeleton, state_a, alignment.apply(b.state_dict()), loss, name)
+        line = curve(skeleton, state_a, alignment.apply(source_b), loss, name)
         out["methods"][name] = {
             "barrier": line.barrier, "midpoint": line.midpoint, "align_s": seconds,
             "alignment": alignment.method, "curve": line.to_dict(),
