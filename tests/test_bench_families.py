@@ -114,8 +114,8 @@ def test_families_suite_quick(tmp_path, capsys):
             # Permuting, folding and rotating B keep each parent's function: the endpoints are the parents' losses.
             assert losses[0] == pytest.approx(pair["loss_a"], abs=1e-4), (name, method)
             assert losses[-1] == pytest.approx(pair["loss_b"], abs=1e-4), (name, method)
-        # Alignment removes most of naive's barrier on every family (measured: 81-96% by weight matching,
-        # 96-99% by the rotation; deterministic training, so a regression guard with a wide margin).
+        # Alignment removes most of naive's barrier on every family (measured: 75-96% by weight matching,
+        # 85-99% by the rotation; deterministic training, so a regression guard with a wide margin).
         naive = pair["methods"]["naive"]["barrier"]
         assert naive > 0.1, name
         for method in ("weight", "rotation"):

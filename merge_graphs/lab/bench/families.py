@@ -100,8 +100,9 @@ ROWS: dict[str, Row] = {
 #: The training recipe (:func:`merge_graphs.lab.trainers.train_byte_lm`): the ``llama`` suite's, for 300 steps.
 TRAINING = dict(LLAMA_TRAINING, steps=300)
 # Measured here (torch 2.13 CPU, one thread, on a machine shared with other jobs): 0.37-0.54 s a step at SIZE;
-# the 14 models took 90-282 s of wall time each, 14.8 CPU-minutes for the whole run (training and measuring).
-# Parents reach 1.92-2.02 nats/byte on the held-out text (Gemma, with 2 query heads over 1: 2.30-2.32).
+# the 20 models took 90-282 s of wall time each, about a CPU-minute (the dense rows' run: 33 min wall, 14.8
+# CPU-min; then the mixture-of-experts rows': 18 min wall, 9.2 CPU-min). Parents reach 1.92-2.08 nats/byte on the
+# held-out text (Gemma, with 2 query heads over 1: 2.30-2.32), against 3.48 for a byte unigram.
 QUICK_TRAINING = dict(TRAINING, steps=100, batch_size=8, lr=3e-3, warmup=10)
 QUICK = {"steps": QUICK_TRAINING["steps"], "windows": 16, "calibration": (8, 32)}
 
