@@ -54,7 +54,7 @@ class SpecBuilder:
         q/k dims share one permutation (``{layer}.qk``) and the v/o dims another
         (``{layer}.vo``). RoPE rotates fixed pairs of q/k dims, so with RoPE the q/k dims stay put.
         Beyond permutations, it declares the head maps (:class:`HeadMap`) ``{layer}.qk``
-        (orthogonal, or RoPE-pair rotations) and ``{layer}.vo`` (orthogonal).
+        (invertible, or with RoPE a scaled rotation in each RoPE plane) and ``{layer}.vo`` (invertible).
         """
         if n_heads % n_kv_heads:
             raise SpecMismatchError(f"{layer}: {n_heads} query heads do not divide into {n_kv_heads} key/value heads")
@@ -64,8 +64,10 @@ class SpecBuilder:
         vo = (self.group(f"{layer}.vo", head_dim, parent=heads[0]), head_dim)
         query = (heads,) if per_kv == 1 else (heads, (self.group(f"{layer}.query_heads", per_kv, parent=heads[0]), per_kv))
         self.head_map_table += [
-            HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim, "rope_pairs" if rope else "orthogonal"),
-            HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim, "orthogonal"),
+            HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim,
+                    "rope_pairs" if rope else "invertible", readers=(f"{layer}.k",)),
+            HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim, "invertible",
+                    readers=(f"{layer}.o",)),
         ]
         return (
             self.space(f"{layer}.q", *query, qk),
