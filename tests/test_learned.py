@@ -53,8 +53,8 @@ def test_cosine_schedule_decays_the_steps_and_unknown_schedules_are_refused():
     a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
     calib = {"input_ids": torch.randint(2, VOCAB, (8, 9), generator=torch.Generator().manual_seed(0))}
     start = mg.rotation.rotation_alignment(a, b)
-    constant = learned_alignment(a, b, calib, start=start, steps=3, batch_size=4, lr=0.05)
-    cosine = learned_alignment(a, b, calib, start=start, steps=3, batch_size=4, lr=0.05, schedule="cosine")
+    constant = learned_alignment(a, b, calib, start=start, steps=3, batch_size=4, lr=0.05, schedule="constant")
+    cosine = learned_alignment(a, b, calib, start=start, steps=3, batch_size=4, lr=0.05)  # the default
     assert constant.loss_curve[0] == cosine.loss_curve[0]  # the first step uses the full rate either way
     assert not torch.equal(constant.rotation, cosine.rotation)
     with pytest.raises(mg.errors.AlignmentError, match="schedule"):
