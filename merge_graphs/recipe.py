@@ -150,8 +150,8 @@ class Calibration(_Strict):
 class Learn(_Strict):
     """Settings of learned alignment; unset ones take the family's defaults.
 
-    Pre-norm causal LMs (:func:`merge_graphs.learned.learned_alignment`: 300 steps, lr 2e-3, 16 samples
-    a step, ``heads`` (default false): also learn within-head maps); post-LayerNorm encoders
+    Pre-norm causal LMs (:func:`merge_graphs.learned.learned_alignment`: 600 steps, lr 1e-2 decayed to 0
+    on a cosine, 16 samples a step, ``heads`` (default true): also learn within-head maps); post-LayerNorm encoders
     (:func:`merge_graphs.learned.learned_permutations`: the permutations by a straight-through
     estimator, 300 steps, lr 0.05, 32 samples a step, ``heads`` (default true): also the dims inside
     each head, ``tau``: the Sinkhorn temperature, 1; so do post-norm decoders, Gemma 2/3 and OLMo 2). From

@@ -488,15 +488,15 @@ def rotate_tensor(spec: SymmetrySpec, name: str, x: torch.Tensor, q: torch.Tenso
 # --- within-head maps ---------------------------------------------------------------------------
 
 def _head_blocks(spec: SymmetrySpec, head_map: HeadMap, only: str | None = None):
-    """``(tensor name, axis, offset, space size)`` of every axis part that ``head_map`` maps (of
-    tensor ``only``, if given)."""
+    """``(tensor name, axis, offset, space size, space name)`` of every axis part that ``head_map``
+    maps (of tensor ``only``, if given)."""
     tensors = spec.tensors.items() if only is None else [(only, spec.tensors[only])] if only in spec.tensors else []
     for name, t in tensors:
         for axis, spaces in enumerate(t.axes):
             offset = 0
             for s in spaces or ():
                 if s.name in head_map.spaces:
-                    yield name, axis, offset, s.size
+                    yield name, axis, offset, s.size, s.name
                 offset += s.size
 
 
@@ -508,14 +508,16 @@ def _head_view(x: torch.Tensor, axis: int, offset: int, size: int, heads: int, h
     return part.movedim(-3, 0).reshape(heads, -1, head_dim)
 
 
-def rope_plane_rotations(theta: torch.Tensor) -> torch.Tensor:
-    """Per head, a rotation by ``theta[:, i]`` in each RoPE plane ``(i, i + h/2)``: ``(heads, h, h)``
-    (differentiable in ``theta``)."""
+def rope_plane_rotations(theta: torch.Tensor, log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per head, a rotation by ``theta[:, i]`` in each RoPE plane ``(i, i + h/2)``, times
+    ``exp(log_scale[:, i])`` when given: ``(heads, h, h)`` (differentiable in both)."""
     heads, half = theta.shape
     i = torch.arange(half)
     j = i + half
     r = theta.new_zeros(heads, 2 * half, 2 * half)
     c, s = torch.cos(theta), torch.sin(theta)
+    if log_scale is not None:
+        c, s = c * log_scale.exp(), s * log_scale.exp()
     r[:, i, i], r[:, j, j], r[:, i, j], r[:, j, i] = c, c, -s, s
     return r
 
@@ -543,7 +545,7 @@ def fit_head_maps(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[
             continue
         n = spec.groups[hm.heads].size
         m = torch.zeros(n, hm.head_dim, hm.head_dim, dtype=torch.float64)
-        for name, axis, offset, size in _head_blocks(spec, hm):
+        for name, axis, offset, size, _ in _head_blocks(spec, hm):
             if name not in a:
                 continue
             xa = _head_view(_work(a[name]), axis, offset, size, n, hm.head_dim)
@@ -558,8 +560,10 @@ def fit_head_maps(spec: SymmetrySpec, a: Mapping[str, torch.Tensor], b: Mapping[
 
 def rotate_heads(spec: SymmetrySpec, state: Mapping[str, torch.Tensor],
                  maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply within-head maps (:func:`fit_head_maps`): on every axis part that a map's spaces index,
-    head ``i``'s dims ``x`` become ``x @ maps[name][i]``. Other tensors are shared with ``state``."""
+    """Apply within-head maps (:func:`fit_head_maps`, or learned ones): on every axis part that a
+    map's spaces index, head ``i``'s dims ``x`` become ``x @ M`` with ``M = maps[name][i]``, or
+    ``x @ M^-T`` in the map's reading spaces (k, o; the same ``M`` when it is orthogonal). Other
+    tensors are shared with ``state``."""
     by_name = {hm.name: hm for hm in spec.head_maps}
     unknown = set(maps) - set(by_name)
     if unknown:
@@ -574,8 +578,9 @@ def rotate_heads_tensor(spec: SymmetrySpec, name: str, x: torch.Tensor,
     for hm in spec.head_maps:
         if hm.name not in maps:
             continue
-        r, n = maps[hm.name], spec.groups[hm.heads].size
-        for _, axis, offset, size in _head_blocks(spec, hm, name):
+        m, n = maps[hm.name], spec.groups[hm.heads].size
+        for _, axis, offset, size, space in _head_blocks(spec, hm, name):
+            r = torch.linalg.inv(m.double()).transpose(-1, -2).to(m.dtype) if space in hm.readers else m
             work = _work(out)
             part = work.narrow(axis, offset, size).movedim(axis, -1)
             shape = part.shape

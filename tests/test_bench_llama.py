@@ -34,7 +34,7 @@ def test_rows_match_the_groups_they_name():
     assert resolve_groups(m, ("heads",), "permutation") == ["layers.0.attn.heads", "layers.1.attn.heads"]
     assert LLAMA_GROUPS == {"weight-noheads": ("residual", "mlp"), "rotation-noheads": ("mlp",)}
     assert LLAMA_METHODS["learned"] == LLAMA_METHODS["learned+heads"] == ("learned", "rotation", True, False)
-    assert LEARN == {"learned": {"steps": 300}, "learned+heads": {"steps": 300, "heads": True}}
+    assert LEARN == {"learned": {"heads": False}, "learned+heads": {"heads": True}}
     assert set(FAMILIES) == {"gpt2", "llama"}
 
 

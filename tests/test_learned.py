@@ -38,6 +38,12 @@ def test_learned_maps_keep_b_function_and_are_deterministic(family):
     assert set(found.head_maps) == {hm.name for hm in found.spec.head_maps}
     assert all(name not in start.head_maps or not torch.allclose(m, start.head_maps[name], atol=1e-4)
                for name, m in found.head_maps.items())
+    for hm in found.spec.head_maps:  # learned in the whole class the family admits, not only orthogonal maps
+        m = found.head_maps[hm.name].double()
+        gram = m.transpose(1, 2) @ m
+        assert not torch.allclose(gram, torch.eye(hm.head_dim, dtype=gram.dtype).expand_as(gram), atol=1e-3)
+        if hm.kind == "rope_pairs":  # a rotation times a scale in each RoPE plane, nothing across planes
+            assert torch.allclose(gram, torch.diag_embed(gram.diagonal(dim1=1, dim2=2)), atol=1e-5)
     moved = aligned_model(b, found)  # raises if B's function changed
     inputs = example_input(b)
     want = outputs(b, inputs)["logits"]
@@ -48,8 +54,8 @@ def test_cosine_schedule_decays_the_steps_and_unknown_schedules_are_refused():
     a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
     calib = {"input_ids": torch.randint(2, VOCAB, (8, 9), generator=torch.Generator().manual_seed(0))}
     start = mg.rotation.rotation_alignment(a, b)
-    constant = learned_alignment(a, b, calib, start=start, steps=3, batch_size=4, lr=0.05)
-    cosine = learned_alignment(a, b, calib, start=start, steps=3, batch_size=4, lr=0.05, schedule="cosine")
+    constant = learned_alignment(a, b, calib, start=start, steps=3, batch_size=4, lr=0.05, schedule="constant")
+    cosine = learned_alignment(a, b, calib, start=start, steps=3, batch_size=4, lr=0.05)  # the default
     assert constant.loss_curve[0] == cosine.loss_curve[0]  # the first step uses the full rate either way
     assert not torch.equal(constant.rotation, cosine.rotation)
     with pytest.raises(mg.errors.AlignmentError, match="schedule"):

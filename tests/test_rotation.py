@@ -286,21 +286,25 @@ def test_the_rotation_step_streams_the_permutations_tensor_by_tensor():
     assert objective(spec, fa, rotate(spec, moved, best, check=False), mg.identity_permutations(spec))[0] >= max(values)
 
 
-def _random_head_maps(spec, seed, angle=3.14):
+def _random_head_maps(spec, seed, angle=3.14, scale=0.0):
     """One admissible map per key/value head of every head map of ``spec`` (RoPE planes rotated
-    by angles in ``[-angle, angle]``)."""
+    by angles in ``[-angle, angle]``); orthogonal, or with ``scale`` times random factors in
+    ``[exp(-scale), exp(scale)]`` (per RoPE plane; per column of an invertible map)."""
     g = torch.Generator().manual_seed(seed)
     maps = {}
     for hm in spec.head_maps:
         n, h = spec.groups[hm.heads].size, hm.head_dim
         if hm.kind == "rope_pairs":
             theta = (2 * torch.rand(n, h // 2, generator=g, dtype=torch.float64) - 1) * angle
+            factor = ((2 * torch.rand(n, h // 2, generator=g, dtype=torch.float64) - 1) * scale).exp()
             i = torch.arange(h // 2)
             r = torch.zeros(n, h, h, dtype=torch.float64)
-            r[:, i, i], r[:, i + h // 2, i + h // 2] = theta.cos(), theta.cos()
-            r[:, i, i + h // 2], r[:, i + h // 2, i] = -theta.sin(), theta.sin()
+            r[:, i, i], r[:, i + h // 2, i + h // 2] = theta.cos() * factor, theta.cos() * factor
+            r[:, i, i + h // 2], r[:, i + h // 2, i] = -theta.sin() * factor, theta.sin() * factor
         else:
+            assert hm.kind == "invertible"
             r = torch.linalg.qr(torch.randn(n, h, h, generator=g, dtype=torch.float64))[0]
+            r = r * ((2 * torch.rand(n, 1, h, generator=g, dtype=torch.float64) - 1) * scale).exp()
         maps[hm.name] = r.float()
     return maps
 
@@ -311,11 +315,17 @@ def test_within_head_maps_preserve_outputs(name):
     model = make(name)
     spec, state = fold_norms(mg.symmetry_spec(model), model.state_dict())
     kinds = {hm.name.rsplit(".", 1)[1]: hm.kind for hm in spec.head_maps}
-    assert kinds == {"qk": "orthogonal" if name.startswith(FIX_ONES) else "rope_pairs", "vo": "orthogonal"}
+    assert kinds == {"qk": "invertible" if name.startswith(FIX_ONES) else "rope_pairs", "vo": "invertible"}
     assert len(spec.head_maps) == 2 * (GPT2["n_layer"] if name.startswith("gpt2") else model.config.num_hidden_layers)
     moved = folded_model(model)
-    moved.load_state_dict(rotate_heads(spec, state, _random_head_maps(spec, seed=1)))
-    assert_same_outputs(model, moved, example_input(model))
+    for scale in (0.0, 0.7):  # orthogonal maps, and maps that scale (the reading side takes M^-T)
+        moved.load_state_dict(rotate_heads(spec, state, _random_head_maps(spec, seed=1, scale=scale)))
+        assert_same_outputs(model, moved, example_input(model))
+    # Scaling maps applied as they are on both sides (as if they were orthogonal) change the outputs.
+    as_orthogonal = dataclasses.replace(spec, head_maps=tuple(dataclasses.replace(hm, readers=()) for hm in spec.head_maps))
+    moved.load_state_dict(rotate_heads(as_orthogonal, state, _random_head_maps(spec, seed=1, scale=0.7)))
+    with pytest.raises(AssertionError):
+        assert_same_outputs(model, moved, example_input(model))
     # A map that breaks the symmetry changes the outputs: rotating q alone (not k).
     broken = {}
     for hm in spec.head_maps[:1]:

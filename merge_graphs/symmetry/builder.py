@@ -63,10 +63,11 @@ class SpecBuilder:
         (``{layer}.query_heads``, one permutation per key/value head). Within each head, the
         q/k dims share one permutation (``{layer}.qk``) and the v/o dims another
         (``{layer}.vo``). RoPE rotates fixed pairs of q/k dims, so with RoPE the q/k dims stay put.
-        Beyond permutations, it declares the head maps (:class:`HeadMap`) ``{layer}.vo``
-        (orthogonal) and, unless ``qk_map`` is False, ``{layer}.qk`` (orthogonal, or RoPE-pair
-        rotations). A family turns the q/k map off where something between the projections and
-        the scores does not commute with it (a per-dim q/k norm gain, RoPE on part of each head).
+        if qk_map:
+            self.head_map_table.append(HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim,
+                                               "rope_pairs" if rope else "invertible", readers=(f"{layer}.k",)))
+        self.head_map_table.append(HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim,
+                                           "invertible", readers=(f"{layer}.o",)))
         """
         if n_heads % n_kv_heads:
             raise SpecMismatchError(f"{layer}: {n_heads} query heads do not divide into {n_kv_heads} key/value heads")
@@ -77,9 +78,9 @@ class SpecBuilder:
         query = (heads,) if per_kv == 1 else (heads, (self.group(f"{layer}.query_heads", per_kv, parent=heads[0]), per_kv))
         if qk_map:
             self.head_map_table.append(HeadMap(f"{layer}.qk", heads[0], (f"{layer}.q", f"{layer}.k"), head_dim,
-                                               "rope_pairs" if rope else "orthogonal"))
+                                               "rope_pairs" if rope else "invertible", readers=(f"{layer}.k",)))
         self.head_map_table.append(HeadMap(f"{layer}.vo", heads[0], (f"{layer}.v", f"{layer}.o"), head_dim,
-                                           "orthogonal"))
+                                           "invertible", readers=(f"{layer}.o",)))
         return (
             self.space(f"{layer}.q", *query, qk),
             self.space(f"{layer}.k", heads, qk),

@@ -121,10 +121,13 @@ class Norm:
     offset: float = 0.0
 
 
-#: HeadMap.kind: which maps of one head's dims commute with what the attention computes.
+#: HeadMap.kind: which maps of one head's dims commute with what the attention computes (a map ``M``
+#: acts as ``x M`` on the writing side's dims and ``x M^-T`` on the reading side's, so ``q k^T`` and
+#: ``softmax(.) v W_o`` are unchanged).
 HEAD_MAP_KINDS = {
-    "orthogonal": "any orthogonal map of the head dims (V/O; Q/K without RoPE, shared by q and k)",
-    "rope_pairs": "a 2-D rotation in each plane RoPE rotates, dims (i, i + head_dim / 2) (Q/K with RoPE)",
+    "invertible": "any invertible map of the head dims (V/O; Q/K without RoPE)",
+    "rope_pairs": "in each plane RoPE rotates, dims (i, i + head_dim / 2), a rotation times a positive scale "
+                  "(Q/K with RoPE: the 2-D maps that commute with every position's rotation)",
 }
 
 
@@ -132,11 +135,12 @@ HEAD_MAP_KINDS = {
 class HeadMap:
     """Maps of the dims inside each attention head, beyond permutations.
 
-    One ``head_dim x head_dim`` map per key/value head multiplies, on every tensor axis that
-    indexes one of ``spaces``, that head's dims (and those of the query heads that share it).
-    Q and K share one map (scores ``q k^T`` are unchanged by ``q R, k R`` for orthogonal ``R``);
-    V and O share another. With RoPE only rotations within each frequency pair commute with the
-    position rotation (``kind="rope_pairs"``).
+    One ``head_dim x head_dim`` map ``M`` per key/value head multiplies, on every tensor axis that
+    indexes one of ``spaces``, that head's dims (and those of the query heads that share it): by
+    ``M`` on the writing side (q, v) and by ``M^-T`` on the reading side (``readers``: k, o), so
+    scores ``(q M) (k M^-T)^T = q k^T`` and outputs ``(a M) (W_o M^-T)^T = a W_o^T`` are unchanged
+    (for an orthogonal ``M`` both sides take ``M``). Q and K share one map, V and O another. With
+    RoPE only the maps that commute with the position rotation are admitted (``kind="rope_pairs"``).
 
     Attributes:
         name: ``"{layer}.qk"`` or ``"{layer}.vo"``.
@@ -145,6 +149,7 @@ class HeadMap:
             each is ``heads x [query heads] x head dims``.
         head_dim: the dims per head (the last factor of each space).
         kind: a key of :data:`HEAD_MAP_KINDS`.
+        readers: the spaces among ``spaces`` on the reading side, whose dims take ``M^-T``.
     """
 
     name: str
@@ -152,6 +157,7 @@ class HeadMap:
     spaces: tuple[str, ...]
     head_dim: int
     kind: str
+    readers: tuple[str, ...] = ()
 
 
 # SymmetrySpec.rotation: which orthogonal maps of the residual stream the folded model admits.
