@@ -465,12 +465,16 @@ def _vocabulary(recipe: Recipe, folders: Mapping[str, Path], sources: Mapping[st
     source = {"first": recipe.first_model}.get(source, source)
     tokenizers = {ref: AutoTokenizer.from_pretrained(folders[ref], trust_remote_code=recipe.trust_remote_code)
                   for ref in dict.fromkeys([first, *recipe.refs()]) if tokenizer_files(folders[ref])}
-    if first not in tokenizers:
-        raise RecipeError(f"tokenizer_source {recipe.tokenizer_source}: {first} has no tokenizer files, and the output "
-                          "vocabulary is built on its tokenizer; give a base_model that has one")
     if source not in ("base", "union") and source not in tokenizers:
         tokenizers[source] = AutoTokenizer.from_pretrained(folders.get(source) or resolve(source),
                                                            trust_remote_code=recipe.trust_remote_code)
+    if first not in tokenizers:
+        if source in ("base", "union"):
+            raise RecipeError(f"tokenizer_source {recipe.tokenizer_source}: {first} has no tokenizer files, and the "
+                              "output vocabulary is built on its tokenizer; give a base_model that has one, or name "
+                              "a model as tokenizer_source")
+        # a model without a tokenizer reads as the named one's (mergekit assumes the base's)
+        tokenizers = {first: tokenizers[source], **tokenizers}
     section = recipe.tokenizer
     sizes = {ref: _vocab_size(src.config) for ref, src in sources.items()}
     try:

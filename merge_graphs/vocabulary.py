@@ -105,9 +105,10 @@ class Vocabulary:
         gathered = [v.to(compute)[r.clamp(min=0)] for v, r in zip(views, rows)]
         stand_in, has_stand_in = self._stand_ins(gathered, [v.to(compute) for v in views], refs, present, base,
                                                  compute)
+        forced = self._forced(len(rows[0]))
         out = []
         for v, g, here in zip(views, gathered, present):
-            keep = here & ~self._forced(len(g))
+            keep = here & ~forced
             new = torch.where(keep[:, None], g.flatten(1), stand_in.flatten(1)).reshape(g.shape)
             missing = ~keep & ~has_stand_in
             if missing.any():

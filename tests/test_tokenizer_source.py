@@ -79,3 +79,15 @@ def test_what_is_not_supported_exits_1_and_writes_nothing(tmp_path, capsys, reci
     assert run(tmp_path, {"models": [{"model": a}, {"model": b}], **recipe}) == 1
     assert says in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_tokenizer_serves_a_reference_without_one(tmp_path):
+    a, b = save_model(tmp_path / "a", 0, VOCAB), save_model(tmp_path / "b", 1, VOCAB)
+    for f in (tmp_path / "a").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    assert run(tmp_path, {"models": [{"model": a}, {"model": b}], "tokenizer_source": b}) == 0
+    assert T.AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == VOCAB
+    (tmp_path / "out").rename(tmp_path / "first")
+    assert run(tmp_path, {"models": [{"model": a}, {"model": b}], "tokenizer_source": "base"}) == 1
+    assert not (tmp_path / "out").exists()
