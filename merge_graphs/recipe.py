@@ -128,22 +128,27 @@ class TokenizerSection(_Strict):
 
 
 class Calibration(_Strict):
-    """Inputs for activation matching and learned alignment: texts inline, or a text file.
+    """Inputs for activation matching and learned alignment: texts inline, a text file, or text
+    sampled from the models themselves.
 
     A file is read one sample a line (``split: lines``), or as one corpus cut into consecutive
     windows of ``max_length`` tokens (``split: windows``), of which ``max_samples`` are used.
+    ``generate: N`` needs no data: N sequences of ``max_length`` tokens are sampled from the causal
+    LMs being merged, in equal shares (:func:`merge_graphs.sampled_text.sample_calibration`).
     """
 
     texts: list[str] | None = None
     file: str | None = None
+    generate: int | None = Field(None, gt=0)
     split: Literal["lines", "windows"] = "lines"
     max_samples: int = Field(64, gt=0)
     max_length: int = Field(128, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.texts is None) == (self.file is None):
-            raise ValueError("give exactly one of 'texts' (a list of strings) or 'file' (a text file, one sample a line)")
+        if sum(x is not None for x in (self.texts, self.file, self.generate)) != 1:
+            raise ValueError("give exactly one of 'texts' (a list of strings), 'file' (a text file, one sample a "
+                             "line) or 'generate' (how many sequences to sample from the models themselves)")
         return self
 
 
@@ -193,8 +198,9 @@ class Align(_Strict):
     def _needs(self):
         aligner = ALIGNERS[self.method]
         if aligner.needs_models and self.calibration is None:
-            raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}} or "
-                             "{file: path}, or use method 'weight' (data-free)")
+            raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}}, "
+                             "{file: path}, or {generate: 1024} (text sampled from the causal LMs themselves), or "
+                             "use method 'weight' (data-free)")
         if aligner.basis == FAMILY:
             # residual: rotation insists on a rotation (a post-LN family then refuses with the reason).
             if "residual" in self.model_fields_set and self.residual != "rotation":

@@ -46,6 +46,7 @@ from merge_graphs.memory import PeakRSS
 from merge_graphs.methods import get_method
 from merge_graphs.recipe import CHAT_TEMPLATES, Recipe, load_recipe
 from merge_graphs.rotation import rotation_kind
+from merge_graphs.sampled_text import sample_calibration
 from merge_graphs.slices import OutputSlice, SliceSource
 from merge_graphs.sources import ModelTensors, StateTensors, TensorSource, compatible
 from merge_graphs.verify import check_alignment
@@ -195,11 +196,16 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         if spec.unaligned:
             logger.info("%s has no symmetry spec: its tensors are merged by name, without alignment", spec.family)
     with _stage(result, "align"):
+        align = recipe.align
         calibration, tokenizer = _calibration(recipe, folders[reference_ref])
         if calibration is not None:
-            inputs = prepare_inputs(calibration, tokenizer, max_length=recipe.align.calibration.max_length)
+            inputs = prepare_inputs(calibration, tokenizer, max_length=align.calibration.max_length)
             calibration = {k: v.to(device) for k, v in inputs.items()}
-        align = recipe.align
+        elif align.calibration is not None and align.calibration.generate:
+            models = list({id(s.model): s.model for s in [reference, *merged]}.values())
+            calibration = sample_calibration(models, align.calibration.generate, align.calibration.max_length,
+                                             seed=recipe.seed, progress=progress)
+            calibration = {k: v.to(device) for k, v in calibration.items()}
         options = AlignOptions(
             residual=align.residual, solver=align.solver, groups=align.groups, seed=recipe.seed, refine=align.refine,
             calibration=calibration, learn={**align.learn.settings(), "progress": progress},
@@ -279,7 +285,10 @@ def _card_notes(recipe: Recipe, alignments: list[Alignment]) -> list[str]:
         what = (f"The residual map{' and within-head maps' if learn.heads else ''} were" if rotated else
                 "The permutations (weight matching's at the start) were")
         how = "" if rotated else ", by a straight-through estimator (hard permutations forward, Sinkhorn backward)"
-        notes.append(f"{what} then learned on the calibration text{how}: {len(learned[0].loss_curve)} Adam steps"
+        cal = recipe.align.calibration
+        text = (f"{cal.generate} sequences sampled from the models themselves (no data)" if cal.generate
+                else "the calibration text")
+        notes.append(f"{what} then learned on {text}{how}: {len(learned[0].loss_curve)} Adam steps"
                      f"{f' ({given})' if given else ''} on the loss of the interpolated models, each model's own "
                      "function unchanged.")
     return notes
@@ -366,6 +375,8 @@ def _calibration(recipe: Recipe, reference_folder: Path):
     cal = recipe.align.calibration
     if cal is None:
         return None, None
+    if cal.generate:
+        return None, AutoTokenizer.from_pretrained(reference_folder)
 
     tokenizer = AutoTokenizer.from_pretrained(reference_folder)
     tokenizer.model_max_length = cal.max_length

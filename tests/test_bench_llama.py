@@ -34,7 +34,8 @@ def test_rows_match_the_groups_they_name():
     assert resolve_groups(m, ("heads",), "permutation") == ["layers.0.attn.heads", "layers.1.attn.heads"]
     assert LLAMA_GROUPS == {"weight-noheads": ("residual", "mlp"), "rotation-noheads": ("mlp",)}
     assert LLAMA_METHODS["learned"] == LLAMA_METHODS["learned+heads"] == ("learned", "rotation", True, False)
-    assert LEARN == {"learned": {"heads": False}, "learned+heads": {"heads": True}}
+    assert LLAMA_METHODS["learned+sampled"] == ("learned", "rotation", True, False)
+    assert LEARN == {"learned": {"heads": False}, "learned+heads": {"heads": True}, "learned+sampled": {"heads": True}}
     assert set(FAMILIES) == {"gpt2", "llama"}
 
 
@@ -72,6 +73,7 @@ def test_llama_suite_quick(tmp_path):
     assert written["suite"] == "llama" and written["settings"]["quick"] and written["settings"]["pairs"] == 1
     assert written["settings"]["config"] == trainers.BYTE_LLAMA and written["settings"]["window"] == 128
     assert written["settings"]["learn"]["learned+heads"] == {"steps": 10, "heads": True}
+    assert written["settings"]["sampled_calibration"] == written["settings"]["calibration"]
     assert written["methods"]["weight-noheads"]["groups"] == ["residual", "mlp"]
     assert written["methods"]["rotation-noheads"]["groups"] == ["mlp"]
     (pair,) = written["pairs"]
