@@ -18,6 +18,7 @@ from merge_graphs.graph import NeuralGraph
 from merge_graphs.match import Alignment
 from merge_graphs.recipe import Recipe, load_recipe
 from merge_graphs.run import RunResult, run_recipe
+from merge_graphs.sampled_text import sample_calibration
 from merge_graphs.symmetry import (
     SymmetrySpec,
     compose_permutations,
@@ -56,5 +57,6 @@ __all__ = [
     "permute",
     "random_permutations",
     "run_recipe",
+    "sample_calibration",
     "symmetry_spec",
 ]

@@ -35,7 +35,7 @@ def test_row_builds_its_family_from_the_config_class(name):
     # The spec decides the best data-free row: the rotation where the family admits one, else permutations only.
     spec = symmetry_spec(model)
     assert (unrotated is None) == (spec.rotation is not None) == (name not in POST_NORM)
-    assert list(fam.methods) == (["naive", "weight"] if name in POST_NORM else list(METHODS))
+    assert list(fam.methods) == ([m for m in METHODS if m != "rotation"] if name in POST_NORM else list(METHODS))
     if unrotated:
         assert unrotated == spec.unrotated and "permutations only" in unrotated
 
@@ -77,17 +77,18 @@ def _report() -> dict:
             "settings": {"pairs": 1, "steps": 300, "training": {"lr": 2e-3}, "size": SIZE, "heldout_windows": 64,
                          "window": 128},
             "families": {"qwen3": fam("qwen3", METHODS, [61.4, 70.6]),
-                         "olmo2": fam("olmo2", ["naive", "weight"], [None, None])},
+                         "olmo2": fam("olmo2", ["naive", "weight", "learned+sampled"], [None, None])},
             "machine": {"processor": "x", "cpu_count": 2, "torch": "t", "torch_threads": 1, "python": "3"}}
 
 
 def test_table_names_the_best_data_free_alignment_of_every_family():
     table = format_families(_report()).splitlines()
     assert table[0].startswith("families suite: 1 pair(s) per family, 300 steps per model at lr 0.002, width 128")
-    assert sum(line.startswith("qwen3 ") for line in table) == 2  # its three rows, then its parents
+    assert sum(line.startswith("qwen3 ") for line in table) == 2  # its four rows, then its parents
     assert any("best data-free: rotation (norms folded)" in line for line in table)
     assert any("best data-free: = weight (no rotation)" in line for line in table)
-    assert sum("0.2500       50.0     2.5000     0.12" in line for line in table) == 6
+    assert sum("0.2500       50.0     2.5000     0.12" in line for line in table) == 8
+    assert sum("learned on sampled text (no data)" in line for line in table) == 2
     assert any(line.startswith("qwen3") and "Qwen3ForCausalLM" in line and "2.0000 / 2.2500" in line
                and "61 / 71" in line for line in table)
     assert any(line.startswith("olmo2") and "cached / cached" in line for line in table)

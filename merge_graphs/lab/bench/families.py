@@ -12,14 +12,17 @@ deterministically (one thread); models are cached in ``OUT/models/families`` and
 training metadata is identical. Llama is the reference row.
 
 For each family's pair (seeds 0 and 1; ``--pairs N`` adds pairs ``2i, 2i + 1``) the machinery of
-:mod:`merge_graphs.lab.bench.lm` measures, all data-free:
+:mod:`merge_graphs.lab.bench.lm` measures, all without data:
 
 * ``naive``: no alignment (the plain average, as mergekit's linear merge);
 * ``weight``: permutation weight matching of every group;
 * ``rotation``, the best data-free alignment where the family admits it: norms folded and the residual stream
   rotated (orthogonal weight matching). Only pre-norm families admit it (the spec's ``rotation``); for the
   others (post-norms on the stream's write path: Gemma 2, Gemma 3, OLMo 2) the best data-free alignment *is*
-  ``weight``, and the table says so and why (the spec's ``unrotated``).
+  ``weight``, and the table says so and why (the spec's ``unrotated``);
+* ``learned+sampled``: learned alignment on 4096 sequences of 128 bytes sampled from the two parents themselves
+  (:func:`merge_graphs.sampled_text.sample_calibration`; still no data): the residual map and within-head maps
+  from the rotation where the family admits it, else the permutations (straight-through) from weight matching.
 
 The barrier (the held-out loss's largest excess over the straight line between the parents, 11 points on
 the first 64 held-out windows of 128 bytes), the share of naive's barrier removed and the midpoint's loss
@@ -108,10 +111,12 @@ QUICK = {"steps": QUICK_TRAINING["steps"], "windows": 16, "calibration": (8, 32)
 
 #: Method name -> (``align`` method, residual alignment, needs calibration, ``refine``), as in
 #: :data:`merge_graphs.lab.bench.lm.LLAMA_METHODS`. ``rotation`` runs only where the spec admits it.
+#: ``learned+sampled`` learns on text sampled from the pair itself (no data; the family picks what is learned).
 METHODS: dict[str, tuple[str, str, bool, bool]] = {
     "naive": ("none", "permutation", False, False),
     "weight": ("weight", "permutation", False, False),
     "rotation": ("weight", "rotation", False, False),
+    "learned+sampled": ("learned", "permutation", True, False),
 }
 
 
@@ -154,7 +159,8 @@ def format_families(report: Mapping[str, Any]) -> str:
         best = "rotation" if "rotation" in s else "weight"
         rows = [("naive", "naive"), ("weight", "weight (permutations)"),
                 (best, "best data-free: rotation (norms folded)" if best == "rotation"
-                 else "best data-free: = weight (no rotation)")]
+                 else "best data-free: = weight (no rotation)"),
+                ("learned+sampled", "learned on sampled text (no data)")]
         for i, (method, label) in enumerate(rows):
             m = s[method]
             lines.append(f"{name if i == 0 else '':10s} {label:40s} {_value(m['barrier'], '.4f'):>10s} "
