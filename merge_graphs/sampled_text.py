@@ -80,7 +80,7 @@ def _sample(model: nn.Module, n: int, length: int, start: int, ends: frozenset[i
 
 def sample_calibration(
     models: Sequence[nn.Module],
-    samples: int = 1024,
+    samples: int = 4096,
     length: int = 128,
     *,
     temperature: float = 1.0,
