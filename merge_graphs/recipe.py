@@ -199,7 +199,7 @@ class Align(_Strict):
         aligner = ALIGNERS[self.method]
         if aligner.needs_models and self.calibration is None:
             raise ValueError(f"method {self.method!r} needs calibration data: add calibration: {{texts: [...]}}, "
-                             "{file: path}, or {generate: 1024} (text sampled from the causal LMs themselves), or "
+                             "{file: path}, or {generate: 4096} (text sampled from the causal LMs themselves), or "
                              "use method 'weight' (data-free)")
         if aligner.basis == FAMILY:
             # residual: rotation insists on a rotation (a post-LN family then refuses with the reason).

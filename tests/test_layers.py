@@ -17,7 +17,7 @@ LAYERS = [
     ["errors", "tensors", "memory", "assignment", "parameters", "vocabulary"],
     ["io"],
     ["symmetry", "graph", "sources"],
-    ["gnn", "match", "activations", "rotation", "learned", "fusion", "evaluate"],
+    ["gnn", "match", "activations", "sampled_text", "rotation", "learned", "fusion", "evaluate"],
     ["aligners"],
     ["methods", "verify", "slices", "engine"],
     ["recipe", "api"],

@@ -78,7 +78,7 @@ def test_a_recipe_learns_on_sampled_text_without_data(tmp_path):
     with pytest.raises(RecipeError, match="exactly one of"):
         load_recipe({"models": [{"model": "a"}, {"model": "b"}],
                      "align": {"method": "learned", "calibration": {"texts": ["x"], "generate": 8}}})
-    with pytest.raises(RecipeError, match="generate: 1024"):
+    with pytest.raises(RecipeError, match="generate: 4096"):
         load_recipe({"models": [{"model": "a"}, {"model": "b"}], "align": {"method": "learned"}})
     recipe = load_recipe({
         "models": [{"model": str(QUICKSTART / "model-a")}, {"model": str(QUICKSTART / "model-b")}],

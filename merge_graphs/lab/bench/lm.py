@@ -382,8 +382,8 @@ def measure_family(family: Family, pairs: int = 3, steps: int | None = None, qui
         results.append(row)
     settings = {"pairs": pairs, "steps": steps, "quick": quick, "jobs": jobs, "heldout_windows": windows,
                 "window": family.config[family.context_key], "calibration": [n_cal, cal_len],
-                "learn_calibration": [n_learn, learn_len], "sampled_calibration": list(sampled), "learn": {k: dict(v, **({"steps": learn_steps} if learn_steps
-                                                                                   else {})) for k, v in LEARN.items()},
+                "learn_calibration": [n_learn, learn_len], "sampled_calibration": list(sampled),
+                "learn": {k: dict(v, **({"steps": learn_steps} if learn_steps else {})) for k, v in LEARN.items()},
                 "points": POINTS,
                 "training": training, "config": dict(family.config)}
     if family.detail:
