@@ -696,3 +696,73 @@ def train_digits_bert(seed: int, *, epochs: int = 30, lr: float = 1e-3, batch_si
 
 __all__ += ["DIGITS_BERT", "DIGITS_CLS", "SequenceLogits", "load_digit_tokens", "make_digits_bert",
             "train_digits_bert"]
+
+
+# --- Tiny ViT classifiers reading a digit as a 1-channel 8x8 image ----------------------------------
+#
+# The pre-LayerNorm counterpart of the digits BERT: the same data, seen as pixels cut into 2x2
+# patches, so that the residual stream admits rotations as well as permutations.
+
+#: The digits ViT of the ``vit`` benchmark: 3 pre-LN layers, width 64, 4 heads, 16 patches of 2x2 pixels.
+DIGITS_VIT = {"image_size": 8, "num_channels": 1, "patch_size": 2, "hidden_size": 64, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "intermediate_size": 256}
+
+
+class ImageLogits(nn.Module):
+    """A transformers image classifier seen as ``pixel_values -> logits``, so that :func:`train_classifier`
+    and :mod:`merge_graphs.evaluate`'s metrics serve it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def load_digit_images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`load_digits_split` (``seed``) as images: float32 ``(n, 1, 8, 8)``, intensities scaled to [0, 1].
+
+    Example:
+        >>> x_tr, y_tr, x_te, y_te = load_digit_images()
+        >>> x_tr.shape, float(x_tr.max())
+        (torch.Size([1437, 1, 8, 8]), 1.0)
+    """
+    x_tr, y_tr, x_te, y_te = load_digits_split(seed, standardize=False)
+    return (x_tr / 16).reshape(-1, 1, 8, 8), y_tr, (x_te / 16).reshape(-1, 1, 8, 8), y_te
+
+
+def make_digits_vit(seed: int | None = None, **config):
+    """A fresh ``ViTForImageClassification`` over 8x8 digit images (:data:`DIGITS_VIT`, 10 labels, no dropout),
+    initialized from ``seed``; ``config`` overrides any ``ViTConfig`` field. With a seed the global random
+    state is left as it was.
+
+    Example:
+        >>> m = make_digits_vit(0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        >>> m.config.num_labels, m.config.num_channels, m.config.patch_size
+        (10, 1, 2)
+    """
+    from transformers import ViTConfig, ViTForImageClassification
+
+    fields = dict(DIGITS_VIT, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _seeded_model(ViTForImageClassification, ViTConfig(**{**fields, **config}), seed)
+
+
+def train_digits_vit(seed: int, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 32, split_seed: int = 0,
+                     **config):
+    """A :func:`make_digits_vit` model (``seed``) trained on :func:`load_digit_images` (``split_seed``) with
+    :func:`train_classifier` (Adam, deterministic, one thread); returns the ``ViTForImageClassification``.
+
+    Example:
+        >>> m = train_digits_vit(0, epochs=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                      intermediate_size=32)
+        >>> type(m).__name__
+        'ViTForImageClassification'
+    """
+    x_tr, y_tr, _, _ = load_digit_images(split_seed)
+    model = make_digits_vit(seed, **config)
+    train_classifier(ImageLogits(model), x_tr, y_tr, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size)
+    return model.eval()
+
+
+__all__ += ["DIGITS_VIT", "ImageLogits", "load_digit_images", "make_digits_vit", "train_digits_vit"]
