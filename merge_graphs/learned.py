@@ -96,13 +96,15 @@ def learned_alignment(
     progress: bool = False,
     **start_kwargs,
 ) -> RotationAlignment:
-    """Align causal LM ``model_b`` to ``model_a`` by learning its symmetry maps on calibration text.
+    """Align ``model_b`` to ``model_a`` by learning its symmetry maps on the loss of the interpolated models.
 
     Args:
-        model_a: the reference, a pre-norm causal LM (GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Mixtral,
-            Qwen2-MoE, Qwen3-MoE).
+        model_a: the reference, a pre-norm model: a causal LM (GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3,
+            Mixtral, Qwen2-MoE, Qwen3-MoE), or any model the rotation admits (e.g. ViT) given its task's labels.
         model_b: a model of the same architecture and size.
-        calibration: ``input_ids`` (samples x tokens) and optionally ``attention_mask``.
+        calibration: model inputs, samples first: a causal LM's ``input_ids`` (and optionally ``attention_mask``),
+            its own next-token loss; or any inputs with ``labels`` (e.g. ``pixel_values`` and class labels), the
+            model's own loss on them (its ``loss``, else cross-entropy on its logits).
         start: the data-free alignment to start from (default: :func:`rotation_alignment` with
             ``start_kwargs``, e.g. ``solver``, ``groups``).
         steps: optimization steps (Adam).
@@ -166,8 +168,13 @@ def learned_alignment(
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
                  if schedule == "cosine" else None)
 
-    ids, mask, labels = _lm_batches(calibration)
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    inputs, loss_kind = _loss_kind(model_a, calibration)
+    if loss_kind != "labels":
+        raise AlignmentError(f"learned alignment of {type(model_a).__name__} needs a causal-LM head or the task's "
+                             "labels with the calibration inputs (e.g. pixel_values and labels)")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    n = next(iter(inputs.values())).shape[0]
+    takes_labels = "labels" in inspect.signature(skeleton.forward).parameters
     gen = torch.Generator().manual_seed(seed)
     low, high = lam_range
 
@@ -178,21 +185,20 @@ def learned_alignment(
 
     curve: list[float] = []
     for _ in tqdm(range(steps), desc="learning alignment", disable=not progress):
-        rows = torch.randint(0, ids.shape[0], (min(batch_size, ids.shape[0]),), generator=gen)
+        rows = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         lam = low + (high - low) * float(torch.rand((), generator=gen))
         r, head = maps()
         b_moved = rotate_heads(spec, rotate(spec, b_state, r, check=False), head)
         mixed = dict(a_state)
         for name in floating:
             mixed[name] = (1 - lam) * a_state[name] + lam * b_moved[name]
-        out = functional_call(skeleton, mixed, (), {"input_ids": ids[rows], "attention_mask": mask[rows],
-                                                   "labels": labels[rows]})
+        loss = _model_loss(skeleton, mixed, {k: v[rows] for k, v in inputs.items()}, takes_labels)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        curve.append(out.loss.item())
+        curve.append(loss.item())
 
     with torch.no_grad():
         r, head = maps()
@@ -290,12 +296,12 @@ def _loss_kind(model: nn.Module, calibration: Mapping[str, torch.Tensor]) -> tup
     inputs = {k: v for k, v in calibration.items() if isinstance(v, torch.Tensor)}
     if "labels" in inputs:
         return inputs, "labels"
-    if type(model).__name__.endswith("ForCausalLM") and "input_ids" in inputs:
+    if getattr(model, "can_generate", lambda: False)() and "input_ids" in inputs:
         return {**inputs, "labels": _lm_batches(inputs)[2]}, "labels"
     if type(model).__name__.endswith("ForMaskedLM") and "input_ids" in inputs:
         return inputs, "mlm"
     raise AlignmentError(
-        f"learned permutations need a loss: {type(model).__name__} has no masked-LM or causal-LM head, so give "
+        f"learned alignment needs a loss: {type(model).__name__} has no masked-LM or causal-LM head, so give "
         "the task's labels with the calibration inputs (a dict of model inputs with labels, e.g. input_ids, "
         "attention_mask and labels, through the API: merge_graphs.align(a, b, 'learned', calibration={...})); "
         "a recipe's calibration texts train a masked-LM or causal-LM head only")

@@ -50,6 +50,24 @@ def test_learned_maps_keep_b_function_and_are_deterministic(family):
     assert torch.allclose(outputs(moved, inputs)["logits"], want, atol=1e-4 * want.abs().max())
 
 
+def test_a_classifier_learns_its_maps_on_its_own_labelled_loss():
+    a, b = make("vit-cls", seed=0), make("vit-cls", seed=1)
+    g = torch.Generator().manual_seed(0)
+    side, channels = a.config.image_size, a.config.num_channels
+    calib = {"pixel_values": torch.randn(12, channels, side, side, generator=g),
+             "labels": torch.randint(0, a.config.num_labels, (12,), generator=g)}
+    start = mg.rotation.rotation_alignment(a, b)
+    found = learned_alignment(a, b, calib, start=start, steps=30, batch_size=12, lr=0.05, lam_range=(0.5, 0.5))
+    assert found.method == "learned" and len(found.loss_curve) == 30
+    assert found.loss_curve[-1] < found.loss_curve[0] - 1e-3, found.loss_curve  # one fixed batch: it must fall
+    moved = aligned_model(b, found)  # raises if B's function changed
+    inputs = example_input(b)
+    want = outputs(b, inputs)["logits"]
+    assert torch.allclose(outputs(moved, inputs)["logits"], want, atol=1e-4 * want.abs().max())
+    with pytest.raises(AlignmentError, match="labels"):
+        learned_alignment(a, b, {"pixel_values": calib["pixel_values"]}, start=start, steps=2)
+
+
 def test_cosine_schedule_decays_the_steps_and_unknown_schedules_are_refused():
     a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
     calib = {"input_ids": torch.randint(2, VOCAB, (8, 9), generator=torch.Generator().manual_seed(0))}

@@ -14,6 +14,9 @@ Adam at ``lr``, ``steps`` epochs, deterministic; pair ``i`` is seeds ``2i`` and 
   (``residual="rotation"``, data-free): ViT is pre-LN, so its folded stream admits rotations that fix
   the all-ones direction (FACTS);
 * ``activation``: permutation activation matching on the first 256 training images;
+* ``learned``: learned alignment from the rotation (:func:`merge_graphs.learned.learned_alignment`, its
+  defaults: the residual map and within-head maps) on the classifiers' own cross-entropy at
+  ``(1 - lam) A + lam B'``, batches drawn from all 1437 labelled training images (``--quick``: 10 steps);
 * ``rebasin``: the external ``rebasin`` package's weight matching, when it is installed and supports
   the model; otherwise the report says why it was skipped;
 
@@ -47,11 +50,14 @@ VIT_METHODS: dict[str, tuple[str, bool, bool]] = {
     "weight": ("weight", False, False),
     "rotation": ("weight", False, False),
     "activation": ("activation", False, True),
+    "learned": ("learned", False, True),
 }
 VIT_ALIGN_KWARGS = {"rotation": {"residual": "rotation"}}
-VIT = {"config": dict(trainers.DIGITS_VIT), "epochs": 30, "lr": 1e-3, "batch_size": 32, "calibration": 256}
+#: ``learn``: the learned row's settings on top of :func:`merge_graphs.learned.learned_alignment`'s defaults.
+VIT = {"config": dict(trainers.DIGITS_VIT), "epochs": 30, "lr": 1e-3, "batch_size": 32, "calibration": 256,
+       "learn": {}}
 VIT_QUICK = {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-             "epochs": 5, "lr": 3e-3}
+             "epochs": 5, "lr": 3e-3, "learn": {"steps": 10}}
 
 
 def format_vit(report: Mapping[str, Any]) -> str:
@@ -93,6 +99,10 @@ def vit_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, out
               "torch": torch.__version__, "python": platform.python_version()}
     tag = f"h{config['hidden_size']}-l{config['num_hidden_layers']}-ep{training['epochs']}-lr{training['lr']:g}"
 
+    # The learned row learns on the classifiers' own cross-entropy over every labelled training image.
+    align_kwargs = {**VIT_ALIGN_KWARGS, "learned": {"calibration": {"pixel_values": x_train, "labels": y_train},
+                                                    "learn": settings["learn"]}}
+
     def loss(model: nn.Module) -> float:
         return cross_entropy(trainers.ImageLogits(model), x_test, y_test)
 
@@ -112,7 +122,7 @@ def vit_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, out
             train_wall += spent or 0.0
         a, b = models
         rows, skipped = classifier_pair(a, b, loss, acc, calibration, x_train[:TRACE_INPUTS], methods=VIT_METHODS,
-                                        align_kwargs=VIT_ALIGN_KWARGS, progress=progress)
+                                        align_kwargs=align_kwargs, progress=progress)
         rebasin_skip = rebasin_skip or skipped
         results.append({"seeds": seeds, "train_s": seconds, "loss_a": loss(a), "loss_b": loss(b), "acc_a": acc(a),
                         "acc_b": acc(b), "methods": rows})
@@ -123,7 +133,7 @@ def vit_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, out
                      "batch_size": training["batch_size"], "config": config,
                      "data": "sklearn digits as 1x8x8 images scaled to [0, 1] (trainers.load_digit_images(0))",
                      "train_inputs": len(x_train), "test_inputs": len(x_test),
-                     "calibration": settings["calibration"], "points": POINTS},
+                     "calibration": settings["calibration"], "learn": settings["learn"], "points": POINTS},
         "machine": machine(),
         "methods": {name: {"align": m, "refine": r, "calibration": d, **VIT_ALIGN_KWARGS.get(name, {})}
                     for name, (m, r, d) in VIT_METHODS.items()},
