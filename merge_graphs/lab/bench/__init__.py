@@ -46,9 +46,8 @@ from merge_graphs.lab.bench.mlp import MLP_METHODS, mlp_suite
 from merge_graphs.lab.bench.vit import VIT_METHODS, vit_suite
 
 __all__ = ["BERT_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "VIT_METHODS", "bert",
-           "bert_suite",
-           "families", "families_suite", "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm", "main",
-           "minilm", "minilm_suite", "mlp", "mlp_suite", "register", "run_suite", "scale", "speed", "vit",
+           "bert_suite", "families", "families_suite", "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm",
+           "main", "minilm", "minilm_suite", "mlp", "mlp_suite", "register", "run_suite", "scale", "speed", "vit",
            "vit_suite"]
 
 
