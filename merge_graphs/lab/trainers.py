@@ -766,3 +766,87 @@ def train_digits_vit(seed: int, *, epochs: int = 30, lr: float = 1e-3, batch_siz
 
 
 __all__ += ["DIGITS_VIT", "ImageLogits", "load_digit_images", "make_digits_vit", "train_digits_vit"]
+
+
+#: The digits CLIP's towers (``CLIPConfig`` fields; ``text_config`` / ``vision_config`` are merged into
+#: ``CLIPTextConfig`` / ``CLIPVisionConfig`` defaults): 8x8 one-channel images in 2x2 patches, captions of
+#: :data:`DIGIT_CAPTIONS`'s six tokens.
+DIGITS_CLIP = {
+    "projection_dim": 32,
+    "text_config": {"vocab_size": 16, "max_position_embeddings": 8, "hidden_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "intermediate_size": 256, "bos_token_id": 0, "eos_token_id": 14,
+                    "pad_token_id": 15},
+    "vision_config": {"image_size": 8, "num_channels": 1, "patch_size": 2, "hidden_size": 64,
+                      "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+}
+#: Class ``k``'s caption "<bos> this is digit k <eos>" as token ids (row ``k``). The text tower pools at the
+#: first ``eos_token_id`` (14), so every caption is read at its last token.
+DIGIT_CAPTIONS = torch.tensor([[0, 1, 2, 3, 4 + k, 14] for k in range(10)])
+
+
+class ZeroShotLogits(nn.Module):
+    """A ``CLIPModel`` seen as ``pixel_values -> logits`` against :data:`DIGIT_CAPTIONS` (zero-shot
+    classification: ``logits_per_image``), so that :mod:`merge_graphs.evaluate`'s metrics serve it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x, input_ids=DIGIT_CAPTIONS).logits_per_image
+
+
+def make_digits_clip(seed: int | None = None, **config):
+    """A fresh ``CLIPModel`` over 8x8 digit images and :data:`DIGIT_CAPTIONS` (:data:`DIGITS_CLIP`, no
+    dropout), initialized from ``seed``; ``config`` overrides ``CLIPConfig`` fields, and its ``text_config``
+    / ``vision_config`` dicts override single tower fields. With a seed the global random state is left as
+    it was.
+
+    Example:
+        >>> m = make_digits_clip(0, vision_config={"hidden_size": 16, "intermediate_size": 32})
+        >>> m.config.vision_config.patch_size, m.config.text_config.vocab_size, m.config.projection_dim
+        (2, 16, 32)
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    fields = {**DIGITS_CLIP, **config}
+    towers = {name: {**DIGITS_CLIP[name], **config.get(name, {}), "dropout": 0.0, "attention_dropout": 0.0}
+              for name in ("text_config", "vision_config")}
+    return _seeded_model(CLIPModel, CLIPConfig(**{**fields, **towers}), seed)
+
+
+def train_digits_clip(seed: int, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 32, split_seed: int = 0,
+                      threads: int | None = 1, **config):
+    """A :func:`make_digits_clip` model (``seed``) trained with CLIP's own contrastive loss
+    (``return_loss=True``) on image/caption pairs of :func:`load_digit_images` (``split_seed``): each
+    training image beside its class's caption. Adam at ``lr``; deterministic like :func:`train_classifier`
+    (shuffled by ``seed``, ``threads`` CPU threads). Returns the ``CLIPModel`` in eval mode.
+
+    A batch holds several images of one class, so their captions are identical and the contrastive loss
+    cannot reach zero; it still pulls each image towards its caption and away from other classes'.
+
+    Example:
+        >>> m = train_digits_clip(0, epochs=1, vision_config={"num_hidden_layers": 1})
+        >>> type(m).__name__
+        'CLIPModel'
+    """
+    x, y, _, _ = load_digit_images(split_seed)
+    model = make_digits_clip(seed, **config)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    with _seeded(seed), _threads(threads):
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), batch_size):
+                idx = order[i:i + batch_size]
+                loss = model(pixel_values=x[idx], input_ids=DIGIT_CAPTIONS[y[idx]], return_loss=True).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    logger.info("trained digits CLIP for %d epochs (seed %d) in %.2f s", epochs, seed, time.perf_counter() - start)
+    return model.eval()
+
+
+__all__ += ["DIGITS_CLIP", "DIGIT_CAPTIONS", "ZeroShotLogits", "make_digits_clip", "train_digits_clip"]

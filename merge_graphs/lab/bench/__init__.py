@@ -24,7 +24,9 @@ that CI does. The suites (one module each; see their docstrings):
   MiniLM-L6 pair, beside mergekit's linear merge;
 * ``finetune`` (:mod:`merge_graphs.lab.bench.finetune`): two fine-tunes of MiniLM-L6: alignment must find the
   identity; our linear merge against mergekit's;
-* ``vit`` (:mod:`merge_graphs.lab.bench.vit`): different-seed ViT image classifiers (pre-LN) on digit images.
+* ``vit`` (:mod:`merge_graphs.lab.bench.vit`): different-seed ViT image classifiers (pre-LN) on digit images;
+* ``clip`` (:mod:`merge_graphs.lab.bench.clip`): different-seed CLIP models (two towers) on digit images and
+  captions, scored by zero-shot classification.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import logging
 import time
 from collections.abc import Sequence
 
-from merge_graphs.lab.bench import bert, families, finetune, gnn, gpt2, lm, minilm, mlp, scale, speed, vit
+from merge_graphs.lab.bench import bert, clip, families, finetune, gnn, gpt2, lm, minilm, mlp, scale, speed, vit
 from merge_graphs.lab.bench.bert import BERT_METHODS, bert_suite
+from merge_graphs.lab.bench.clip import CLIP_METHODS, clip_suite
 from merge_graphs.lab.bench.common import DEFAULT_OUT, SUITES, Suite, register
 from merge_graphs.lab.bench.families import families_suite
 from merge_graphs.lab.bench.gpt2 import METHODS, gpt2_suite
@@ -45,8 +48,8 @@ from merge_graphs.lab.bench.minilm import minilm_suite
 from merge_graphs.lab.bench.mlp import MLP_METHODS, mlp_suite
 from merge_graphs.lab.bench.vit import VIT_METHODS, vit_suite
 
-__all__ = ["BERT_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "VIT_METHODS", "bert",
-           "bert_suite", "families", "families_suite", "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm",
+__all__ = ["BERT_METHODS", "CLIP_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "VIT_METHODS", "bert",
+           "bert_suite", "clip", "clip_suite", "families", "families_suite", "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm",
            "main", "minilm", "minilm_suite", "mlp", "mlp_suite", "register", "run_suite", "scale", "speed", "vit",
            "vit_suite"]
 
@@ -69,11 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``merge-graphs bench`` command."""
     parser = argparse.ArgumentParser(prog="merge-graphs bench", description=__doc__.split("\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
-    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, llama 3, mlp 5, bert 3, vit 3)")
+    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, llama 3, mlp 5, bert 3, vit 3, clip 3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per model (gpt2, default 800; llama, default 500; families, default 300; "
                              "finetune, default 150) "
-                             "or epochs (mlp, default 20; bert, default 30; vit, default 30)")
+                             "or epochs (mlp, default 20; bert, default 30; vit, default 30; clip, default 30)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of the trained models (gpt2, llama, families)")
     parser.add_argument("--quick", action="store_true", help="one pair, a few steps and windows (CI smoke run)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results and cached models (default %(default)s)")
