@@ -48,10 +48,10 @@ from merge_graphs.lab.bench.minilm import minilm_suite
 from merge_graphs.lab.bench.mlp import MLP_METHODS, mlp_suite
 from merge_graphs.lab.bench.vit import VIT_METHODS, vit_suite
 
-__all__ = ["BERT_METHODS", "CLIP_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite", "VIT_METHODS", "bert",
-           "bert_suite", "clip", "clip_suite", "families", "families_suite", "finetune", "gnn", "gpt2", "gpt2_suite", "llama_suite", "lm",
-           "main", "minilm", "minilm_suite", "mlp", "mlp_suite", "register", "run_suite", "scale", "speed", "vit",
-           "vit_suite"]
+__all__ = ["BERT_METHODS", "CLIP_METHODS", "LLAMA_METHODS", "METHODS", "MLP_METHODS", "SUITES", "Suite",
+           "VIT_METHODS", "bert", "bert_suite", "clip", "clip_suite", "families", "families_suite", "finetune", "gnn",
+           "gpt2", "gpt2_suite", "llama_suite", "lm", "main", "minilm", "minilm_suite", "mlp", "mlp_suite",
+           "register", "run_suite", "scale", "speed", "vit", "vit_suite"]
 
 
 def run_suite(name: str, **options) -> dict:
@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``merge-graphs bench`` command."""
     parser = argparse.ArgumentParser(prog="merge-graphs bench", description=__doc__.split("\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
-    parser.add_argument("--pairs", type=int, default=None, help="seed pairs (default: gpt2 3, llama 3, mlp 5, bert 3, vit 3, clip 3)")
+    parser.add_argument("--pairs", type=int, default=None, 
+                        help="seed pairs (default: gpt2 3, llama 3, mlp 5, bert 3, vit 3, clip 3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per model (gpt2, default 800; llama, default 500; families, default 300; "
                              "finetune, default 150) "
