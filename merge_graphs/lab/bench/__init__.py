@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``merge-graphs bench`` command."""
     parser = argparse.ArgumentParser(prog="merge-graphs bench", description=__doc__.split("\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
-    parser.add_argument("--pairs", type=int, default=None, 
+    parser.add_argument("--pairs", type=int, default=None,
                         help="seed pairs (default: gpt2 3, llama 3, mlp 5, bert 3, vit 3, clip 3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per model (gpt2, default 800; llama, default 500; families, default 300; "
