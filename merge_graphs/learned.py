@@ -169,7 +169,7 @@ def learned_alignment(
                  if schedule == "cosine" else None)
 
     inputs, loss_kind = _loss_kind(model_a, calibration)
-    if loss_kind != "labels":
+    if loss_kind == "mlm":
         raise AlignmentError(f"learned alignment of {type(model_a).__name__} needs a causal-LM head or the task's "
                              "labels with the calibration inputs (e.g. pixel_values and labels)")
     inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -192,7 +192,7 @@ def learned_alignment(
         mixed = dict(a_state)
         for name in floating:
             mixed[name] = (1 - lam) * a_state[name] + lam * b_moved[name]
-        loss = _model_loss(skeleton, mixed, {k: v[rows] for k, v in inputs.items()}, takes_labels)
+        loss = _model_loss(skeleton, mixed, {k: v[rows] for k, v in inputs.items()}, takes_labels, loss_kind)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -292,10 +292,13 @@ def _permute_soft(tensor: torch.Tensor, ops, maps: Mapping[str, torch.Tensor]) -
 def _loss_kind(model: nn.Module, calibration: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """``(inputs, kind)``: ``"labels"``, the task's own loss on the calibration's labels (the model's
     ``loss`` when its forward takes ``labels``, else cross-entropy on its output; a causal LM's labels
-    are its input ids), or ``"mlm"``."""
+    are its input ids), ``"contrastive"`` (a model whose forward returns its own loss on paired inputs
+    with ``return_loss``: CLIP on images and their captions), or ``"mlm"``."""
     inputs = {k: v for k, v in calibration.items() if isinstance(v, torch.Tensor)}
     if "labels" in inputs:
         return inputs, "labels"
+    if "return_loss" in inspect.signature(model.forward).parameters:
+        return inputs, "contrastive"
     if getattr(model, "can_generate", lambda: False)() and "input_ids" in inputs:
         return {**inputs, "labels": _lm_batches(inputs)[2]}, "labels"
     if type(model).__name__.endswith("ForMaskedLM") and "input_ids" in inputs:
@@ -308,8 +311,11 @@ def _loss_kind(model: nn.Module, calibration: Mapping[str, torch.Tensor]) -> tup
 
 
 def _model_loss(skeleton: nn.Module, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
-                takes_labels: bool) -> torch.Tensor:
-    """The loss of ``skeleton`` with ``params`` on ``batch`` (which holds ``labels``)."""
+                takes_labels: bool, kind: str = "labels") -> torch.Tensor:
+    """The loss of ``skeleton`` with ``params`` on ``batch`` (which holds ``labels``, unless ``kind`` is
+    ``"contrastive"``: then the model's own loss on the paired inputs)."""
+    if kind == "contrastive":
+        return functional_call(skeleton, dict(params), (), {**batch, "return_loss": True}).loss
     if takes_labels:
         return functional_call(skeleton, dict(params), (), dict(batch)).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -470,7 +476,7 @@ def learned_permutations(
                 continue
             b_moved = _permute_soft(b_state[name], ops[name], maps) if name in ops else b_state[name]
             mixed[name] = (1 - lam) * a_state[name] + lam * b_moved
-        loss = _model_loss(skeleton, mixed, batch, takes_labels)
+        loss = _model_loss(skeleton, mixed, batch, takes_labels, kind)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

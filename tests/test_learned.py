@@ -68,6 +68,19 @@ def test_a_classifier_learns_its_maps_on_its_own_labelled_loss():
         learned_alignment(a, b, {"pixel_values": calib["pixel_values"]}, start=start, steps=2)
 
 
+def test_clip_learns_its_permutations_on_its_own_contrastive_loss():
+    a, b = make("clip", seed=0), make("clip", seed=1)
+    calib = example_input(a)  # images beside texts: CLIP's forward returns its contrastive loss on the pairs
+    found = learned_permutations(a, b, calib, steps=3, batch_size=2)
+    assert found.method == "learned" and len(found.loss_curve) == 3
+    assert all(torch.isfinite(torch.tensor(found.loss_curve)))
+    moved = aligned_model(b, found)  # raises if B's function changed
+    inputs = example_input(b, seed=1)
+    got, want = outputs(moved, inputs), outputs(b, inputs)
+    for name in ("logits_per_image", "text_embeds", "image_embeds"):  # the shared space is fixed; towers permute
+        assert torch.allclose(got[name], want[name], atol=1e-4 * want[name].abs().max()), name
+
+
 def test_cosine_schedule_decays_the_steps_and_unknown_schedules_are_refused():
     a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
     calib = {"input_ids": torch.randint(2, VOCAB, (8, 9), generator=torch.Generator().manual_seed(0))}

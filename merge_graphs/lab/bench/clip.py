@@ -17,7 +17,9 @@ and method
 * ``activation``: permutation activation matching on the first 256 training images and their captions;
 * ``rotation`` only where the spec admits it; CLIP's does not (the vision tower's ``pre_layrnorm`` gain sits
   on its stream), so the report says why instead;
-* ``learned`` is skipped, and the report says why (:data:`LEARNED_SKIP`);
+* ``learned``: weight matching's permutations, then learned (:func:`merge_graphs.learned.learned_permutations`,
+  straight-through) on CLIP's own contrastive loss at ``(1 - lam) A + lam B'`` over every training image beside
+  its caption (``--quick``: 10 steps);
 * ``rebasin``: the external ``rebasin`` package's weight matching, when it is installed and supports
   the model; otherwise the report says why it was skipped;
 
@@ -51,19 +53,17 @@ CLIP_METHODS: dict[str, tuple[str, bool, bool]] = {
     "weight": ("weight", False, False),
     "rotation": ("weight", False, False),
     "activation": ("activation", False, True),
+    "learned": ("learned", False, True),
 }
 CLIP_ALIGN_KWARGS = {"rotation": {"residual": "rotation"}}
-#: Why there is no ``learned`` row.
-LEARNED_SKIP = ("CLIPModel has no loss on labelled inputs that learned alignment can read: its forward takes no "
-                "labels and returns no logits (logits_per_image / logits_per_text, and its contrastive loss only "
-                "with return_loss=True)")
-CLIP = {"config": {}, "epochs": 30, "lr": 1e-3, "batch_size": 32, "calibration": 256}
+#: ``learn``: the learned row's settings on top of :func:`merge_graphs.learned.learned_permutations`'s defaults.
+CLIP = {"config": {}, "epochs": 30, "lr": 1e-3, "batch_size": 32, "calibration": 256, "learn": {}}
 CLIP_QUICK = {"config": {"projection_dim": 16,
                          "text_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                          "intermediate_size": 64},
                          "vision_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                            "intermediate_size": 64}},
-              "epochs": 5, "lr": 3e-3}
+              "epochs": 5, "lr": 3e-3, "learn": {"steps": 10}}
 
 
 def format_clip(report: Mapping[str, Any]) -> str:
@@ -112,6 +112,10 @@ def clip_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
     n = settings["calibration"]
     calibration = {"pixel_values": x_train[:n], "input_ids": trainers.DIGIT_CAPTIONS[y_train[:n]]}
     trace = (trainers.DIGIT_CAPTIONS[y_train[:TRACE_INPUTS]], x_train[:TRACE_INPUTS])
+    # The learned row learns on CLIP's own contrastive loss over every training image beside its caption.
+    align_kwargs = {**CLIP_ALIGN_KWARGS, "learned": {
+        "calibration": {"pixel_values": x_train, "input_ids": trainers.DIGIT_CAPTIONS[y_train]},
+        "learn": settings["learn"]}}
     training = {k: settings[k] for k in ("epochs", "lr", "batch_size")}
     record = {"architecture": "CLIPModel", "config": config, "captions": trainers.DIGIT_CAPTIONS.tolist(),
               "data": "trainers.load_digit_images(0)", "training": dict(training, optimizer="adam", threads=1),
@@ -138,12 +142,12 @@ def clip_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
             train_wall += spent or 0.0
         a, b = models
         rows, skipped = classifier_pair(a, b, loss, acc, calibration, trace, methods=methods,
-                                        align_kwargs=CLIP_ALIGN_KWARGS, progress=progress)
+                                        align_kwargs=align_kwargs, progress=progress)
         rebasin_skip = rebasin_skip or skipped
         results.append({"seeds": seeds, "train_s": seconds, "loss_a": loss(a), "loss_b": loss(b), "acc_a": acc(a),
                         "acc_b": acc(b), "methods": rows})
     names = [n for n in results[0]["methods"] if all(n in r["methods"] for r in results)]
-    skips = {"rotation": unrotated, "learned": LEARNED_SKIP, "rebasin": rebasin_skip}
+    skips = {"rotation": unrotated, "rebasin": rebasin_skip}
     report = {
         "suite": "clip",
         "settings": {"pairs": pairs, "quick": quick, "epochs": training["epochs"], "lr": training["lr"],
@@ -151,7 +155,7 @@ def clip_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
                      "data": "sklearn digits as 1x8x8 images scaled to [0, 1] (trainers.load_digit_images(0)), "
                              "each beside its class caption (trainers.DIGIT_CAPTIONS)",
                      "train_inputs": len(x_train), "test_inputs": len(x_test),
-                     "calibration": settings["calibration"], "points": POINTS},
+                     "calibration": settings["calibration"], "learn": settings["learn"], "points": POINTS},
         "machine": machine(),
         "methods": {name: {"align": m, "refine": r, "calibration": d, **CLIP_ALIGN_KWARGS.get(name, {})}
                     for name, (m, r, d) in methods.items()},
