@@ -50,7 +50,7 @@ from torch import nn
 from merge_graphs.evaluate import InterpolationCurve, accuracy, cross_entropy
 from merge_graphs.lab import trainers
 from merge_graphs.lab.bench.common import POINTS, machine, out_folder, register, summary, write_report
-from merge_graphs.lab.bench.mlp import MLP_METHODS, classifier_pair, classifier_table
+from merge_graphs.lab.bench.mlp import MLP_METHODS, classifier_pair, classifier_settings, classifier_table
 from merge_graphs.lab.plots import plot_curves
 
 logger = logging.getLogger(__name__)
@@ -120,18 +120,8 @@ def bert_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
     from tqdm.auto import tqdm
     from transformers import BertForSequenceClassification
 
-
     total_start = time.perf_counter()
-    settings = dict(BERT, **(BERT_QUICK if quick else {}))
-    if quick:
-        pairs = 1
-    elif steps is not None:
-        settings["epochs"] = steps
-    if lr is not None:
-        settings["lr"] = lr
-    if pairs < 1 or settings["epochs"] < 1 or not settings["lr"] > 0:
-        raise ValueError(f"pairs and epochs must be at least 1 and lr positive; got {pairs}, {settings['epochs']}, "
-                         f"{settings['lr']}")
+    pairs, settings = classifier_settings(BERT, BERT_QUICK, pairs, steps, quick, lr)
     out = out_folder(out)
     config = dict(trainers.DIGITS_BERT, **settings["config"])
     x_train, y_train, x_test, y_test = trainers.load_digit_tokens()

@@ -44,7 +44,7 @@ from merge_graphs.evaluate import InterpolationCurve, accuracy, cross_entropy
 from merge_graphs.lab import trainers
 from merge_graphs.lab.bench.bert import TRACE_INPUTS, cached_model
 from merge_graphs.lab.bench.common import POINTS, machine, out_folder, register, summary, write_report
-from merge_graphs.lab.bench.mlp import classifier_pair, classifier_table
+from merge_graphs.lab.bench.mlp import classifier_pair, classifier_settings, classifier_table
 from merge_graphs.lab.plots import plot_curves
 
 #: Method name -> (``align`` method, ``refine``, needs calibration); ``rotation`` runs only where the spec admits it.
@@ -89,16 +89,7 @@ def clip_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, ou
     from merge_graphs import symmetry_spec
 
     total_start = time.perf_counter()
-    settings = dict(CLIP, **(CLIP_QUICK if quick else {}))
-    if quick:
-        pairs = 1
-    elif steps is not None:
-        settings["epochs"] = steps
-    if lr is not None:
-        settings["lr"] = lr
-    if pairs < 1 or settings["epochs"] < 1 or not settings["lr"] > 0:
-        raise ValueError(f"pairs and epochs must be at least 1 and lr positive; got {pairs}, {settings['epochs']}, "
-                         f"{settings['lr']}")
+    pairs, settings = classifier_settings(CLIP, CLIP_QUICK, pairs, steps, quick, lr)
     out = out_folder(out)
     # The whole config, so that the cache record and the report name every field the models were made with.
     made = trainers.make_digits_clip(None, **settings["config"]).config

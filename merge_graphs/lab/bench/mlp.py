@@ -60,6 +60,23 @@ MLP_QUICK = {"widths": (64, 128, 128, 10), "epochs": 10}
 TRACE_INPUTS = 4
 
 
+def classifier_settings(defaults: Mapping[str, Any], quick_settings: Mapping[str, Any], pairs: int,
+                        steps: int | None, quick: bool, lr: float | None) -> tuple[int, dict[str, Any]]:
+    """``(pairs, settings)`` of a transformer classifier suite (bert, vit, clip): ``defaults``, with
+    ``quick_settings`` and one pair under ``--quick``, else ``steps`` as the epochs; ``lr`` replaces the rate."""
+    settings = dict(defaults, **(quick_settings if quick else {}))
+    if quick:
+        pairs = 1
+    elif steps is not None:
+        settings["epochs"] = steps
+    if lr is not None:
+        settings["lr"] = lr
+    if pairs < 1 or settings["epochs"] < 1 or not settings["lr"] > 0:
+        raise ValueError(f"pairs and epochs must be at least 1 and lr positive; got {pairs}, {settings['epochs']}, "
+                         f"{settings['lr']}")
+    return pairs, settings
+
+
 def classifier_pair(a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], float],
                     acc: Callable[[nn.Module], float], calibration: Any, trace_inputs: Any, *,
                     methods: Mapping[str, tuple[str, bool, bool]] = MLP_METHODS,

@@ -41,7 +41,7 @@ from merge_graphs.evaluate import InterpolationCurve, accuracy, cross_entropy
 from merge_graphs.lab import trainers
 from merge_graphs.lab.bench.bert import TRACE_INPUTS, cached_model
 from merge_graphs.lab.bench.common import POINTS, machine, out_folder, register, summary, write_report
-from merge_graphs.lab.bench.mlp import classifier_pair, classifier_table
+from merge_graphs.lab.bench.mlp import classifier_pair, classifier_settings, classifier_table
 from merge_graphs.lab.plots import plot_curves
 
 #: Method name -> (``align`` method, ``refine``, needs calibration); :data:`VIT_ALIGN_KWARGS` adds the rest.
@@ -79,16 +79,7 @@ def vit_suite(pairs: int = 3, steps: int | None = None, quick: bool = False, out
     from transformers import ViTForImageClassification
 
     total_start = time.perf_counter()
-    settings = dict(VIT, **(VIT_QUICK if quick else {}))
-    if quick:
-        pairs = 1
-    elif steps is not None:
-        settings["epochs"] = steps
-    if lr is not None:
-        settings["lr"] = lr
-    if pairs < 1 or settings["epochs"] < 1 or not settings["lr"] > 0:
-        raise ValueError(f"pairs and epochs must be at least 1 and lr positive; got {pairs}, {settings['epochs']}, "
-                         f"{settings['lr']}")
+    pairs, settings = classifier_settings(VIT, VIT_QUICK, pairs, steps, quick, lr)
     out = out_folder(out)
     config = dict(trainers.DIGITS_VIT, **settings["config"])
     x_train, y_train, x_test, y_test = trainers.load_digit_images()
