@@ -26,9 +26,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import ot
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from merge_graphs.assignment import auction
 from merge_graphs.errors import SpecMismatchError
@@ -91,6 +89,11 @@ def _as_array(similarity: torch.Tensor) -> np.ndarray:
 
 def _solve_array(s: np.ndarray, solver: str, reg: float = 0.05) -> torch.Tensor:
     """:func:`solve`'s CPU solvers on a square float64 array."""
+    # Imported here, not at the top: POT pulls in scikit-learn and scipy.stats (1.5 s and 90 MB at
+    # the start of every merge, also those that never match a unit).
+    import ot
+    from scipy.optimize import linear_sum_assignment
+
     n = s.shape[0]
     if solver == "exact":
         return torch.as_tensor(linear_sum_assignment(s, maximize=True)[1])
@@ -111,6 +114,8 @@ def transport_plan(
     Exact (``ot.emd``) by default; entropic with ``reg``; unbalanced (``ot.unbalanced``) with
     ``reg`` and ``reg_m``. ``plan[i, j]`` is the mass of B's unit ``j`` sent to A's unit ``i``.
     """
+    import ot
+
     s = similarity.detach().double().cpu().numpy()
     n, m = s.shape
     a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)

@@ -10,6 +10,7 @@ at a time, then applied block by block with the same result (:class:`MagnitudeCu
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -179,38 +180,33 @@ def magnitude_prune(delta: Tensor, density: float, rescale: bool, generator: tor
 
 @dataclass(frozen=True)
 class RandomCut:
-    """DARE's pruning of one delta read a block of rows at a time: ``generator`` stands where the
-    whole delta's mask was first drawn (masks are drawn entry by entry, in order, so blocks drawn
-    one after the other give the whole mask); ``scale`` is the L1 rescale factor."""
+    """DARE's (or DELLA's) pruning of one delta read a block of rows at a time: the masks drawn
+    for the blocks in order (as booleans: a quarter of the delta's float32 size, where drawing them
+    again would cost as much as the first draw), and the L1 rescale factor ``scale``."""
 
-    generator: torch.Generator
-    density: float
+    masks: deque[Tensor]
     scale: float
 
     def apply(self, block: Tensor, before: int = 0) -> tuple[Tensor, int]:
         """The pruned next block of rows, and its count of entries (as :meth:`MagnitudeCut.apply`;
-        the blocks must come in order)."""
-        work = _random_dtype(block)
-        mask = torch.bernoulli(torch.full_like(block, self.density, dtype=work), generator=self.generator)
-        pruned = block.to(work) * mask
+        the blocks must come in the order they were drawn)."""
+        pruned = block.to(_random_dtype(block)) * self.masks.popleft()
         return (pruned if self.scale == 1.0 else pruned * self.scale).to(block.dtype), block.numel()
 
 
 def random_cut(blocks: Callable[[], Iterable[Tensor]], density: float, rescale: bool,
                generator: torch.Generator) -> RandomCut:
-    """:class:`RandomCut` of a delta read as row blocks by ``blocks()``. Draws the whole mask from
-    ``generator`` (leaving it where pruning the whole delta would) for the L1 sums, and keeps a
-    copy of the generator as it was, to draw the same mask again block by block."""
-    start = torch.Generator(device=generator.device)
-    start.set_state(generator.get_state())
-    before, after = [], []
+    """:class:`RandomCut` of a delta read as row blocks by ``blocks()``: each block's mask drawn from
+    ``generator`` in order (leaving it where pruning the whole delta would), with the L1 sums."""
+    masks, before, after = deque(), [], []
     for block in blocks():
         work = _random_dtype(block)
         mask = torch.bernoulli(torch.full_like(block, density, dtype=work), generator=generator)
         if rescale:
             before.append(_l1(block.to(work)))
             after.append(_l1(block.to(work) * mask))
-    return RandomCut(start, density, _l1_scale(torch.cat(before), torch.cat(after)) if rescale else 1.0)
+        masks.append(mask.bool())
+    return RandomCut(masks, _l1_scale(torch.cat(before), torch.cat(after)) if rescale else 1.0)
 
 
 def random_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None = None) -> Tensor:
@@ -239,8 +235,8 @@ def outlier_prune(delta: Tensor, density: float, rescale: bool, gamma: float,
 # magnitude-ranked random pruning (DELLA's MagPrune)
 
 
-def _della_draw(rows: Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> Tensor:
-    """``rows`` (at least 2-D) pruned by DELLA's mask, drawn from ``generator``: each entry kept
+def _della_mask(rows: Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> Tensor:
+    """DELLA's mask of ``rows`` (at least 2-D), drawn from ``generator``: each entry kept
     with a probability linear in its magnitude's rank along dim 1, from ``density - epsilon`` to
     ``density + epsilon``. Rows along dim 0 are independent (and their masks drawn in order), so
     blocks of them drawn in turn give the whole's."""
@@ -249,8 +245,13 @@ def _della_draw(rows: Tensor, density: float, epsilon: float, generator: torch.G
     rank = rows.abs().argsort(dim=1).argsort(dim=1).to(work) + 1
     lowest, highest = rank.min(dim=1, keepdim=True).values, rank.max(dim=1, keepdim=True).values
     spread = ((rank - lowest) / (highest - lowest)).clamp(0, 1)
-    mask = torch.bernoulli((density - epsilon) + spread * 2 * epsilon, generator=generator).to(work)
-    return rows.to(work) * mask
+    return torch.bernoulli((density - epsilon) + spread * 2 * epsilon, generator=generator).to(work)
+
+
+def _della_draw(rows: Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> Tensor:
+    """``rows`` pruned by :func:`_della_mask`."""
+    mask = _della_mask(rows, density, epsilon, generator)
+    return rows.to(mask.dtype) * mask
 
 
 def _check_della(density: float, epsilon: float) -> None:
@@ -281,35 +282,19 @@ def della_prune(delta: Tensor, density: float, rescale: bool, epsilon: float,
     return pruned.to(delta.dtype).reshape(delta.shape)
 
 
-@dataclass(frozen=True)
-class DellaCut:
-    """DELLA's pruning of one delta (at least 2-D) read a block of rows at a time: ``generator``
-    stands where the whole delta's mask was first drawn; ``scale`` is the L1 rescale factor."""
-
-    generator: torch.Generator
-    density: float
-    epsilon: float
-    scale: float
-
-    def apply(self, block: Tensor, before: int = 0) -> tuple[Tensor, int]:
-        """The pruned next block of rows, and its count of entries (as :meth:`MagnitudeCut.apply`)."""
-        pruned = _della_draw(block, self.density, self.epsilon, self.generator)
-        return (pruned if self.scale == 1.0 else pruned * self.scale).to(block.dtype), block.numel()
-
-
 def della_cut(blocks: Callable[[], Iterable[Tensor]], density: float, epsilon: float, rescale: bool,
-              generator: torch.Generator) -> DellaCut | MagnitudeCut:
-    """:class:`DellaCut` of a delta read as row blocks by ``blocks()``, as :func:`random_cut`
-    (``density <= 0``: a cut keeping nothing)."""
+              generator: torch.Generator) -> RandomCut | MagnitudeCut:
+    """DELLA's pruning of a delta (at least 2-D) read as row blocks by ``blocks()``, as a
+    :class:`RandomCut` (``density <= 0``: a cut keeping nothing)."""
     if density <= 0:
         return MagnitudeCut(*_NOTHING, 1.0)
     _check_della(density, epsilon)
-    start = torch.Generator(device=generator.device)
-    start.set_state(generator.get_state())
-    before, after = [], []
+    masks, before, after = deque(), [], []
     for block in blocks():
-        pruned = _della_draw(block, density, epsilon, generator)
+        mask = _della_mask(block, density, epsilon, generator)
         if rescale:
-            before.append(_l1(block.to(pruned.dtype)))
-            after.append(_l1(pruned))
-    return DellaCut(start, density, epsilon, _l1_scale(torch.cat(before), torch.cat(after)) if rescale else 1.0)
+            rows = block.to(mask.dtype)
+            before.append(_l1(rows))
+            after.append(_l1(rows * mask))
+        masks.append(mask.bool())
+    return RandomCut(masks, _l1_scale(torch.cat(before), torch.cat(after)) if rescale else 1.0)
