@@ -31,8 +31,9 @@ from merge_graphs.aligners import basis_identity
 from merge_graphs.errors import MergeParameterError
 from merge_graphs.match import AlignedTensors, Alignment
 from merge_graphs.methods import get_method, merge_tensors
+from merge_graphs.modules import DEFAULT
 from merge_graphs.parameters import check_setting, filters, resolve
-from merge_graphs.slices import OutputSlice, SliceSource, TensorTask, plan_tensors
+from merge_graphs.slices import OutputModule, OutputSlice, SliceSource, TensorTask, plan_tensors
 from merge_graphs.sources import TensorSource, module_tensors
 from merge_graphs.symmetry import SymmetrySpec
 from merge_graphs.tensors import TensorInfo
@@ -76,6 +77,7 @@ class MergedModel:
         each tensor's stored dtype), as mergekit does.
         """
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        per_model = get_method(self.method).model_parameters
         for name in self.names:
             task = self.tasks[name]
             first = task.base or task.inputs[0]
@@ -85,6 +87,16 @@ class MergedModel:
             shared: dict[str, Any] = {}
             for level in reversed(task.parameters):
                 shared.update(resolve(level, name, task.t))
+            # as in mergekit, a per-model parameter is looked up for each input under the input's own
+            # name (another layer's, in a slice), at every level: the model's, its slice's, its
+            # module's, the merge's
+            shared = {k: v for k, v in shared.items() if k not in per_model}
+            own = []
+            for i in task.inputs:
+                found: dict[str, Any] = {}
+                for level in reversed(task.parameters):
+                    found.update({k: v for k, v in resolve(level, i.name, task.t).items() if k in per_model})
+                own.append({**found, **resolve(i.parameters, i.name, task.t)})
             base = task.base
             inputs = [self.views[id(i.model)][i.name].float() for i in task.inputs]
             base_tensor = None if base is None else self.views[id(base.model)][base.name].float()
@@ -92,7 +104,7 @@ class MergedModel:
                 inputs, base_tensor = self._on_vocabulary(name, task, inputs, base_tensor)
             yield name, merge_tensors(
                 self.method, inputs, base=base_tensor,
-                model_parameters=[resolve(i.parameters, i.name, task.t) for i in task.inputs],
+                model_parameters=own,
                 parameters=shared, generator=generator, dtype=self.dtype or self.layout[name].dtype,
             )
 
@@ -132,6 +144,7 @@ def plan_merge(
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     parameters: Mapping[str, Any] | None = None,
     slices: Sequence[OutputSlice] | None = None,
+    modules: Sequence[OutputModule] | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
     vocabulary: Vocabulary | None = None,
@@ -155,6 +168,9 @@ def plan_merge(
             (:class:`~merge_graphs.slices.OutputSlice`, mergekit's ``slices``) instead of
             merging whole models; ``model_parameters`` is then unused (each source carries
             its own).
+        modules: build the output part by part (:class:`~merge_graphs.slices.OutputModule`,
+            mergekit's ``modules``), each from its own whole models or slices, instead of
+            ``slices`` or whole ``models``.
         seed: seeds random pruning (``dare_*`` ...).
         dtype: the dtype the method computes in (mergekit's recipe ``dtype``); None: each
             tensor's stored dtype (a bfloat16 checkpoint merges in bfloat16, as in mergekit;
@@ -195,15 +211,18 @@ def plan_merge(
         if source is not None and id(source) not in views:
             views[id(source)] = basis_identity(source, basis).tensors(source)
 
-    whole = slices is None
-    if whole:
-        per_model = model_parameters or [{} for _ in models]
-        sources = [SliceSource(m, None, p) for m, p in zip(models, per_model)]
-        if base is not None and not any(m is base for m in models):
-            sources.append(SliceSource(base))
-        slices = [OutputSlice(sources, base)]
-    settings = [parameters or {}, *(src.parameters for s in slices for src in s.sources),
-                *(s.parameters for s in slices)]
+    if modules is None:
+        whole = slices is None
+        if whole:
+            per_model = model_parameters or [{} for _ in models]
+            sources = [SliceSource(m, None, p) for m, p in zip(models, per_model)]
+            if base is not None and not any(m is base for m in models):
+                sources.append(SliceSource(base))
+            slices = [OutputSlice(sources, base)]
+        modules = [OutputModule(DEFAULT, None, slices, whole)]
+    settings = [parameters or {}, *(m.parameters for m in modules),
+                *(src.parameters for m in modules for s in m.slices for src in s.sources),
+                *(s.parameters for m in modules for s in m.slices)]
     for mapping in settings:
         for key, setting in mapping.items():
             try:
@@ -219,12 +238,12 @@ def plan_merge(
             config.tie_word_embeddings = False
     else:
         names, aliases = reference.stored(), dict(reference.aliases)
-    plan = plan_tensors(names, slices, separate_base=get_method(method).base != "none", parameters=parameters or {},
-                        views={k: list(v) for k, v in views.items()}, whole=whole)
+    plan = plan_tensors(names, modules, separate_base=get_method(method).base != "none", parameters=parameters or {},
+                        views={k: list(v) for k, v in views.items()})
     names, tasks = plan.names, plan.tasks
     layout = _layout(tasks, views, vocabulary)
-    if plan.layers is not None:
-        config = _with_layers(config, plan.layers)
+    for key, layers in plan.layers.items():
+        config = _with_layers(config, layers, key)
     if vocabulary is not None:
         config = _with_vocabulary(config, vocabulary.size)
 
@@ -280,13 +299,24 @@ def _with_vocabulary(config: Any, size: int) -> Any:
     return config
 
 
-def _with_layers(config: Any, layers: Sequence[tuple[TensorSource, int]]) -> Any:
-    """``config`` for a stack of ``layers`` (each a model's layer): its layer count, and its
+def _with_layers(config: Any, layers: Sequence[tuple[TensorSource, int]], key: str = "num_hidden_layers") -> Any:
+    """``config`` for a stack of ``layers`` (each a model's layer) counted by ``key`` (dotted for a
+    part's own config, ``text_config.num_hidden_layers``): its layer count, and beside it the
     per-layer settings (``layer_types``: sliding or full attention) taken from where each layer comes from."""
-    config = copy.deepcopy(config)
     if config is None:
         return None
-    config.num_hidden_layers = len(layers)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [source.config.layer_types[i] for source, i in layers]
+    config = copy.deepcopy(config)
+    *path, count = key.split(".")
+    holder = config
+    for part in path:
+        holder = getattr(holder, part)
+    setattr(holder, count, len(layers))
+    if isinstance(getattr(holder, "layer_types", None), list):
+        def types(source: TensorSource) -> list[str]:
+            sub = source.config
+            for part in path:
+                sub = getattr(sub, part)
+            return sub.layer_types
+
+        holder.layer_types = [types(source)[i] for source, i in layers]
     return config

@@ -12,11 +12,11 @@ A merge-graphs recipe::
     dtype: bfloat16
     output: {path: ./merged, shard_size: 5GB, push_to_hub: {repo_id: me/merged, private: true}}
 
-A mergekit recipe (``merge_method``, ``models`` or ``slices``, ``parameters``, ``base_model``,
+A mergekit recipe (``merge_method``, ``models``, ``slices`` or ``modules``, ``parameters``, ``base_model``,
 ``dtype``, ``out_dtype``, ``tokenizer_source``) is accepted as it is and runs without alignment,
 as mergekit would (or, with merge-graphs' own ``align:`` section added, aligns every model first
 and then merges with the recipe's method); keys and parameters mergekit ignores are ignored too, with a warning naming
-them, and those it acts on that are not implemented here (:data:`MERGEKIT_UNSUPPORTED`) are refused.
+them.
 Relative folders are resolved against the recipe file's folder. Every error names the field,
 the bad value and the fix.
 """
@@ -41,9 +41,7 @@ from merge_graphs.vocabulary import TokenEmbedding
 logger = logging.getLogger(__name__)
 
 MERGEKIT_KEYS = {"merge_method", "models", "parameters", "base_model", "dtype", "out_dtype", "tokenizer_source",
-                 "tokenizer", "chat_template", "slices", "align"}
-#: mergekit keys that mergekit acts on and merge-graphs does not implement yet: refused, by name.
-MERGEKIT_UNSUPPORTED = {"modules"}
+                 "tokenizer", "chat_template", "slices", "modules", "align"}
 #: Chat templates known by name (``chat_template: chatml``); ``auto`` takes the one most of the
 #: models have, and a template's own text is used as it is.
 CHAT_TEMPLATES = {
@@ -82,6 +80,21 @@ class SliceEntry(_Strict):
     sources: list[SliceSourceEntry] = Field(min_length=1)
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModuleEntry(_Strict):
+    """One part of a multi-part model (mergekit's ``modules``: ``text_decoder``, ``vision_tower`` ...,
+    :mod:`merge_graphs.modules`), made from whole models or from slices, with its own parameters."""
+
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceEntry] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if bool(self.models) == (self.slices is not None):
+            raise ValueError("a module gives exactly one of 'models' or 'slices'")
+        return self
 
 
 class ModelToken(_Strict):
@@ -266,6 +279,7 @@ class Recipe(_Strict):
 
     models: list[ModelEntry] = Field(default_factory=list)
     slices: list[SliceEntry] | None = None
+    modules: dict[str, ModuleEntry] | None = None
     base_model: str | None = None
     align: Align = Field(default_factory=Align)
     merge: Merge = Field(default_factory=Merge)
@@ -291,30 +305,51 @@ class Recipe(_Strict):
             data = {**data, "tokenizer_source": section.get("source", "union")}
         return data
 
+    def parts(self) -> list[tuple[str, list[ModelEntry], list[SliceEntry] | None, dict[str, Any]]]:
+        """``(where, models, slices, parameters)`` of each part the recipe builds: the whole model,
+        or each of its ``modules``."""
+        if self.modules is not None:
+            return [(f"modules.{name}", m.models, m.slices, m.parameters) for name, m in self.modules.items()]
+        return [("", self.models, self.slices, {})]
+
     @model_validator(mode="after")
     def _consistent(self):
         method = get_method(self.merge.method)
-        if bool(self.models) == (self.slices is not None):
-            raise ValueError("give exactly one of 'models' (whole models, e.g. models: [{model: org/name}]) or "
-                             "'slices' (ranges of layers)")
-        every_slice_has_a_base = self.slices is not None and all(s.base_model for s in self.slices)
+        if [bool(self.models), self.slices is not None, self.modules is not None].count(True) != 1:
+            raise ValueError("give exactly one of 'models' (whole models, e.g. models: [{model: org/name}]), "
+                             "'slices' (ranges of layers) or 'modules' (the parts of a multi-part model)")
+        if self.modules is not None:
+            if not self.modules:
+                raise ValueError("'modules' is empty; name each part with its models, e.g. "
+                                 "modules: {text_decoder: {models: [...]}}")
+            if self.align.method != "none":
+                raise ValueError("align works on whole models, and this recipe merges modules: remove align "
+                                 "(or give align: {method: none}), or merge whole models with models:")
+        parts = self.parts()
+        every_slice_has_a_base = all(not models and all(sl.base_model for sl in slices) for _, models, slices, _ in parts)
         if method.base == "required" and not self.base_model and not every_slice_has_a_base:
             raise ValueError(f"merge method {self.merge.method!r} needs base_model: add base_model: <model>")
         try:
-            if self.models:
-                method.check_count(len(self.merged_entries()))
-            for sl in self.slices or []:
-                base = sl.base_model or self.base_model
-                separate = method.base != "none" and base in [src.model for src in sl.sources]
-                method.check_count(len(sl.sources) - separate)
+            for _, models, slices, _ in parts:
+                if models:
+                    method.check_count(len([m for m in models if method.base == "none" or m.model != self.base_model]))
+                for sl in slices or []:
+                    base = sl.base_model or self.base_model
+                    separate = method.base != "none" and base in [src.model for src in sl.sources]
+                    method.check_count(len(sl.sources) - separate)
         except MergeParameterError as e:
             raise ValueError(str(e)) from None
         allowed = set(method.global_parameters) | set(method.model_parameters)
         settings = [("merge.parameters", self.merge.parameters)]
-        settings += [(f"models[{i}].parameters", m.merge_parameters()) for i, m in enumerate(self.models)]
-        for i, sl in enumerate(self.slices or []):
-            settings.append((f"slices[{i}].parameters", sl.parameters))
-            settings += [(f"slices[{i}].sources[{j}].parameters", src.parameters) for j, src in enumerate(sl.sources)]
+        for where, models, slices, parameters in parts:
+            at = f"{where}." if where else ""
+            if where:
+                settings.append((f"{where}.parameters", parameters))
+            settings += [(f"{at}models[{i}].parameters", m.merge_parameters()) for i, m in enumerate(models)]
+            for i, sl in enumerate(slices or []):
+                settings.append((f"{at}slices[{i}].parameters", sl.parameters))
+                settings += [(f"{at}slices[{i}].sources[{j}].parameters", src.parameters)
+                             for j, src in enumerate(sl.sources)]
         for where, params in settings:
             unknown = set(params) - allowed
             if unknown:
@@ -336,18 +371,24 @@ class Recipe(_Strict):
         return self
 
     def merged_entries(self) -> list[ModelEntry]:
-        """The models that are merged: all of ``models`` (or the slices' sources) but the base
-        of a task-vector method."""
-        models = self.models or [ModelEntry(model=ref)
-                                 for ref in dict.fromkeys(src.model for s in self.slices for src in s.sources)]
+        """The models that are merged: all of ``models`` (or the slices' sources, or the modules')
+        but the base of a task-vector method."""
+        if self.models:
+            models = self.models
+        else:
+            listed = [m.model for _, entries, slices, _ in self.parts()
+                      for m in [*entries, *(src for s in slices or [] for src in s.sources)]]
+            models = [ModelEntry(model=ref) for ref in dict.fromkeys(listed)]
         if get_method(self.merge.method).base == "none":
             return list(models)
         return [m for m in models if m.model != self.base_model]
 
-    def with_default_weight(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
-        """A model's parameters, with ``weight`` 1.0 unless set for the model, its slice or globally."""
+    def with_default_weight(self, parameters: Mapping[str, Any], *levels: Mapping[str, Any]) -> dict[str, Any]:
+        """A model's parameters, with ``weight`` 1.0 unless set for the model, in one of ``levels``
+        (its slice's and its module's parameters) or globally; as in mergekit, a weight set above
+        the model applies to it."""
         wants_weight = "weight" in get_method(self.merge.method).model_parameters
-        if not wants_weight or "weight" in self.merge.parameters:
+        if not wants_weight or any("weight" in level for level in (*levels, self.merge.parameters)):
             return dict(parameters)
         return {"weight": 1.0, **parameters}
 
@@ -357,15 +398,18 @@ class Recipe(_Strict):
 
     @property
     def first_model(self) -> str:
-        """The first model the recipe lists (in its first slice, with slices)."""
-        return self.models[0].model if self.models else self.slices[0].sources[0].model
+        """The first model the recipe lists (in its first slice, with slices; in its first module, with modules)."""
+        _, models, slices, _ = self.parts()[0]
+        return models[0].model if models else slices[0].sources[0].model
 
     def refs(self) -> list[str]:
         """Every model reference, base first, without repeats."""
         out = [self.base_model] if self.base_model else []
-        listed = [m.model for m in self.models]
-        for s in self.slices or []:
-            listed += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        listed = []
+        for _, models, slices, _ in self.parts():
+            listed += [m.model for m in models]
+            for s in slices or []:
+                listed += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
         return out + list(dict.fromkeys(m for m in listed if m not in out))
 
     def to_yaml(self) -> str:
@@ -416,10 +460,6 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any] | Recipe) -> Recip
 
 
 def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
-    unsupported = sorted(set(data) & MERGEKIT_UNSUPPORTED)
-    if unsupported:
-        raise RecipeError(f"mergekit recipe keys {unsupported} are not supported here yet; remove them (and set the "
-                          "tokenizer or chat template of the written folder yourself), or merge with mergekit")
     if "align" not in data:
         logger.warning("mergekit recipe: merging without alignment, as mergekit does "
                        "(add align: {method: weight} to align units first)")
@@ -443,35 +483,60 @@ def _from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         ignored.extend(f"{where}.{k}" for k in m if k not in (*keys, "parameters"))
         return {**{k: m[k] for k in keys if k in m}, "parameters": parameters(f"{where}.parameters", m.get("parameters"))}
 
-    models = [entry(f"models[{i}]", m, ("model",)) for i, m in enumerate(data.get("models") or [])]
-    slices = None
-    if data.get("slices") is not None:
+    base = data.get("base_model")
+
+    def models_of(where: str, listed: Any) -> list[dict[str, Any]]:
+        models = [entry(f"{where}models[{i}]", m, ("model",)) for i, m in enumerate(listed or [])]
+        if base and known is not None:
+            if known.base != "none":
+                models = [m for m in models if m["model"] != base]
+            elif models and base not in [m["model"] for m in models]:
+                models.append({"model": base, "parameters": {}})  # mergekit merges an unlisted base like the rest
+        return models
+
+    def slices_of(where: str, listed: Any) -> list[dict[str, Any]] | None:
+        if listed is None:
+            return None
         slices = []
-        for i, sl in enumerate(data["slices"]):
+        for i, sl in enumerate(listed):
             if not isinstance(sl, dict):
-                raise RecipeError(f"slices[{i}]: a slice is a mapping with 'sources: [{{model, layer_range}}, ...]'")
-            ignored.extend(f"slices[{i}].{k}" for k in sl if k not in ("sources", "base_model", "parameters"))
+                raise RecipeError(f"{where}slices[{i}]: a slice is a mapping with 'sources: [{{model, layer_range}}, ...]'")
+            ignored.extend(f"{where}slices[{i}].{k}" for k in sl if k not in ("sources", "base_model", "parameters"))
             slices.append({
-                "sources": [entry(f"slices[{i}].sources[{j}]", src, ("model", "layer_range"))
+                "sources": [entry(f"{where}slices[{i}].sources[{j}]", src, ("model", "layer_range"))
                             for j, src in enumerate(sl.get("sources") or [])],
                 **({"base_model": sl["base_model"]} if sl.get("base_model") else {}),
-                "parameters": parameters(f"slices[{i}].parameters", sl.get("parameters")),
+                "parameters": parameters(f"{where}slices[{i}].parameters", sl.get("parameters")),
             })
+        return slices
+
+    models = models_of("", data.get("models"))
+    slices = slices_of("", data.get("slices"))
+    modules = None
+    if data.get("modules") is not None:
+        if not isinstance(data["modules"], dict):
+            raise RecipeError("modules: a mapping from each part's name to its models or slices, e.g. "
+                              "modules: {text_decoder: {models: [...]}, vision_tower: {models: [...]}}")
+        modules = {}
+        for name, module in data["modules"].items():
+            where = f"modules.{name}."
+            if not isinstance(module, dict):
+                raise RecipeError(f"modules.{name}: a module is a mapping with 'models' or 'slices'")
+            ignored.extend(f"{where}{k}" for k in module if k not in ("models", "slices", "parameters"))
+            module_slices = slices_of(where, module.get("slices"))
+            modules[name] = {"models": models_of(where, module.get("models")),
+                             **({"slices": module_slices} if module_slices is not None else {}),
+                             "parameters": parameters(f"{where}parameters", module.get("parameters"))}
     top = parameters("parameters", data.get("parameters"))
     if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
         raise RecipeError("give tokenizer_source or a tokenizer section, not both (mergekit refuses both too)")
     if ignored:
         logger.warning("mergekit recipe: ignoring %s, which mergekit 0.1.5 ignores too (unknown keys, or parameters "
                        "that %s does not take)", ", ".join(ignored), method)
-    base = data.get("base_model")
-    if base and known is not None:
-        if known.base != "none":
-            models = [m for m in models if m["model"] != base]
-        elif models and base not in [m["model"] for m in models]:
-            models.append({"model": base, "parameters": {}})  # mergekit merges an unlisted base like the rest
     out = {
         "models": models,
         **({"slices": slices} if slices is not None else {}),
+        **({"modules": modules} if modules is not None else {}),
         "align": data.get("align") or {"method": "none"},
         "merge": {"method": method, "parameters": top},
         "source_format": "mergekit",

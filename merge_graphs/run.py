@@ -44,10 +44,11 @@ from merge_graphs.io.writer import tokenizer_files, write_tensor_folder
 from merge_graphs.match import Alignment
 from merge_graphs.memory import PeakRSS
 from merge_graphs.methods import get_method
-from merge_graphs.recipe import CHAT_TEMPLATES, Recipe, load_recipe
+from merge_graphs.modules import check_modules, selector
+from merge_graphs.recipe import CHAT_TEMPLATES, Recipe, SliceEntry, load_recipe
 from merge_graphs.rotation import rotation_kind
 from merge_graphs.sampled_text import sample_calibration
-from merge_graphs.slices import OutputSlice, SliceSource
+from merge_graphs.slices import OutputModule, OutputSlice, SliceSource
 from merge_graphs.sources import ModelTensors, StateTensors, TensorSource, compatible
 from merge_graphs.verify import check_alignment
 from merge_graphs.vocabulary import Vocabulary, build_vocabulary, token_indexed
@@ -178,6 +179,37 @@ def execution_path(recipe: Recipe) -> tuple[str, str]:
     return "streamed", "tensor by tensor, a few tensors in memory at a time"
 
 
+def _slices(recipe: Recipe, slices: list[SliceEntry], sources: dict[str, TensorSource],
+            module_parameters: Mapping[str, Any] | None = None) -> list[OutputSlice]:
+    """The engine's slices of a recipe's ``slices`` (at the top or in a module with ``module_parameters``)."""
+    return [OutputSlice([SliceSource(sources[src.model], src.layer_range,
+                                     recipe.with_default_weight(src.parameters, sl.parameters, module_parameters or {}))
+                         for src in sl.sources],
+                        base=sources.get(sl.base_model or recipe.base_model), parameters=sl.parameters)
+            for sl in slices]
+
+
+def _modules(recipe: Recipe, sources: dict[str, TensorSource], reference: TensorSource,
+             base: TensorSource | None) -> list[OutputModule]:
+    """The engine's modules of a recipe's ``modules``: each from its whole models (with the base of a
+    task-vector method, as mergekit adds it) or its slices."""
+    model_type = getattr(reference.config, "model_type", None)
+    table = check_modules(list(recipe.modules), model_type)
+    out = []
+    for name, entry in recipe.modules.items():
+        if entry.slices is None:
+            listed = [SliceSource(sources[m.model], None, recipe.with_default_weight(m.merge_parameters(), entry.parameters))
+                      for m in entry.models]
+            if base is not None and not any(s.model is base for s in listed):
+                listed.append(SliceSource(base))
+            slices = [OutputSlice(listed, base)]
+        else:
+            slices = _slices(recipe, entry.slices, sources, entry.parameters)
+        out.append(OutputModule(name, selector(model_type, name), slices, entry.slices is None, entry.parameters,
+                                table[name].layers_key))
+    return out
+
+
 def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, device: torch.device,
          progress: bool) -> None:
     """Load the sources, align, check, merge and write (and evaluate) with the one engine."""
@@ -191,7 +223,7 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
         merged = [sources[ref] for ref in result.merged]
         # Slices may take layers from models of other depths, and vocabularies may differ: the
         # engine checks their tensors one by one.
-        spec = (reference.spec() if (recipe.slices is not None or vocabulary is not None)
+        spec = (reference.spec() if (recipe.slices is not None or recipe.modules is not None or vocabulary is not None)
                 and recipe.align.method == "none" else compatible(reference, list(sources.values())))
         if spec.unaligned:
             logger.info("%s has no symmetry spec: its tensors are merged by name, without alignment", spec.family)
@@ -217,18 +249,15 @@ def _run(recipe: Recipe, result: RunResult, target: Path, overwrite: bool, devic
             if alignment.method != "none":
                 check_alignment(source, alignment)
 
-    slices = None if recipe.slices is None else [
-        OutputSlice([SliceSource(sources[src.model], src.layer_range, recipe.with_default_weight(src.parameters))
-                     for src in sl.sources],
-                    base=sources.get(sl.base_model or recipe.base_model), parameters=sl.parameters)
-        for sl in recipe.slices]
+    base = sources[recipe.base_model] if recipe.base_model and get_method(recipe.merge.method).base != "none" else None
+    slices = None if recipe.slices is None else _slices(recipe, recipe.slices, sources)
+    modules = None if recipe.modules is None else _modules(recipe, sources, reference, base)
 
     def merge(alignments: list[Alignment]) -> MergedModel:
         return plan_merge(
             reference, merged, alignments, recipe.merge.method,
-            base=sources[recipe.base_model] if recipe.base_model and get_method(recipe.merge.method).base != "none"
-            else None,
-            model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters, slices=slices,
+            base=base, model_parameters=recipe.model_parameters(), parameters=recipe.merge.parameters,
+            slices=slices, modules=modules,
             seed=recipe.seed, dtype=_stored_dtype(recipe.dtype, folders[reference_ref]), vocabulary=vocabulary,
         )
 

@@ -17,18 +17,22 @@ tensor, which the merge loop (:mod:`merge_graphs.engine`) computes.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from merge_graphs.errors import MergeParameterError
 from merge_graphs.sources import TensorSource
 
-__all__ = ["OutputSlice", "SliceSource", "TensorInput", "TensorPlan", "TensorTask", "layer_positions", "layer_stack", "plan_tensors"]
+__all__ = ["OutputModule", "OutputSlice", "SliceSource", "TensorInput", "TensorPlan", "TensorTask", "layer_positions", "layer_stack", "plan_tensors"]
 
 # The first all-digit component of a name is its layer's index: model.layers.3.mlp...,
 # transformer.h.3...; a later one (an expert's index in model.layers.3.experts.5...) is not.
 _LAYER = re.compile(r"^(.*?)\.(\d+)(\..*|)$")
+# The head and the final norm come after the layers also where a checkpoint's order is its file's
+# (alphabetical: lm_head.weight before model.layers...), as in mergekit's post-weights.
+_AFTER_LAYERS = re.compile(r"^(.*\.)?(lm_head|norm|ln_f|final_layernorm|final_layer_norm|post_layernorm|"
+                           r"layernorm_post)\.")
 
 
 def layer_positions(names: Sequence[str]) -> dict[str, float]:
@@ -78,6 +82,21 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class OutputModule:
+    """One part of the output (mergekit's ``modules``; :mod:`merge_graphs.modules`): ``select``
+    picks its tensors from a model's names (None: every name), made from whole models (``whole``:
+    one slice, its sources' layer ranges unused) or from ``slices``, with the module's own
+    ``parameters`` (between a slice's and the merge's); ``layers_key``: the config key of its layer count."""
+
+    name: str
+    select: Callable[[Sequence[str]], list[str]] | None
+    slices: Sequence[OutputSlice]
+    whole: bool
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    layers_key: str | None = "num_hidden_layers"
+
+
+@dataclass(frozen=True)
 class TensorInput:
     """One model's tensor that goes into an output tensor, and that model's own settings."""
 
@@ -100,12 +119,13 @@ class TensorTask:
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """What a merge writes: ``names`` in order, the ``tasks`` that make them, and for sliced
-    merges, per output layer, the model and layer it is taken from (the first source's)."""
+    """What a merge writes: ``names`` in order, the ``tasks`` that make them, and for each
+    config key of a sliced module's layer count, per output layer, the model and layer it is
+    taken from (the first source's)."""
 
     names: list[str]
     tasks: dict[str, TensorTask]
-    layers: list[tuple[TensorSource, int]] | None
+    layers: dict[str, list[tuple[TensorSource, int]]]
 
 
 @dataclass(frozen=True)
@@ -145,29 +165,48 @@ def layer_stack(names: Sequence[str], label: str) -> LayerStack:
 
 def plan_tensors(
     names: Sequence[str],
-    slices: Sequence[OutputSlice],
+    modules: Sequence[OutputModule],
     *,
     separate_base: bool,
     parameters: Mapping[str, Any],
     views: Mapping[int, Sequence[str]],
-    whole: bool,
 ) -> TensorPlan:
-    """The output's names, in order, the task of each, and where its layers come from.
+    """The output's names, in order (module by module), the task of each, and where the layers
+    of sliced modules come from.
 
     Args:
         names: the reference's names (in the merge's basis), in order.
-        slices: the slices; with ``whole``, one slice of whole models (layer ranges ignored),
-            whose every name maps to itself, however many stacks of layers the model has.
+        modules: the parts of the output (one module holding every name for a model of one part).
         separate_base: whether the method takes a slice's base apart from its other inputs.
-        parameters: the merge's own settings (below every slice's).
+        parameters: the merge's own settings (below every module's and slice's).
         views: the names each model holds in the merge's basis, by ``id`` of its source.
     """
+    out: list[str] = []
+    tasks: dict[str, TensorTask] = {}
+    layers: dict[str, list[tuple[TensorSource, int]]] = {}
+    for module in modules:
+        where = "" if len(modules) == 1 else f"modules.{module.name}."
+        part = _plan_module(module, names, where, separate_base, parameters, views)
+        out += part.names
+        tasks.update(part.tasks)
+        layers.update(part.layers)
+    return TensorPlan(out, tasks, layers)
+
+
+def _plan_module(module: OutputModule, names: Sequence[str], where: str, separate_base: bool, parameters: Mapping[str, Any],
+                 views: Mapping[int, Sequence[str]]) -> TensorPlan:
+    def select(listed: Sequence[str]) -> list[str]:
+        return list(listed) if module.select is None else module.select(listed)
+
+    slices, names = module.slices, select(names)
+    if not names:
+        raise MergeParameterError(f"{where.rstrip('.')} holds no tensor of the reference; check the module's name")
     for i, s in enumerate(slices):
         if not s.sources:
-            raise MergeParameterError(f"slices[{i}] has no sources; list at least one model with its layer_range")
+            raise MergeParameterError(f"{where}slices[{i}] has no sources; list at least one model with its layer_range")
         if separate_base and s.base is not None and not any(src.model is s.base for src in s.sources):
-            raise MergeParameterError(f"slices[{i}]: the base model {s.base.label} is not among its sources; add it "
-                                      "with the layer_range it contributes")
+            raise MergeParameterError(f"{where}slices[{i}]: the base model {s.base.label} is not among its sources; "
+                                      "add it with the layer_range it contributes")
 
     def task(name: str, s: OutputSlice, inputs: list[tuple[SliceSource, str]], t: float) -> TensorTask:
         made = [TensorInput(src.model, n, src.parameters) for src, n in inputs]
@@ -175,19 +214,24 @@ def plan_tensors(
         if separate_base and s.base is not None:
             base = next(x for x in made if x.model is s.base)
             made = [x for x in made if x is not base]
-        return TensorTask(name, tuple(made), base, (s.parameters, parameters), t)
+        return TensorTask(name, tuple(made), base, (s.parameters, module.parameters, parameters), t)
 
-    if whole:
+    if module.whole:
         (s,) = slices
         t = layer_positions(names)
-        return TensorPlan(list(names), {n: task(n, s, [(src, n) for src in s.sources], t[n]) for n in names}, None)
+        return TensorPlan(names, {n: task(n, s, [(src, n) for src in s.sources], t[n]) for n in names}, {})
 
-    stacks = {id(src.model): layer_stack(views[id(src.model)], src.model.label) for s in slices for src in s.sources}
-    reference = layer_stack(names, "the reference")
+    if module.layers_key is None:
+        raise MergeParameterError(f"the {module.name} has no stack of layers to take ranges of; give it models: "
+                                  "instead of slices:")
+    label = f"the {module.name} of " if where else ""
+    stacks = {id(src.model): layer_stack(select(views[id(src.model)]), f"{label}{src.model.label}")
+              for s in slices for src in s.sources}
+    reference = layer_stack(names, f"{label}the reference")
     in_layers = {n for layer in reference.layers.values() for n in layer}
     first_layer = min(k for k, n in enumerate(names) if n in in_layers)
-    pre = [n for k, n in enumerate(names) if n not in in_layers and k < first_layer]
-    post = [n for k, n in enumerate(names) if n not in in_layers and k > first_layer]
+    post = [n for k, n in enumerate(names) if n not in in_layers and (k > first_layer or _AFTER_LAYERS.match(n))]
+    pre = [n for n in names if n not in in_layers and n not in post]
 
     out_names = list(pre)
     tasks = {n: task(n, slices[0], [(src, n) for src in slices[0].sources], 0.0) for n in pre}
@@ -198,13 +242,13 @@ def plan_tensors(
             n_layers = len(stacks[id(src.model)].layers)
             start, stop = src.layer_range if src.layer_range is not None else (0, n_layers)
             if not 0 <= start < stop <= n_layers:
-                raise MergeParameterError(f"slices[{i}]: layer_range [{start}, {stop}] of {src.model.label} is out of "
-                                          f"bounds: it has layers 0 to {n_layers - 1} (a range is [start, stop), "
+                raise MergeParameterError(f"{where}slices[{i}]: layer_range [{start}, {stop}] of {src.model.label} is "
+                                          f"out of bounds: it has layers 0 to {n_layers - 1} (a range is [start, stop), "
                                           f"stop at most {n_layers})")
             ranges.append((start, stop))
         lengths = {stop - start for start, stop in ranges}
         if len(lengths) > 1:
-            raise MergeParameterError(f"slices[{i}]: its sources' layer ranges have different lengths "
+            raise MergeParameterError(f"{where}slices[{i}]: its sources' layer ranges have different lengths "
                                       f"{[list(r) for r in ranges]}; every source of a slice gives as many layers")
         (length,) = lengths
         for offset in range(length):
@@ -222,4 +266,4 @@ def plan_tensors(
     for n in post:
         out_names.append(n)
         tasks[n] = task(n, slices[-1], [(src, n) for src in slices[-1].sources], 0.0)
-    return TensorPlan(out_names, tasks, layers)
+    return TensorPlan(out_names, tasks, {module.layers_key: layers})

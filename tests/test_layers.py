@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "merge_graphs"
 
 #: Bottom to top. A module (or package) imports from its own layer or those below.
 LAYERS = [
-    ["errors", "tensors", "memory", "assignment", "parameters", "vocabulary"],
+    ["errors", "tensors", "memory", "assignment", "parameters", "vocabulary", "modules"],
     ["io"],
     ["symmetry", "graph", "sources"],
     ["gnn", "match", "activations", "sampled_text", "rotation", "learned", "fusion", "evaluate"],

@@ -9,7 +9,8 @@ TWO = [{"model": "org/a"}, {"model": "org/b"}]
 
 
 @pytest.mark.parametrize("recipe, message", [
-    ({"models": []}, r"give exactly one of 'models' \(whole models, e.g. models: \[{model: org/name}\]\) or 'slices'"),
+    ({"models": []}, r"give exactly one of 'models' \(whole models, e.g. models: \[{model: org/name}\]\), 'slices' "
+                     r"\(ranges of layers\) or 'modules'"),
     ({"models": [{"weight": 1}]}, r"'models.0.model': required field is missing"),
     ({"models": TWO, "dtpye": "float32"}, r"'dtpye': unknown field; check the spelling"),
     ({"models": TWO, "dtype": "float8"}, r"'dtype': Input should be 'float32', 'bfloat16' or 'float16' \(got 'float8'\)"),
@@ -71,9 +72,37 @@ dtype: bfloat16
     assert r.refs() == ["org/base", "org/ft-1", "org/ft-2"]
 
 
-def test_mergekit_features_we_do_not_support_are_named():
-    with pytest.raises(RecipeError, match=r"keys \['modules'\] are not supported"):
-        load_recipe({"merge_method": "linear", "modules": {"text_decoder": {"models": TWO}}})
+def test_a_mergekit_modules_section_is_read_part_by_part():
+    r = load_recipe({"merge_method": "ties", "base_model": "base", "parameters": {"density": 0.5},
+                     "modules": {"text_decoder": {"models": [{"model": "base"}, {"model": "a", "parameters": {"weight": 1}}],
+                                                  "parameters": {"density": [0.2, 0.8]}},
+                                 "vision_tower": {"slices": [{"sources": [{"model": "b", "layer_range": [0, 2]},
+                                                                          {"model": "base", "layer_range": [0, 2]}]}]}}})
+    assert list(r.modules) == ["text_decoder", "vision_tower"] and r.models == []
+    # the base is the base of a task-vector method, in a module as at the top
+    assert [m.model for m in r.modules["text_decoder"].models] == ["a"]
+    assert r.modules["text_decoder"].parameters == {"density": [0.2, 0.8]}
+    assert r.refs() == ["base", "a", "b"] and r.first_model == "a"
+    assert [m.model for m in r.merged_entries()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ({"merge_method": "linear", "modules": {}}, r"'modules' is empty"),
+    ({"merge_method": "linear", "models": TWO, "modules": {"text_decoder": {"models": TWO}}},
+     r"give exactly one of 'models'"),
+    ({"merge_method": "linear", "modules": {"text_decoder": {"models": TWO, "slices": []}}},
+     r"a module gives exactly one of 'models' or 'slices'"),
+    # strict in merge-graphs' own format (mergekit's ignores what a method does not take, with a warning)
+    ({"modules": {"text_decoder": {"models": TWO, "parameters": {"t": 0.5}}}, "align": {"method": "none"}},
+     r"modules.text_decoder.parameters: linear has no parameter \['t'\]"),
+    ({"merge_method": "ties", "modules": {"text_decoder": {"models": TWO}}}, r"needs base_model"),
+    ({"merge_method": "linear", "modules": {"text_decoder": {"models": TWO}}, "align": {"method": "weight"}},
+     r"align works on whole models, and this recipe merges modules"),
+    ({"merge_method": "linear", "modules": ["text_decoder"]}, r"modules: a mapping from each part's name"),
+])
+def test_bad_modules_sections_are_refused_with_the_fix(recipe, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe)
 
 
 def test_what_mergekit_ignores_is_ignored_and_named(caplog):
