@@ -248,11 +248,19 @@ def plan_merge(
         config = _with_vocabulary(config, vocabulary.size)
 
     merged_names = [n for n in names if layout[n].dtype.is_floating_point]
-    for pattern, key in filters(settings).items():
-        if not any(pattern in n for n in merged_names):
-            raise MergeParameterError(
-                f"filter {pattern!r} of parameter {key!r} matches no tensor of {reference.label} (its names look "
-                f"like {', '.join(merged_names[:3])}); fix the filter or remove that entry")
+    # A module's settings act on its own tensors only: a filter naming another module's is a mistake.
+    scopes = [([parameters or {}], merged_names, reference.label)]
+    for m in modules:
+        owned = [n for n in merged_names if tasks[n].parameters[1] is m.parameters]
+        where = reference.label if len(modules) == 1 else f"the {m.name} of {reference.label}"
+        scopes.append(([m.parameters, *(s.parameters for s in m.slices),
+                        *(src.parameters for s in m.slices for src in s.sources)], owned, where))
+    for scope, owned, where in scopes:
+        for pattern, key in filters(scope).items():
+            if not any(pattern in n for n in owned):
+                raise MergeParameterError(
+                    f"filter {pattern!r} of parameter {key!r} matches no tensor of {where} (its names look "
+                    f"like {', '.join(owned[:3])}); fix the filter or remove that entry")
     return MergedModel(
         basis=basis, spec=identity.spec, names=names, aliases=aliases, layout=layout, config=config, tasks=tasks,
         views=views, method=method, seed=seed, device=reference.device, dtype=dtype, vocabulary=vocabulary,

@@ -156,3 +156,13 @@ def test_a_module_filter_that_matches_no_tensor_is_refused(tmp_path, capsys):
     err = refused(tmp_path, capsys, spec)
     assert "filter 'feed_forwrd' of parameter 'density' matches no tensor" in err
     assert "fix the filter or remove that entry" in err
+
+
+def test_a_module_filter_that_matches_only_another_modules_tensors_is_refused(tmp_path, capsys):
+    # self_attn names the text decoder's attention (the vision tower's is "attention."): in the
+    # vision tower's parameters it would silently do nothing
+    spec = base_recipe()
+    spec["modules"]["vision_tower"]["parameters"]["density"] = [{"filter": "self_attn", "value": 0.3},
+                                                               {"value": 0.6}]
+    err = refused(tmp_path, capsys, spec)
+    assert "filter 'self_attn' of parameter 'density' matches no tensor of the vision_tower of" in err
