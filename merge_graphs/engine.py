@@ -77,7 +77,8 @@ class MergedModel:
         each tensor's stored dtype), as mergekit does.
         """
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        per_model = get_method(self.method).model_parameters
+        method = get_method(self.method)
+        per_model = method.model_parameters
         for name in self.names:
             task = self.tasks[name]
             first = task.base or task.inputs[0]
@@ -98,9 +99,12 @@ class MergedModel:
                     found.update({k: v for k, v in resolve(level, i.name, task.t).items() if k in per_model})
                 own.append({**found, **resolve(i.parameters, i.name, task.t)})
             base = task.base
+            remapped = self.vocabulary is not None and name in self.vocabulary.axes
+            if base is not None and method.one_as_is and len(task.inputs) == 1 and not remapped:
+                base = None  # the result is the one model's tensor: reading the base costs a model's read
             inputs = [self.views[id(i.model)][i.name].float() for i in task.inputs]
             base_tensor = None if base is None else self.views[id(base.model)][base.name].float()
-            if self.vocabulary is not None and name in self.vocabulary.axes:
+            if remapped:
                 inputs, base_tensor = self._on_vocabulary(name, task, inputs, base_tensor)
             yield name, merge_tensors(
                 self.method, inputs, base=base_tensor,

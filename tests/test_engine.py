@@ -112,8 +112,9 @@ SPLIT = sorted(name for name, m in METHODS.items() if m.rows is not None)
 
 
 #: Methods merged whole, on purpose: each needs whole-tensor norms, cosines, means or a variance
-#: top-k whose float sums a split in row blocks would round differently from mergekit's.
-WHOLE = {"nuslerp", "multislerp", "karcher", "model_stock", "sce"}
+#: top-k whose float sums a split in row blocks would round differently from mergekit's; passthrough
+#: returns its input itself (a block-by-block copy would only cost time).
+WHOLE = {"nuslerp", "multislerp", "karcher", "model_stock", "sce", "passthrough"}
 
 
 def test_every_method_says_how_it_splits():

@@ -12,7 +12,8 @@ from merge_graphs.methods.registry import register
 
 
 @register("multislerp", base="optional", models=(1, None),
-          global_parameters={"normalize_weights": True, "eps": 1e-8}, model_parameters={"weight": None})
+          global_parameters={"normalize_weights": True, "eps": 1e-8}, model_parameters={"weight": None},
+          one_as_is=True)
 def multislerp(tensors, base, model_parameters, parameters, generator):
     """See the module docstring; one model comes back as it is (its delta is not added back)."""
     if len(tensors) == 1:

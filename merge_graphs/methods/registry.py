@@ -75,6 +75,8 @@ class MergeMethod:
         models: ``(min, max)`` count of ``tensors`` (the models besides the base); ``max``
             ``None`` for no limit. Recipes should check it before loading anything.
         random: whether the result depends on ``generator`` (then a seed reproduces it).
+        one_as_is: whether one model besides the base comes back as it is (mergekit's multislerp):
+            the merge loop then does not read the base.
     """
 
     name: str
@@ -86,6 +88,7 @@ class MergeMethod:
     base: BasePolicy = "none"
     models: tuple[int, int | None] = (1, None)
     random: bool = False
+    one_as_is: bool = False
 
     def check_count(self, n: int) -> None:
         """Raise :class:`MergeParameterError` unless ``n`` models besides the base is a count
@@ -129,6 +132,7 @@ def register(
     base: BasePolicy | None = None,
     models: tuple[int, int | None] | None = None,
     random: bool = False,
+    one_as_is: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator adding a merge function to :data:`METHODS` under ``name``.
 
@@ -171,6 +175,7 @@ def register(
             base=base,
             models=models,
             random=random,
+            one_as_is=one_as_is,
         )
         return fn
 

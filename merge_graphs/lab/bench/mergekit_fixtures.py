@@ -209,11 +209,47 @@ def _mergekit_versions(venv: Path) -> dict[str, str]:
     return json.loads(done.stdout)
 
 
-def make_fixtures(out: str | Path, venv: str | Path | None = None, names: Sequence[str] = tuple(RECIPES)) -> dict:
-    """Run mergekit on every recipe and store inputs, outputs and the manifest under ``out``."""
+def store_mergekit_outputs(recipes: Mapping[str, Mapping[str, Any]], out: Path, venv: Path, *,
+                           configs: bool = False) -> None:
+    """Run mergekit 0.1.5 on each recipe (its models already folders) and store under ``out/outputs``
+    its merged tensors (``NAME.safetensors``) and, with ``configs``, the config it wrote
+    (``NAME.config.json``). RuntimeError with mergekit's log when it fails on one."""
     from safetensors.torch import load_file, save_file
 
+    from merge_graphs.lab.bench import mergekit as mk
+
+    (out / "outputs").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, spec in recipes.items():
+            run = mk.mergekit_merge(dict(spec), Path(scratch) / name, venv=venv)
+            if run.skipped:
+                raise RuntimeError(f"mergekit failed on recipe {name!r}: {run.skipped}\n{run.log_tail}")
+            merged = {}
+            for shard in sorted(run.output.glob("*.safetensors")):
+                merged.update(load_file(shard))
+            save_file(dict(sorted(merged.items())), str(out / "outputs" / f"{name}.safetensors"),
+                      metadata={"format": "pt"})
+            if configs:
+                config = json.loads((run.output / "config.json").read_text(encoding="utf-8"))
+                (out / "outputs" / f"{name}.config.json").write_text(
+                    json.dumps(config, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            logger.info("%s: %d tensors from mergekit", name, len(merged))
+
+
+def write_manifest(out: Path, made_by: str, venv: Path, **fields: Any) -> dict:
+    """``out/manifest.json``: who made it, the versions (mergekit's environment and ours), ``fields``,
+    and the SHA-256 of every other file under ``out``."""
     import merge_graphs
+
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {"made_by": made_by, "versions": {**_mergekit_versions(venv), "merge_graphs": merge_graphs.__version__},
+                **fields, "sha256": {str(p.relative_to(out)): sha256(p) for p in files}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def make_fixtures(out: str | Path, venv: str | Path | None = None, names: Sequence[str] = tuple(RECIPES)) -> dict:
+    """Run mergekit on every recipe and store inputs, outputs and the manifest under ``out``."""
     from merge_graphs.lab.bench import mergekit as mk
 
     out = Path(out)
@@ -222,25 +258,9 @@ def make_fixtures(out: str | Path, venv: str | Path | None = None, names: Sequen
     shutil.rmtree(out / "models", ignore_errors=True)
     shutil.rmtree(out / "outputs", ignore_errors=True)
     paths = write_models(out / "models")
-    (out / "outputs").mkdir(parents=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in names:
-            run = mk.mergekit_merge(recipe(name, paths), Path(scratch) / name, venv=venv)
-            if run.skipped:
-                raise RuntimeError(f"mergekit failed on recipe {name!r}: {run.skipped}\n{run.log_tail}")
-            merged = {}
-            for shard in sorted(run.output.glob("*.safetensors")):
-                merged.update(load_file(shard))
-            save_file(dict(sorted(merged.items())), str(out / "outputs" / f"{name}.safetensors"),
-                      metadata={"format": "pt"})
-            logger.info("%s: %d tensors from mergekit", name, len(merged))
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {"made_by": "python -m merge_graphs.lab.bench.mergekit_fixtures",
-                "versions": {**_mergekit_versions(venv), "merge_graphs": merge_graphs.__version__},
-                "config": CONFIG, "recipes": {n: RECIPES[n] for n in names},
-                "sha256": {str(p.relative_to(out)): sha256(p) for p in files}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    return manifest
+    store_mergekit_outputs({name: recipe(name, paths) for name in names}, out, venv)
+    return write_manifest(out, "python -m merge_graphs.lab.bench.mergekit_fixtures", venv,
+                          config=CONFIG, recipes={n: RECIPES[n] for n in names})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

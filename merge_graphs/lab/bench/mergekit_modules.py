@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from merge_graphs.lab.bench.mergekit_fixtures import _mergekit_versions, seeded_states, sha256
+from merge_graphs.lab.bench.mergekit_fixtures import seeded_states, store_mergekit_outputs, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -247,9 +247,6 @@ def recipe(name: str, models: Mapping[str, str | Path]) -> dict[str, Any]:
 def make_fixtures(out: str | Path = DEFAULT_OUT, venv: str | Path | None = None,
                   names: Sequence[str] = tuple(RECIPES)) -> dict:
     """Run mergekit on every recipe and store inputs, outputs, configs and the manifest under ``out``."""
-    from safetensors.torch import load_file, save_file
-
-    import merge_graphs
     from merge_graphs.lab.bench import mergekit as mk
 
     saved, ours = saved_names(), set(checkpoint_shapes())
@@ -262,28 +259,9 @@ def make_fixtures(out: str | Path = DEFAULT_OUT, venv: str | Path | None = None,
     shutil.rmtree(out / "models", ignore_errors=True)
     shutil.rmtree(out / "outputs", ignore_errors=True)
     paths = write_models(out / "models")
-    (out / "outputs").mkdir(parents=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in names:
-            run = mk.mergekit_merge(recipe(name, paths), Path(scratch) / name, venv=venv)
-            if run.skipped:
-                raise RuntimeError(f"mergekit failed on recipe {name!r}: {run.skipped}\n{run.log_tail}")
-            merged = {}
-            for shard in sorted(run.output.glob("*.safetensors")):
-                merged.update(load_file(shard))
-            save_file(dict(sorted(merged.items())), str(out / "outputs" / f"{name}.safetensors"),
-                      metadata={"format": "pt"})
-            config = json.loads((run.output / "config.json").read_text(encoding="utf-8"))
-            (out / "outputs" / f"{name}.config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n",
-                                                                  encoding="utf-8")
-            logger.info("%s: %d tensors from mergekit", name, len(merged))
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {"made_by": "python -m merge_graphs.lab.bench.mergekit_modules",
-                "versions": {**_mergekit_versions(venv), "merge_graphs": merge_graphs.__version__},
-                "config": CONFIG, "dtype": str(DTYPE).split(".")[-1], "recipes": {n: RECIPES[n] for n in names},
-                "sha256": {str(p.relative_to(out)): sha256(p) for p in files}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    return manifest
+    store_mergekit_outputs({name: recipe(name, paths) for name in names}, out, venv, configs=True)
+    return write_manifest(out, "python -m merge_graphs.lab.bench.mergekit_modules", venv, config=CONFIG,
+                          dtype=str(DTYPE).split(".")[-1], recipes={n: RECIPES[n] for n in names})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
