@@ -15,6 +15,7 @@ from merge_graphs import __version__
 from merge_graphs.errors import MergeGraphsError
 from merge_graphs.gnn import default_encoder
 from merge_graphs.gnn import embed as embed_model
+from merge_graphs.gnn.lineage import lineage, lineage_threshold
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.io import Checkpoint, load_model
 from merge_graphs.io.push import push_folder
@@ -35,7 +36,8 @@ examples:
   merge-graphs recipe.yaml --out merged --push-to-hub me/merged
   merge-graphs inspect org/model                 a checkpoint's symmetry groups, read lazily
   merge-graphs push merged me/merged --private   push a written folder to the Hub
-  merge-graphs embed model-a model-b             how alike models are, by their GNN embeddings
+  merge-graphs embed model-a model-b             how alike models are by their GNN embeddings, and
+                                                 which share a base (fine-tunes) or were trained apart
   merge-graphs bench gpt2                        rerun a benchmark of the README
   merge-graphs pretrain-gnn                      retrain the shipped GNN
 
@@ -133,10 +135,9 @@ def push(args: argparse.Namespace) -> int:
 
 def embed(args: argparse.Namespace) -> int:
     encoder = default_encoder()
-    pooled = []
-    for ref in args.models:
-        pooled.append(embed_model(load_model(ref, allow_pickle=args.allow_pickle), encoder).pooled)
-    x = torch.nn.functional.normalize(torch.stack(pooled).float(), dim=1)
+    # Each model embedded once; its embeddings serve both the pooled table and the lineage pairs.
+    embeddings = [embed_model(load_model(ref, allow_pickle=args.allow_pickle), encoder) for ref in args.models]
+    x = torch.nn.functional.normalize(torch.stack([e.pooled for e in embeddings]).float(), dim=1)
     similarity = x @ x.T
     names = [_short(m) for m in args.models]
     width = max(8, *(len(n) for n in names))
@@ -144,6 +145,17 @@ def embed(args: argparse.Namespace) -> int:
     print(" " * width + "".join(f"  {i:>6}" for i in range(len(names))))
     for i, name in enumerate(names):
         print(f"{name:<{width}}" + "".join(f"  {v:6.3f}" for v in similarity[i].tolist()) + f"  [{i}]")
+    if len(embeddings) < 2:
+        return 0
+    threshold = lineage_threshold()
+    print(f"\nlineage: matched mean cosine of unit embeddings; above {threshold:.3f} says same base")
+    pairs = lineage(embeddings, [f"[{i}]" for i in range(len(names))], threshold=threshold)
+    labels = [f"{p.a} {p.b}" for p in pairs]
+    pw = max(4, *(len(label) for label in labels))
+    print(f"  {'pair':<{pw}}  {'score':>6}  verdict")
+    for label, pair in zip(labels, pairs):
+        score = "     -" if math.isnan(pair.score) else f"{pair.score:6.3f}"
+        print(f"  {label:<{pw}}  {score}  {pair.verdict}")
     return 0
 
 
@@ -189,7 +201,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         p.set_defaults(handler=push)
     elif command == "embed":
         commands = parser.add_subparsers(dest="command", required=True)
-        p = commands.add_parser("embed", help="pairwise similarity of models by their pooled GNN embeddings")
+        p = commands.add_parser("embed", help="pairwise similarity of models by their GNN embeddings, and their lineage")
         p.add_argument("models", nargs="+", help="local folders, or Hub ids org/name[@revision]")
         p.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (runs pickle)")
         p.set_defaults(handler=embed)

@@ -9,7 +9,8 @@ The encoder is pretrained in the lab (:mod:`merge_graphs.lab.pretrain_gnn`) on a
 models (:mod:`merge_graphs.lab.pretraining_zoo`); the weights ship in ``weights/``
 (:mod:`merge_graphs.gnn.pretrained`).
 :mod:`merge_graphs.gnn.alignment` matches two models' units on their embeddings
-(``merge_graphs.align(a, b, method="gnn")``).
+(``merge_graphs.align(a, b, method="gnn")``); :mod:`merge_graphs.gnn.lineage` scores whether two
+models share a base (fine-tunes of one model) or were trained independently.
 """
 
 from merge_graphs.gnn.embedding import Embeddings, default_encoder, embed
