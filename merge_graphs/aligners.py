@@ -188,11 +188,12 @@ def _weight(a: TensorSource, b: TensorSource, spec: SymmetrySpec, options: Align
     return weight_matching(spec, a, b, solver=options.solver, groups=options.groups, seed=options.seed)
 
 
-@register_aligner("gnn", needs_models=False)
+@register_aligner("gnn", needs_models=False, residuals=RESIDUALS)
 def _gnn(a: TensorSource, b: TensorSource, spec: SymmetrySpec, options: AlignOptions) -> Alignment:
-    """The pretrained GNN's node embeddings matched (then weight matching, with ``refine``)."""
-    return gnn_align(a, b, spec, refine=options.refine, solver=options.solver, groups=options.groups,
-                     seed=options.seed)
+    """The pretrained GNN's node embeddings matched (then weight matching, with ``refine``); with a rotated
+    residual stream, orthogonal weight matching started from the GNN's permutations of the other groups."""
+    return gnn_align(a, b, spec, refine=options.refine, residual=options.residual, solver=options.solver,
+                     groups=options.groups, seed=options.seed)
 
 
 @register_aligner("activation", needs_models=True, residuals=RESIDUALS)

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         if a.method == "none":
             continue
         gain = a.objective_after - a.objective_before
-        print(f"aligned {_short(entry)} ({a.method}, {a.iterations} sweeps, {a.seconds:.1f}s): "
+        where = "".join(f", {k} {v:.1f}s" for k, v in a.stage_seconds.items())
+        print(f"aligned {_short(entry)} ({a.method}, {a.iterations} sweeps, {a.seconds:.1f}s{where}): "
               f"matching objective {a.objective_before:.4g} -> {a.objective_after:.4g} ({gain:+.4g})")
         rows = list(a.summary().items())
         width = max(len(g) for g, _ in rows)

@@ -148,6 +148,8 @@ class Alignment:
         seconds: time spent.
         iterations: coordinate-descent sweeps over the groups.
         loss_curve: for a learned alignment, the interpolated models' loss at each step.
+        stage_seconds: where ``seconds`` went, for aligners that report it (the GNN's: ``embed``,
+            ``match``, ``refine``).
     """
 
     spec: SymmetrySpec
@@ -160,6 +162,7 @@ class Alignment:
     seconds: float = 0.0
     iterations: int = 0
     loss_curve: list[float] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     #: The basis it maps into: ``"permutation"`` (the models' own), or ``"rotation"`` (norms folded).
     basis = "permutation"

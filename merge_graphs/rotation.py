@@ -767,6 +767,7 @@ def rotation_alignment(
     seed: int = 0,
     batch_size: int = 16,
     head_maps: tuple[str, ...] | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> RotationAlignment:
     """Align model B to model A with norm folding, a residual rotation ``Q`` and permutations.
 
@@ -808,6 +809,10 @@ def rotation_alignment(
             orthogonal map per head shared by q and k; with RoPE a rotation in each frequency
             plane), ``"vo"`` (V/O: one orthogonal map per head); ``()`` for none. Default: the
             family's entry in :data:`DEFAULT_HEAD_MAPS`. Not fitted with ``calibration``.
+        init: data-free, permutations of groups other than the residual stream (children
+            included; e.g. the GNN's, :func:`merge_graphs.gnn.alignment.gnn_align`) from which the
+            first weight matching starts, instead of the identity; groups it leaves out start at
+            the identity.
 
     Raises:
         UnsupportedArchitectureError: post-LN families, bare models.
@@ -882,7 +887,9 @@ def rotation_alignment(
     else:
         xa, xb = _embeddings(folded_spec, a), _embeddings(folded_spec, b)
         q = procrustes(xb.T.double() @ xa.double(), kind)
-        perms, iterations = matched(q, None)
+        start_perms = None if init is None else {g: p for g, p in init.items()
+                                                 if g in folded_spec.groups and g != RESIDUAL}
+        perms, iterations = matched(q, start_perms)
         fit_used = fit
         if fit == "alternate":
             best = objective(folded_spec, a, mapped(source_b, spec_b, q), perms)[0]

@@ -7,7 +7,7 @@ import pytest
 
 from merge_graphs.lab import quickstart, trainers
 from merge_graphs.lab.bench import LLAMA_METHODS, SUITES, llama_suite
-from merge_graphs.lab.bench.lm import FAMILIES, LEARN, LLAMA_GROUPS, _models, format_lm, resolve_groups
+from merge_graphs.lab.bench.lm import FAMILIES, LEARN, LLAMA_GROUPS, _models, format_lm, resolve_groups, select_methods
 
 
 def test_make_byte_llama_is_the_benchmarks_llama():
@@ -37,6 +37,14 @@ def test_rows_match_the_groups_they_name():
     assert LLAMA_METHODS["learned+sampled"] == ("learned", "rotation", True, False)
     assert LEARN == {"learned": {"heads": False}, "learned+heads": {"heads": True}, "learned+sampled": {"heads": True}}
     assert set(FAMILIES) == {"gpt2", "llama"}
+
+
+def test_methods_runs_the_rows_named_in_the_familys_order_with_naive():
+    family = FAMILIES["llama"]
+    assert select_methods(family, None) == list(LLAMA_METHODS)
+    assert select_methods(family, ["gnn+rotation", "rotation"]) == ["naive", "rotation", "gnn+rotation"]
+    with pytest.raises(ValueError, match=r"unknown llama rows \['rotations'\]; choose among naive, weight"):
+        select_methods(family, ["rotation", "rotations"])
 
 
 def _report() -> dict:
@@ -107,3 +115,8 @@ def test_llama_suite_quick(tmp_path):
     assert quickstart.heldout_loss(models[0], None, heldout, max_windows=8) == pair["loss_a"]
     table = SUITES["llama"].format(report)
     assert all(name in table for name in LLAMA_METHODS) and "byte unigram" in table and "machine:" in table
+
+    # --methods: those rows and naive, the same figures as in the full run.
+    only = llama_suite(quick=True, out=tmp_path, methods=["rotation"])
+    assert list(only["summary"]) == list(only["pairs"][0]["methods"]) == ["naive", "rotation"]
+    assert only["pairs"][0]["methods"]["rotation"]["barrier"] == pair["methods"]["rotation"]["barrier"]

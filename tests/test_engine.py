@@ -138,12 +138,14 @@ def test_methods_merge_large_tensors_in_row_blocks_to_the_same_tensors(tmp_path,
     assert_identical(stored(tmp_path / "whole"), stored(tmp_path / "blocks"))
 
 
-@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen2-lm-tied"])
-def test_rotation_streams_to_the_in_memory_tensors(tmp_path, name):
-    """Orthogonal weight matching with folded norms reads checkpoints tensor by tensor, and writes what
-    the same recipe writes from models loaded whole; the folded head is stored on its own."""
+@pytest.mark.parametrize("name, method", [("gpt2-lm", "weight"), ("llama-lm", "weight"), ("qwen2-lm-tied", "weight"),
+                                          ("llama-lm", "gnn")])
+def test_rotation_streams_to_the_in_memory_tensors(tmp_path, name, method):
+    """Orthogonal weight matching with folded norms (from the GNN's start with ``method: gnn``) reads
+    checkpoints tensor by tensor, and writes what the same recipe writes from models loaded whole; the
+    folded head is stored on its own."""
     folders = [save(make(name, seed), tmp_path / f"m{seed}") for seed in (0, 1)]
-    recipe = {"models": [{"model": f} for f in folders], "align": {"method": "weight", "residual": "rotation"}}
+    recipe = {"models": [{"model": f} for f in folders], "align": {"method": method, "residual": "rotation"}}
     results, memory, streamed = merge_both_ways(tmp_path, recipe)
     assert_identical(memory, streamed)
     found = [r.alignments[1] for r in results.values()]

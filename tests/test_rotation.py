@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 import transformers as T
-from tiny_models import GPT2, example_input, make, outputs
+from tiny_models import GPT2, LLAMA, example_input, make, outputs
 
 import merge_graphs as mg
 from merge_graphs.api import aligned_model
@@ -230,6 +230,37 @@ def test_rotation_and_permutations_are_recovered(name, data):
     merged = reference.__class__(reference.config)
     merged.load_state_dict({k: (v + aligned.state_dict()[k]) / 2 for k, v in ref_state.items()})
     assert_same_outputs(model, merged.eval(), example_input(model))
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen3-lm-tied-bias", "gemma-lm", "phi3-lm", "vit-cls",
+                                  "mixtral-lm"])
+def test_gnn_start_then_orthogonal_weight_matching_recovers_a_scrambled_model(name):
+    """``align(..., "gnn", residual="rotation")``: the GNN matches every group but the stream, orthogonal weight
+    matching starts there; on a permuted and rotated copy it finds the rotation and A's tensors again."""
+    model = make(name)
+    scrambled, q_total = _scrambled(model, seed=3)
+    alignment = mg.align(model, scrambled, "gnn", residual="rotation")
+    assert alignment.method == "gnn+rotation" and alignment.basis == "rotation"
+    assert torch.allclose(alignment.rotation, q_total.T, atol=1e-4)
+    ref_state = folded_model(model).state_dict()
+    for k, v in aligned_model(scrambled, alignment).state_dict().items():
+        assert_close(ref_state[k], v, k)
+    assert set(alignment.stage_seconds) == {"embed", "match", "refine"}
+    assert alignment.seconds == pytest.approx(sum(alignment.stage_seconds.values()), rel=0.05, abs=0.05)
+
+
+def test_init_is_where_the_first_weight_matching_starts():
+    """Started at its own fixed point, orthogonal weight matching stays there after one confirming sweep;
+    the residual stream in ``init`` is not a permutation group here (the rotation maps it) and is ignored."""
+    a, b = make("llama-lm", seed=0), make("llama-lm", seed=1)
+    first = rotation_alignment(a, b, fit="embeddings")
+    assert first.iterations > 1
+    start = {**first.permutations, RESIDUAL: torch.randperm(LLAMA["hidden_size"])}
+    again = rotation_alignment(a, b, fit="embeddings", init=start)
+    assert again.iterations == 1
+    for group, perm in first.permutations.items():
+        assert torch.equal(again.permutations[group], perm), group
+    assert again.permutations[RESIDUAL].equal(torch.arange(LLAMA["hidden_size"]))
 
 
 def test_alignment_of_unrelated_models_preserves_b_and_never_lowers_the_objective():

@@ -18,6 +18,7 @@ import torch
 from merge_graphs.gnn.embedding import Embeddings, default_encoder, embed
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.match import Alignment, weight_matching
+from merge_graphs.rotation import RESIDUAL, rotation_alignment
 from merge_graphs.symmetry.spec import SymmetrySpec, TensorSpec, invert_permutations
 
 
@@ -116,6 +117,7 @@ def gnn_align(
     spec: SymmetrySpec,
     *,
     refine: bool = False,
+    residual: str = "permutation",
     encoder=None,
     solver: str = "exact",
     groups: list[str] | None = None,
@@ -124,18 +126,37 @@ def gnn_align(
     """Align ``model_b`` to ``model_a`` by GNN embeddings, then (``refine``) by weight matching
     started from that matching. ``encoder`` defaults to the pretrained one.
 
+    With ``residual="rotation"`` (pre-norm families) the GNN matches every group but the residual
+    stream, and orthogonal weight matching (:func:`merge_graphs.rotation.rotation_alignment`)
+    starts from those permutations: a permutation-equivariant GNN cannot say how the stream is
+    rotated, so this refinement always runs.
+
     ``model_a`` and ``model_b`` are ``nn.Module`` s or mappings of named tensors (such as
     :class:`~merge_graphs.sources.ModelTensors`, which the encoder then reads one weight matrix
-    at a time: nothing else of the model is held).
+    at a time: nothing else of the model is held). The result's ``stage_seconds`` says where the
+    time went: ``embed`` (both models), ``match`` (assignments on the embeddings) and ``refine``.
     """
     start = time.perf_counter()
     encoder = encoder or default_encoder()
     state_a, state_b = (m.state_dict() if isinstance(m, torch.nn.Module) else m for m in (model_a, model_b))
-    found = gnn_matching(spec, embed(NeuralGraph(spec, state_a), encoder), embed(NeuralGraph(spec, state_b), encoder),
-                         solver=solver, groups=groups, seed=seed)
+    emb_a, emb_b = embed(NeuralGraph(spec, state_a), encoder), embed(NeuralGraph(spec, state_b), encoder)
+    embedded = time.perf_counter()
+    if residual == "rotation":
+        roots = [g for g, grp in spec.groups.items() if grp.parent is None and g != RESIDUAL]
+        groups = [g for g in roots if groups is None or g in groups]
+    found = gnn_matching(spec, emb_a, emb_b, solver=solver, groups=groups, seed=seed)
     found.seconds = time.perf_counter() - start
-    if not refine:
+    found.stage_seconds = {"embed": embedded - start, "match": found.seconds - (embedded - start)}
+    if residual == "rotation":
+        refined = rotation_alignment(model_a, model_b, init=found.permutations, solver=solver, groups=groups,
+                                     seed=seed)
+        refined.method = "gnn+rotation"
+    elif refine:
+        refined = weight_matching(spec, state_a, state_b, init=found.permutations, solver=solver, groups=groups,
+                                  seed=seed)
+        refined.method = "gnn+weight"
+    else:
         return found
-    refined = weight_matching(spec, state_a, state_b, init=found.permutations, solver=solver, groups=groups, seed=seed)
-    refined.method, refined.seconds = "gnn+weight", refined.seconds + found.seconds
+    refined.stage_seconds = {**found.stage_seconds, "refine": refined.seconds}
+    refined.seconds += found.seconds
     return refined

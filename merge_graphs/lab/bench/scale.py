@@ -181,7 +181,8 @@ json.dump({"path": r.path, "path_reason": r.path_reason, "stage_seconds": r.stag
            "stage_peak_rss": r.stage_peak_rss,
            "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
            "alignments": [{"method": a.method, "objective_before": a.objective_before,
-                           "objective_after": a.objective_after, "iterations": a.iterations, "seconds": a.seconds}
+                           "objective_after": a.objective_after, "iterations": a.iterations, "seconds": a.seconds,
+                           "stage_seconds": a.stage_seconds}
                           for a in r.alignments]}, open(sys.argv[3], "w"))
 """
 
@@ -409,6 +410,10 @@ def format_scale(report: Mapping[str, Any]) -> str:
                 f"{k} {v:.1f}s" + (f"/{row['stage_peak_rss'][k] / 1e9:.2f}GB" if k in row.get("stage_peak_rss", {})
                                     else "")
                 for k, v in row.get("stage_seconds", {}).items())
+            # Where an aligner says where its time went (the GNN: embedding, matching, refinement).
+            for found in row.get("alignments", []):
+                if found.get("stage_seconds"):
+                    stages += " (align: " + ", ".join(f"{k} {v:.1f}s" for k, v in found["stage_seconds"].items()) + ")"
             gpu = f"; GPU peak {row['gpu_peak_bytes'] / 1e9:.2f} GB" if row.get("gpu_peak_bytes") else ""
             lines.append(f"{size['name']:6} {params:>7} {name:{width}} {row['wall_s']:>8.1f} "
                          f"{row['peak_rss_bytes'] / 1e9:>12.2f} {ratios}  {row.get('path', ''):10} {stages}{gpu}")
