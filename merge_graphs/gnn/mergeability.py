@@ -1,0 +1,159 @@
+"""Mergeability: predict a pair's loss barrier after weight matching, before aligning or merging it.
+
+The prediction is a ridge regression on a few permutation-invariant statistics of the two models'
+GNN embeddings (:func:`pair_features`): the lineage matching's per-unit cosines
+(:func:`~merge_graphs.gnn.lineage.matched_cosines`) summarized overall, per kind of unit (hidden /
+MLP units, the residual stream, attention) and at the worst layer and unit, the pooled embeddings'
+cosine, and the models' shape (width, depth, whether a residual stream joins the layers). Every
+feature is unchanged when either model's units are permuted, so the prediction is too.
+
+What it predicts: the barrier of the straight line between model A and model B *after the tool's
+default data-free alignment* (weight matching), divided by the mean of the two parents' losses, so
+families with different loss scales share one scale. The barrier of naive averaging is not
+predicted: it depends on the order of B's units, which no permutation-invariant feature can see.
+
+The coefficients ship beside the GNN's weights (``weights/mergeability.json``, with the weights'
+sha256), fitted by ``python -m merge_graphs.lab.gnn_mergeability`` on the pretraining zoo's
+training seeds and their fine-tunes and evaluated on held-out seeds (the json holds the figures).
+Family one-hots are deliberately absent: they would memorize the zoo's four families and say nothing
+about a family it lacks; the shape features are what a new family has too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merge_graphs.gnn.embedding import Embeddings, default_encoder, embed
+from merge_graphs.gnn.encoder import GraphEncoder
+from merge_graphs.gnn.lineage import matched_cosines, score_of
+from merge_graphs.gnn.pretrained import WEIGHTS_DIR
+
+FEATURES = ("matched cosine", "hidden cosine", "residual cosine", "attention cosine", "worst layer cosine",
+            "low unit cosine", "pooled cosine", "log width", "log depth", "residual stream")
+HIDDEN_ROLES = ("hidden", "mlp")
+LOW_QUANTILE = 0.1  # "low unit cosine": the cosine a tenth of the units fall below
+
+
+@dataclass(frozen=True)
+class BarrierModel:
+    """A ridge regression from :func:`pair_features` to the relative barrier after weight matching:
+    ``intercept + coef . (x - mean) / scale``."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+
+    def predict(self, features: Mapping[str, float]) -> float:
+        """The predicted relative barrier of a pair with these features."""
+        return self.intercept + math.fsum(c * (features[f] - m) / s
+                                          for f, m, s, c in zip(self.features, self.mean, self.scale, self.coef))
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                "coef": list(self.coef), "intercept": self.intercept}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> BarrierModel:
+        return cls(tuple(d["features"]), tuple(d["mean"]), tuple(d["scale"]), tuple(d["coef"]), float(d["intercept"]))
+
+
+@functools.lru_cache(maxsize=4)
+def barrier_model(folder: str | os.PathLike = WEIGHTS_DIR) -> BarrierModel:
+    """The shipped regression: ``model`` of ``weights/mergeability.json``, written by
+    ``python -m merge_graphs.lab.gnn_mergeability`` (the json also records the command, the pairs it
+    was fitted on and the held-out figures)."""
+    return BarrierModel.from_dict(json.loads((Path(folder) / "mergeability.json").read_text())["model"])
+
+
+def pair_features(emb_a: Embeddings, emb_b: Embeddings,
+                  cosines: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """The permutation-invariant statistics of a pair that the regression reads (see :data:`FEATURES`).
+
+    Args:
+        emb_a, emb_b: the two models' :func:`~merge_graphs.gnn.embed`.
+        cosines: their :func:`~merge_graphs.gnn.lineage.matched_cosines`, when already computed
+            (a :class:`~merge_graphs.gnn.lineage.LineagePair` keeps them); else matched here.
+
+    Raises:
+        SpecMismatchError: the two models' permuted units do not correspond (different architectures).
+
+    Example:
+        >>> import torch, merge_graphs
+        >>> from merge_graphs.gnn import embed
+        >>> from merge_graphs.gnn.mergeability import pair_features
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> f = pair_features(embed(mlp), embed(mlp))
+        >>> round(f["matched cosine"], 4), round(f["worst layer cosine"], 4), f["residual stream"]
+        (1.0, 1.0, 0.0)
+    """
+    cosines = dict(cosines) if cosines is not None else matched_cosines(emb_a, emb_b)
+    sets = emb_a.graph.node_sets
+    overall = score_of(cosines)
+
+    def kind(roles) -> float:
+        # A kind the architecture lacks reads as the overall score: neutral, not an extreme.
+        parts = [c for name, c in cosines.items() if roles(sets[name].role)]
+        return score_of(dict(enumerate(parts))) if parts else overall
+
+    units = torch.cat([c.float() for c in cosines.values()])
+    pooled = torch.nn.functional.cosine_similarity(emb_a.pooled.float(), emb_b.pooled.float(), dim=0)
+    hidden_layers = sum(sets[name].role in HIDDEN_ROLES for name in cosines)
+    return {
+        "matched cosine": overall,
+        "hidden cosine": kind(lambda r: r in HIDDEN_ROLES),
+        "residual cosine": kind(lambda r: r == "residual"),
+        "attention cosine": kind(lambda r: r.startswith("attn.")),
+        "worst layer cosine": min(float(c.mean()) for c in cosines.values()),
+        "low unit cosine": float(torch.quantile(units, LOW_QUANTILE)),
+        "pooled cosine": float(pooled),
+        "log width": math.log(units.numel() / len(cosines)),
+        "log depth": math.log(max(1, hidden_layers)),
+        "residual stream": float(any(sets[name].role == "residual" for name in cosines)),
+    }
+
+
+def predicted_barrier(model_a, model_b, *, encoder: GraphEncoder | None = None,
+                      cosines: Mapping[str, torch.Tensor] | None = None, model: BarrierModel | None = None) -> float:
+    """The predicted barrier of the pair after weight matching, relative to the parents' mean loss.
+
+    0 means the weight-matched midpoint is predicted as good as its parents; 0.3 means a loss about
+    30% above theirs at the worst point of the line. A value slightly below 0 reads as "no barrier".
+
+    Args:
+        model_a, model_b: ``nn.Module`` s, or their :func:`~merge_graphs.gnn.embed`.
+        encoder: embeds the models given as modules; default the pretrained one.
+        cosines: the pair's :func:`~merge_graphs.gnn.lineage.matched_cosines`, to match only once.
+        model: the regression; default the shipped one (:func:`barrier_model`).
+
+    Raises:
+        SpecMismatchError: the two models' permuted units do not correspond (different architectures).
+
+    Example:
+        >>> import torch
+        >>> from merge_graphs.gnn.mergeability import predicted_barrier
+        >>> def mlp(seed):
+        ...     torch.manual_seed(seed)
+        ...     return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> a = mlp(0)
+        >>> predicted_barrier(a, a) < predicted_barrier(a, mlp(1))
+        True
+    """
+    if encoder is None and not (isinstance(model_a, Embeddings) and isinstance(model_b, Embeddings)):
+        encoder = default_encoder()
+    emb_a, emb_b = (m if isinstance(m, Embeddings) else embed(m, encoder) for m in (model_a, model_b))
+    return (model or barrier_model()).predict(pair_features(emb_a, emb_b, cosines))
+
+
+__all__ = ["FEATURES", "BarrierModel", "barrier_model", "pair_features", "predicted_barrier"]
