@@ -1,22 +1,30 @@
 """Mergeability: predict a pair's loss barrier after weight matching, before aligning or merging it.
 
-The prediction is a ridge regression on a few permutation-invariant statistics of the two models'
-GNN embeddings (:func:`pair_features`): the lineage matching's per-unit cosines
-(:func:`~merge_graphs.gnn.lineage.matched_cosines`) summarized overall, per kind of unit (hidden /
-MLP units, the residual stream, attention) and at the worst layer and unit, the pooled embeddings'
-cosine, and the models' shape (width, depth, whether a residual stream joins the layers). Every
-feature is unchanged when either model's units are permuted, so the prediction is too.
-
 What it predicts: the barrier of the straight line between model A and model B *after the tool's
 default data-free alignment* (weight matching), divided by the mean of the two parents' losses, so
 families with different loss scales share one scale. The barrier of naive averaging is not
 predicted: it depends on the order of B's units, which no permutation-invariant feature can see.
 
+The model: the pair's *distance*, one minus the lineage score (the matched mean cosine of the
+two models' GNN unit embeddings, :func:`~merge_graphs.gnn.lineage.matched_cosines`), times a slope
+that depends on the architecture's shape (whether a residual stream joins the layers, log width,
+log depth), fitted by ridge regression through the origin::
+
+    barrier = distance * (w0 + w1 * residual stream + w2 * log width + w3 * log depth)
+
+Through the origin because a model against itself (or a permuted copy) has no barrier in any
+architecture: a linear model with an intercept gave same-base pairs of a high-barrier architecture a
+higher prediction than independent pairs of a low-barrier one. For one architecture the prediction
+orders pairs exactly as the lineage score does; across architectures the slope says which shapes
+merge worse. Per-kind cosines (hidden units, residual stream, attention), the worst layer and the
+pooled cosine were tried as further inputs and ranked the pairs of an architecture left out of the
+fit worse, so they are not used. Family one-hots are deliberately absent: they would memorize the
+zoo's four families and say nothing about a family it lacks. Every input is unchanged when either
+model's units are permuted, so the prediction is too.
+
 The coefficients ship beside the GNN's weights (``weights/mergeability.json``, with the weights'
 sha256), fitted by ``python -m merge_graphs.lab.gnn_mergeability`` on the pretraining zoo's
 training seeds and their fine-tunes and evaluated on held-out seeds (the json holds the figures).
-Family one-hots are deliberately absent: they would memorize the zoo's four families and say nothing
-about a family it lacks; the shape features are what a new family has too.
 """
 
 from __future__ import annotations
@@ -36,16 +44,15 @@ from merge_graphs.gnn.encoder import GraphEncoder
 from merge_graphs.gnn.lineage import matched_cosines, score_of
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 
-FEATURES = ("matched cosine", "hidden cosine", "residual cosine", "attention cosine", "worst layer cosine",
-            "low unit cosine", "pooled cosine", "log width", "log depth", "residual stream")
+FEATURES = ("distance", "distance x residual stream", "distance x log width", "distance x log depth")
 HIDDEN_ROLES = ("hidden", "mlp")
-LOW_QUANTILE = 0.1  # "low unit cosine": the cosine a tenth of the units fall below
 
 
 @dataclass(frozen=True)
 class BarrierModel:
     """A ridge regression from :func:`pair_features` to the relative barrier after weight matching:
-    ``intercept + coef . (x - mean) / scale``."""
+    ``intercept + coef . (x - mean) / scale``, never below 0 (the shipped one has mean and intercept 0:
+    through the origin)."""
 
     features: tuple[str, ...]
     mean: tuple[float, ...]
@@ -54,9 +61,9 @@ class BarrierModel:
     intercept: float
 
     def predict(self, features: Mapping[str, float]) -> float:
-        """The predicted relative barrier of a pair with these features."""
-        return self.intercept + math.fsum(c * (features[f] - m) / s
-                                          for f, m, s, c in zip(self.features, self.mean, self.scale, self.coef))
+        """The predicted relative barrier of a pair with these features (at least 0)."""
+        return max(0.0, self.intercept + math.fsum(c * (features[f] - m) / s
+                                          for f, m, s, c in zip(self.features, self.mean, self.scale, self.coef)))
 
     def to_dict(self) -> dict:
         return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
@@ -77,7 +84,8 @@ def barrier_model(folder: str | os.PathLike = WEIGHTS_DIR) -> BarrierModel:
 
 def pair_features(emb_a: Embeddings, emb_b: Embeddings,
                   cosines: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """The permutation-invariant statistics of a pair that the regression reads (see :data:`FEATURES`).
+    """The permutation-invariant statistics of a pair: the regression's inputs (:data:`FEATURES`) and
+    what they are made of (``matched cosine``, ``residual stream``, ``log width``, ``log depth``).
 
     Args:
         emb_a, emb_b: the two models' :func:`~merge_graphs.gnn.embed`.
@@ -95,41 +103,28 @@ def pair_features(emb_a: Embeddings, emb_b: Embeddings,
         <torch._C.Generator object at ...>
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> f = pair_features(embed(mlp), embed(mlp))
-        >>> round(f["matched cosine"], 4), round(f["worst layer cosine"], 4), f["residual stream"]
-        (1.0, 1.0, 0.0)
+        >>> round(f["distance"], 4), f["residual stream"], round(f["log width"], 3), f["log depth"]
+        (0.0, 0.0, 2.079, 0.0)
     """
     cosines = dict(cosines) if cosines is not None else matched_cosines(emb_a, emb_b)
-    sets = emb_a.graph.node_sets
-    overall = score_of(cosines)
-
-    def kind(roles) -> float:
-        # A kind the architecture lacks reads as the overall score: neutral, not an extreme.
-        parts = [c for name, c in cosines.items() if roles(sets[name].role)]
-        return score_of(dict(enumerate(parts))) if parts else overall
-
-    units = torch.cat([c.float() for c in cosines.values()])
-    pooled = torch.nn.functional.cosine_similarity(emb_a.pooled.float(), emb_b.pooled.float(), dim=0)
-    hidden_layers = sum(sets[name].role in HIDDEN_ROLES for name in cosines)
-    return {
-        "matched cosine": overall,
-        "hidden cosine": kind(lambda r: r in HIDDEN_ROLES),
-        "residual cosine": kind(lambda r: r == "residual"),
-        "attention cosine": kind(lambda r: r.startswith("attn.")),
-        "worst layer cosine": min(float(c.mean()) for c in cosines.values()),
-        "low unit cosine": float(torch.quantile(units, LOW_QUANTILE)),
-        "pooled cosine": float(pooled),
-        "log width": math.log(units.numel() / len(cosines)),
-        "log depth": math.log(max(1, hidden_layers)),
-        "residual stream": float(any(sets[name].role == "residual" for name in cosines)),
+    roles = [emb_a.graph.node_sets[name].role for name in cosines]
+    distance = 1.0 - score_of(cosines)
+    shape = {
+        "residual stream": float("residual" in roles),
+        # mean units per permuted node set; hidden layers (an MLP's, a transformer block's MLP) count depth
+        "log width": math.log(sum(c.numel() for c in cosines.values()) / len(cosines)),
+        "log depth": math.log(max(1, sum(r in HIDDEN_ROLES for r in roles))),
     }
+    return {"matched cosine": 1.0 - distance, "distance": distance, **shape,
+            **{f"distance x {k}": distance * v for k, v in shape.items()}}
 
 
 def predicted_barrier(model_a, model_b, *, encoder: GraphEncoder | None = None,
                       cosines: Mapping[str, torch.Tensor] | None = None, model: BarrierModel | None = None) -> float:
     """The predicted barrier of the pair after weight matching, relative to the parents' mean loss.
 
-    0 means the weight-matched midpoint is predicted as good as its parents; 0.3 means a loss about
-    30% above theirs at the worst point of the line. A value slightly below 0 reads as "no barrier".
+    0 means the weight-matched line is predicted as good as its parents; 0.3 means a loss about 30%
+    above theirs at the worst point of the line.
 
     Args:
         model_a, model_b: ``nn.Module`` s, or their :func:`~merge_graphs.gnn.embed`.

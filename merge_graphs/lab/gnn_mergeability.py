@@ -10,19 +10,23 @@ default data-free alignment), the loss along the straight line between them at 1
 zoo's held-out data (:func:`~merge_graphs.lab.pretraining_zoo.loss_fn`), the barrier divided by the
 mean of the two parents' losses.
 
-* Fit: every pair among the training seeds and their fine-tunes; ridge regression on
-  :func:`~merge_graphs.gnn.mergeability.pair_features`, its penalty chosen by leave-one-architecture-out
-  cross-validation on these pairs.
+* Fit: every pair among the training seeds and their fine-tunes; ridge regression through the origin
+  on :func:`~merge_graphs.gnn.mergeability.pair_features` (see :mod:`merge_graphs.gnn.mergeability`), its penalty the one that ranks best (Kendall's tau)
+  in leave-one-architecture-out cross-validation on these pairs.
 * Held out: every pair among the held-out seeds and their fine-tunes, each of these against every
   training seed's base, and each long fine-tune against each held-out base. The GNN and the
   regression saw none of these models.
+* Out of the zoo (``--bench-gpt2``, when the folder holds them): the byte-level GPT-2 models of
+  ``merge-graphs bench gpt2`` (width 80, 3 layers, seeds 0-3) and their fine-tunes of 100 and 400
+  steps (:func:`~merge_graphs.lab.gnn_lineage.bench_gpt2_members`), every pair, with the zoo's
+  GPT-2 loss; a shape the regression never saw.
 
 Reported: Kendall's tau between predicted and true barrier over the held-out pairs, the independent
 ones alone, and within each architecture, beside three baselines: the lineage score alone (higher
 score, lower barrier), the cosine of the weights as they are (likewise), and a lookup of the mean
 training barrier of the pair's architecture and lineage verdict, which only works inside the zoo.
 
-Run ``python -m merge_graphs.lab.gnn_mergeability`` (~5-8 min on one thread with the zoo cached; it
+Run ``python -m merge_graphs.lab.gnn_mergeability`` (~5 min on one thread with the zoo cached, 3 more for the out-of-zoo check; it
 trains the zoo first otherwise). It writes ``merge_graphs/gnn/weights/mergeability.json`` unless
 ``--out`` says otherwise.
 """
@@ -41,6 +45,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from scipy.stats import kendalltau
@@ -52,9 +57,16 @@ from merge_graphs.gnn.mergeability import FEATURES, BarrierModel, pair_features
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 from merge_graphs.lab import pretraining_zoo as zoo
 from merge_graphs.lab.bench.common import curve
-from merge_graphs.lab.gnn_lineage import FINE_TUNE_STEPS, STRESS, Member, build_members, weight_cosine
+from merge_graphs.lab.gnn_lineage import (
+    FINE_TUNE_STEPS,
+    STRESS,
+    Member,
+    bench_gpt2_members,
+    build_members,
+    weight_cosine,
+)
 
-ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+ALPHAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 TARGET_TAU = 0.6
 PREDICTORS = ("GNN regression", "lineage score", "weight cosine", "zoo lookup")
 
@@ -106,19 +118,19 @@ def split_pairs(pool: list[Member], loss: Callable, parent_loss: dict[str, float
 
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float, features: Sequence[str] = FEATURES) -> BarrierModel:
-    """Ridge regression in closed form on standardized features (the intercept not penalized).
+    """Ridge regression through the origin in closed form, each feature scaled to unit root mean square
+    (every feature is 0 for a model against itself, whose barrier is 0: no intercept).
 
     Example:
-        >>> x = torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64)
-        >>> m = fit_ridge(x, 2 * x[:, 0] + 1, alpha=1e-9, features=("f",))
-        >>> round(m.predict({"f": 3.0}), 6)
-        7.0
+        >>> x = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+        >>> m = fit_ridge(x, 2 * x[:, 0], alpha=1e-9, features=("f",))
+        >>> round(m.predict({"f": 4.0}), 6)
+        8.0
     """
-    mean, scale = x.mean(0), x.std(0).clamp_min(1e-12)
-    z = (x - mean) / scale
-    coef = torch.linalg.solve(z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype), z.T @ (y - y.mean()))
-    return BarrierModel(tuple(features), tuple(mean.tolist()), tuple(scale.tolist()), tuple(coef.tolist()),
-                        float(y.mean()))
+    scale = x.pow(2).mean(0).sqrt().clamp_min(1e-12)
+    z = x / scale
+    coef = torch.linalg.solve(z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype), z.T @ y)
+    return BarrierModel(tuple(features), (0.0,) * len(features), tuple(scale.tolist()), tuple(coef.tolist()), 0.0)
 
 
 def matrix(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,16 +138,20 @@ def matrix(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([p.barrier for p in pairs], dtype=torch.float64)
 
 
-def choose_alpha(fit: Sequence[Pair]) -> tuple[float, dict[str, float]]:
-    """The ridge penalty of least squared error when each architecture is predicted by a fit on the others."""
-    errors = {}
+def choose_alpha(fit: Sequence[Pair]) -> tuple[float, dict[str, dict[str, float]]]:
+    """The ridge penalty whose predictions rank best (Kendall's tau, the figure reported) when each
+    architecture's pairs are predicted by a fit on the other architectures' pairs; with every alpha's
+    tau and mean squared error."""
+    scores = {}
     for alpha in ALPHAS:
-        sq = []
+        predicted, true = [], []
         for arch in sorted({p.a.arch for p in fit}):
             model = fit_ridge(*matrix([p for p in fit if p.a.arch != arch]), alpha)
-            sq.extend((model.predict(p.features) - p.barrier) ** 2 for p in fit if p.a.arch == arch)
-        errors[str(alpha)] = statistics.fmean(sq)
-    return float(min(errors, key=errors.get)), errors
+            predicted += [model.predict(p.features) for p in fit if p.a.arch == arch]
+            true += [p.barrier for p in fit if p.a.arch == arch]
+        scores[str(alpha)] = {"tau": round(float(kendalltau(predicted, true).statistic), 4),
+                              "mse": round(statistics.fmean((x - y) ** 2 for x, y in zip(predicted, true)), 5)}
+    return float(max(scores, key=lambda a: scores[a]["tau"])), scores
 
 
 def tau(pairs: Sequence[Pair], predictor: str) -> float:
@@ -171,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=str(WEIGHTS_DIR / "mergeability.json"),
                    help="where to write the fitted regression and figures ('-' for nowhere)")
     p.add_argument("--archs", nargs="*", help="zoo architectures (default: all)")
+    p.add_argument("--bench-gpt2", default="out/bench/models",
+                   help="folder of `merge-graphs bench gpt2`'s models (gpt2-seed0-steps800 ...); skipped if absent")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)
@@ -190,23 +208,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         fit, heldout = fit + f, heldout + h
         log(f"{arch.name}: {len(f)} fit pairs, {len(h)} held-out pairs measured")
 
-    alpha, cv_errors = choose_alpha(fit)
+    alpha, cv = choose_alpha(fit)
     model = fit_ridge(*matrix(fit), alpha)
     threshold = lineage_threshold()
     lookup = defaultdict(list)
     for q in fit:
         lookup[q.a.arch, q.features["matched cosine"] > threshold].append(q.barrier)
-    for q in fit + heldout:
-        q.predicted = {"GNN regression": model.predict(q.features), "lineage score": -q.features["matched cosine"],
-                       "weight cosine": -q.weight_cosine,
-                       "zoo lookup": statistics.fmean(lookup[q.a.arch, q.features["matched cosine"] > threshold])}
+
+    def predict(pairs: Sequence[Pair]) -> None:
+        for q in pairs:
+            known = lookup.get((q.a.arch, q.features["matched cosine"] > threshold))
+            q.predicted = {"GNN regression": model.predict(q.features), "lineage score": -q.features["matched cosine"],
+                           "weight cosine": -q.weight_cosine, "zoo lookup": statistics.fmean(known) if known else math.nan}
+
+    predict(fit + heldout)
 
     independent = [q for q in heldout if not q.same]
     report = {"fit": summarize(fit), "heldout": summarize(heldout), "heldout_independent": summarize(independent),
               "heldout_same_base": summarize([q for q in heldout if q.same]), "architectures": {}, "kinds": {}}
     met = report["heldout"]["tau GNN regression"] >= TARGET_TAU
     print(f"fit on training seeds: {len(fit)} pairs ({report['fit']['same base']} same base, "
-          f"{report['fit']['independent']} independent); ridge penalty {alpha:g} (leave-one-architecture-out)")
+          f"{report['fit']['independent']} independent); ridge penalty {alpha:g}, leave-one-architecture-out "
+          f"tau {cv[str(alpha)]['tau']:.3f}")
     print(f"target: relative barrier after weight matching; issue target tau >= {TARGET_TAU}: "
           f"{'met' if met else 'not met'} (held-out tau {report['heldout']['tau GNN regression']:.3f})")
     print()
@@ -238,9 +261,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         true, pred = _range([q.barrier for q in pairs]), _range([q.predicted["GNN regression"] for q in pairs])
         report["kinds"][kind] = {"pairs": len(pairs), "barrier_range": true, "predicted_range": pred}
         print(f"| {kind} | {len(pairs)} | {true} | {pred} |")
+    bench = Path(args.bench_gpt2)
+    if (bench / "gpt2-seed0-steps800").is_dir():
+        pool = [m for m in bench_gpt2_members(bench, encoder) if m.role != "permuted fine-tune"]
+        loss = zoo.loss_fn(zoo.ZooEntry(next(a for a in zoo.ARCHS if a.family == "gpt2"), 0), "heldout")
+        parent_loss: dict[str, float] = {}
+        pairs = [measure(a, b, loss, parent_loss) for a, b in itertools.combinations(pool, 2)]
+        predict(pairs)
+        log(f"bench GPT-2: {len(pool)} models, {len(pairs)} pairs measured")
+        report["bench_gpt2"] = {"all": summarize(pairs), "independent": summarize([q for q in pairs if not q.same])}
+        print()
+        print("out of the zoo, bench GPT-2 (width 80, 3 layers; seeds 0-3 and fine-tunes of 100 and 400 steps):")
+        for name, s in report["bench_gpt2"].items():
+            print(f"  {name}: {s['pairs']} pairs, true barrier {s['barrier_range']}, predicted "
+                  f"{_range([q.predicted['GNN regression'] for q in pairs if name == 'all' or not q.same])}, tau "
+                  + ", ".join(f"{m} {_cell(s[f'tau {m}'])}" for m in PREDICTORS))
+    else:
+        print(f"\n(no bench GPT-2 models in {bench}: `merge-graphs bench gpt2` makes them)")
     print()
-    print("coefficients (standardized features): "
-          + ", ".join(f"{f} {c:+.4f}" for f, c in zip(model.features, model.coef)) + f"; intercept {model.intercept:.4f}")
+    print("coefficients (per unit of each feature): "
+          + ", ".join(f"{f} {c / s:+.4f}" for f, c, s in zip(model.features, model.coef, model.scale)))
     seconds = time.perf_counter() - start
     print(f"\n{seconds:.0f} s")
     if args.out != "-":
@@ -248,13 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = {
             "model": model.to_dict(),
             "target": "barrier after weight matching / mean of the parents' losses (zoo held-out data, 11 points)",
-            "comment": ("predicted_barrier = intercept + coef . (features - mean) / scale. Ridge regression fitted on "
+            "comment": ("predicted_barrier = max(0, coef . features / scale). Ridge regression through the origin fitted on "
                         "pairs of the pretraining zoo's training seeds and their fine-tunes by the command below, for "
                         "the GNN weights whose sha256 is given; rerun it after retraining them."),
             "command": " ".join(["python -m merge_graphs.lab.gnn_mergeability",
                                  *(sys.argv[1:] if argv is None else argv)]),
             "encoder_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            "alpha": alpha, "cv_mean_squared_error": cv_errors,
+            "alpha": alpha, "leave_one_architecture_out": cv,
             "fine_tune_steps": list(FINE_TUNE_STEPS), "long_fine_tune": STRESS, "target_tau": TARGET_TAU,
             "target_met": met, **report, "seconds": round(seconds, 1), "torch": torch.__version__,
         }
