@@ -17,7 +17,7 @@ from merge_graphs.errors import MergeGraphsError
 from merge_graphs.gnn import default_encoder
 from merge_graphs.gnn import embed as embed_model
 from merge_graphs.gnn.lineage import lineage, lineage_threshold
-from merge_graphs.gnn.mergeability import predicted_barrier
+from merge_graphs.gnn.mergeability import barrier_model, pair_features
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.io import Checkpoint, load_model
 from merge_graphs.io.push import push_folder
@@ -156,14 +156,19 @@ def embed(args: argparse.Namespace) -> int:
     pairs = lineage(embeddings, [f"[{i}]" for i in range(len(names))], threshold=threshold)
     labels = [f"{p.a} {p.b}" for p in pairs]
     pw = max(4, *(len(label) for label in labels))
-    print(f"  {'pair':<{pw}}  {'score':>6}  {'barrier':>7}  verdict")
+    print(f"  {'pair':<{pw}}  {'score':>6}  {'barrier':>8}  verdict")
+    model, extrapolated = barrier_model(), False
     for (i, j), label, pair in zip(itertools.combinations(range(len(embeddings)), 2), labels, pairs):
         if pair.cosines is None:
-            score, barrier = "     -", "      -"
+            score, barrier = "     -", "       -"
         else:
-            score = f"{pair.score:6.3f}"
-            barrier = f"{predicted_barrier(embeddings[i], embeddings[j], cosines=pair.cosines):7.3f}"
+            features = pair_features(embeddings[i], embeddings[j], pair.cosines)
+            mark = " " if model.covers(features) else "*"
+            extrapolated |= mark == "*"
+            score, barrier = f"{pair.score:6.3f}", f"{model.predict(features):7.3f}{mark}"
         print(f"  {label:<{pw}}  {score}  {barrier}  {pair.verdict}")
+    if extrapolated:
+        print("  * a width or depth outside the zoo models the barrier was fitted on: an extrapolation, untested")
     return 0
 
 

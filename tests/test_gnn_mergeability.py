@@ -13,7 +13,7 @@ from merge_graphs.cli import main
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.gnn import default_encoder, embed
 from merge_graphs.gnn.lineage import DIFFERENT, matched_cosines
-from merge_graphs.gnn.mergeability import FEATURES, barrier_model, pair_features, predicted_barrier
+from merge_graphs.gnn.mergeability import FEATURES, SHAPES, barrier_model, pair_features, predicted_barrier
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 
 FAMILIES = ["mlp", "gpt2", "llama", "bert"]
@@ -67,7 +67,8 @@ def test_different_architectures_are_refused(encoder):
 def test_regression_ships_with_the_weights_it_was_fitted_for():
     info = json.loads((WEIGHTS_DIR / "mergeability.json").read_text())
     model = barrier_model()
-    assert model.features == FEATURES and len(model.coef) == len(FEATURES)
+    assert model.features == FEATURES and len(model.coef) == len(FEATURES) and set(model.shapes) == {"0", "1"}
+    assert all(set(ranges) == set(SHAPES) for ranges in model.shapes.values())
     assert "gnn_mergeability" in info["command"] and info["heldout"]["pairs"] > 0
     assert "weight matching" in info["target"]
     # a retrained encoder needs a refitted regression: `python -m merge_graphs.lab.gnn_mergeability`
@@ -85,5 +86,7 @@ def test_cli_embed_prints_the_predicted_barrier(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "barrier: predicted loss barrier after weight matching" in out
     rows = {line.split()[0] + line.split()[1]: line.split()[2:] for line in out.splitlines() if line.startswith("  [")}
-    assert 0 <= float(rows["[0][1]"][1]) < 0.5 * float(rows["[0][2]"][1])
+    # the tiny BERT (width 24) is narrower than any zoo model: its barriers are marked as extrapolated
+    assert rows["[0][1]"][1].endswith("*") and "an extrapolation, untested" in out
+    assert 0 <= float(rows["[0][1]"][1].rstrip("*")) < 0.5 * float(rows["[0][2]"][1].rstrip("*"))
     assert rows["[0][3]"][:2] == ["-", "-"] and " ".join(rows["[0][3]"][2:]) == DIFFERENT

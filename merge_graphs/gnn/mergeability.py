@@ -16,9 +16,11 @@ Through the origin because a model against itself (or a permuted copy) has no ba
 architecture: a linear model with an intercept gave same-base pairs of a high-barrier architecture a
 higher prediction than independent pairs of a low-barrier one. For one architecture the prediction
 orders pairs exactly as the lineage score does; across architectures the slope says which shapes
-merge worse. Per-kind cosines (hidden units, residual stream, attention), the worst layer and the
-pooled cosine were tried as further inputs and ranked the pairs of an architecture left out of the
-fit worse, so they are not used. Family one-hots are deliberately absent: they would memorize the
+merge worse. Within this form, per-kind cosines (hidden units, residual stream, attention), the worst
+layer and the pooled cosine were tried as further inputs and ranked the pairs of an architecture
+left out of the fit worse in cross-validation, so they are not used. The slope is fitted on seven
+small shapes of one zoo: outside their widths and depths it extrapolates (:meth:`BarrierModel.covers`
+says so; on a wider GPT-2 it predicts 0 for every pair, see the README). Family one-hots are deliberately absent: they would memorize the
 zoo's four families and say nothing about a family it lacks. Every input is unchanged when either
 model's units are permuted, so the prediction is too.
 
@@ -34,7 +36,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,33 +47,48 @@ from merge_graphs.gnn.lineage import matched_cosines, score_of
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 
 FEATURES = ("distance", "distance x residual stream", "distance x log width", "distance x log depth")
+SHAPES = ("log width", "log depth")
 HIDDEN_ROLES = ("hidden", "mlp")
 
 
 @dataclass(frozen=True)
 class BarrierModel:
-    """A ridge regression from :func:`pair_features` to the relative barrier after weight matching:
-    ``intercept + coef . (x - mean) / scale``, never below 0 (the shipped one has mean and intercept 0:
-    through the origin)."""
+    """A ridge regression through the origin from :func:`pair_features` to the relative barrier after
+    weight matching: ``max(0, coef . x / scale)``. ``shapes`` holds the ranges of :data:`SHAPES` the
+    fit saw, apart for models without (``"0"``) and with (``"1"``) a residual stream; a pair outside
+    them is an extrapolation (:meth:`covers`)."""
 
     features: tuple[str, ...]
-    mean: tuple[float, ...]
     scale: tuple[float, ...]
     coef: tuple[float, ...]
-    intercept: float
+    shapes: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     def predict(self, features: Mapping[str, float]) -> float:
         """The predicted relative barrier of a pair with these features (at least 0)."""
-        return max(0.0, self.intercept + math.fsum(c * (features[f] - m) / s
-                                          for f, m, s, c in zip(self.features, self.mean, self.scale, self.coef)))
+        return max(0.0, math.fsum(c * features[f] / s for f, s, c in zip(self.features, self.scale, self.coef)))
+
+    def covers(self, features: Mapping[str, float]) -> bool:
+        """Whether the pair's width and depth lie within those the regression was fitted on, among
+        models with a residual stream or among models without, as the pair's.
+
+        Example:
+            >>> m = BarrierModel(("distance",), (1.0,), (0.5,), {"1": {"log width": (3.0, 4.0)}})
+            >>> [m.covers({"residual stream": 1.0, "log width": w}) for w in (3.5, 5.0)]
+            [True, False]
+            >>> m.covers({"residual stream": 0.0, "log width": 3.5})
+            False
+        """
+        ranges = self.shapes.get(str(int(features["residual stream"])))
+        return ranges is not None and all(lo - 1e-9 <= features[k] <= hi + 1e-9 for k, (lo, hi) in ranges.items())
 
     def to_dict(self) -> dict:
-        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
-                "coef": list(self.coef), "intercept": self.intercept}
+        return {"features": list(self.features), "scale": list(self.scale), "coef": list(self.coef),
+                "shapes": {g: {k: list(v) for k, v in r.items()} for g, r in self.shapes.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> BarrierModel:
-        return cls(tuple(d["features"]), tuple(d["mean"]), tuple(d["scale"]), tuple(d["coef"]), float(d["intercept"]))
+        return cls(tuple(d["features"]), tuple(d["scale"]), tuple(d["coef"]),
+                   {g: {k: (float(lo), float(hi)) for k, (lo, hi) in r.items()} for g, r in d["shapes"].items()})
 
 
 @functools.lru_cache(maxsize=4)
@@ -124,7 +141,8 @@ def predicted_barrier(model_a, model_b, *, encoder: GraphEncoder | None = None,
     """The predicted barrier of the pair after weight matching, relative to the parents' mean loss.
 
     0 means the weight-matched line is predicted as good as its parents; 0.3 means a loss about 30%
-    above theirs at the worst point of the line.
+    above theirs at the worst point of the line. For models wider or deeper than those it was fitted
+    on it extrapolates: ``barrier_model().covers(pair_features(emb_a, emb_b))`` says whether it does.
 
     Args:
         model_a, model_b: ``nn.Module`` s, or their :func:`~merge_graphs.gnn.embed`.
@@ -151,4 +169,4 @@ def predicted_barrier(model_a, model_b, *, encoder: GraphEncoder | None = None,
     return (model or barrier_model()).predict(pair_features(emb_a, emb_b, cosines))
 
 
-__all__ = ["FEATURES", "BarrierModel", "barrier_model", "pair_features", "predicted_barrier"]
+__all__ = ["FEATURES", "SHAPES", "BarrierModel", "barrier_model", "pair_features", "predicted_barrier"]

@@ -53,7 +53,7 @@ from scipy.stats import kendalltau
 import merge_graphs as mg
 from merge_graphs.gnn.embedding import default_encoder
 from merge_graphs.gnn.lineage import lineage_threshold, matched_cosines
-from merge_graphs.gnn.mergeability import FEATURES, BarrierModel, pair_features
+from merge_graphs.gnn.mergeability import FEATURES, SHAPES, BarrierModel, pair_features
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 from merge_graphs.lab import pretraining_zoo as zoo
 from merge_graphs.lab.bench.common import curve
@@ -117,7 +117,8 @@ def split_pairs(pool: list[Member], loss: Callable, parent_loss: dict[str, float
     return fit, heldout
 
 
-def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float, features: Sequence[str] = FEATURES) -> BarrierModel:
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float, features: Sequence[str] = FEATURES,
+              shapes: dict[str, dict[str, tuple[float, float]]] | None = None) -> BarrierModel:
     """Ridge regression through the origin in closed form, each feature scaled to unit root mean square
     (every feature is 0 for a model against itself, whose barrier is 0: no intercept).
 
@@ -130,7 +131,17 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float, features: Sequence
     scale = x.pow(2).mean(0).sqrt().clamp_min(1e-12)
     z = x / scale
     coef = torch.linalg.solve(z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype), z.T @ y)
-    return BarrierModel(tuple(features), (0.0,) * len(features), tuple(scale.tolist()), tuple(coef.tolist()), 0.0)
+    return BarrierModel(tuple(features), tuple(scale.tolist()), tuple(coef.tolist()), dict(shapes or {}))
+
+
+def shape_ranges(pairs: Sequence[Pair]) -> dict[str, dict[str, tuple[float, float]]]:
+    """The range of each of :data:`~merge_graphs.gnn.mergeability.SHAPES` over ``pairs``, apart for models
+    without (``"0"``) and with (``"1"``) a residual stream (:meth:`BarrierModel.covers` reads them)."""
+    out = {}
+    for group in sorted({str(int(q.features["residual stream"])) for q in pairs}):
+        members = [q for q in pairs if str(int(q.features["residual stream"])) == group]
+        out[group] = {k: (min(q.features[k] for q in members), max(q.features[k] for q in members)) for k in SHAPES}
+    return out
 
 
 def matrix(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"{arch.name}: {len(f)} fit pairs, {len(h)} held-out pairs measured")
 
     alpha, cv = choose_alpha(fit)
-    model = fit_ridge(*matrix(fit), alpha)
+    model = fit_ridge(*matrix(fit), alpha, shapes=shape_ranges(fit))
     threshold = lineage_threshold()
     lookup = defaultdict(list)
     for q in fit:
@@ -269,10 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairs = [measure(a, b, loss, parent_loss) for a, b in itertools.combinations(pool, 2)]
         predict(pairs)
         log(f"bench GPT-2: {len(pool)} models, {len(pairs)} pairs measured")
-        report["bench_gpt2"] = {"all": summarize(pairs), "independent": summarize([q for q in pairs if not q.same])}
+        report["bench_gpt2"] = {"all": summarize(pairs), "independent": summarize([q for q in pairs if not q.same]),
+                                "within_fitted_shapes": all(model.covers(q.features) for q in pairs)}
         print()
-        print("out of the zoo, bench GPT-2 (width 80, 3 layers; seeds 0-3 and fine-tunes of 100 and 400 steps):")
-        for name, s in report["bench_gpt2"].items():
+        print("out of the zoo, bench GPT-2 (width 80, 3 layers; seeds 0-3 and fine-tunes of 100 and 400 steps; "
+              f"{'within' if report['bench_gpt2']['within_fitted_shapes'] else 'outside'} the fitted shapes):")
+        for name in ("all", "independent"):
+            s = report["bench_gpt2"][name]
             print(f"  {name}: {s['pairs']} pairs, true barrier {s['barrier_range']}, predicted "
                   f"{_range([q.predicted['GNN regression'] for q in pairs if name == 'all' or not q.same])}, tau "
                   + ", ".join(f"{m} {_cell(s[f'tau {m}'])}" for m in PREDICTORS))
