@@ -162,7 +162,8 @@ def build_members(archs, cache: str, encoder, *, stress: bool, log) -> dict[str,
     """Every architecture's bases, fine-tunes, permuted fine-tunes (held-out seeds) and long fine-tunes."""
     members: dict[str, list[Member]] = {}
     for arch in archs:
-        entries = zoo.zoo_entries([arch])
+        # Validation seeds chose the encoder's training step: neither training seeds nor untouched held-out ones.
+        entries = [e for e in zoo.zoo_entries([arch]) if e.split != "validation"]
         pool = []
         for zm in zoo.load_zoo(entries, cache):
             e = zm.entry

@@ -4,6 +4,7 @@ many permuted units each recovers, and what it costs.
     merge-graphs bench SUITE [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J] [--quiet]
     merge-graphs bench scale [--sizes A,B] [--variants A,B] [--venv DIR] ...
     merge-graphs bench families [--families A,B] ...
+    merge-graphs bench gpt2 [--methods A,B] [--encoder DIR] ...; merge-graphs bench gnn [--encoder DIR] ...
     python -m merge_graphs.lab.bench SUITE ...
 
 Each suite prints a table, writes every figure to ``OUT/bench-SUITE.json`` (``out/bench`` by
@@ -89,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="scale: comma-separated merges to run, e.g. mergekit-ties,ours-ties (default: all)")
     parser.add_argument("--families", type=_comma_list, default=None,
                         help="families: comma-separated rows to run, e.g. qwen3,gemma2 (default: all)")
+    parser.add_argument("--methods", type=_comma_list, default=None,
+                        help="gpt2, llama: comma-separated rows to run, e.g. weight,gnn (naive always; default: all)")
+    parser.add_argument("--encoder", default=None,
+                        help="gnn, gpt2: a folder of GNN weights (merge-graphs pretrain-gnn --out DIR; default: shipped)")
     parser.add_argument("--venv", default=None,
                         help="scale: mergekit's virtual environment (default out/bench/mergekit-venv, made if missing)")
     args = parser.parse_args(argv)
@@ -102,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run_suite(args.suite, pairs=args.pairs, steps=args.steps, lr=args.lr, quick=args.quick,
                            out=args.out, jobs=args.jobs, sizes=args.sizes, variants=args.variants, venv=args.venv,
-                           families=args.families, progress=not args.quiet)
+                           families=args.families, methods=args.methods, encoder=args.encoder,
+                           progress=not args.quiet)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
