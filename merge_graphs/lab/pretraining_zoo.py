@@ -72,7 +72,8 @@ _BERT = {**_LM, "lr": 2e-3}
 
 
 def _config(family: str, width: int) -> dict:
-    """A 2-layer byte-level LM of ``family`` and residual width ``width`` (4 heads; MLP of 2 x width)."""
+    """A 2-layer byte-level LM of ``family`` and residual width ``width`` (4 heads; Llama's and BERT's MLP
+    2 x width, GPT-2's its default 4 x width)."""
     if family == "gpt2":
         return {"n_embd": width, "n_layer": 2, "n_head": 4, "n_positions": WINDOW}
     common = {"hidden_size": width, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 2 * width,
@@ -82,8 +83,8 @@ def _config(family: str, width: int) -> dict:
 
 def _variants(family: str, training: dict) -> tuple[Arch, ...]:
     """Version 2's archs of one LM family: width 64, a second learning rate, (GPT-2, Llama) a 3x longer
-    schedule, and width 128 with validation and held-out seeds only (a width pretraining never sees: its
-    steps would cost several times a width-32 model's). Each uses seeds no other arch of its config uses,
+    schedule, and width 128 with validation and held-out seeds only (a width pretraining never sees, which
+    keeps pretraining's steps cheap). Each uses seeds no other arch of its config uses,
     so that no training model shares its initialization with a held-out or validation model."""
     def arch(name, config, recipe, first, train=3):
         seeds = tuple(range(first, first + train + 4))
