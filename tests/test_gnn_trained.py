@@ -99,6 +99,24 @@ def test_zoo_models_are_cached_and_reused(tmp_path):
     assert [m.entry.name for m in models] == ["mlp-t-s0", "mlp-t-s1"]  # seed 2 is held out
 
 
+def test_zoo_v2_keeps_v1_models_and_never_shares_an_initialization_across_splits():
+    v1 = pretraining_zoo.archs_of(1)
+    assert [a.name for a in v1] == ["mlp-32", "mlp-64x2", "mlp-128x2-gelu", "mlp-48x3-tanh", "gpt2-32", "llama-32",
+                                    "bert-32"]
+    # a version-1 model's cache key is what version 1 wrote: caches made before version 2 stay valid
+    meta = pretraining_zoo.ZooEntry(v1[4], 0).metadata()
+    assert meta["zoo_version"] == 1 and set(meta["arch"]) == {"name", "family", "config", "training", "seeds", "heldout"}
+    # same config and seed is the same initialization: a training model must not share one with a validation
+    # or held-out model of any arch (an lr or schedule variant of the same config included)
+    by_init = {}
+    for e in pretraining_zoo.zoo_entries():
+        key = (e.family, json.dumps(e.arch.config, sort_keys=True), e.seed)
+        by_init.setdefault(key, set()).add(e.split == "train")
+    assert all(len(kinds) == 1 for kinds in by_init.values())
+    assert {e.split for e in pretraining_zoo.zoo_entries() if e.arch.since == 2 and "128" in e.arch.name} == {
+        "validation", "heldout"}
+
+
 @pytest.mark.slow
 def test_pretraining_lowers_the_loss_and_is_deterministic(tmp_path):
     models = tiny_zoo(tmp_path)

@@ -74,6 +74,7 @@ class PretrainConfig:
     seed: int = 0
     eval_every: int = 250
     teacher_steps: int = 200  # learned-permutation steps of the stage-2 teacher (0: no learned teacher)
+    keep: str = "best"  # the encoder returned: "best" on the validation pairs, or "last"
 
 
 # --------------------------------------------------------------------------- pairs
@@ -298,7 +299,8 @@ def pretrain(
     ``config.eval_every`` steps on one model per architecture and on the pair of an
     architecture's first two validation seeds. The encoder returned is the one of the evaluation
     with the lowest mean validation barrier (GNN matching alone), or the last one without
-    validation pairs. ``labels``: a folder caching the stage-2 pseudo-labels.
+    validation pairs or with ``config.keep == "last"``. ``labels``: a folder caching the stage-2
+    pseudo-labels.
 
     Deterministic given ``config.seed`` on one device (use one CPU thread for bit-identical
     runs across machines).
@@ -349,8 +351,10 @@ def pretrain(
                         sum(history["loss"][-config.eval_every:]) / config.eval_every,
                         {k: round(v, 4) for k, v in history["eval"][-1].items() if k != "pairs"})
     history["seconds"] = time.perf_counter() - start
-    if best_state is not None:
+    if best_state is not None and config.keep == "best":
         encoder.load_state_dict(best_state)
+    else:
+        history["best_step"] = config.steps
     return encoder.eval(), history
 
 
@@ -415,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "temperature", "stage2_from", "max_noise", "max_dropout"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    p.add_argument("--keep", choices=("best", "last"), default=defaults.keep,
+                   help="the encoder saved: the best on the validation pairs, or the last step's")
+    p.add_argument("--zoo-version", type=int, default=pretraining_zoo.ZOO_VERSION,
+                   help="train on this zoo version's architectures (1 with --teacher-steps 0 --keep last: the "
+                        "version-1 recipe of the first shipped weights)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: bit-identical across machines)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -422,8 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     config = PretrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    train_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(split="train"), args.zoo, progress=True)
-    validation_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(split="validation"), args.zoo,
+    archs = pretraining_zoo.archs_of(args.zoo_version)
+    train_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(archs, split="train"), args.zoo,
+                                            progress=True)
+    validation_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(archs, split="validation"), args.zoo,
                                                  progress=True)
     encoder, history = pretrain(config, train_models, validation_models, labels=Path(args.zoo) / "labels",
                                 progress=True)
@@ -436,9 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "version": 2,
         "command": " ".join(["python -m merge_graphs.lab.pretrain_gnn", *(sys.argv[1:] if argv is None else argv)]),
         "config": asdict(config), "seed": config.seed, "torch": torch.__version__,
-        "zoo": {"version": pretraining_zoo.ZOO_VERSION, "train": [zm.entry.name for zm in train_models],
+        "zoo": {"version": args.zoo_version, "train": [zm.entry.name for zm in train_models],
                 "validation": [zm.entry.name for zm in validation_models],
-                "heldout": [e.name for e in pretraining_zoo.zoo_entries(split="heldout")]},
+                "heldout": [e.name for e in pretraining_zoo.zoo_entries(archs, split="heldout")]},
         "teacher_wins": history["teacher_wins"],
         "best_step": history["best_step"],
         "validation": ({k: v for k, v in history["eval"][best].items() if k != "pairs"} if history["eval"] else None),

@@ -156,6 +156,11 @@ class ZooModel:
     model: nn.Module = field(repr=False)
 
 
+def archs_of(version: int = ZOO_VERSION) -> tuple[Arch, ...]:
+    """The architectures of zoo version ``version`` (version 1: the 4 MLPs and the width-32 LMs)."""
+    return tuple(a for a in ARCHS if a.since <= version)
+
+
 def zoo_entries(archs: Iterable[Arch] = ARCHS, *, split: str | None = None) -> list[ZooEntry]:
     """Every (architecture, seed) of the zoo; with ``split``, only its ``"train"``, ``"validation"``
     or ``"heldout"`` seeds."""
