@@ -20,6 +20,7 @@ import torch
 from merge_graphs.activations import activation_matching
 from merge_graphs.errors import UnsupportedArchitectureError
 from merge_graphs.gnn.alignment import gnn_align
+from merge_graphs.gnn.encoder import GraphEncoder
 from merge_graphs.learned import learned_alignment, learned_permutations
 from merge_graphs.match import Alignment, weight_matching
 from merge_graphs.rotation import admits_rotation, folded_identity, rotation_alignment
@@ -49,6 +50,7 @@ class AlignOptions:
         learn: settings of :func:`merge_graphs.learned.learned_alignment` (pre-norm families) or
             :func:`merge_graphs.learned.learned_permutations` (post-LayerNorm encoders).
         mask_token_id: the tokenizer's mask token, for a masked-LM loss (None: unknown).
+        encoder: the graph encoder of GNN matching (None: the shipped, pretrained one).
     """
 
     residual: str = "permutation"
@@ -59,6 +61,7 @@ class AlignOptions:
     calibration: Mapping[str, torch.Tensor] | None = None
     learn: Mapping[str, Any] = field(default_factory=dict)
     mask_token_id: int | None = None
+    encoder: GraphEncoder | None = None
 
 
 @dataclass(frozen=True)
@@ -192,8 +195,8 @@ def _weight(a: TensorSource, b: TensorSource, spec: SymmetrySpec, options: Align
 def _gnn(a: TensorSource, b: TensorSource, spec: SymmetrySpec, options: AlignOptions) -> Alignment:
     """The pretrained GNN's node embeddings matched (then weight matching, with ``refine``); with a rotated
     residual stream, orthogonal weight matching started from the GNN's permutations of the other groups."""
-    return gnn_align(a, b, spec, refine=options.refine, residual=options.residual, solver=options.solver,
-                     groups=options.groups, seed=options.seed)
+    return gnn_align(a, b, spec, refine=options.refine, residual=options.residual, encoder=options.encoder,
+                     solver=options.solver, groups=options.groups, seed=options.seed)
 
 
 @register_aligner("activation", needs_models=True, residuals=RESIDUALS)

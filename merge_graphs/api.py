@@ -9,6 +9,7 @@ checkpoints are.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import nn
 from merge_graphs.activations import Calibration, prepare_inputs
 from merge_graphs.aligners import AlignOptions, align_sources, get_aligner
 from merge_graphs.engine import plan_merge
+from merge_graphs.gnn.encoder import GraphEncoder
+from merge_graphs.gnn.pretrained import load_encoder
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.match import Alignment
 from merge_graphs.methods import get_method
@@ -81,6 +84,7 @@ def align(
     residual: str = "permutation",
     seed: int = 0,
     learn: Mapping[str, Any] | None = None,
+    encoder: GraphEncoder | str | os.PathLike | None = None,
 ) -> Alignment:
     """Find the permutation of ``model_b``'s units that best matches ``model_a``'s.
 
@@ -113,6 +117,8 @@ def align(
             straight-through estimator on the task head's loss when ``calibration`` is a dict
             with ``labels``, else on the masked-LM loss (a ``...ForMaskedLM``; the mask token is
             ``tokenizer``'s when given).
+        encoder: for ``method="gnn"``, the graph encoder (or a folder of its weights, as
+            ``merge-graphs pretrain-gnn`` writes them); default the pretrained one that ships.
 
     Example:
         >>> import torch, merge_graphs
@@ -127,11 +133,14 @@ def align(
     aligner = get_aligner(method)
     source_a, source_b = StateTensors(model_a), StateTensors(model_b)
     spec = compatible(source_a, [source_b])
+    if encoder is not None and not isinstance(encoder, GraphEncoder):
+        encoder = load_encoder(encoder)
     return aligner(source_a, source_b, spec, _options(model_a, residual, solver, groups, seed, refine, calibration,
-                                                          tokenizer, learn))
+                                                          tokenizer, learn, encoder))
 
 
-def _options(model, residual, solver, groups, seed, refine, calibration, tokenizer, learn) -> AlignOptions:
+def _options(model, residual, solver, groups, seed, refine, calibration, tokenizer, learn,
+             encoder=None) -> AlignOptions:
     if residual not in ("permutation", "rotation"):
         raise ValueError(f"unknown residual alignment {residual!r}; choose 'permutation' or 'rotation'")
     inputs = None
@@ -140,7 +149,8 @@ def _options(model, residual, solver, groups, seed, refine, calibration, tokeniz
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                   for k, v in prepare_inputs(calibration, tokenizer).items()}
     return AlignOptions(residual=residual, solver=solver, groups=groups, seed=seed, refine=refine, calibration=inputs,
-                        learn=dict(learn or {}), mask_token_id=getattr(tokenizer, "mask_token_id", None))
+                        learn=dict(learn or {}), mask_token_id=getattr(tokenizer, "mask_token_id", None),
+                        encoder=encoder)
 
 
 def aligned_model(model: nn.Module, alignment: Alignment, *, verify: bool = True) -> nn.Module:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 from merge_graphs.lab.bench import METHODS, MLP_METHODS, gpt2_suite, main
 
 
@@ -40,6 +41,16 @@ def test_gpt2_suite_quick(tmp_path, capsys):
     assert again["pairs"][0]["loss_a"] == pair["loss_a"]
     table = capsys.readouterr().out
     assert all(name in table for name in METHODS) and "machine:" in table
+
+    # Only the rows asked for (and naive), the GNN's from an encoder folder: the shipped one's gives the same row.
+    assert main(["gpt2", "--quick", "--out", str(tmp_path), "--quiet", "--methods", "gnn",
+                 "--encoder", str(WEIGHTS_DIR)]) == 0
+    only = json.loads((tmp_path / "bench-gpt2.json").read_text(encoding="utf-8"))
+    assert set(only["pairs"][0]["methods"]) == set(only["summary"]) == {"naive", "gnn"}
+    assert only["settings"]["encoder"] == str(WEIGHTS_DIR)
+    assert only["pairs"][0]["methods"]["gnn"]["barrier"] == pair["methods"]["gnn"]["barrier"]
+    with pytest.raises(ValueError, match=r"unknown gpt2 rows \['typo'\]"):
+        gpt2_suite(quick=True, out=tmp_path, methods=["gnn", "typo"])
 
 
 def test_mlp_suite_quick(tmp_path, capsys, monkeypatch):

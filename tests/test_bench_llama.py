@@ -41,7 +41,6 @@ def test_rows_match_the_groups_they_name():
 
 def test_methods_runs_the_rows_named_in_the_familys_order_with_naive():
     family = FAMILIES["llama"]
-    assert select_methods(family, None) == list(LLAMA_METHODS)
     assert select_methods(family, ["gnn+rotation", "rotation"]) == ["naive", "rotation", "gnn+rotation"]
     with pytest.raises(ValueError, match=r"unknown llama rows \['rotations'\]; choose among naive, weight"):
         select_methods(family, ["rotation", "rotations"])

@@ -17,7 +17,7 @@ from merge_graphs.gnn import default_encoder, embed
 from merge_graphs.gnn.alignment import recovered_fraction
 from merge_graphs.gnn.encoder import GraphEncoder
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR, encoder_info, load_encoder
-from merge_graphs.lab import pretraining_zoo, trainers
+from merge_graphs.lab import pretrain_gnn, pretraining_zoo, trainers
 from merge_graphs.lab.pretrain_gnn import PretrainConfig, _graph, contrastive_loss, node_targets, perturb, pretrain
 
 
@@ -85,7 +85,7 @@ def test_embed_is_public_and_pooled_is_invariant():
 def tiny_zoo(tmp_path):
     mlp = pretraining_zoo.Arch("mlp-t", "mlp", {"widths": (64, 12, 10), "activation": "relu"}, {"epochs": 2},
                                (0, 1, 2), (2,))
-    entries = pretraining_zoo.zoo_entries([mlp], heldout=False)
+    entries = pretraining_zoo.zoo_entries([mlp], split="train")
     return pretraining_zoo.load_zoo(entries, tmp_path / "zoo")
 
 
@@ -97,6 +97,24 @@ def test_zoo_models_are_cached_and_reused(tmp_path):
     for x, y in zip(models, again):
         assert all(torch.equal(x.model.state_dict()[k], v) for k, v in y.model.state_dict().items())
     assert [m.entry.name for m in models] == ["mlp-t-s0", "mlp-t-s1"]  # seed 2 is held out
+
+
+def test_zoo_v2_keeps_v1_models_and_never_shares_an_initialization_across_splits():
+    v1 = pretraining_zoo.archs_of(1)
+    assert [a.name for a in v1] == ["mlp-32", "mlp-64x2", "mlp-128x2-gelu", "mlp-48x3-tanh", "gpt2-32", "llama-32",
+                                    "bert-32"]
+    # a version-1 model's cache key is what version 1 wrote: caches made before version 2 stay valid
+    meta = pretraining_zoo.ZooEntry(v1[4], 0).metadata()
+    assert meta["zoo_version"] == 1 and set(meta["arch"]) == {"name", "family", "config", "training", "seeds", "heldout"}
+    # same config and seed is the same initialization: a training model must not share one with a validation
+    # or held-out model of any arch (an lr or schedule variant of the same config included)
+    by_init = {}
+    for e in pretraining_zoo.zoo_entries():
+        key = (e.family, json.dumps(e.arch.config, sort_keys=True), e.seed)
+        by_init.setdefault(key, set()).add(e.split == "train")
+    assert all(len(kinds) == 1 for kinds in by_init.values())
+    assert {e.split for e in pretraining_zoo.zoo_entries() if e.arch.since == 2 and "128" in e.arch.name} == {
+        "validation", "heldout"}
 
 
 @pytest.mark.slow
@@ -173,22 +191,33 @@ def test_cli_pretrain_gnn_writes_a_loadable_encoder_and_repeats_bit_for_bit(tmp_
     files it writes, and the same bytes from a second run (the shipped weights' own 650 s rerun is
     not part of the suite)."""
     mlp = pretraining_zoo.Arch("mlp-t", "mlp", {"widths": (64, 12, 10), "activation": "relu"}, {"epochs": 2},
-                               (0, 1, 2), (2,))
+                               (0, 1, 2, 3, 4), (2,), (3, 4))
     real_entries = pretraining_zoo.zoo_entries
-    monkeypatch.setattr(pretraining_zoo, "zoo_entries", lambda archs=None, heldout=None: real_entries(
-        [mlp], heldout=heldout))
+    monkeypatch.setattr(pretraining_zoo, "zoo_entries", lambda archs=None, split=None: real_entries([mlp], split=split))
+    labelled = []
+    real_teacher = pretrain_gnn.teacher
+    monkeypatch.setattr(pretrain_gnn, "teacher", lambda *a: labelled.append(a[0].name) or real_teacher(*a))
     digests = []
     for run in ("a", "b"):
         out = tmp_path / run
         assert main(["pretrain-gnn", "--out", str(out), "--zoo", str(tmp_path / "zoo"), "--steps", "6",
-                     "--dim", "8", "--layers", "1", "--eval-every", "3"]) == 0
+                     "--dim", "8", "--layers", "1", "--eval-every", "3", "--teacher-steps", "5"]) == 0
         assert {"encoder.safetensors", "encoder.json", "history.json", "curves.png"} <= {p.name for p in out.iterdir()}
         info = encoder_info(out)
         assert info["config"]["steps"] == 6 and info["zoo"]["train"] == ["mlp-t-s0", "mlp-t-s1"]
         assert info["zoo"]["heldout"] == ["mlp-t-s2"] and "--steps 6" in info["command"]
+        assert info["zoo"]["validation"] == ["mlp-t-s3", "mlp-t-s4"] and info["best_step"] in (3, 6)
+        history = json.loads((out / "history.json").read_text())
+        assert len(history["eval"]) == 2 and set(history["naive_barrier"]) == {"mlp-t-s3/4"}
+        assert info["validation"]["barrier"] == min(e["barrier"] for e in history["eval"])
+        assert sum(info["teacher_wins"].values()) == 1
+        (label,) = history["teachers"]  # the one stage-2 pair: the teacher of lowest midpoint loss, learned among them
+        assert set(label["midpoint"]) == {"activation", "activation+weight", "weight", "learned"}
+        assert label["teacher"] == min(label["midpoint"], key=label["midpoint"].get)
         encoder = load_encoder(out)
         assert encoder.dim == 8
-        model = pretraining_zoo.load_zoo(real_entries([mlp], heldout=True), tmp_path / "zoo")[0].model
+        model = pretraining_zoo.load_zoo(real_entries([mlp], split="heldout"), tmp_path / "zoo")[0].model
         assert embed(model, encoder).pooled.shape == (8,)
         digests.append((out / "encoder.safetensors").read_bytes())
     assert digests[0] == digests[1]
+    assert labelled == ["mlp-t-s0"]  # the second run read the pseudo-labels from the zoo's cache

@@ -162,7 +162,8 @@ def build_members(archs, cache: str, encoder, *, stress: bool, log) -> dict[str,
     """Every architecture's bases, fine-tunes, permuted fine-tunes (held-out seeds) and long fine-tunes."""
     members: dict[str, list[Member]] = {}
     for arch in archs:
-        entries = zoo.zoo_entries([arch])
+        # Validation seeds chose the encoder's training step: neither training seeds nor untouched held-out ones.
+        entries = [e for e in zoo.zoo_entries([arch]) if e.split != "validation"]
         pool = []
         for zm in zoo.load_zoo(entries, cache):
             e = zm.entry
@@ -252,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-stress", action="store_true", help="skip the long fine-tunes")
     p.add_argument("--bench-gpt2", default="out/bench/models",
                    help="folder of `merge-graphs bench gpt2`'s models (gpt2-seed0-steps800 ...); skipped if absent")
+    p.add_argument("--zoo-version", type=int, default=1,
+                   help="the zoo's architectures up to this version (default %(default)s: what the shipped json was "
+                        "fitted on)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)
@@ -261,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    archs = [a for a in zoo.ARCHS if not args.archs or a.name in args.archs]
+    archs = [a for a in zoo.archs_of(args.zoo_version) if not args.archs or a.name in args.archs]
     encoder = default_encoder()
     members = build_members(archs, args.zoo, encoder, stress=not args.no_stress, log=log)
     fit, heldout, stress = [], [], []

@@ -200,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--archs", nargs="*", help="zoo architectures (default: all)")
     p.add_argument("--bench-gpt2", default="out/bench/models",
                    help="folder of `merge-graphs bench gpt2`'s models (gpt2-seed0-steps800 ...); skipped if absent")
+    p.add_argument("--zoo-version", type=int, default=1,
+                   help="the zoo's architectures up to this version (default %(default)s: what the shipped json was "
+                        "fitted on)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)
@@ -209,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    archs = [a for a in zoo.ARCHS if not args.archs or a.name in args.archs]
+    archs = [a for a in zoo.archs_of(args.zoo_version) if not args.archs or a.name in args.archs]
     encoder = default_encoder()
     members = build_members(archs, args.zoo, encoder, stress=True, log=log)
     fit, heldout = [], []

@@ -5,15 +5,22 @@ permuted and whose weights are perturbed: Gaussian noise of a random 0-0.3 x eac
 std, dropout of a random fraction of the weights, or a few more steps of training. Stage 2
 (pseudo-labels): two zoo models of one architecture trained from different seeds, labelled
 by the best teacher the data can find: activation matching, activation matching refined by
-weight matching, or weight matching, whichever reaches the lowest midpoint loss on training
-data. Stage 2 steps are mixed with stage 1 steps, so the encoder keeps what it learnt.
+weight matching, weight matching, and learned permutations (straight-through, on the
+interpolated models' own loss, :func:`merge_graphs.learned.learned_permutations`) started from
+the best of those three, whichever reaches the lowest midpoint loss on training data. Labels are
+cached beside the zoo. Stage 2 steps are mixed with stage 1 steps, so the encoder keeps what it
+learnt.
 
 The loss is InfoNCE on every permuted node set: the cosine similarity of model B's node
 embeddings to model A's (centred, as :mod:`merge_graphs.gnn.alignment` uses them), divided by a
 temperature, cross-entropy against the true partner, in both directions.
 
-Held-out seeds of the zoo are never trained on; they only feed the learning curve (recovered
-fraction of a noisy permuted copy at noise 0.1, GNN matching alone).
+Held-out seeds of the zoo are never touched here (the benchmark's). Validation seeds are never
+trained on: every ``eval_every`` steps the encoder matches each architecture's validation pair
+(GNN matching alone, and refined by weight matching), and the encoder kept is the one whose
+matching leaves the least of the naive midpoint barrier on held-out data (mean over pairs of
+the barrier left / naive's); the curves also show the recovered fraction of noisy permuted
+copies of validation models.
 
 Run ``python -m merge_graphs.lab.pretrain_gnn --help`` (or ``merge-graphs pretrain-gnn``).
 """
@@ -21,14 +28,17 @@ Run ``python -m merge_graphs.lab.pretrain_gnn --help`` (or ``merge-graphs pretra
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import logging
 import math
+import os
 import random
+import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +73,8 @@ class PretrainConfig:
     max_dropout: float = 0.2
     seed: int = 0
     eval_every: int = 250
+    teacher_steps: int = 200  # learned-permutation steps of the stage-2 teacher (0: no learned teacher)
+    keep: str = "best"  # the encoder returned: "best" on the validation pairs, or "last"
 
 
 # --------------------------------------------------------------------------- pairs
@@ -108,11 +120,23 @@ def noisy_copy(model: nn.Module, noise: float, seed: int) -> tuple[nn.Module, Pe
     return out.eval(), perms
 
 
-def teacher(entry: pretraining_zoo.ZooEntry, a: nn.Module, b: nn.Module) -> tuple[Permutations, dict]:
-    """The permutations of ``b`` (as ``b ~ permute(a, perms)``) from the teacher with the lowest
-    midpoint loss on training data, and every teacher's midpoint loss."""
-    from merge_graphs.activations import activation_matching
+def midpoint_loss(a: nn.Module, state_b: Mapping[str, torch.Tensor], loss: Callable[[nn.Module], float]) -> float:
+    """``loss`` of the average of ``a`` and the (aligned) state dict ``state_b``."""
     from merge_graphs.evaluate import interpolate_state_dicts
+
+    mid = copy.deepcopy(a)
+    mid.load_state_dict(interpolate_state_dicts(a.state_dict(), state_b, 0.5))
+    return loss(mid)
+
+
+def teacher(
+    entry: pretraining_zoo.ZooEntry, a: nn.Module, b: nn.Module, learn_steps: int = 200,
+) -> tuple[Permutations, dict]:
+    """The permutations of ``b`` (as ``b ~ permute(a, perms)``) from the teacher with the lowest
+    midpoint loss on training data, and every teacher's midpoint loss. ``learn_steps`` > 0 adds
+    learned permutations started from the best of the data-free and activation teachers."""
+    from merge_graphs.activations import activation_matching
+    from merge_graphs.learned import learned_permutations
 
     spec = symmetry_spec(a)
     state_a, state_b = a.state_dict(), b.state_dict()
@@ -123,13 +147,37 @@ def teacher(entry: pretraining_zoo.ZooEntry, a: nn.Module, b: nn.Module) -> tupl
         "weight": weight_matching(spec, state_a, state_b),
     }
     loss = pretraining_zoo.loss_fn(entry, "train")
-    midpoint = {}
-    for name, found in candidates.items():
-        mid = copy.deepcopy(a)
-        mid.load_state_dict(interpolate_state_dicts(state_a, found.apply(state_b), 0.5))
-        midpoint[name] = loss(mid)
+    midpoint = {name: midpoint_loss(a, found.apply(state_b), loss) for name, found in candidates.items()}
+    report: dict = {}
+    if learn_steps > 0:
+        start = min(midpoint, key=midpoint.get)
+        mask = {"mask_token_id": pretraining_zoo.MASK_ID} if entry.family == "bert" else {}
+        candidates["learned"] = learned_permutations(a, b, pretraining_zoo.learning_inputs(entry),
+                                                     start=candidates[start], steps=learn_steps, **mask)
+        midpoint["learned"] = midpoint_loss(a, candidates["learned"].apply(state_b), loss)
+        report["learned_from"] = start
     best = min(midpoint, key=midpoint.get)
-    return invert_permutations(spec, candidates[best].permutations), {"teacher": best, "midpoint": midpoint}
+    return invert_permutations(spec, candidates[best].permutations), {"teacher": best, "midpoint": midpoint, **report}
+
+
+def cached_teacher(
+    x: pretraining_zoo.ZooEntry, y: pretraining_zoo.ZooEntry, a: nn.Module, b: nn.Module, learn_steps: int,
+    folder: Path | None,
+) -> tuple[Permutations, dict]:
+    """:func:`teacher`, read from (or written to) ``folder`` while both entries and ``learn_steps`` match:
+    the labels cost minutes, the pretraining runs that reuse them do not need to."""
+    if folder is None:
+        return teacher(x, a, b, learn_steps)
+    key = json.loads(json.dumps({"a": x.metadata(), "b": y.metadata(), "learn_steps": learn_steps}))
+    path = folder / f"{x.name}__{y.name}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if json.loads(saved["key"]) == key:
+            return saved["perms"], json.loads(saved["report"])
+    perms, report = teacher(x, a, b, learn_steps)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": json.dumps(key), "perms": dict(perms), "report": json.dumps(report)}, path)
+    return perms, report
 
 
 # --------------------------------------------------------------------------- loss
@@ -170,7 +218,7 @@ def _graph(model: nn.Module, device: torch.device) -> NeuralGraph:
 # --------------------------------------------------------------------------- evaluation
 
 
-def heldout_recovery(encoder: GraphEncoder, models: Sequence[pretraining_zoo.ZooModel], noise: float = 0.1) -> float:
+def recovery(encoder: GraphEncoder, models: Sequence[pretraining_zoo.ZooModel], noise: float = 0.1) -> float:
     """Mean fraction of units that GNN matching alone recovers on noisy permuted copies."""
     encoder = copy.deepcopy(encoder).cpu().eval()  # embed() moves an encoder to the model's device
     fractions = []
@@ -182,25 +230,59 @@ def heldout_recovery(encoder: GraphEncoder, models: Sequence[pretraining_zoo.Zoo
     return sum(fractions) / len(fractions)
 
 
-def teacher_agreement(encoder: GraphEncoder, pairs: Sequence[tuple]) -> float:
-    """Mean fraction of units on which GNN matching alone agrees with the teacher's pseudo-labels."""
+@dataclass
+class ValidationPair:
+    """Two validation seeds of one architecture, their held-out loss and naive averaging's midpoint barrier."""
+
+    name: str
+    a: nn.Module
+    b: nn.Module
+    loss: Callable[[nn.Module], float]
+    ends: float  # mean of the two models' losses
+    naive: float  # midpoint loss minus ``ends``, unaligned
+
+    @classmethod
+    def of(cls, x: pretraining_zoo.ZooModel, y: pretraining_zoo.ZooModel) -> ValidationPair:
+        loss = pretraining_zoo.loss_fn(x.entry, "heldout")
+        ends = 0.5 * (loss(x.model) + loss(y.model))
+        naive = midpoint_loss(x.model, y.model.state_dict(), loss) - ends
+        return cls(f"{x.entry.name}/{y.entry.seed}", x.model, y.model, loss, ends, naive)
+
+
+def validation_pairs(models: Sequence[pretraining_zoo.ZooModel]) -> list[ValidationPair]:
+    """The pair of the first two validation seeds of every architecture that has two."""
+    by_arch: dict[str, list] = {}
+    for zm in models:
+        if zm.entry.split == "validation":
+            by_arch.setdefault(zm.entry.arch.name, []).append(zm)
+    return [ValidationPair.of(*group[:2]) for group in by_arch.values() if len(group) >= 2]
+
+
+def validation_barriers(encoder: GraphEncoder, pairs: Sequence[ValidationPair]) -> dict:
+    """Per pair, the midpoint barrier (midpoint loss minus the mean of the ends) after GNN matching alone
+    (``gnn``) and refined by weight matching (``gnn+weight``), as a fraction of naive averaging's; and the
+    means over pairs, ``barrier`` (the early-stopping criterion) and ``barrier_refined``."""
     encoder = copy.deepcopy(encoder).cpu().eval()
-    fractions = []
-    for a, b, perms, _ in pairs:
-        spec = symmetry_spec(a)
-        found = gnn_matching(spec, embed(a, encoder), embed(b, encoder))
-        fractions.append(recovered_fraction(spec, found.permutations, perms))
-    return sum(fractions) / len(fractions)
+    per_pair = {}
+    for p in pairs:
+        spec = symmetry_spec(p.a)
+        state_a, state_b = p.a.state_dict(), p.b.state_dict()
+        found = gnn_matching(spec, embed(p.a, encoder), embed(p.b, encoder))
+        refined = weight_matching(spec, state_a, state_b, init=found.permutations)
+        per_pair[p.name] = {name: (midpoint_loss(p.a, al.apply(state_b), p.loss) - p.ends) / p.naive
+                            for name, al in (("gnn", found), ("gnn+weight", refined))}
+    return {"barrier": statistics.mean(v["gnn"] for v in per_pair.values()),
+            "barrier_refined": statistics.mean(v["gnn+weight"] for v in per_pair.values()), "pairs": per_pair}
 
 
 def evaluate(
-    encoder: GraphEncoder, models: Sequence[pretraining_zoo.ZooModel], pairs: Sequence[tuple],
-) -> dict[str, float]:
-    """Held-out figures for the learning curve: recovery of noisy permuted copies (noise 0.1 and
-    1.0 x std) of ``models``, and agreement with the teacher on independent ``pairs``."""
-    return {"recovery_0.1": heldout_recovery(encoder, models, 0.1),
-            "recovery_1.0": heldout_recovery(encoder, models, 1.0),
-            "teacher_agreement": teacher_agreement(encoder, pairs) if pairs else math.nan}
+    encoder: GraphEncoder, models: Sequence[pretraining_zoo.ZooModel], pairs: Sequence[ValidationPair],
+) -> dict:
+    """Validation figures for the learning curve: recovery of noisy permuted copies (noise 0.1 and
+    1.0 x std) of ``models``, and (with ``pairs``) :func:`validation_barriers`."""
+    return {"recovery_0.1": recovery(encoder, models, 0.1),
+            "recovery_1.0": recovery(encoder, models, 1.0),
+            **(validation_barriers(encoder, pairs) if pairs else {})}
 
 
 # --------------------------------------------------------------------------- training
@@ -208,13 +290,17 @@ def evaluate(
 
 def pretrain(
     config: PretrainConfig, train_models: Sequence[pretraining_zoo.ZooModel],
-    heldout_models: Sequence[pretraining_zoo.ZooModel] = (), *, progress: bool = False,
+    validation_models: Sequence[pretraining_zoo.ZooModel] = (), *, labels: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> tuple[GraphEncoder, dict]:
     """Train an encoder on ``train_models``; returns it (eval mode) and the learning curves.
 
-    ``heldout_models`` (never trained on) only feed the curves: :func:`evaluate` every
-    ``config.eval_every`` steps on one model per architecture, and on the pair of an
-    architecture's first two held-out seeds.
+    ``validation_models`` (never trained on) feed the curves: :func:`evaluate` every
+    ``config.eval_every`` steps on one model per architecture and on the pair of an
+    architecture's first two validation seeds. The encoder returned is the one of the evaluation
+    with the lowest mean validation barrier (GNN matching alone), or the last one without
+    validation pairs or with ``config.keep == "last"``. ``labels``: a folder caching the stage-2
+    pseudo-labels.
 
     Deterministic given ``config.seed`` on one device (use one CPU thread for bit-identical
     runs across machines).
@@ -227,11 +313,15 @@ def pretrain(
     warmup = max(1, config.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
-    pairs = _stage2_pairs(train_models, progress=progress) if config.stage2_from < 1 else []
-    probes = [zm for zm in heldout_models if zm.entry.seed == zm.entry.arch.heldout[0]]
-    probe_pairs = _stage2_pairs(heldout_models, progress=progress) if heldout_models else []
-    history: dict = {"step": [], "loss": [], "stage": [], "eval_step": [], "eval": [],
-                     "teachers": [p[3] for p in pairs], "heldout_teachers": [p[3] for p in probe_pairs]}
+    labels = Path(labels) if labels is not None else None
+    pairs = _stage2_pairs(train_models, config.teacher_steps, labels, progress=progress) if config.stage2_from < 1 else []
+    probes = [zm for zm in validation_models if zm.entry.seed == zm.entry.arch.validation[0]]
+    checks = validation_pairs(validation_models)
+    teachers = [p[3] for p in pairs]
+    history: dict = {"step": [], "loss": [], "stage": [], "eval_step": [], "eval": [], "teachers": teachers,
+                     "teacher_wins": dict(collections.Counter(t["teacher"] for t in teachers)),
+                     "naive_barrier": {p.name: p.naive for p in checks}, "best_step": config.steps}
+    best, best_state = math.inf, None
     start = time.perf_counter()
     for step in tqdm(range(config.steps), desc="pretraining", disable=not progress):
         stage = 2 if pairs and step >= config.stage2_from * config.steps and rng.random() < 0.5 else 1
@@ -253,15 +343,24 @@ def pretrain(
         history["stage"].append(stage)
         if probes and (step + 1) % config.eval_every == 0:
             history["eval_step"].append(step + 1)
-            history["eval"].append(evaluate(encoder, probes, probe_pairs))
-            logger.info("step %d: loss %.4f, held-out %s", step + 1,
+            history["eval"].append(evaluate(encoder, probes, checks))
+            score = history["eval"][-1].get("barrier", math.nan)
+            if score < best:
+                best, best_state, history["best_step"] = score, copy.deepcopy(encoder.state_dict()), step + 1
+            logger.info("step %d: loss %.4f, validation %s", step + 1,
                         sum(history["loss"][-config.eval_every:]) / config.eval_every,
-                        {k: round(v, 4) for k, v in history["eval"][-1].items()})
+                        {k: round(v, 4) for k, v in history["eval"][-1].items() if k != "pairs"})
     history["seconds"] = time.perf_counter() - start
+    if best_state is not None and config.keep == "best":
+        encoder.load_state_dict(best_state)
+    else:
+        history["best_step"] = config.steps
     return encoder.eval(), history
 
 
-def _stage2_pairs(models: Sequence[pretraining_zoo.ZooModel], *, progress: bool) -> list:
+def _stage2_pairs(
+    models: Sequence[pretraining_zoo.ZooModel], learn_steps: int, labels: Path | None, *, progress: bool,
+) -> list:
     """``(a, b, perms, teacher report)`` for every pair of one architecture's training seeds."""
     out = []
     by_arch: dict[str, list] = {}
@@ -269,19 +368,22 @@ def _stage2_pairs(models: Sequence[pretraining_zoo.ZooModel], *, progress: bool)
         by_arch.setdefault(zm.entry.arch.name, []).append(zm)
     todo = [(x, y) for group in by_arch.values() for i, x in enumerate(group) for y in group[i + 1:]]
     for x, y in tqdm(todo, desc="pseudo-labels", disable=not progress):
-        perms, report = teacher(x.entry, x.model, y.model)
+        start = time.perf_counter()
+        perms, report = cached_teacher(x.entry, y.entry, x.model, y.model, learn_steps, labels)
+        logger.info("%s / %s: teacher %s (%.1f s)", x.entry.name, y.entry.name, report["teacher"],
+                    time.perf_counter() - start)
         out.append((x.model, y.model, perms, {"a": x.entry.name, "b": y.entry.name, **report}))
     return out
 
 
 def plot_history(history: dict, path: str | Path) -> None:
-    """Learning curves (training loss, smoothed; held-out recovery) as a PNG."""
+    """Learning curves (training loss, smoothed; validation recovery and barrier) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     k = max(1, len(history["loss"]) // 50)
     for stage, label in ((1, "stage 1: permuted, perturbed copies"), (2, "stage 2: independent pairs, pseudo-labels")):
         steps = [s for s, st in zip(history["step"], history["stage"]) if st == stage]
@@ -291,12 +393,16 @@ def plot_history(history: dict, path: str | Path) -> None:
             ax1.plot(*zip(*chunks), label=label)
     ax1.set(xlabel="step", ylabel="InfoNCE loss", yscale="log", title="training loss (mean of 1/50 of the run)")
     ax1.legend()
-    names = {"recovery_0.1": "permuted copy, noise 0.1 x std", "recovery_1.0": "permuted copy, noise 1.0 x std",
-             "teacher_agreement": "independent pair: agreement with teacher"}
-    for key, label in names.items():
+    for key, label in (("recovery_0.1", "noise 0.1 x std"), ("recovery_1.0", "noise 1.0 x std")):
         ax2.plot(history["eval_step"], [e[key] for e in history["eval"]], marker="o", label=label)
-    ax2.set(xlabel="step", ylabel="fraction of units", title="held-out zoo models, GNN matching alone")
+    ax2.set(xlabel="step", ylabel="fraction of units", title="validation models: permuted copy recovered (GNN alone)")
     ax2.legend()
+    if history["eval"] and "barrier" in history["eval"][0]:
+        for key, label in (("barrier", "GNN alone"), ("barrier_refined", "GNN + weight matching")):
+            ax3.plot(history["eval_step"], [e[key] for e in history["eval"]], marker="o", label=label)
+        ax3.axvline(history["best_step"], color="grey", linestyle=":", label=f"kept: step {history['best_step']}")
+        ax3.legend()
+    ax3.set(xlabel="step", ylabel="barrier left / naive's (mean)", title="validation pairs: midpoint barrier")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -307,35 +413,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = PretrainConfig()
     p = argparse.ArgumentParser(prog="merge-graphs pretrain-gnn", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/gnn", help="folder for encoder.safetensors, encoder.json and curves.png")
-    p.add_argument("--zoo", default=str(pretraining_zoo.DEFAULT_CACHE), help="model zoo cache folder")
-    for name in ("dim", "layers", "steps", "seed", "eval_every"):
+    p.add_argument("--zoo", default=str(pretraining_zoo.DEFAULT_CACHE),
+                   help="model zoo cache folder (stage-2 labels are cached in its labels/)")
+    for name in ("dim", "layers", "steps", "seed", "eval_every", "teacher_steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "temperature", "stage2_from", "max_noise", "max_dropout"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    p.add_argument("--keep", choices=("best", "last"), default=defaults.keep,
+                   help="the encoder saved: the best on the validation pairs, or the last step's")
+    p.add_argument("--zoo-version", type=int, default=pretraining_zoo.ZOO_VERSION,
+                   help="train on this zoo version's architectures (1 with --teacher-steps 0 --keep last: the "
+                        "version-1 recipe of the first shipped weights)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: bit-identical across machines)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)  # one line per matching is noise here
+    for noisy in ("merge_graphs.match", "merge_graphs.learned"):  # one line per matching is noise here
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     config = PretrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    train_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(heldout=False), args.zoo, progress=True)
-    heldout_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(heldout=True), args.zoo, progress=True)
-    encoder, history = pretrain(config, train_models, heldout_models, progress=True)
+    archs = pretraining_zoo.archs_of(args.zoo_version)
+    train_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(archs, split="train"), args.zoo,
+                                            progress=True)
+    validation_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(archs, split="validation"), args.zoo,
+                                                 progress=True)
+    encoder, history = pretrain(config, train_models, validation_models, labels=Path(args.zoo) / "labels",
+                                progress=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_history(history, out / "curves.png")
     (out / "history.json").write_text(json.dumps(history))
+    best = history["eval_step"].index(history["best_step"]) if history["best_step"] in history["eval_step"] else -1
     info = {
-        "version": 1,
+        "version": 2,
         "command": " ".join(["python -m merge_graphs.lab.pretrain_gnn", *(sys.argv[1:] if argv is None else argv)]),
         "config": asdict(config), "seed": config.seed, "torch": torch.__version__,
-        "zoo": {"version": pretraining_zoo.ZOO_VERSION, "train": [zm.entry.name for zm in train_models],
-                "heldout": [e.name for e in pretraining_zoo.zoo_entries(heldout=True)]},
-        "heldout": history["eval"][-1] if history["eval"] else None,
+        "zoo": {"version": args.zoo_version, "train": [zm.entry.name for zm in train_models],
+                "validation": [zm.entry.name for zm in validation_models],
+                "heldout": [e.name for e in pretraining_zoo.zoo_entries(archs, split="heldout")]},
+        "teacher_wins": history["teacher_wins"],
+        "best_step": history["best_step"],
+        "validation": ({k: v for k, v in history["eval"][best].items() if k != "pairs"} if history["eval"] else None),
         "pretraining_seconds": round(history["seconds"], 1),
     }
     save_encoder(encoder, out, info)
-    logger.info("saved %s (held-out %s, %.0f s)", out, info["heldout"], history["seconds"])
+    logger.info("saved %s (step %d, validation %s, %.0f s)", out, info["best_step"], info["validation"],
+                history["seconds"])
     return 0
 
 

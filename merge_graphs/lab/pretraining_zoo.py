@@ -7,7 +7,14 @@ by the trainers of :mod:`merge_graphs.lab.trainers` on one CPU thread, saved as 
 metadata json in a cache folder, and loaded from there while the metadata matches.
 
 Seeds listed in an architecture's ``heldout`` are never trained on: the benchmark measures
-on them (a permuted copy of one, and independent pairs of two).
+on them (a permuted copy of one, and independent pairs of two). Its ``validation`` seeds are
+never trained on either: pretraining keeps the encoder that matches their pairs best (early
+stopping), so the benchmark's pairs play no part in choosing the weights.
+
+Version 1 (the shipped encoder's first zoo): the 4 MLPs and GPT-2, Llama and BERT of width 32.
+Version 2 keeps those models as they were (same seeds, same cache entries) and adds validation
+seeds to them, and per LM family width 64, a second learning rate and (GPT-2, Llama) a 3x longer
+schedule, each from seeds of its own, and width 128 for validation and held-out pairs only.
 
 Example:
     >>> from merge_graphs.lab.pretraining_zoo import zoo_entries
@@ -16,6 +23,8 @@ Example:
     ['bert', 'gpt2', 'llama', 'mlp']
     >>> all(e.heldout == (e.seed in e.arch.heldout) for e in entries)
     True
+    >>> sorted({e.split for e in entries})
+    ['heldout', 'train', 'validation']
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from merge_graphs.lab import trainers
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 DEFAULT_CACHE = Path("out/zoo")
 WINDOW = 32  # bytes per LM training / evaluation window
 MASK_ID = trainers.BYTE_VOCAB_SIZE  # BERT's [MASK]: one id past the byte vocabulary
@@ -44,7 +53,9 @@ MASK_ID = trainers.BYTE_VOCAB_SIZE  # BERT's [MASK]: one id past the byte vocabu
 
 @dataclass(frozen=True)
 class Arch:
-    """One architecture and training recipe of the zoo, trained from each of ``seeds``."""
+    """One architecture and training recipe of the zoo, trained from each of ``seeds``: ``heldout``
+    seeds only for the benchmark, ``validation`` seeds only for pretraining's early stopping, the
+    rest for pretraining. ``since`` is the zoo version that added it (its models' cache key)."""
 
     name: str
     family: str
@@ -52,25 +63,56 @@ class Arch:
     training: dict
     seeds: tuple[int, ...]
     heldout: tuple[int, ...]
+    validation: tuple[int, ...] = ()
+    since: int = 1
 
 
 _LM = {"steps": 600, "batch_size": 16, "seq_len": WINDOW, "lr": 3e-3, "warmup": 30}
+_BERT = {**_LM, "lr": 2e-3}
+
+
+def _config(family: str, width: int) -> dict:
+    """A 2-layer byte-level LM of ``family`` and residual width ``width`` (4 heads; Llama's and BERT's MLP
+    2 x width, GPT-2's its default 4 x width)."""
+    if family == "gpt2":
+        return {"n_embd": width, "n_layer": 2, "n_head": 4, "n_positions": WINDOW}
+    common = {"hidden_size": width, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 2 * width,
+              "max_position_embeddings": WINDOW}
+    return {**common, "num_key_value_heads": 2} if family == "llama" else common
+
+
+def _variants(family: str, training: dict) -> tuple[Arch, ...]:
+    """Version 2's archs of one LM family: width 64, a second learning rate, (GPT-2, Llama) a 3x longer
+    schedule, and width 128 with validation and held-out seeds only (a width pretraining never sees, which
+    keeps pretraining's steps cheap). Each uses seeds no other arch of its config uses,
+    so that no training model shares its initialization with a held-out or validation model."""
+    def arch(name, config, recipe, first, train=3):
+        seeds = tuple(range(first, first + train + 4))
+        return Arch(name, family, config, recipe, seeds, seeds[train:train + 2], seeds[train + 2:], since=2)
+
+    out = [arch(f"{family}-64", _config(family, 64), training, 10),
+           arch(f"{family}-128", _config(family, 128), training, 13, train=0),
+           arch(f"{family}-32-lr1e-3", _config(family, 32), {**training, "lr": 1e-3}, 20)]
+    if family != "bert":
+        out.append(arch(f"{family}-32-long", _config(family, 32), {**training, "steps": 1800}, 30))
+    return tuple(out)
+
+
 ARCHS = (
-    Arch("mlp-32", "mlp", {"widths": (64, 32, 10), "activation": "relu"}, {"epochs": 10}, tuple(range(6)), (4, 5)),
-    Arch("mlp-64x2", "mlp", {"widths": (64, 64, 64, 10), "activation": "relu"}, {"epochs": 10}, tuple(range(6)),
-         (4, 5)),
+    Arch("mlp-32", "mlp", {"widths": (64, 32, 10), "activation": "relu"}, {"epochs": 10}, tuple(range(8)), (4, 5),
+         (6, 7)),
+    Arch("mlp-64x2", "mlp", {"widths": (64, 64, 64, 10), "activation": "relu"}, {"epochs": 10}, tuple(range(8)),
+         (4, 5), (6, 7)),
     Arch("mlp-128x2-gelu", "mlp", {"widths": (64, 128, 128, 10), "activation": "gelu"}, {"epochs": 10, "lr": 3e-3},
-         tuple(range(6)), (4, 5)),
+         tuple(range(8)), (4, 5), (6, 7)),
     Arch("mlp-48x3-tanh", "mlp", {"widths": (64, 48, 48, 48, 10), "activation": "tanh"}, {"epochs": 10},
-         tuple(range(6)), (4, 5)),
-    Arch("gpt2-32", "gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": WINDOW}, _LM, tuple(range(5)),
-         (3, 4)),
-    Arch("llama-32", "llama", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": WINDOW},
-         _LM, tuple(range(5)), (3, 4)),
-    Arch("bert-32", "bert", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                             "intermediate_size": 64, "max_position_embeddings": WINDOW},
-         {**_LM, "lr": 2e-3}, tuple(range(5)), (3, 4)),
+         tuple(range(8)), (4, 5), (6, 7)),
+    Arch("gpt2-32", "gpt2", _config("gpt2", 32), _LM, tuple(range(7)), (3, 4), (5, 6)),
+    Arch("llama-32", "llama", _config("llama", 32), _LM, tuple(range(7)), (3, 4), (5, 6)),
+    Arch("bert-32", "bert", _config("bert", 32), _BERT, tuple(range(7)), (3, 4), (5, 6)),
+    *_variants("gpt2", _LM),
+    *_variants("llama", _LM),
+    *_variants("bert", _BERT),
 )
 
 
@@ -93,9 +135,16 @@ class ZooEntry:
     def heldout(self) -> bool:
         return self.seed in self.arch.heldout
 
+    @property
+    def split(self) -> str:
+        """``"heldout"``, ``"validation"`` or ``"train"``."""
+        return "heldout" if self.heldout else "validation" if self.seed in self.arch.validation else "train"
+
     def metadata(self) -> dict:
-        """What determines the weights; a cached model is reused only while this matches."""
-        return {"zoo_version": ZOO_VERSION, "arch": asdict(self.arch) | {"seeds": None, "heldout": None},
+        """What determines the weights; a cached model is reused only while this matches (a version-1
+        model's metadata is what version 1 wrote, so its cache stays valid)."""
+        arch = {k: v for k, v in asdict(self.arch).items() if k not in ("validation", "since")}
+        return {"zoo_version": self.arch.since, "arch": arch | {"seeds": None, "heldout": None},
                 "seed": self.seed, "torch": torch.__version__.split("+")[0]}
 
 
@@ -107,10 +156,16 @@ class ZooModel:
     model: nn.Module = field(repr=False)
 
 
-def zoo_entries(archs: Iterable[Arch] = ARCHS, *, heldout: bool | None = None) -> list[ZooEntry]:
-    """Every (architecture, seed) of the zoo; only held-out or only training seeds with ``heldout``."""
+def archs_of(version: int = ZOO_VERSION) -> tuple[Arch, ...]:
+    """The architectures of zoo version ``version`` (version 1: the 4 MLPs and the width-32 LMs)."""
+    return tuple(a for a in ARCHS if a.since <= version)
+
+
+def zoo_entries(archs: Iterable[Arch] = ARCHS, *, split: str | None = None) -> list[ZooEntry]:
+    """Every (architecture, seed) of the zoo; with ``split``, only its ``"train"``, ``"validation"``
+    or ``"heldout"`` seeds."""
     out = [ZooEntry(a, s) for a in archs for s in a.seeds]
-    return out if heldout is None else [e for e in out if e.heldout == heldout]
+    return out if split is None else [e for e in out if e.split == split]
 
 
 # --------------------------------------------------------------------------- data
@@ -218,6 +273,16 @@ def calibration(entry: ZooEntry, n: int = 64) -> dict[str, torch.Tensor]:
     if entry.family == "mlp":
         return {"input": digits()[0][:256]}
     return {"input_ids": lm_windows("train", n, seed=1)}
+
+
+def learning_inputs(entry: ZooEntry, n: int = 512) -> dict[str, torch.Tensor]:
+    """Training inputs for learned permutations (:func:`merge_graphs.learned.learned_permutations`) on an
+    entry's own loss: digits with their labels, or byte windows (the masked-LM loss masks them itself).
+    Disjoint from the training inputs :func:`loss_fn` scores (digits 512 on; windows of another seed)."""
+    if entry.family == "mlp":
+        x, y, _, _ = digits()
+        return {"input": x[512:512 + n], "labels": y[512:512 + n]}
+    return {"input_ids": lm_windows("train", n, seed=3)}
 
 
 def load_model(entry: ZooEntry, cache: str | os.PathLike = DEFAULT_CACHE) -> nn.Module:

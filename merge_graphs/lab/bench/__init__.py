@@ -5,6 +5,7 @@ many permuted units each recovers, and what it costs.
     merge-graphs bench scale [--sizes A,B] [--variants A,B] [--venv DIR] ...
     merge-graphs bench families [--families A,B] ...
     merge-graphs bench gpt2|llama --methods rotation,gnn+rotation   (those rows and naive only)
+    merge-graphs bench gpt2|llama|gnn --encoder DIR ...   (another GNN's weights)
     python -m merge_graphs.lab.bench SUITE ...
 
 Each suite prints a table, writes every figure to ``OUT/bench-SUITE.json`` (``out/bench`` by
@@ -93,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "runs; default: all)")
     parser.add_argument("--families", type=_comma_list, default=None,
                         help="families: comma-separated rows to run, e.g. qwen3,gemma2 (default: all)")
+    parser.add_argument("--encoder", default=None,
+                        help="gnn, gpt2: a folder of GNN weights (merge-graphs pretrain-gnn --out DIR; default: shipped)")
     parser.add_argument("--venv", default=None,
                         help="scale: mergekit's virtual environment (default out/bench/mergekit-venv, made if missing)")
     args = parser.parse_args(argv)
@@ -106,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run_suite(args.suite, pairs=args.pairs, steps=args.steps, lr=args.lr, quick=args.quick,
                            out=args.out, jobs=args.jobs, sizes=args.sizes, variants=args.variants, venv=args.venv,
-                           families=args.families, methods=args.methods, progress=not args.quiet)
+                           families=args.families, methods=args.methods, encoder=args.encoder,
+                           progress=not args.quiet)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -1,6 +1,6 @@
 """Suite ``gnn``: the pretrained GNN against weight matching, on zoo models it never saw.
 
-    merge-graphs bench gnn [--quick] [--out DIR]
+    merge-graphs bench gnn [--quick] [--out DIR] [--encoder DIR]
 
 Every figure is on the held-out seeds of :mod:`merge_graphs.lab.pretraining_zoo` (never trained on; the zoo
 is trained into ``out/zoo`` on first use, a few minutes, and reused):
@@ -15,8 +15,9 @@ is trained into ``out/zoo`` on first use, a few minutes, and reused):
   held-out loss (digits test cross-entropy, or the LM loss on held-out docstrings) at 11
   points from A to aligned B, the barrier and midpoint, for ``naive``, ``weight``, ``gnn`` and
   ``gnn+weight``;
-* **embed time** of the real all-MiniLM-L6-v2 with the shipped encoder, on this machine's
-  torch threads.
+* **embed time** of the real all-MiniLM-L6-v2 with the encoder, on this machine's torch threads.
+
+The encoder is the shipped one, or the one saved in ``--encoder DIR`` (``merge-graphs pretrain-gnn --out DIR``).
 
 ``OUT/bench-gnn.json`` holds every figure. ``--quick`` (two small architectures, short LM
 training, noise 0.1 only, models cached in ``OUT/zoo``) is the CI smoke run.
@@ -127,7 +128,7 @@ def format_gnn(report: Mapping[str, Any]) -> str:
     """Recovery table, barrier table, MiniLM embedding time."""
     encoder = report["encoder"]
     lines = [(f"gnn suite: held-out zoo models (never trained on); encoder dim {encoder['dim']}, "
-             f"{encoder['layers']} layers, seed {encoder['seed']}"),
+             f"{encoder['layers']} layers, seed {encoder['seed']} ({encoder.get('folder', 'shipped')})"),
              "recovery of a permuted copy with Gaussian noise (x each tensor's std): fraction of units",
              f"{'model':22s}{'noise':>6s}" + "".join(f"{m:>12s}" for m in RECOVERY_METHODS)]
     for r in report["recovery"]:
@@ -157,18 +158,20 @@ def format_gnn(report: Mapping[str, Any]) -> str:
 
 
 @register("gnn", format=format_gnn)
-def gnn_suite(quick: bool = False, out: str | os.PathLike | None = None, *, progress: bool = False) -> dict[str, Any]:
-    """Run the GNN suite (see the module docstring); writes ``bench-gnn.json`` into ``out``."""
+def gnn_suite(quick: bool = False, out: str | os.PathLike | None = None, encoder: str | os.PathLike | None = None, *,
+              progress: bool = False) -> dict[str, Any]:
+    """Run the GNN suite (see the module docstring) with the encoder saved in the folder ``encoder``
+    (default: the shipped one); writes ``bench-gnn.json`` into ``out``."""
     from tqdm.auto import tqdm
 
-    from merge_graphs.gnn.embedding import default_encoder
-    from merge_graphs.gnn.pretrained import encoder_info
+    from merge_graphs.gnn.pretrained import WEIGHTS_DIR, encoder_info, load_encoder
 
     total_start = time.perf_counter()
     out = out_folder(out)
     archs = quick_archs() if quick else pretraining_zoo.ARCHS
     cache = out / "zoo" if quick else pretraining_zoo.DEFAULT_CACHE
-    encoder = default_encoder()
+    folder = WEIGHTS_DIR if encoder is None else encoder
+    encoder = load_encoder(folder)
     recovery, barrier = [], []
     for arch in tqdm(archs, desc="architectures", disable=not progress):
         a_entry, b_entry = (pretraining_zoo.ZooEntry(arch, s) for s in arch.heldout[:2])
@@ -190,7 +193,8 @@ def gnn_suite(quick: bool = False, out: str | os.PathLike | None = None, *, prog
         "suite": "gnn",
         "settings": {"quick": quick, "noise": NOISE, "hard_noise": HARD_NOISE, "archs": [a.name for a in archs],
                      "points": 11},
-        "encoder": {k: v for k, v in encoder_info().items() if k in ("dim", "layers", "seed", "command")},
+        "encoder": {"folder": str(folder),
+                    **{k: v for k, v in encoder_info(folder).items() if k in ("dim", "layers", "seed", "command")}},
         "machine": machine(),
         "recovery": recovery,
         "recovery_mean": {str(noise): {m: statistics.mean(r["methods"][m]["recovered"] for r in recovery

@@ -1,7 +1,9 @@
 """Suites ``gpt2`` and ``llama``: different-seed causal byte-level language models of one family.
 
     merge-graphs bench gpt2 [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J] [--methods A,B]
+                            [--encoder DIR]
     merge-graphs bench llama [--pairs N] [--steps S] [--lr LR] [--quick] [--out DIR] [--jobs J] [--methods A,B]
+                             [--encoder DIR]
 
 A family (:data:`FAMILIES`) names a model maker of :mod:`merge_graphs.lab.trainers`, its training recipe and
 the methods its suite compares:
@@ -22,8 +24,8 @@ model's training metadata is identical. For each pair and each method of the fam
   (attention heads and key-value groups stay in place);
 * ``activation``: permutation activation matching on 64 x 128-byte training-text windows
   (:func:`merge_graphs.lab.quickstart.calibration_inputs`);
-* ``gnn``, ``gnn+weight``: the pretrained GNN's embeddings (data-free), then refined by
-  weight matching;
+* ``gnn``, ``gnn+weight``: the pretrained GNN's embeddings (data-free; the shipped encoder, or
+  the one saved in ``--encoder DIR``), then refined by weight matching;
 * ``gnn+rotation``: the GNN's matching of every group but the residual stream as the start of the
   ``rotation`` row's orthogonal weight matching (data-free);
 * ``rotation``: norms folded, residual stream rotated (orthogonal weight matching: Procrustes on
@@ -45,9 +47,8 @@ quickstart's held-out text) is measured at 11 points of the straight line from A
 the barrier (the largest excess over the line between the endpoint losses), the midpoint loss,
 the share of the naive barrier removed and the alignment time are reported, with the median
 and range over pairs. ``OUT/bench-FAMILY.json`` holds every figure, ``OUT/bench-FAMILY.png`` the
-curves of pair 0. ``--quick`` (one pair, a few training steps, few windows) is the CI smoke run;
-``--methods`` runs only the rows named (and ``naive``), e.g. the data-free rows without the learned ones
-(the report then holds those rows only: give another ``--out`` to keep a full run's).
+curves of pair 0. ``--methods`` runs only the rows it names (``naive`` always among them: the share
+removed is of its barrier). ``--quick`` (one pair, a few training steps, few windows) is the CI smoke run.
 The llama table also lists every pair and the byte-unigram baseline the parents must beat.
 :func:`measure_family` is the measurement without the files: the ``families`` suite
 (:mod:`merge_graphs.lab.bench.families`) runs it on one :class:`Family` per decoder family.
@@ -278,9 +279,10 @@ def _models(family: Family, seeds: Sequence[int], training: Mapping[str, Any], t
 
 def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module], float],
           calibration: Mapping[str, torch.Tensor], learn_calibration: Mapping[str, torch.Tensor],
-          learn_steps: int | None = None, sampled: tuple[int, int] = SAMPLED_CALIBRATION, *,
-          methods: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
-    """Every method's figures for one pair (``methods``: those rows only)."""
+          learn_steps: int | None = None, sampled: tuple[int, int] = SAMPLED_CALIBRATION,
+          methods: Sequence[str] | None = None, encoder: str | os.PathLike | None = None, *,
+          progress: bool = False) -> dict[str, Any]:
+    """The figures of every method of the family (or of ``methods``) for one pair; ``encoder``: the GNN's."""
     from tqdm.auto import tqdm
 
     import merge_graphs as mg
@@ -294,7 +296,7 @@ def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module]
     # experts stacked in memory, one tensor each in a checkpoint).
     source_a, source_b = StateTensors(a), StateTensors(b)
     folded = {}
-    for name in tqdm(methods or list(family.methods), desc="methods", leave=False, disable=not progress):
+    for name in tqdm(methods or family.methods, desc="methods", leave=False, disable=not progress):
         method, residual, needs_data, refine = family.methods[name]
         groups = resolve_groups(a, family.groups.get(name), residual)
         learn = dict(LEARN[name], **({"steps": learn_steps} if learn_steps else {})) if method == "learned" else None
@@ -304,7 +306,8 @@ def _pair(family: Family, a: nn.Module, b: nn.Module, loss: Callable[[nn.Module]
             n, length = sampled
             data = sample_calibration([a, b], samples=n, length=length)
         alignment = mg.align(a, b, method, residual=residual, refine=refine, calibration=data if needs_data else None,
-                             learn=learn, **({"groups": groups} if groups is not None else {}))
+                             learn=learn, encoder=encoder if method == "gnn" else None,
+                             **({"groups": groups} if groups is not None else {}))
         seconds = time.perf_counter() - start
         if alignment.basis not in folded:
             basis = basis_identity(source_a, alignment.basis)
@@ -348,15 +351,13 @@ def format_lm(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def select_methods(family: Family, methods: Sequence[str] | None) -> list[str]:
-    """The rows to run, in the family's order: all of them (None), or those named and ``naive`` (the share of the
-    barrier removed is measured against it).
+def select_methods(family: Family, methods: Sequence[str]) -> list[str]:
+    """The rows named, in the family's order, and ``naive`` (the share of the barrier removed is measured
+    against it).
 
     Raises:
         ValueError: a name that is not one of the family's rows; the message lists them.
     """
-    if methods is None:
-        return list(family.methods)
     unknown = [m for m in methods if m not in family.methods]
     if unknown:
         raise ValueError(f"unknown {family.name} rows {unknown}; choose among {', '.join(family.methods)}")
@@ -365,14 +366,13 @@ def select_methods(family: Family, methods: Sequence[str] | None) -> list[str]:
 
 def measure_family(family: Family, pairs: int = 3, steps: int | None = None, quick: bool = False,
                    models: str | os.PathLike = os.path.join(DEFAULT_OUT, "models"), jobs: int = 1,
-                   lr: float | None = None, *, methods: Sequence[str] | None = None,
-                   progress: bool = False) -> dict[str, Any]:
+                   lr: float | None = None, methods: Sequence[str] | None = None,
+                   encoder: str | os.PathLike | None = None, *, progress: bool = False) -> dict[str, Any]:
     """Train ``pairs`` different-seed pairs of ``family`` (or reuse them from the folder ``models``) and measure
-    every method of the family on each (``methods``: those rows only, :func:`select_methods`): the report of the
-    module docstring, without the total time or any file written. ``steps`` and ``lr`` replace the family's."""
+    every method of the family (or those of ``methods``; naive always) on each: the report of the module
+    docstring, without the total time or any file written. ``steps`` and ``lr`` replace the family's; ``encoder``
+    is a folder of GNN weights for the ``gnn`` rows (default: the shipped ones)."""
     from tqdm.auto import tqdm
-
-    rows = select_methods(family, methods)
 
     steps = family.training["steps"] if steps is None else steps
     windows, (n_cal, cal_len) = WINDOWS, CALIBRATION
@@ -383,6 +383,8 @@ def measure_family(family: Family, pairs: int = 3, steps: int | None = None, qui
         raise ValueError(f"pairs and steps must be at least 1; got {pairs} and {steps}")
     if lr is not None and not lr > 0:
         raise ValueError(f"the learning rate must be positive; got {lr}")
+    if methods is not None:
+        methods = select_methods(family, methods)
     training = _training(family, steps, lr)
     train_text = trainers.load_docstring_corpus("train")
     heldout_text = trainers.load_docstring_corpus("heldout")
@@ -402,7 +404,7 @@ def measure_family(family: Family, pairs: int = 3, steps: int | None = None, qui
     results = []
     for i in tqdm(range(pairs), desc="pairs", disable=not progress):
         a, b = trained[2 * i], trained[2 * i + 1]
-        row = _pair(family, a, b, loss, calibration, learn_calibration, learn_steps, sampled, methods=rows,
+        row = _pair(family, a, b, loss, calibration, learn_calibration, learn_steps, sampled, methods, encoder,
                     progress=progress)
         row["seeds"] = [2 * i, 2 * i + 1]
         row["train_s"] = [train_seconds[2 * i], train_seconds[2 * i + 1]]
@@ -411,7 +413,7 @@ def measure_family(family: Family, pairs: int = 3, steps: int | None = None, qui
                 "window": family.config[family.context_key], "calibration": [n_cal, cal_len],
                 "learn_calibration": [n_learn, learn_len], "sampled_calibration": list(sampled),
                 "learn": {k: dict(v, **({"steps": learn_steps} if learn_steps else {})) for k, v in LEARN.items()},
-                "points": POINTS,
+                "points": POINTS, "encoder": None if encoder is None else str(encoder),
                 "training": training, "config": dict(family.config)}
     if family.detail:
         settings.update(detail=True, unigram=quickstart.unigram_loss(heldout_text, fit_text=train_text))
@@ -421,23 +423,24 @@ def measure_family(family: Family, pairs: int = 3, steps: int | None = None, qui
         "machine": machine(),
         "methods": {name: {"align": m, "residual": r, "calibration": d, "refine": f,
                            **({"groups": list(family.groups[name])} if name in family.groups else {})}
-                    for name, (m, r, d, f) in family.methods.items() if name in rows},
+                    for name, (m, r, d, f) in family.methods.items() if methods is None or name in methods},
         "pairs": results,
-        "summary": summary(results, rows, ("barrier", "removed", "midpoint", "align_s")),
+        "summary": summary(results, list(methods or family.methods), ("barrier", "removed", "midpoint", "align_s")),
         "train_wall_s": train_wall,
     }
 
 
 def lm_suite(family: str | Family, pairs: int = 3, steps: int | None = None, quick: bool = False,
-             out: str | os.PathLike | None = None, jobs: int = 1, lr: float | None = None, *,
-             methods: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
+             out: str | os.PathLike | None = None, jobs: int = 1, lr: float | None = None,
+             methods: Sequence[str] | None = None, encoder: str | os.PathLike | None = None, *,
+             progress: bool = False) -> dict[str, Any]:
     """Run the different-seed suite of ``family`` (:func:`measure_family`, models cached in ``out/models``);
     writes ``bench-FAMILY.json`` and ``bench-FAMILY.png`` into ``out`` and returns every figure (see the module
-    docstring). ``steps`` and ``lr`` replace the family's; ``methods`` runs those rows only."""
+    docstring). ``steps`` and ``lr`` replace the family's."""
     family = FAMILIES[family] if isinstance(family, str) else family
     total_start = time.perf_counter()
-    report = measure_family(family, pairs, steps, quick, Path(out or DEFAULT_OUT) / "models", jobs, lr,
-                            methods=methods, progress=progress)
+    report = measure_family(family, pairs, steps, quick, Path(out or DEFAULT_OUT) / "models", jobs, lr, methods,
+                            encoder, progress=progress)
     out = out_folder(out)
     first = report["pairs"][0]
     curves = {name: InterpolationCurve.from_dict(row["curve"]) for name, row in first["methods"].items()}
@@ -456,19 +459,20 @@ def format_gpt2(report: Mapping[str, Any]) -> str:
 
 @register("gpt2", format=format_gpt2)
 def gpt2_suite(pairs: int = 3, steps: int = 800, quick: bool = False, out: str | os.PathLike | None = None,
-               jobs: int = 1, lr: float | None = None, *, methods: Sequence[str] | None = None,
-               progress: bool = False) -> dict[str, Any]:
+               jobs: int = 1, lr: float | None = None, methods: Sequence[str] | None = None,
+               encoder: str | os.PathLike | None = None, *, progress: bool = False) -> dict[str, Any]:
     """Run the GPT-2 different-seed suite; writes ``bench-gpt2.json`` and ``bench-gpt2.png`` into ``out``
     and returns every figure (see the module docstring). ``lr`` replaces the quickstart's learning rate;
-    ``methods`` runs those rows only."""
-    return lm_suite("gpt2", pairs, steps, quick, out, jobs, lr, methods=methods, progress=progress)
+    ``methods`` limits the rows; ``encoder`` is a folder of GNN weights for the ``gnn`` rows."""
+    return lm_suite("gpt2", pairs, steps, quick, out, jobs, lr, methods, encoder, progress=progress)
 
 
 @register("llama", format=format_lm)
 def llama_suite(pairs: int = 3, steps: int = LLAMA_TRAINING["steps"], quick: bool = False,
-                out: str | os.PathLike | None = None, jobs: int = 1, lr: float | None = None, *,
-                methods: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
+                out: str | os.PathLike | None = None, jobs: int = 1, lr: float | None = None,
+                methods: Sequence[str] | None = None, encoder: str | os.PathLike | None = None, *,
+                progress: bool = False) -> dict[str, Any]:
     """Run the Llama different-seed suite; writes ``bench-llama.json`` and ``bench-llama.png`` into ``out``
     and returns every figure (see the module docstring). ``lr`` replaces :data:`LLAMA_TRAINING`'s; ``methods``
-    runs those rows only."""
-    return lm_suite("llama", pairs, steps, quick, out, jobs, lr, methods=methods, progress=progress)
+    limits the rows; ``encoder`` is a folder of GNN weights for the ``gnn`` rows."""
+    return lm_suite("llama", pairs, steps, quick, out, jobs, lr, methods, encoder, progress=progress)
