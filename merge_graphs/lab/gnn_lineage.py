@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,20 +244,25 @@ def _range(values: Sequence[float]) -> str:
     return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m merge_graphs.lab.gnn_lineage", description=__doc__.split("\n\n")[0])
+def zoo_parser(script: str, doc: str, out: Path, what: str) -> argparse.ArgumentParser:
+    """The options the zoo's lab scripts share: ``--zoo``, ``--out``, ``--archs``, ``--bench-gpt2``,
+    ``--zoo-version``, ``--threads``."""
+    p = argparse.ArgumentParser(prog=f"python -m merge_graphs.lab.{script}", description=doc.split("\n\n")[0])
     p.add_argument("--zoo", default=str(zoo.DEFAULT_CACHE), help="model zoo cache folder")
-    p.add_argument("--out", default=str(WEIGHTS_DIR / "lineage.json"),
-                   help="where to write the fitted threshold and figures ('-' for nowhere)")
+    p.add_argument("--out", default=str(out), help=f"where to write {what} and figures ('-' for nowhere)")
     p.add_argument("--archs", nargs="*", help="zoo architectures (default: all)")
-    p.add_argument("--no-stress", action="store_true", help="skip the long fine-tunes")
     p.add_argument("--bench-gpt2", default="out/bench/models",
                    help="folder of `merge-graphs bench gpt2`'s models (gpt2-seed0-steps800 ...); skipped if absent")
     p.add_argument("--zoo-version", type=int, default=1,
                    help="the zoo's architectures up to this version (default %(default)s: what the shipped json was "
                         "fitted on)")
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    return p
+
+
+def start_run(args: argparse.Namespace) -> tuple[list[zoo.Arch], Callable[[str], None]]:
+    """The architectures ``args`` select and a logger of elapsed time to stderr; sets the thread count and
+    quiets the matching's per-call log lines."""
     logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -265,7 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    archs = [a for a in zoo.archs_of(args.zoo_version) if not args.archs or a.name in args.archs]
+    return [a for a in zoo.archs_of(args.zoo_version) if not args.archs or a.name in args.archs], log
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = zoo_parser("gnn_lineage", __doc__, WEIGHTS_DIR / "lineage.json", "the fitted threshold")
+    p.add_argument("--no-stress", action="store_true", help="skip the long fine-tunes")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    archs, log = start_run(args)
     encoder = default_encoder()
     members = build_members(archs, args.zoo, encoder, stress=not args.no_stress, log=log)
     fit, heldout, stress = [], [], []

@@ -33,11 +33,9 @@ trains the zoo first otherwise). It writes ``merge_graphs/gnn/weights/mergeabili
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
-import logging
 import math
 import statistics
 import sys
@@ -63,7 +61,9 @@ from merge_graphs.lab.gnn_lineage import (
     Member,
     bench_gpt2_members,
     build_members,
+    start_run,
     weight_cosine,
+    zoo_parser,
 )
 
 ALPHAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
@@ -192,27 +192,12 @@ def _cell(x: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m merge_graphs.lab.gnn_mergeability",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--zoo", default=str(zoo.DEFAULT_CACHE), help="model zoo cache folder")
-    p.add_argument("--out", default=str(WEIGHTS_DIR / "mergeability.json"),
-                   help="where to write the fitted regression and figures ('-' for nowhere)")
-    p.add_argument("--archs", nargs="*", help="zoo architectures (default: all)")
-    p.add_argument("--bench-gpt2", default="out/bench/models",
-                   help="folder of `merge-graphs bench gpt2`'s models (gpt2-seed0-steps800 ...); skipped if absent")
-    p.add_argument("--zoo-version", type=int, default=1,
-                   help="the zoo's architectures up to this version (default %(default)s: what the shipped json was "
-                        "fitted on)")
-    p.add_argument("--threads", type=int, default=1)
+    p = zoo_parser("gnn_mergeability", __doc__, WEIGHTS_DIR / "mergeability.json", "the fitted regression")
     args = p.parse_args(argv)
-    logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    archs = [a for a in zoo.archs_of(args.zoo_version) if not args.archs or a.name in args.archs]
+    archs, log = start_run(args)
+    if len(archs) < 2:
+        p.error("the penalty is chosen by leaving one architecture out: give --archs two or more (or none for all)")
     encoder = default_encoder()
     members = build_members(archs, args.zoo, encoder, stress=True, log=log)
     fit, heldout = [], []
