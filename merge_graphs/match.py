@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from merge_graphs import assignment
 from merge_graphs.assignment import auction
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.symmetry.spec import (
@@ -52,9 +53,12 @@ def solve(similarity: torch.Tensor, solver: str = "exact", reg: float = 0.05) ->
 
     Args:
         similarity: ``(n, n)`` similarities between A's units (rows) and B's units (columns).
-        solver: ``"exact"``, ``"emd"``, ``"sinkhorn"``, ``"torch"`` (the auction of
-            :mod:`merge_graphs.assignment`, on the similarity's device, optimal to float32
-            resolution) or ``"auto"``: ``"torch"`` for a similarity on a GPU, ``"exact"`` on CPU.
+        solver: ``"exact"`` (scipy's optimum; from
+            :data:`~merge_graphs.assignment.CANDIDATES_FROM` units found on candidate pairs and
+            certified optimal, see :func:`~merge_graphs.assignment.candidate_assignment`),
+            ``"emd"``, ``"sinkhorn"``, ``"torch"`` (the auction of :mod:`merge_graphs.assignment`,
+            on the similarity's device, optimal to float32 resolution) or ``"auto"``:
+            ``"torch"`` for a similarity on a GPU, ``"exact"`` on CPU.
         reg: entropic regularization for ``"sinkhorn"``, relative to the cost's scale.
 
     Returns:
@@ -96,6 +100,10 @@ def _solve_array(s: np.ndarray, solver: str, reg: float = 0.05) -> torch.Tensor:
 
     n = s.shape[0]
     if solver == "exact":
+        if n >= assignment.CANDIDATES_FROM and np.isfinite(s).all():
+            found = assignment.candidate_assignment(s)
+            if found is not None:
+                return torch.as_tensor(found)
         return torch.as_tensor(linear_sum_assignment(s, maximize=True)[1])
     cost = _cost(s)
     uniform = np.full(n, 1.0 / n)

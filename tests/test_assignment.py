@@ -1,10 +1,13 @@
-"""The torch auction against scipy's exact assignment (and on a GPU when there is one)."""
+"""The assignment solvers against scipy's dense exact assignment: the candidate-pair solver (exact,
+or no answer), the torch auction (and on a GPU when there is one)."""
 
+import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from merge_graphs.assignment import EPS_FLOOR, auction
+import merge_graphs.assignment as assignment
+from merge_graphs.assignment import EPS_FLOOR, auction, candidate_assignment
 from merge_graphs.match import solve
 
 
@@ -106,3 +109,92 @@ def test_gpu_auction_agrees_with_scipy(n):
     span = float(noise.max() - noise.min())
     gap = score(noise, exact(noise)) - score(noise, auction(noise.cuda()))
     assert gap <= n * EPS_FLOOR * span * 1.01 + 1e-6
+
+
+def low_rank(n: int, dim: int, seed: int) -> np.ndarray:
+    """Cosine similarities of ``dim``-d unit vectors and noisy shuffled copies: GNN embeddings' kind
+    of matrix, low rank and full of near-ties (where scipy's dense solver is slowest)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    b = torch.nn.functional.normalize(a[torch.randperm(n, generator=g)] + 0.8 * torch.randn(n, dim, generator=g), dim=1)
+    return (a @ b.T).double().numpy()
+
+
+def dense_optimum(s: np.ndarray) -> np.ndarray:
+    return linear_sum_assignment(s, maximize=True)[1]
+
+
+def total(s: np.ndarray, cols: np.ndarray) -> float:
+    return float(s[np.arange(len(s)), cols].sum())
+
+
+@pytest.mark.parametrize("kind", ["random", "low-rank", "weight-like"])
+def test_candidate_pairs_give_scipys_optimum(kind):
+    rng = np.random.default_rng(1)
+    n = 1100
+    if kind == "random":
+        s = rng.standard_normal((n, n))
+    elif kind == "low-rank":
+        s = low_rank(n, 48, seed=2)
+    else:  # a Gram matrix of two weight matrices, as weight matching builds
+        w = rng.standard_normal((n, 96))
+        s = w @ (w[rng.permutation(n)] + rng.standard_normal((n, 96))).T
+    found = candidate_assignment(s)
+    assert found is not None and found.dtype == np.int64
+    best = dense_optimum(s)
+    assert total(s, found) == pytest.approx(total(s, best), rel=1e-12)
+    assert np.array_equal(found, best)  # continuous entries: the optimum is unique
+
+
+def test_pairs_that_break_the_optimality_check_join_the_candidates(monkeypatch):
+    checks = []
+    real = assignment._violations
+
+    def counted(*args):
+        rows, cols = real(*args)
+        checks.append(rows.numel())
+        return rows, cols
+
+    monkeypatch.setattr(assignment, "_violations", counted)
+    s = np.random.default_rng(0).standard_normal((300, 300))
+    # Four partners each: the first sparse optimum is not the dense one, so pairs are added.
+    found = candidate_assignment(s, k=4)
+    assert len(checks) >= 2 and checks[0] > 0 and checks[-1] == 0
+    assert np.array_equal(found, dense_optimum(s))
+
+
+def test_no_answer_rather_than_a_wrong_one():
+    rng = np.random.default_rng(0)
+    # One partner each: row 0..n-1 mostly want the same few columns, no full matching among them.
+    assert candidate_assignment(np.add.outer(np.zeros(300), np.r_[100.0, np.zeros(299)]), k=1) is None
+    # Too many pairs break the check for candidates to pay.
+    assert candidate_assignment(rng.standard_normal((300, 300)), k=2) is None
+    # Tied rows (dead units) leave some rows without candidates.
+    tied = np.repeat(rng.standard_normal((30, 300)), 10, axis=0)
+    assert candidate_assignment(tied, k=4) is None
+
+
+def test_exact_solve_takes_candidates_from_the_threshold_and_falls_back(monkeypatch):
+    used = []
+    real = assignment.candidate_assignment
+
+    def spy(s, *args):
+        used.append(len(s))
+        return real(s, *args)
+
+    monkeypatch.setattr(assignment, "candidate_assignment", spy)
+    rng = np.random.default_rng(3)
+    small, large = rng.standard_normal((300, 300)), rng.standard_normal((assignment.CANDIDATES_FROM,) * 2)
+    assert torch.equal(solve(torch.from_numpy(small)), torch.as_tensor(dense_optimum(small)))
+    assert torch.equal(solve(torch.from_numpy(large)), torch.as_tensor(dense_optimum(large)))
+    assert used == [assignment.CANDIDATES_FROM]
+    # Where candidates give no answer (32 copies of each row: dead units), the dense solver's optimum comes back.
+    tied = np.repeat(rng.standard_normal((32, 1024)), 32, axis=0)
+    assert real(tied) is None
+    found = solve(torch.from_numpy(tied)).numpy()
+    assert used[-1] == 1024 and len(used) == 2 and total(tied, found) == pytest.approx(total(tied, dense_optimum(tied)), rel=1e-12)
+    # Non-finite similarities get scipy's own error, not a candidate search.
+    tied[0, 0] = np.nan
+    with pytest.raises(ValueError, match="invalid numeric entries"):
+        solve(torch.from_numpy(tied))
+    assert len(used) == 2

@@ -59,13 +59,16 @@ def test_scale_quick_without_mergekit(tmp_path, capsys, monkeypatch):
         assert {a["method"] for a in merges[f"ours-{method}"]["alignments"]} == {"none"}, method
     # the third model, for model_stock and nuslerp
     assert size["models"] == [str(tmp_path / "scale" / f"quick-seed{seed}") for seed in (0, 1, 2)]
-    (solver,) = report["solvers"]
-    assert solver["n"] == 256 and solver["relative_gap"] < 1e-5 and solver["scipy_s"] > 0
+    assert [(s["kind"], s["n"]) for s in report["solvers"]] == [("random costs", 256), ("48-d embedding cosines", 256)]
+    for solver in report["solvers"]:
+        assert solver["relative_gap"] < 1e-5 and solver["scipy_s"] > 0 and solver["candidates_s"] > 0
+        # the candidate-pair solver gives scipy's optimum or no answer, never another matching
+        assert solver["candidates_same"] in (None, 1.0)
     # Merged folders are deleted once measured; the models stay for the next run.
     models = ["quick-seed0", "quick-seed1", "quick-seed2"]
     assert sorted(p.name for p in (tmp_path / "scale").iterdir() if p.is_dir()) == models
     table = capsys.readouterr().out
-    assert "ours-weight" in table and "assignment n=256" in table and "machine:" in table
+    assert "ours-weight" in table and "assignment n=256 (48-d embedding cosines)" in table and "machine:" in table
     assert re.search(r"mergekit-ties +skipped: no mergekit environment", table)
     assert "ours-breadcrumbs_ties " in table and "ours-model_stock " in table
 

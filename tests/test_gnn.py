@@ -176,3 +176,15 @@ def test_embed_real_minilm():
     assert out.nodes["vocab"].shape == (30522, dim) and out.groups["layers.5.mlp"].shape == (1536, dim)
     assert out.groups["layers.0.attn.qk"].shape == (12, 32, dim)
     assert all(torch.isfinite(v).all() for v in out.nodes.values())
+
+
+@pytest.mark.parametrize("name", ["llama-lm", "cnn", "mixtral-lm"])
+def test_embedding_without_gradients_reuses_buffers_and_gives_the_training_result(name):
+    enc = encoder(dim=16, layers=2).eval()
+    graph = mg.neural_graph(make(name))
+    with torch.no_grad():
+        inferred = enc(graph)
+    trained = enc(graph)  # gradients on: every block and basis a tensor of its own
+    assert any(v.requires_grad for v in trained.values())
+    for k, v in inferred.items():
+        assert torch.equal(v, trained[k].detach()), k

@@ -201,3 +201,21 @@ def test_independent_assignments_run_at_once_and_give_the_one_worker_result(monk
         assert most[0] == workers
     for g, p in found[1].permutations.items():
         assert torch.equal(found[2].permutations[g], p), g
+
+
+@pytest.mark.parametrize("family", ["gpt2-lm", "llama-lm", "mixtral-lm"])
+def test_every_assignment_on_candidate_pairs_gives_the_dense_result(family, monkeypatch):
+    import merge_graphs.assignment as assignment
+
+    a, b = make(family, seed=0), make(family, seed=1)
+    spec = mg.symmetry_spec(a)
+    dense = weight_matching(spec, a.state_dict(), b.state_dict())
+    calls = []
+    real = assignment.candidate_assignment
+    monkeypatch.setattr(assignment, "CANDIDATES_FROM", 2)
+    monkeypatch.setattr(assignment, "candidate_assignment", lambda s: calls.append(real(s)) or calls[-1])
+    on_candidates = weight_matching(spec, a.state_dict(), b.state_dict())
+    assert calls and any(c is not None for c in calls)
+    for g in spec.groups:
+        assert torch.equal(on_candidates.permutations[g], dense.permutations[g]), g
+    assert on_candidates.objective_after == pytest.approx(dense.objective_after, rel=1e-9)

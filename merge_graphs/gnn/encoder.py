@@ -196,12 +196,13 @@ class MessageLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(4 * dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.norm = nn.LayerNorm(dim)
 
-    def bases(self, block: torch.Tensor):
-        """The ``(dst, src)`` matrices ``A_k`` of a standardized block, built one at a time."""
+    def bases(self, block: torch.Tensor, scratch: _Scratch | None = None):
+        """The ``(dst, src)`` matrices ``A_k`` of a standardized block, built one at a time (each in
+        ``scratch``'s second buffer, overwritten by the next)."""
         if block.dim() == 2:
             yield block
-            yield torch.tanh(block)
-            yield block.abs()
+            yield torch.tanh(block, out=scratch.like(1, block) if scratch else None)
+            yield torch.abs(block, out=scratch.like(1, block) if scratch else None)
             return
         # A convolution: reduce each edge's kernel to one scalar per basis with weights that
         # are a learned function of the kernel position.
@@ -218,17 +219,22 @@ class MessageLayer(nn.Module):
         inbox = {name: [torch.zeros_like(x) for _ in range(3)] for name, x in h.items()}
         counts = {name: [0.0, 0.0, 0.0] for name in h}
         whole = slice(None)
+        scratch = _Scratch()
         for e in graph.edges:
             r = _role(EDGE_ROLES, e.role)
             src_nodes, dst_nodes = e.src_nodes or whole, e.dst_nodes or whole
             src, dst = h[e.src][src_nodes], h[e.dst][dst_nodes]
-            block = graph.block(e).to(device=src.device, dtype=src.dtype) / scales[e.tensor]
+            raw = graph.block(e).to(device=src.device, dtype=src.dtype)
+            if torch.is_grad_enabled():  # training: autograd keeps each basis for the backward pass
+                block, buffers = raw / scales[e.tensor], None
+            else:
+                block, buffers = torch.div(raw, scales[e.tensor], out=scratch.like(0, raw)), scratch
             n_dst, n_src = block.shape[:2]
             # What each source sends its destinations, and each destination its sources, per basis.
             x = (src @ self.to_dst[r]).view(-1, K, d) * _basis_scale(n_src, src)
             y = (dst @ self.to_src[r]).view(-1, K, d) * _basis_scale(n_dst, dst)
             to_dst, to_src = inbox[e.dst][0][dst_nodes], inbox[e.src][1][src_nodes]
-            for k, a in enumerate(self.bases(block)):
+            for k, a in enumerate(self.bases(block, buffers)):
                 to_dst.addmm_(a, x[:, k])
                 to_src.addmm_(a.T, y[:, k])
             # A block into one expert's range of a node set counts as that share of a block.
@@ -250,6 +256,22 @@ class MessageLayer(nn.Module):
         )
         out = self.norm(states + self.mlp(torch.cat([states, messages], 1)))
         return dict(zip(names, out.split([h[n].shape[0] for n in names])))
+
+
+class _Scratch:
+    """Two buffers that grow to the largest block of a message-passing round: a fresh tensor per block
+    and basis costs page faults (about as long again as the elementwise operation itself at LLM widths),
+    so each block is standardized into the first and its bases are built in the second."""
+
+    def __init__(self) -> None:
+        self.flat = [torch.empty(0), torch.empty(0)]
+
+    def like(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """Buffer ``i`` as an uninitialized tensor of ``t``'s shape, dtype and device."""
+        f = self.flat[i]
+        if f.numel() < t.numel() or f.dtype != t.dtype or f.device != t.device:
+            f = self.flat[i] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+        return f[:t.numel()].view(t.shape)
 
 
 def _basis_scale(n: int, like: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,9 @@ per stage and the execution path (streamed or in-memory); ratios to mergekit's m
 method; and per deterministic method the largest difference between our unaligned merge's tensors
 and mergekit's (not for the random methods of the registry: :data:`RANDOM_MERGES`). Before each merge
 the models' files are read once so every run starts with them in the
-page cache. Then scipy's assignment and the torch auction (:mod:`merge_graphs.assignment`) are
-timed on random square costs of LLM group widths (:data:`SOLVER_SIZES`; 14336 on a GPU only).
+page cache. Then scipy's dense assignment, the candidate-pair solver and the torch auction
+(:mod:`merge_graphs.assignment`) are timed on random costs and on 48-d embedding cosines of LLM group
+widths (:data:`SOLVER_SIZES`; 14336 on a GPU only).
 ``OUT/bench-scale.json``. ``--quick`` merges a tiny pair (hidden 64, 2 layers, a few MB) and
 times n = 256, so CI runs it in seconds.
 """
@@ -91,8 +92,8 @@ SIZES: dict[str, dict[str, Any]] = {
 DTYPES = {"1b-bf16": torch.bfloat16, "8b": torch.bfloat16}
 #: Sizes that need a GPU.
 GPU_SIZES = ("8b",)
-#: Square random costs on which the torch auction is timed against scipy (CPU, GPU, --quick).
-SOLVER_SIZES = {"cpu": (1024, 4096), "cuda": (1024, 4096, 14336), "quick": (256,)}
+#: Sizes of the square costs on which the assignment solvers are timed against scipy's dense one (CPU, GPU, --quick).
+SOLVER_SIZES = {"cpu": (1024, 4096, 5632), "cuda": (1024, 4096, 14336), "quick": (256,)}
 #: The pair's seeds. A third model (seed 2) is made, lazily and then kept like the pair, only for methods
 #: that merge more models than a pair gives (``model_stock``: two besides the base; ``nuslerp``: exactly two).
 SEEDS = (0, 1)
@@ -188,32 +189,50 @@ json.dump({"path": r.path, "path_reason": r.path_reason, "stage_seconds": r.stag
 
 
 def solver_timings(sizes: Sequence[int], device: str) -> list[dict[str, Any]]:
-    """scipy's exact assignment (CPU) against the torch auction (on ``device``) on random ``n x n`` costs.
+    """scipy's dense exact assignment (CPU) against the candidate-pair solver (CPU, exact) and the torch
+    auction (on ``device``), on ``n x n`` random costs and on cosines of 48-d embeddings.
 
-    Random costs are the hard case for both: many permutations are nearly optimal.
+    Random costs are the hard case for the dense solver and the auction (many permutations are nearly
+    optimal); embedding cosines (low rank, as the GNN's similarities are) the dense solver's slowest.
     """
     from scipy.optimize import linear_sum_assignment
 
-    from merge_graphs.assignment import auction
+    from merge_graphs.assignment import auction, candidate_assignment
 
     rows = []
-    for n in sizes:
-        cost = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
-        start = time.perf_counter()
-        exact = torch.as_tensor(linear_sum_assignment(cost.double().numpy(), maximize=True)[1])
-        scipy_s = time.perf_counter() - start
-        on_device = cost.to(device)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        found = auction(on_device).cpu()
-        auction_s = time.perf_counter() - start
-        i = torch.arange(n)
-        best = float(cost[i, exact].double().sum())
-        rows.append({"n": n, "device": device, "scipy_s": scipy_s, "auction_s": auction_s,
-                     "relative_gap": (best - float(cost[i, found].double().sum())) / abs(best),
-                     "same": float((found == exact).float().mean())})
-        logger.info("assignment n=%d: scipy %.2f s, auction (%s) %.2f s", n, scipy_s, device, auction_s)
+    for kind in ("random costs", "48-d embedding cosines"):
+        for n in sizes:
+            g = torch.Generator().manual_seed(n)
+            if kind == "random costs":
+                cost = torch.randn(n, n, generator=g)
+            else:
+                a = torch.nn.functional.normalize(torch.randn(n, 48, generator=g), dim=1)
+                b = torch.nn.functional.normalize(a[torch.randperm(n, generator=g)] + torch.randn(n, 48, generator=g),
+                                                  dim=1)
+                cost = a @ b.T
+            array = cost.double().numpy()
+            start = time.perf_counter()
+            exact = torch.as_tensor(linear_sum_assignment(array, maximize=True)[1])
+            scipy_s = time.perf_counter() - start
+            start = time.perf_counter()
+            candidates = candidate_assignment(array)
+            candidates_s = time.perf_counter() - start
+            on_device = cost.to(device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            found = auction(on_device).cpu()
+            auction_s = time.perf_counter() - start
+            i = torch.arange(n)
+            best = float(cost[i, exact].double().sum())
+            row = {"kind": kind, "n": n, "device": device, "scipy_s": scipy_s, "auction_s": auction_s,
+                   "relative_gap": (best - float(cost[i, found].double().sum())) / abs(best),
+                   "same": float((found == exact).float().mean()), "candidates_s": candidates_s,
+                   "candidates_same": None if candidates is None else float((torch.as_tensor(candidates) == exact)
+                                                                            .float().mean())}
+            rows.append(row)
+            logger.info("assignment n=%d (%s): scipy %.2f s, candidates %.2f s, auction (%s) %.2f s", n, kind,
+                        scipy_s, candidates_s, device, auction_s)
     return rows
 
 
@@ -421,9 +440,13 @@ def format_scale(report: Mapping[str, Any]) -> str:
             lines.append(f"{'':6} {method} without alignment, ours vs mergekit: largest difference {diff['max']:.3g}, "
                          f"{diff['entries']} of {diff['of']} entries differ")
     for row in report["solvers"]:
-        lines.append(f"assignment n={row['n']} (random costs): scipy {row['scipy_s']:.2f} s, torch auction on "
-                     f"{row['device']} {row['auction_s']:.2f} s (objective gap {row['relative_gap']:.1e}, "
-                     f"{100 * row['same']:.1f}% same matches)")
+        same = row.get("candidates_same")
+        candidates = "" if "candidates_s" not in row else (
+            f"candidate pairs {row['candidates_s']:.2f} s ("
+            + ("no answer: dense fallback" if same is None else f"{100 * same:.1f}% same matches") + "), ")
+        lines.append(f"assignment n={row['n']} ({row.get('kind', 'random costs')}): scipy {row['scipy_s']:.2f} s, "
+                     f"{candidates}torch auction on {row['device']} {row['auction_s']:.2f} s (objective gap "
+                     f"{row['relative_gap']:.1e}, {100 * row['same']:.1f}% same matches)")
     lines.append(machine_line(report["machine"]))
     return "\n".join(lines)
 
