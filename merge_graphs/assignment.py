@@ -174,7 +174,7 @@ def candidate_assignment(similarity: np.ndarray, k: int = CANDIDATES) -> np.ndar
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-    s = torch.from_numpy(similarity)
+    s = torch.from_numpy(np.ascontiguousarray(similarity, dtype=np.float64))
     n = s.shape[0]
     scale = max(float(s.abs().max()), 1e-300)
     rows, cols = _best_pairs(s, min(k, n))
