@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from merge_graphs import assignment
-from merge_graphs.assignment import auction
+import merge_graphs.assignment as assignment
 from merge_graphs.errors import SpecMismatchError
 from merge_graphs.symmetry.spec import (
     Permutations,
@@ -72,7 +71,7 @@ def solve(similarity: torch.Tensor, solver: str = "exact", reg: float = 0.05) ->
     """
     solver = _resolve(solver, similarity)
     if solver == "torch":
-        return auction(similarity).cpu()
+        return assignment.auction(similarity).cpu()
     return _solve_array(_as_array(similarity), solver, reg)
 
 
