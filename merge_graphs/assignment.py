@@ -147,6 +147,9 @@ MAX_ROUNDS = 4
 SLACK = 1e-10
 #: Entries of the dense matrix handled at a time by the check and the column candidates (64 MB).
 CHUNK = 1 << 23
+#: Relaxation rounds the prices get to settle (they took 90-210 on a 1.1B model's 5632-unit groups;
+#: past this the dense solver is the cheaper way to an answer).
+MAX_PRICE_ROUNDS = 2000
 
 
 def candidate_assignment(similarity: np.ndarray, k: int = CANDIDATES) -> np.ndarray | None:
@@ -193,6 +196,8 @@ def candidate_assignment(similarity: np.ndarray, k: int = CANDIDATES) -> np.ndar
             return None
         u = -s[torch.arange(n), matched] - v[matched]
         bad_rows, bad_cols = _violations(s, u, v, SLACK * scale)
+        logger.debug("candidate assignment: n=%d, %d candidate pairs, %d fail the check", n, len(pairs),
+                     bad_rows.numel())
         if bad_rows.numel() == 0:
             return matched.numpy().astype(np.int64)
         if bad_rows.numel() > k * n:
@@ -214,14 +219,15 @@ def _best_pairs(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _prices(s, rows, cols, matched, scale: float) -> torch.Tensor | None:
     """Shortest-path distances in the residual graph over B's units (Bellman-Ford from a virtual
     source joined to every unit at 0): moving row ``i`` from its unit ``matched[i]`` to ``j``
-    costs ``s[i, matched[i]] - s[i, j]``. ``None`` if they do not settle within ``n`` rounds."""
+    costs ``s[i, matched[i]] - s[i, j]``. ``None`` if they do not settle within :data:`MAX_PRICE_ROUNDS`
+    rounds (or ``n``, after which only a negative cycle would keep them moving)."""
     n = s.shape[0]
     start = matched[rows]
     moves = cols != start
     src, dst = start[moves], cols[moves]
     cost = s[rows[moves], src] - s[rows[moves], dst]
     d = torch.zeros(n, dtype=s.dtype)
-    for _ in range(n):
+    for _ in range(min(n, MAX_PRICE_ROUNDS)):
         better = d.scatter_reduce(0, dst, d[src] + cost, "amin")
         if not bool((better < d - SLACK * scale / 1000).any()):
             return d

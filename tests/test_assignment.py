@@ -163,7 +163,7 @@ def test_pairs_that_break_the_optimality_check_join_the_candidates(monkeypatch):
     assert np.array_equal(found, dense_optimum(s))
 
 
-def test_no_answer_rather_than_a_wrong_one():
+def test_no_answer_rather_than_a_wrong_one(monkeypatch):
     rng = np.random.default_rng(0)
     # One partner each: row 0..n-1 mostly want the same few columns, no full matching among them.
     assert candidate_assignment(np.add.outer(np.zeros(300), np.r_[100.0, np.zeros(299)]), k=1) is None
@@ -172,6 +172,11 @@ def test_no_answer_rather_than_a_wrong_one():
     # Tied rows (dead units) leave some rows without candidates.
     tied = np.repeat(rng.standard_normal((30, 300)), 10, axis=0)
     assert candidate_assignment(tied, k=4) is None
+    # Prices that have not settled certify nothing.
+    s = rng.standard_normal((300, 300))
+    assert np.array_equal(candidate_assignment(s, k=8), dense_optimum(s))
+    monkeypatch.setattr(assignment, "MAX_PRICE_ROUNDS", 1)
+    assert candidate_assignment(s, k=8) is None
 
 
 def test_exact_solve_takes_candidates_from_the_threshold_and_falls_back(monkeypatch):
