@@ -185,8 +185,10 @@ def candidate_assignment(similarity: np.ndarray, k: int = CANDIDATES) -> np.ndar
         pairs = torch.unique(rows * n + cols)
         rows, cols = pairs // n, pairs % n
         weight = s[rows, cols]
-        # scipy minimizes positive weights: flip and shift (the shift is the same for every row).
-        biadjacency = csr_matrix(((weight.max() - weight + 1.0).numpy(), (rows.numpy(), cols.numpy())), shape=(n, n))
+        # scipy minimizes positive weights: flip and shift by the matrix's own scale (the same shift for
+        # every row, so the same optimum, at float64's resolution whatever the similarities' magnitude).
+        biadjacency = csr_matrix(((weight.max() - weight + scale).numpy(), (rows.numpy(), cols.numpy())),
+                                 shape=(n, n))
         try:
             matched = torch.from_numpy(min_weight_full_bipartite_matching(biadjacency)[1])
         except ValueError:  # the candidates have no full matching

@@ -203,3 +203,9 @@ def test_exact_solve_takes_candidates_from_the_threshold_and_falls_back(monkeypa
     with pytest.raises(ValueError, match="invalid numeric entries"):
         solve(torch.from_numpy(tied))
     assert len(used) == 2
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e8])
+def test_candidate_pairs_work_at_any_scale_of_similarity(scale):
+    s = np.random.default_rng(5).standard_normal((1100, 1100)) * scale
+    assert np.array_equal(candidate_assignment(s), dense_optimum(s))
