@@ -133,6 +133,8 @@ def align(
     aligner = get_aligner(method)
     source_a, source_b = StateTensors(model_a), StateTensors(model_b)
     spec = compatible(source_a, [source_b])
+    if encoder is not None and method != "gnn":
+        raise ValueError(f"encoder= is the GNN's (method='gnn'); method {method!r} uses none: leave encoder out")
     if encoder is not None and not isinstance(encoder, GraphEncoder):
         encoder = load_encoder(encoder)
     return aligner(source_a, source_b, spec, _options(model_a, residual, solver, groups, seed, refine, calibration,

@@ -102,3 +102,21 @@ def test_aligned_merge_of_different_seed_mlps_beats_naive_averaging(digits_pair)
         assert curve.barrier < 0.5 * naive.barrier, (method, curve.barrier, naive.barrier)
         merged = mg.merge_models([a, b], align=method, calibration=digits_pair[0][0][:512])
         assert accuracy(merged, x, y) > accuracy(mg.merge_models([a, b], align="none"), x, y)
+
+
+def test_align_takes_another_gnn_encoder_as_an_object_or_a_folder(tmp_path):
+    from merge_graphs.gnn import GraphEncoder
+    from merge_graphs.gnn.pretrained import save_encoder
+
+    a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
+    torch.manual_seed(3)
+    other = GraphEncoder(dim=16, layers=2).eval()
+    save_encoder(other, tmp_path)
+    given = mg.align(a, b, "gnn", encoder=other)
+    saved = mg.align(a, b, "gnn", encoder=tmp_path)
+    shipped = mg.align(a, b, "gnn")
+    assert all(torch.equal(given.permutations[g], saved.permutations[g]) for g in given.permutations)
+    # a random encoder does not match like the pretrained one: the argument is used, not ignored
+    assert any(not torch.equal(given.permutations[g], shipped.permutations[g]) for g in given.permutations)
+    with pytest.raises(ValueError, match="method='gnn'"):
+        mg.align(a, b, "weight", encoder=other)

@@ -89,3 +89,15 @@ def test_cli_embed_prints_the_lineage_table(tmp_path, capsys):
     # columns: score, predicted barrier (tests/test_gnn_mergeability.py), verdict
     assert " ".join(rows["[0][1]"][2:]) == SAME_BASE and float(rows["[0][1]"][0]) > 0.9
     assert rows["[0][2]"][2] == rows["[1][2]"][2] == INDEPENDENT
+
+
+@pytest.mark.parametrize("script", ["gnn_lineage", "gnn_mergeability"])
+def test_lab_scripts_refuse_architectures_the_zoo_version_lacks(script, capsys):
+    import importlib
+
+    lab = importlib.import_module(f"merge_graphs.lab.{script}")
+    with pytest.raises(SystemExit) as stopped:  # before any model is trained or read
+        lab.main(["--archs", "gpt2-32", "gpt3-32", "--out", "-"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "no architecture gpt3-32" in err and "gpt2-32" in err and "--zoo-version" in err

@@ -260,9 +260,15 @@ def zoo_parser(script: str, doc: str, out: Path, what: str) -> argparse.Argument
     return p
 
 
-def start_run(args: argparse.Namespace) -> tuple[list[zoo.Arch], Callable[[str], None]]:
-    """The architectures ``args`` select and a logger of elapsed time to stderr; sets the thread count and
-    quiets the matching's per-call log lines."""
+def start_run(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[zoo.Arch], Callable[[str], None], float]:
+    """The architectures ``args`` select (a usage error through ``p`` names any the zoo version lacks), a
+    logger of elapsed time to stderr and the start time; sets the thread count and quiets the matching's
+    per-call log lines."""
+    known = zoo.archs_of(args.zoo_version)
+    unknown = sorted(set(args.archs or ()) - {a.name for a in known})
+    if unknown:
+        p.error(f"zoo version {args.zoo_version} has no architecture {', '.join(unknown)}; "
+                f"choose among {', '.join(a.name for a in known)} (or a higher --zoo-version)")
     logging.getLogger("merge_graphs.match").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -270,15 +276,14 @@ def start_run(args: argparse.Namespace) -> tuple[list[zoo.Arch], Callable[[str],
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    return [a for a in zoo.archs_of(args.zoo_version) if not args.archs or a.name in args.archs], log
+    return [a for a in known if not args.archs or a.name in args.archs], log, start
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = zoo_parser("gnn_lineage", __doc__, WEIGHTS_DIR / "lineage.json", "the fitted threshold")
     p.add_argument("--no-stress", action="store_true", help="skip the long fine-tunes")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    archs, log = start_run(args)
+    archs, log, start = start_run(p, args)
     encoder = default_encoder()
     members = build_members(archs, args.zoo, encoder, stress=not args.no_stress, log=log)
     fit, heldout, stress = [], [], []

@@ -194,8 +194,7 @@ def _cell(x: float | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = zoo_parser("gnn_mergeability", __doc__, WEIGHTS_DIR / "mergeability.json", "the fitted regression")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    archs, log = start_run(args)
+    archs, log, start = start_run(p, args)
     if len(archs) < 2:
         p.error("the penalty is chosen by leaving one architecture out: give --archs two or more (or none for all)")
     encoder = default_encoder()

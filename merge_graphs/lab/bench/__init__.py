@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--families", type=_comma_list, default=None,
                         help="families: comma-separated rows to run, e.g. qwen3,gemma2 (default: all)")
     parser.add_argument("--encoder", default=None,
-                        help="gnn, gpt2: a folder of GNN weights (merge-graphs pretrain-gnn --out DIR; default: shipped)")
+                        help="gnn, gpt2, llama: a folder of GNN weights (merge-graphs pretrain-gnn --out DIR; default: shipped)")
     parser.add_argument("--venv", default=None,
                         help="scale: mergekit's virtual environment (default out/bench/mergekit-venv, made if missing)")
     args = parser.parse_args(argv)
