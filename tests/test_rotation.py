@@ -12,7 +12,9 @@ from merge_graphs.api import aligned_model
 from merge_graphs.match import objective, weight_matching
 from merge_graphs.rotation import (
     RESIDUAL,
+    MatchingView,
     check_rotation,
+    fit_head_maps,
     fold_norms,
     folded_model,
     permutation_matrix,
@@ -276,28 +278,132 @@ def test_alignment_of_unrelated_models_preserves_b_and_never_lowers_the_objectiv
     assert found["alternate"].objective_after >= found["embeddings"].objective_after - 1e-6
 
 
+def _views(a, b):
+    """A's and B's folded matching views: what orthogonal weight matching compares."""
+    spec_a, spec_b = mg.symmetry_spec(a), mg.symmetry_spec(b)
+    spec, fa = fold_norms(spec_a, MatchingView(spec_a, a.state_dict()))
+    _, fb = fold_norms(spec_b, MatchingView(spec_b, b.state_dict()))
+    return spec, fa, fb
+
+
+def _mapped(spec, fb, perms, q, maps):
+    """B's folded tensors permuted, rotated by ``q`` (unless None) and mapped within heads."""
+    moved = permute_state_dict(spec, fb, perms)
+    return rotate_heads(spec, moved if q is None else rotate(spec, moved, q, check=False), maps)
+
+
 @pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen2-lm-tied"])
 def test_alternation_ends_at_a_fixed_point_above_the_embedding_start(name):
-    """Orthogonal weight matching: neither the Procrustes step nor weight matching can improve the
-    result, and it is never below the embeddings-only start (whose permutations are matched too)."""
+    """Orthogonal weight matching: Q is the Procrustes answer to the final permutations and head maps,
+    one more round (weight matching, head maps, Procrustes) does not improve the objective, and it
+    is never below the embeddings-only start (whose permutations and head maps are fitted too)."""
+    from merge_graphs.rotation import DEFAULT_HEAD_MAPS
+
     for seed in (0, 1):
         a, b = make(name, seed=2 * seed), make(name, seed=2 * seed + 1)
-        found = rotation_alignment(a, b)
+        found = rotation_alignment(a, b, max_iter=100)
         start = rotation_alignment(a, b, fit="embeddings")
-        assert found.fit == "alternate"
+        assert found.fit == "alternate" and found.head_maps
         assert found.objective_after >= start.objective_after - 1e-6 * abs(start.objective_after)
-        spec = found.spec
-        _, fa = fold_norms(mg.symmetry_spec(a), a.state_dict())
-        _, fb = fold_norms(mg.symmetry_spec(b), b.state_dict())
-        # The Procrustes step on the final permutations gives back the final rotation ...
-        q = procrustes(residual_similarity(spec, fa, fb, found.permutations), found.kind)
+        spec, fa, fb = _views(a, b)
+        identity = mg.identity_permutations(spec)
+        mapped = _mapped(spec, fb, found.permutations, found.rotation, found.head_maps)
+        assert objective(spec, fa, mapped, identity)[0] == pytest.approx(found.objective_after, rel=1e-5)
+        # Q is the Procrustes step on the final permutations and head maps ...
+        q = procrustes(residual_similarity(spec, fa, _mapped(spec, fb, found.permutations, None, found.head_maps)),
+                       found.kind)
         assert torch.allclose(q, found.rotation, atol=1e-5)
         check_rotation(found.rotation, found.kind)
-        # ... and weight matching with that rotation does not move the permutations' objective.
-        rotated = rotate(spec, fb, found.rotation, check=False)
+        # ... and one more round improves the objective by less than the stopping tolerance.
         roots = [g for g, grp in spec.groups.items() if grp.parent is None and g != RESIDUAL]
-        again = weight_matching(spec, fa, rotated, init=found.permutations, groups=roots)
-        assert again.objective_after <= found.objective_after + 1e-6 * abs(found.objective_after)
+        perms = weight_matching(spec, fa, rotate(spec, fb, found.rotation, check=False), init=found.permutations,
+                                groups=roots).permutations
+        maps = fit_head_maps(spec, fa, _mapped(spec, fb, perms, found.rotation, {}), DEFAULT_HEAD_MAPS[spec.family])
+        q = procrustes(residual_similarity(spec, fa, _mapped(spec, fb, perms, None, maps)), found.kind)
+        again = objective(spec, fa, _mapped(spec, fb, perms, q, maps), identity)[0]
+        assert again <= found.objective_after + 1e-6 * abs(found.objective_after)
+
+
+def _rescaled_heads(model, seed):
+    """A copy of ``model`` with every attention head's V side scaled by c and O side by 1 / c, and Q by d
+    and K by 1 / d (random per head): the same function, other weights."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = model.config
+    if cfg.model_type == "gpt2":
+        d, heads = cfg.n_embd, cfg.n_head
+        hd = d // heads
+        for layer in range(cfg.n_layer):
+            w, bias = (state[f"transformer.h.{layer}.attn.c_attn.{x}"] for x in ("weight", "bias"))
+            o = state[f"transformer.h.{layer}.attn.c_proj.weight"]
+            for h in range(heads):
+                c, e = 0.2 + 3 * torch.rand(2, generator=g)
+                q, k, v = (slice(part * d + h * hd, part * d + (h + 1) * hd) for part in range(3))
+                for t in (w[:, q], bias[q]):
+                    t.mul_(e)
+                for t in (w[:, k], bias[k]):
+                    t.div_(e)
+                for t in (w[:, v], bias[v]):
+                    t.mul_(c)
+                o[h * hd:(h + 1) * hd].div_(c)
+    else:
+        hd, kv = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, cfg.num_key_value_heads
+        group = cfg.num_attention_heads // kv
+        for layer in range(cfg.num_hidden_layers):
+            prefix = f"model.layers.{layer}.self_attn."
+            q, k, v, o = (state[f"{prefix}{x}_proj.weight"] for x in "qkvo")
+            bq, bk, bv = (state.get(f"{prefix}{x}_proj.bias", torch.zeros(t.shape[0])) for x, t in zip("qkv", (q, k, v)))
+            for h in range(kv):
+                c, e = 0.2 + 3 * torch.rand(2, generator=g)
+                rows, queries = slice(h * hd, (h + 1) * hd), slice(h * group * hd, (h + 1) * group * hd)
+                for t in (v[rows], bv[rows]):
+                    t.mul_(c)
+                o[:, queries].div_(c)
+                for t in (q[queries], bq[queries]):
+                    t.mul_(e)
+                for t in (k[rows], bk[rows]):
+                    t.div_(e)
+    out = type(model)(model.config)
+    out.load_state_dict(state)
+    return out.eval()
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen2-lm-tied"])
+def test_matching_views_balance_heads_and_scale_the_embeddings_to_the_head(name):
+    a, b = make(name, seed=0), make(name, seed=1)
+    rescaled = _rescaled_heads(b, seed=2)
+    assert_same_outputs(b, rescaled, example_input(b))
+    # Scaling one side of a head and unscaling the other moves no output, and matching does not see it.
+    spec, _, fb = _views(a, b)
+    _, _, fr = _views(a, rescaled)
+    assert any(not torch.allclose(v, rescaled.state_dict()[k]) for k, v in b.state_dict().items())
+    for k, v in fb.items():
+        assert_close(v, fr[k], k)
+    found, again = rotation_alignment(a, b), rotation_alignment(a, rescaled)
+    assert torch.allclose(found.rotation, again.rotation, atol=1e-4)
+    assert all(torch.equal(p, again.permutations[g]) for g, p in found.permutations.items())
+    assert_same_outputs(rescaled, aligned_model(rescaled, again), example_input(b))  # B's maps, B's function
+    # The embeddings count as much as the LM head.
+    embeds = [n for n, t in spec.tensors.items() if t.role.startswith("embed")]
+    assert sum(float(fb[n].norm() ** 2) for n in embeds) == pytest.approx(float(fb["lm_head.weight"].norm() ** 2),
+                                                                           rel=1e-4)
+    _, plain = fold_norms(mg.symmetry_spec(b), b.state_dict())  # where they did not
+    assert sum(float(plain[n].norm() ** 2) for n in embeds) != pytest.approx(float(plain["lm_head.weight"].norm() ** 2),
+                                                                              rel=1e-2)
+
+
+def test_a_tied_head_missing_from_the_state_is_not_scaled_with_the_embedding():
+    model = make("gpt2-lm")
+    spec = mg.symmetry_spec(model)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    view = MatchingView(spec, state)
+    assert "lm_head.weight" in view and len(view) == len(list(view)) == len(state) + 1
+    assert torch.equal(view["lm_head.weight"], state["transformer.wte.weight"])
+    assert not torch.allclose(view["transformer.wte.weight"], state["transformer.wte.weight"])
+    _, full = fold_norms(spec, MatchingView(spec, model.state_dict()))
+    _, missing = fold_norms(spec, view)
+    for k, v in full.items():
+        assert_close(v, missing[k], k)
 
 
 def test_the_rotation_step_streams_the_permutations_tensor_by_tensor():
