@@ -604,17 +604,6 @@ def rotate_model(model: nn.Module, q: torch.Tensor) -> nn.Module:
 
 # --- what weight matching compares -------------------------------------------------------------
 
-def _head_parts(spec: SymmetrySpec, head_map: HeadMap):
-    """``(tensor name, axis, offset, space size, space name)`` of every axis part that ``head_map`` maps."""
-    for name, t in spec.tensors.items():
-        for axis, spaces in enumerate(t.axes):
-            offset = 0
-            for s in spaces or ():
-                if s.name in head_map.spaces:
-                    yield name, axis, offset, s.size, s.name
-                offset += s.size
-
-
 class MatchingView(Mapping[str, torch.Tensor]):
     """A model's unfolded tensors as orthogonal weight matching compares them (read lazily).
 
@@ -655,7 +644,7 @@ class MatchingView(Mapping[str, torch.Tensor]):
             if len(hm.spaces) != 2:
                 continue
             n = spec.groups[hm.heads].size
-            parts = [p for p in _head_parts(folding.spec, hm) if p[0] in self]
+            parts = [p for p in _head_blocks(folding.spec, hm) if p[0] in self]
             norms = {s: torch.zeros(n, dtype=torch.float64) for s in hm.spaces}
             for name, axis, offset, size, space in parts:
                 x = _head_view(_work(folding.tensor(name, source)), axis, offset, size, n, hm.head_dim)
