@@ -252,7 +252,7 @@ def objective(
 ) -> tuple[float, dict[str, float]]:
     """Weight-matching objective: sum over labelled tensors of ``<A, perms(B)>``, total and per group."""
     moved = _without_identities(perms)
-    per_tensor = {name: _inner(a[name], permuted(spec, name, b, moved)) for name in spec.tensors if name in a}
+    per_tensor = {name: inner(a[name], permuted(spec, name, b, moved)) for name in spec.tensors if name in a}
     per_group = {g: sum(per_tensor.get(t, 0.0) for t in {t for t, _ in spec.touching(g)}) for g in spec.groups}
     return sum(per_tensor.values()), per_group
 
@@ -296,16 +296,40 @@ def weight_matching(
         True
     """
     start = time.perf_counter()
+    total_before, per_group_before = objective(spec, state_a, state_b, _start(spec, init))
+    perms, sweeps = coordinate_ascent(spec, state_a, state_b, init=init, solver=solver, groups=groups,
+                                      max_iter=max_iter, seed=seed)
+    total_after, per_group_after = objective(spec, state_a, state_b, perms)
+    logger.info("weight matching: %d sweeps, objective %.4g -> %.4g", sweeps, total_before, total_after)
+    return Alignment(
+        spec, perms, "weight", total_before, total_after, per_group_before, per_group_after,
+        time.perf_counter() - start, sweeps,
+    )
+
+
+def coordinate_ascent(
+    spec: SymmetrySpec,
+    state_a: Mapping[str, torch.Tensor],
+    state_b: Mapping[str, torch.Tensor],
+    *,
+    init: Mapping[str, torch.Tensor] | None = None,
+    solver: str = "exact",
+    groups: list[str] | None = None,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> tuple[Permutations, int]:
+    """The permutations of :func:`weight_matching` and its number of sweeps, without scoring them.
+
+    Weight matching reads both models twice more to report its objective before and after; a
+    caller that scores the result its own way (orthogonal weight matching, once per round) calls
+    this. Arguments as :func:`weight_matching`'s.
+    """
     roots = [g for g in spec.groups if spec.groups[g].parent is None]
     todo = roots if groups is None else [g for g in roots if g in set(groups)]
     unknown = set(groups or ()) - set(spec.groups)
     if unknown:
         raise ValueError(f"unknown groups {sorted(unknown)}; the spec has {sorted(spec.groups)}")
-    perms = identity_permutations(spec)
-    if init is not None:
-        check_permutations(spec, init)
-        perms.update({k: v.cpu() for k, v in init.items()})
-    total_before, per_group_before = objective(spec, state_a, state_b, perms)
+    perms = _start(spec, init)
     children = {g: [c for c, grp in spec.groups.items() if grp.parent == g] for g in roots}
     reads = {g: _reads(spec, {g, *children[g]}) for g in todo}
     version = dict.fromkeys(roots, 0)  # bumped whenever a root group's block changes
@@ -351,12 +375,16 @@ def weight_matching(
             settle(waiting)
         if not improved:
             break
-    total_after, per_group_after = objective(spec, state_a, state_b, perms)
-    logger.info("weight matching: %d sweeps, objective %.4g -> %.4g", sweeps, total_before, total_after)
-    return Alignment(
-        spec, perms, "weight", total_before, total_after, per_group_before, per_group_after,
-        time.perf_counter() - start, sweeps,
-    )
+    return perms, sweeps
+
+
+def _start(spec: SymmetrySpec, init: Mapping[str, torch.Tensor] | None) -> Permutations:
+    """``init`` (checked) over the identity: where weight matching starts."""
+    perms = identity_permutations(spec)
+    if init is not None:
+        check_permutations(spec, init)
+        perms.update({k: v.cpu() for k, v in init.items()})
+    return perms
 
 
 #: Entries of a tensor converted to float32 at a time when a low-precision checkpoint's tensors
@@ -375,7 +403,7 @@ def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _inner(x: torch.Tensor, y: torch.Tensor) -> float:
+def inner(x: torch.Tensor, y: torch.Tensor) -> float:
     """``<x, y>`` accumulated in float32 a block at a time (and across blocks in float64)."""
     x, y = x.reshape(-1), y.reshape(-1)
     return sum((float((x[i:i + BLOCK].float() * y[i:i + BLOCK].float()).sum()) for i in range(0, x.numel(), BLOCK)), 0.0)
@@ -625,7 +653,7 @@ def _match_pairwise(spec, a, b, perms, moved, group, child, solver) -> tuple[Per
                     at = factors.index(child) - 1
                     sim = sim + _gram(pa[i].movedim(at, 0).reshape(k, -1), pb[j].movedim(at, 0).reshape(k, -1)).cpu()
                 else:
-                    own += _inner(pa[i], pb[j])
+                    own += inner(pa[i], pb[j])
             inside[i, j] = solve(sim)
             score[i, j] = own + float(sim[rows, inside[i, j]].sum())
             if j == units_now[i]:

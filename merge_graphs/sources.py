@@ -201,9 +201,9 @@ class StateTensors(TensorSource):
 class SpilledTensors(Mapping[str, torch.Tensor]):
     """A view of named tensors (e.g. an aligned checkpoint) computed once per name and kept on disk.
 
-    Work that reads every tensor of a transformed model many times (weight matching against a
-    rotated model) would otherwise redo the transform at every read, or hold the transformed
-    model in memory. Here the first read of a name computes it and writes it to a safetensors
+    Work that reads every tensor of a transformed model many times (orthogonal weight matching
+    reads each folded model once a round) would otherwise redo the transform at every read, or
+    hold the transformed model in memory. Here the first read of a name computes it and writes it to a safetensors
     file in ``folder``; later reads load it back. Memory stays at one tensor; the disk holds one
     copy of the view.
 
