@@ -57,18 +57,16 @@ import functools
 import itertools
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
 from merge_graphs.match import Alignment, check_names, coordinate_ascent, inner, objective
-from merge_graphs.sources import SpilledTensors, TensorSource, module_tensors, tensor_source
+from merge_graphs.sources import TensorSource, module_tensors, tensor_source
 from merge_graphs.symmetry import symmetry_spec
 from merge_graphs.symmetry.spec import (
     ROTATION_KINDS,
@@ -884,11 +882,11 @@ def rotation_alignment(
       block given the others: the permutations given ``Q``, the head maps given both, then ``Q``
       by Procrustes over every tensor that touches the stream (:func:`residual_similarity`) given
       the permutations and head maps; a round is kept while it improves the objective by more
-      than :data:`ROUND_TOLERANCE` of it, at most ``max_iter`` rounds. The result is never below the embedding start. ``fit="embeddings"``
-      keeps the embedding ``Q``. Over lazily opened checkpoints
+      than :data:`ROUND_TOLERANCE` of it, at most ``max_iter`` rounds. The result is never below
+      the embedding start. ``fit="embeddings"`` keeps the embedding ``Q``. Over lazily opened checkpoints
       (:class:`~merge_graphs.sources.ModelTensors`) this streams: every step reads one tensor of
       each model at a time, and only ``Q``, the permutations, the head maps and the similarity
-      matrices persist (the two folded models are kept on disk).
+      matrices persist.
     * with ``calibration`` (a dict with ``input_ids`` and optionally ``attention_mask``, or with a
       vision model's ``pixel_values``; whole
       models): ``Q`` from Procrustes between the two folded models' residual-stream activations at
@@ -937,17 +935,11 @@ def rotation_alignment(
     kind = rotation_kind(spec)
     q = torch.eye(spec.groups[RESIDUAL].size)
 
-    scratch = tempfile.TemporaryDirectory(prefix="merge-graphs-rotation-")
-
-    def folded(source, source_spec, name):
-        """A source folded, for reading many times: gathered in memory for a model in memory, else computed once per
-        tensor and kept on disk."""
+    def folded(source, source_spec):
+        """A source folded: gathered for a model in memory, else folded again at every read (folding is cheap
+        beside the rounds' products, and a folded copy on disk would cost each model's size in ``TMPDIR``)."""
         view = RotationAlignment(folded_spec, {}, "none", kind=kind, source_spec=source_spec).tensors(source)
-        if source.in_memory:
-            return dict(view)
-        folder = Path(scratch.name) / name
-        folder.mkdir()
-        return SpilledTensors(view, folder)
+        return dict(view) if source.in_memory else view
 
     folded_spec = Folding(spec).spec
     which = DEFAULT_HEAD_MAPS.get(folded_spec.family, ()) if head_maps is None else tuple(head_maps)
@@ -956,7 +948,7 @@ def rotation_alignment(
         raise ValueError(f"unknown head maps {sorted(unknown)}; choose among 'qk' and 'vo'")
     if calibration is None:
         source_a, source_b = MatchingView(spec, source_a), MatchingView(spec_b, source_b)
-    a, b = folded(source_a, spec, "a"), folded(source_b, spec_b, "b")
+    a, b = folded(source_a, spec), folded(source_b, spec_b)
     _check_folded(folded_spec, a)
     roots = [g for g, grp in folded_spec.groups.items() if grp.parent is None and g != RESIDUAL]
     if groups is not None:
@@ -1033,7 +1025,6 @@ def rotation_alignment(
                     break
                 q, perms, maps, after = q_new, perms_new, maps_new, new
     after, group_after = value(q, perms, maps)
-    scratch.cleanup()
     seconds = time.perf_counter() - start
     logger.info("rotation alignment (%s%s): objective %.4g -> %.4g, fit error %.3g -> %.3g in %.1fs", fit_used,
                 f", head maps {'+'.join(which)}" if maps else "", before, after, _fit_error(xb, xa, eye),

@@ -17,13 +17,10 @@ disk (:func:`checkpoint_state`), so both paths align, filter and write the same 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
@@ -196,54 +193,6 @@ class StateTensors(TensorSource):
 
     def __len__(self) -> int:
         return len(self.state)
-
-
-class SpilledTensors(Mapping[str, torch.Tensor]):
-    """A view of named tensors (e.g. an aligned checkpoint) computed once per name and kept on disk.
-
-    Work that reads every tensor of a transformed model many times (orthogonal weight matching
-    reads each folded model once a round) would otherwise redo the transform at every read, or
-    hold the transformed model in memory. Here the first read of a name computes it and writes it to a safetensors
-    file in ``folder``; later reads load it back. Memory stays at one tensor; the disk holds one
-    copy of the view.
-
-    Example:
-        >>> import tempfile, torch
-        >>> from merge_graphs.sources import SpilledTensors
-        >>> calls = []
-        >>> class Doubled(dict):
-        ...     def __getitem__(self, name):
-        ...         calls.append(name)
-        ...         return 2 * super().__getitem__(name)
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     spilled = SpilledTensors(Doubled(w=torch.ones(2)), folder)
-        ...     spilled["w"].tolist(), spilled["w"].tolist(), calls
-        ([2.0, 2.0], [2.0, 2.0], ['w'])
-    """
-
-    def __init__(self, view: Mapping[str, torch.Tensor], folder: str | os.PathLike) -> None:
-        self.view = view
-        self.folder = Path(folder)
-        self._files: dict[str, tuple[Path, torch.device]] = {}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._files:
-            tensor = self.view[name].contiguous()
-            file = self.folder / f"{len(self._files)}.safetensors"
-            save_file({"t": tensor}, str(file))
-            self._files[name] = file, tensor.device
-            return tensor
-        file, device = self._files[name]
-        return load_file(str(file), device=str(device))["t"]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.view
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.view)
-
-    def __len__(self) -> int:
-        return len(self.view)
 
 
 def tensor_source(model: nn.Module | Checkpoint | TensorSource, device: str | torch.device = "cpu") -> TensorSource:

@@ -81,6 +81,30 @@ def test_refinement_starts_from_init_and_never_lowers_the_objective():
     assert set(refined.summary()) == set(spec.groups)
 
 
+def test_unscored_coordinate_ascent_finds_weight_matchings_permutations_and_reads_less():
+    """Orthogonal weight matching runs the coordinate ascent once a round without weight matching's two
+    scoring passes: the same permutations and sweeps, and no read of a tensor beyond the sweeps' own."""
+    from merge_graphs.match import coordinate_ascent
+
+    a, b = make("llama-lm", seed=0), make("llama-lm", seed=1)
+    spec = mg.symmetry_spec(a)
+    init = mg.random_permutations(spec, seed=3)
+
+    class Counted(dict):
+        reads = 0
+
+        def __getitem__(self, name):
+            Counted.reads += 1
+            return super().__getitem__(name)
+
+    scored = weight_matching(spec, a.state_dict(), Counted(b.state_dict()), init=init, seed=2)
+    scored_reads, Counted.reads = Counted.reads, 0
+    perms, sweeps = coordinate_ascent(spec, a.state_dict(), Counted(b.state_dict()), init=init, seed=2)
+    assert sweeps == scored.iterations
+    assert all(torch.equal(perms[g], scored.permutations[g]) for g in spec.groups)
+    assert Counted.reads == scored_reads - 2 * len(spec.tensors)
+
+
 def test_matching_a_subset_of_groups_leaves_the_others_alone():
     model = make("bert")
     spec = mg.symmetry_spec(model)

@@ -408,6 +408,24 @@ def test_a_tied_head_missing_from_the_state_is_not_scaled_with_the_embedding():
         assert_close(v, missing[k], k)
 
 
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm", "qwen2-lm-tied"])
+def test_one_unrotated_read_scores_every_rotation(name):
+    """The alternation scores each round as ``<M, Q> + const`` from one read of B, unrotated: it must be
+    the objective of B rotated by that Q, for any Q (the tensors off the stream and the norms in the const)."""
+    from merge_graphs.rotation import _objective_parts
+
+    spec, fa, fb = _views(make(name, seed=0), make(name, seed=1))
+    perms = mg.random_permutations(spec, seed=4, fixed=[RESIDUAL])
+    m, rest = _objective_parts(spec, fa, fb, perms)
+    assert torch.equal(m, residual_similarity(spec, fa, fb, perms))
+    d = spec.groups[RESIDUAL].size
+    for seed in (5, 6):
+        q = random_rotation(d, rotation_kind(spec), seed=seed)
+        value = objective(spec, fa, _mapped(spec, fb, perms, q, {}), mg.identity_permutations(spec))[0]
+        assert float((m * q.double()).sum()) + rest == pytest.approx(value, rel=1e-5)
+    assert rest != 0.0 and abs(rest) < abs(value)
+
+
 def test_the_rotation_step_streams_the_permutations_tensor_by_tensor():
     a, b = make("gpt2-lm", seed=0), make("gpt2-lm", seed=1)
     spec, fa = fold_norms(mg.symmetry_spec(a), a.state_dict())
