@@ -1010,7 +1010,7 @@ def rotation_alignment(
             # Rounds of block coordinate ascent on one objective: Q by Procrustes given the permutations and head
             # maps, then the permutations by weight matching given Q, then the head maps given both. The state after
             # the Q step is scored (the permutations and head maps already fit the Q before it); a round is kept if
-            # it improves the objective.
+            # it improves the objective by more than ROUND_TOLERANCE of it. Round 0 is the start's Q step alone.
             m, score = parts(perms, maps)
             after = score(q)
             for round_ in range(max_iter):
