@@ -5,8 +5,8 @@ default data-free alignment* (weight matching), divided by the mean of the two p
 families with different loss scales share one scale. The barrier of naive averaging is not
 predicted: it depends on the order of B's units, which no permutation-invariant feature can see.
 
-The model: the pair's *distance*, one minus the lineage score (the matched mean cosine of the
-two models' GNN unit embeddings, :func:`~merge_graphs.gnn.lineage.matched_cosines`), times a slope
+The model: the pair's *distance*, one minus the embedding score (the matched mean cosine of the
+two models' GNN unit embeddings, :func:`~merge_graphs.gnn.lineage.embedding_score`), times a slope
 that depends on the architecture's shape (whether a residual stream joins the layers, log width,
 log depth), fitted by ridge regression through the origin::
 
@@ -15,7 +15,7 @@ log depth), fitted by ridge regression through the origin::
 Through the origin because a model against itself (or a permuted copy) has no barrier in any
 architecture: a linear model with an intercept gave same-base pairs of a high-barrier architecture a
 higher prediction than independent pairs of a low-barrier one. For one architecture the prediction
-orders pairs exactly as the lineage score does; across architectures the slope says which shapes
+orders pairs exactly as the embedding score does; across architectures the slope says which shapes
 merge worse. Within this form, per-kind cosines (hidden units, residual stream, attention), the worst
 layer and the pooled cosine were tried as further inputs and ranked the pairs of an architecture
 left out of the fit worse in cross-validation, so they are not used. The slope is fitted on seven
