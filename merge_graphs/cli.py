@@ -16,7 +16,7 @@ from merge_graphs import __version__
 from merge_graphs.errors import MergeGraphsError
 from merge_graphs.gnn import default_encoder
 from merge_graphs.gnn import embed as embed_model
-from merge_graphs.gnn.lineage import lineage, lineage_threshold
+from merge_graphs.gnn.lineage import DIFFERENT, lineage, lineage_threshold
 from merge_graphs.gnn.mergeability import barrier_model, pair_features
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.io import Checkpoint, load_model
@@ -160,10 +160,10 @@ def embed(args: argparse.Namespace) -> int:
     print(f"  {'pair':<{pw}}  {'score':>6}  {'barrier':>8}  verdict")
     model, extrapolated = barrier_model(), False
     for (i, j), label, pair in zip(itertools.combinations(range(len(embeddings)), 2), labels, pairs):
-        if pair.cosines is None:
+        if pair.verdict == DIFFERENT:
             score, barrier = "     -", "       -"
         else:
-            features = pair_features(embeddings[i], embeddings[j], pair.cosines)
+            features = pair_features(embeddings[i], embeddings[j], pair.score)
             mark = " " if model.covers(features) else "*"
             extrapolated |= mark == "*"
             score, barrier = f"{pair.score:6.3f}", f"{model.predict(features):7.3f}{mark}"

@@ -27,7 +27,7 @@ import itertools
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,15 +49,13 @@ DIFFERENT = "different architectures"
 class LineagePair:
     """One pair's answer: its ``score`` (:func:`lineage_score`; ``nan`` when the two models'
     architectures differ) and ``verdict``: ``"same base"``, ``"independent"`` or
-    ``"different architectures"``. ``cosines`` (:func:`matched_cosines`, ``None`` for different
-    architectures) keeps the unit embeddings' matched cosines, so further pair statistics (the
-    predicted barrier of :mod:`merge_graphs.gnn.mergeability`) need not match the units again."""
+    ``"different architectures"``. The predicted barrier of :mod:`merge_graphs.gnn.mergeability`
+    takes the score, so the units need not be matched again."""
 
     a: str
     b: str
     score: float
     verdict: str
-    cosines: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,14 +89,6 @@ def _matching(emb_a: Embeddings, emb_b: Embeddings, solver: str, seed: int) -> P
     return gnn_matching(emb_a.graph.spec, emb_a, emb_b, solver=solver, seed=seed).permutations
 
 
-def _unit_cosines(emb_a: Embeddings, emb_b: Embeddings, perms: Permutations) -> dict[str, torch.Tensor]:
-    specs, a = pseudo_tensors(emb_a)
-    _, b = pseudo_tensors(emb_b)
-    pseudo = SymmetrySpec(emb_a.graph.spec.family, emb_a.graph.spec.groups, specs)
-    # The keys are "gnn:<node set>"; each column of a pseudo tensor is one unit's unit-norm embedding.
-    return {key.removeprefix("gnn:"): (a[key] * permuted(pseudo, key, b, perms)).sum(0) for key in a}
-
-
 def _correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double().flatten(), y.double().flatten()
     if x.numel() > 1:
@@ -108,14 +98,6 @@ def _correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     if nx == 0.0 or ny == 0.0:
         return 1.0 if torch.equal(x, y) else 0.0  # two constant tensors: equal or not, nothing to correlate
     return float(x @ y) / (nx * ny)
-
-
-def _weight_correlations(emb_a: Embeddings, emb_b: Embeddings, perms: Permutations, solver: str,
-                    seed: int) -> dict[str, float]:
-    spec, a, b = emb_a.graph.spec, emb_a.graph.tensors, emb_b.graph.tensors
-    # The embeddings' matching is a start: fine-tunes drift in embedding space more than in weight space.
-    refined = weight_matching(spec, a, b, init=perms, solver=solver, seed=seed).permutations
-    return {name: _correlation(a[name], permuted(spec, name, b, refined)) for name in spec.tensors}
 
 
 def matched_cosines(model_a, model_b, *, encoder: GraphEncoder | None = None, solver: str = "exact",
@@ -140,11 +122,16 @@ def matched_cosines(model_a, model_b, *, encoder: GraphEncoder | None = None, so
         {'mlp.0': 1.0}
     """
     emb_a, emb_b = _embeddings(model_a, encoder), _embeddings(model_b, encoder)
-    return _unit_cosines(emb_a, emb_b, _matching(emb_a, emb_b, solver, seed))
+    perms = _matching(emb_a, emb_b, solver, seed)
+    specs, a = pseudo_tensors(emb_a)
+    _, b = pseudo_tensors(emb_b)
+    pseudo = SymmetrySpec(emb_a.graph.spec.family, emb_a.graph.spec.groups, specs)
+    # The keys are "gnn:<node set>"; each column of a pseudo tensor is one unit's unit-norm embedding.
+    return {key.removeprefix("gnn:"): (a[key] * permuted(pseudo, key, b, perms)).sum(0) for key in a}
 
 
-def matched_weight_correlations(model_a, model_b, *, encoder: GraphEncoder | None = None, solver: str = "exact",
-                           seed: int = 0) -> dict[str, float]:
+def matched_weight_correlations(model_a, model_b, *, encoder: GraphEncoder | None = None,
+                                solver: str = "exact", seed: int = 0) -> dict[str, float]:
     """Each labelled tensor's correlation between A and B after B's units are matched to A's:
     ``{tensor name: correlation}``.
 
@@ -162,7 +149,11 @@ def matched_weight_correlations(model_a, model_b, *, encoder: GraphEncoder | Non
         {'0.weight': 1.0, '0.bias': 1.0, '2.weight': 1.0, '2.bias': 1.0}
     """
     emb_a, emb_b = _embeddings(model_a, encoder), _embeddings(model_b, encoder)
-    return _weight_correlations(emb_a, emb_b, _matching(emb_a, emb_b, solver, seed), solver, seed)
+    spec, a, b = emb_a.graph.spec, emb_a.graph.tensors, emb_b.graph.tensors
+    # The embeddings' matching is only a start: fine-tunes drift further in embedding space than in weights.
+    perms = weight_matching(spec, a, b, init=_matching(emb_a, emb_b, solver, seed), solver=solver,
+                            seed=seed).permutations
+    return {name: _correlation(a[name], permuted(spec, name, b, perms)) for name in spec.tensors}
 
 
 def lineage_score(model_a, model_b, *, encoder: GraphEncoder | None = None, solver: str = "exact",
@@ -196,7 +187,8 @@ def lineage_score(model_a, model_b, *, encoder: GraphEncoder | None = None, solv
         >>> round(lineage_score(mlp, shuffled), 4)
         1.0
     """
-    return _mean(matched_weight_correlations(model_a, model_b, encoder=encoder, solver=solver, seed=seed))
+    values = matched_weight_correlations(model_a, model_b, encoder=encoder, solver=solver, seed=seed)
+    return sum(values.values()) / len(values)
 
 
 def embedding_score(model_a, model_b, *, encoder: GraphEncoder | None = None, solver: str = "exact",
@@ -218,10 +210,6 @@ def embedding_score(model_a, model_b, *, encoder: GraphEncoder | None = None, so
 def score_of(cosines: dict[str, torch.Tensor]) -> float:
     """The mean over every unit of :func:`matched_cosines`' output (:func:`embedding_score`)."""
     return float(sum(c.sum() for c in cosines.values())) / sum(c.numel() for c in cosines.values())
-
-
-def _mean(values: dict[str, float]) -> float:
-    return sum(values.values()) / len(values)
 
 
 def lineage(models: Sequence, names: Sequence[str] | None = None, *, threshold: float | None = None,
@@ -266,10 +254,8 @@ def lineage(models: Sequence, names: Sequence[str] | None = None, *, threshold: 
         if not comparable(embs[i], embs[j]):
             out.append(LineagePair(names[i], names[j], float("nan"), DIFFERENT))
             continue
-        perms = _matching(embs[i], embs[j], "exact", 0)
-        score = _mean(_weight_correlations(embs[i], embs[j], perms, "exact", 0))
-        out.append(LineagePair(names[i], names[j], score, SAME_BASE if score > threshold else INDEPENDENT,
-                               _unit_cosines(embs[i], embs[j], perms)))
+        score = lineage_score(embs[i], embs[j])
+        out.append(LineagePair(names[i], names[j], score, SAME_BASE if score > threshold else INDEPENDENT))
     return out
 
 

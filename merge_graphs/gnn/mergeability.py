@@ -5,8 +5,9 @@ default data-free alignment* (weight matching), divided by the mean of the two p
 families with different loss scales share one scale. The barrier of naive averaging is not
 predicted: it depends on the order of B's units, which no permutation-invariant feature can see.
 
-The model: the pair's *distance*, one minus the embedding score (the matched mean cosine of the
-two models' GNN unit embeddings, :func:`~merge_graphs.gnn.lineage.embedding_score`), times a slope
+The model: the pair's *distance*, one minus the lineage score (the mean correlation of the two
+models' tensors once B's units are matched to A's, :func:`~merge_graphs.gnn.lineage.lineage_score`),
+times a slope
 that depends on the architecture's shape (whether a residual stream joins the layers, log width,
 log depth), fitted by ridge regression through the origin::
 
@@ -15,7 +16,7 @@ log depth), fitted by ridge regression through the origin::
 Through the origin because a model against itself (or a permuted copy) has no barrier in any
 architecture: a linear model with an intercept gave same-base pairs of a high-barrier architecture a
 higher prediction than independent pairs of a low-barrier one. For one architecture the prediction
-orders pairs exactly as the embedding score does; across architectures the slope says which shapes
+orders pairs exactly as the lineage score does; across architectures the slope says which shapes
 merge worse. Within this form, per-kind cosines (hidden units, residual stream, attention), the worst
 layer and the pooled cosine were tried as further inputs and ranked the pairs of an architecture
 left out of the fit worse in cross-validation, so they are not used. The slope is fitted on seven
@@ -39,11 +40,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from merge_graphs.gnn.embedding import Embeddings, default_encoder, embed
 from merge_graphs.gnn.encoder import GraphEncoder
-from merge_graphs.gnn.lineage import matched_cosines, score_of
+from merge_graphs.gnn.lineage import lineage_score
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 
 FEATURES = ("distance", "distance x residual stream", "distance x log width", "distance x log depth")
@@ -99,15 +98,14 @@ def barrier_model(folder: str | os.PathLike = WEIGHTS_DIR) -> BarrierModel:
     return BarrierModel.from_dict(json.loads((Path(folder) / "mergeability.json").read_text())["model"])
 
 
-def pair_features(emb_a: Embeddings, emb_b: Embeddings,
-                  cosines: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+def pair_features(emb_a: Embeddings, emb_b: Embeddings, score: float | None = None) -> dict[str, float]:
     """The permutation-invariant statistics of a pair: the regression's inputs (:data:`FEATURES`) and
-    what they are made of (``matched cosine``, ``residual stream``, ``log width``, ``log depth``).
+    what they are made of (``lineage score``, ``residual stream``, ``log width``, ``log depth``).
 
     Args:
         emb_a, emb_b: the two models' :func:`~merge_graphs.gnn.embed`.
-        cosines: their :func:`~merge_graphs.gnn.lineage.matched_cosines`, when already computed
-            (a :class:`~merge_graphs.gnn.lineage.LineagePair` keeps them); else matched here.
+        score: their :func:`~merge_graphs.gnn.lineage.lineage_score`, when already computed (a
+            :class:`~merge_graphs.gnn.lineage.LineagePair` keeps it); else computed here.
 
     Raises:
         SpecMismatchError: the two models' permuted units do not correspond (different architectures).
@@ -123,21 +121,22 @@ def pair_features(emb_a: Embeddings, emb_b: Embeddings,
         >>> round(f["distance"], 4), f["residual stream"], round(f["log width"], 3), f["log depth"]
         (0.0, 0.0, 2.079, 0.0)
     """
-    cosines = dict(cosines) if cosines is not None else matched_cosines(emb_a, emb_b)
-    roles = [emb_a.graph.node_sets[name].role for name in cosines]
-    distance = 1.0 - score_of(cosines)
+    score = lineage_score(emb_a, emb_b) if score is None else score
+    permuted = [ns for ns in emb_a.graph.node_sets.values() if not ns.fixed]
+    roles = [ns.role for ns in permuted]
+    distance = 1.0 - score
     shape = {
         "residual stream": float("residual" in roles),
         # mean units per permuted node set; hidden layers (an MLP's, a transformer block's MLP) count depth
-        "log width": math.log(sum(c.numel() for c in cosines.values()) / len(cosines)),
+        "log width": math.log(sum(ns.size for ns in permuted) / len(permuted)),
         "log depth": math.log(max(1, sum(r in HIDDEN_ROLES for r in roles))),
     }
-    return {"matched cosine": 1.0 - distance, "distance": distance, **shape,
+    return {"lineage score": score, "distance": distance, **shape,
             **{f"distance x {k}": distance * v for k, v in shape.items()}}
 
 
-def predicted_barrier(model_a, model_b, *, encoder: GraphEncoder | None = None,
-                      cosines: Mapping[str, torch.Tensor] | None = None, model: BarrierModel | None = None) -> float:
+def predicted_barrier(model_a, model_b, *, encoder: GraphEncoder | None = None, score: float | None = None,
+                      model: BarrierModel | None = None) -> float:
     """The predicted barrier of the pair after weight matching, relative to the parents' mean loss.
 
     0 means the weight-matched line is predicted as good as its parents; 0.3 means a loss about 30%
@@ -147,7 +146,7 @@ def predicted_barrier(model_a, model_b, *, encoder: GraphEncoder | None = None,
     Args:
         model_a, model_b: ``nn.Module`` s, or their :func:`~merge_graphs.gnn.embed`.
         encoder: embeds the models given as modules; default the pretrained one.
-        cosines: the pair's :func:`~merge_graphs.gnn.lineage.matched_cosines`, to match only once.
+        score: the pair's :func:`~merge_graphs.gnn.lineage.lineage_score`, to match only once.
         model: the regression; default the shipped one (:func:`barrier_model`).
 
     Raises:
@@ -166,7 +165,7 @@ def predicted_barrier(model_a, model_b, *, encoder: GraphEncoder | None = None,
     if encoder is None and not (isinstance(model_a, Embeddings) and isinstance(model_b, Embeddings)):
         encoder = default_encoder()
     emb_a, emb_b = (m if isinstance(m, Embeddings) else embed(m, encoder) for m in (model_a, model_b))
-    return (model or barrier_model()).predict(pair_features(emb_a, emb_b, cosines))
+    return (model or barrier_model()).predict(pair_features(emb_a, emb_b, score))
 
 
 __all__ = ["FEATURES", "SHAPES", "BarrierModel", "barrier_model", "pair_features", "predicted_barrier"]

@@ -22,11 +22,11 @@ mean of the two parents' losses.
   GPT-2 loss; a shape the regression never saw.
 
 Reported: Kendall's tau between predicted and true barrier over the held-out pairs, the independent
-ones alone, and within each architecture, beside four baselines: the lineage score alone (the
-weights' cosine after matching, :func:`~merge_graphs.gnn.lineage.lineage_score`; higher score, lower
-barrier), the embeddings' matched score that the regression's distance is made of (likewise), the
-cosine of the weights as they are (likewise), and a lookup of the mean training barrier of the
-pair's architecture and lineage verdict, which only works inside the zoo.
+ones alone, and within each architecture, beside four baselines: the lineage score alone, which the
+regression's distance is made of (higher score, lower barrier), the embeddings' own matched score
+(:func:`~merge_graphs.gnn.lineage.embedding_score`, the distance until the lineage score changed;
+likewise), the cosine of the weights as they are (likewise), and a lookup of the mean training
+barrier of the pair's architecture and lineage verdict, which only works inside the zoo.
 
 Run ``python -m merge_graphs.lab.gnn_mergeability`` (~5 min on one thread with the zoo cached, 3 more for the out-of-zoo check; it
 trains the zoo first otherwise). It writes ``merge_graphs/gnn/weights/mergeability.json`` unless
@@ -52,7 +52,7 @@ from scipy.stats import kendalltau
 
 import merge_graphs as mg
 from merge_graphs.gnn.embedding import default_encoder
-from merge_graphs.gnn.lineage import lineage_score, lineage_threshold, matched_cosines
+from merge_graphs.gnn.lineage import embedding_score, lineage_threshold
 from merge_graphs.gnn.mergeability import FEATURES, SHAPES, BarrierModel, pair_features
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 from merge_graphs.lab import pretraining_zoo as zoo
@@ -79,7 +79,7 @@ class Pair:
     b: Member
     features: dict[str, float]
     weight_cosine: float
-    lineage: float  # lineage_score: the weights' cosine after matching
+    embedding: float  # embedding_score: the embeddings' own matched score
     barrier: float  # after weight matching, relative to the parents' mean loss
     predicted: dict[str, float]
 
@@ -95,14 +95,14 @@ class Pair:
 
 def measure(a: Member, b: Member, loss: Callable, parent_loss: dict[str, float]) -> Pair:
     """The pair's features and its true relative barrier after weight matching."""
-    features = pair_features(a.emb, b.emb, matched_cosines(a.emb, b.emb))
+    features = pair_features(a.emb, b.emb)
     found = mg.align(a.model, b.model, "weight")
     line = curve(a.model, a.model.state_dict(), found.apply(b.model.state_dict()), loss, "weight")
     for m in (a, b):
         if m.name not in parent_loss:
             parent_loss[m.name] = float(loss(m.model))
     scale = (parent_loss[a.name] + parent_loss[b.name]) / 2
-    return Pair(a, b, features, weight_cosine(a, b), lineage_score(a.emb, b.emb), line.barrier / scale, {})
+    return Pair(a, b, features, weight_cosine(a, b), embedding_score(a.emb, b.emb), line.barrier / scale, {})
 
 
 def split_pairs(pool: list[Member], loss: Callable, parent_loss: dict[str, float]) -> tuple[list[Pair], list[Pair]]:
@@ -214,13 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     threshold = lineage_threshold()
     lookup = defaultdict(list)
     for q in fit:
-        lookup[q.a.arch, q.lineage > threshold].append(q.barrier)
+        lookup[q.a.arch, q.features["lineage score"] > threshold].append(q.barrier)
 
     def predict(pairs: Sequence[Pair]) -> None:
         for q in pairs:
-            known = lookup.get((q.a.arch, q.lineage > threshold))
-            q.predicted = {"GNN regression": model.predict(q.features), "lineage score": -q.lineage,
-                           "embedding score": -q.features["matched cosine"], "weight cosine": -q.weight_cosine,
+            known = lookup.get((q.a.arch, q.features["lineage score"] > threshold))
+            q.predicted = {"GNN regression": model.predict(q.features), "lineage score": -q.features["lineage score"],
+                           "embedding score": -q.embedding, "weight cosine": -q.weight_cosine,
                            "zoo lookup": statistics.fmean(known) if known else math.nan}
 
     predict(fit + heldout)
