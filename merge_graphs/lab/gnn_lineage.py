@@ -25,7 +25,7 @@ showed where it fails), and two without matching: the cosine of the two models' 
 labelled tensors, flattened, as they are), and the GNN embeddings' cosine unit by unit as the
 models are ordered. Each baseline's threshold is fitted the same way.
 
-Run ``python -m merge_graphs.lab.gnn_lineage`` (~1-2 min with the zoo cached; it trains the zoo
+Run ``python -m merge_graphs.lab.gnn_lineage`` (~3.5 min with the zoo cached; it trains the zoo
 first otherwise). It writes ``merge_graphs/gnn/weights/lineage.json`` unless ``--out`` says otherwise.
 """
 

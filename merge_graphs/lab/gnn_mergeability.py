@@ -28,7 +28,7 @@ regression's distance is made of (higher score, lower barrier), the embeddings' 
 likewise), the cosine of the weights as they are (likewise), and a lookup of the mean training
 barrier of the pair's architecture and lineage verdict, which only works inside the zoo.
 
-Run ``python -m merge_graphs.lab.gnn_mergeability`` (~5 min on one thread with the zoo cached, 3 more for the out-of-zoo check; it
+Run ``python -m merge_graphs.lab.gnn_mergeability`` (~2.5 min on one thread with the zoo cached, 2 more for the out-of-zoo check; it
 trains the zoo first otherwise). It writes ``merge_graphs/gnn/weights/mergeability.json`` unless
 ``--out`` says otherwise.
 """
