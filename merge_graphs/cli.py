@@ -152,7 +152,8 @@ def embed(args: argparse.Namespace) -> int:
     if len(embeddings) < 2:
         return 0
     threshold = lineage_threshold()
-    print(f"\nlineage: mean cosine of the weights once B's units are matched to A's; above {threshold:.3f} says same base")
+    print("\nlineage: mean correlation of the two models' tensors once B's units are matched to A's; "
+          f"above {threshold:.3f} says same base")
     print("barrier: predicted loss barrier after weight matching, relative to the two models' mean loss")
     pairs = lineage(embeddings, [f"[{i}]" for i in range(len(names))], threshold=threshold)
     labels = [f"{p.a} {p.b}" for p in pairs]

@@ -7,9 +7,8 @@ predicted: it depends on the order of B's units, which no permutation-invariant 
 
 The model: the pair's *distance*, one minus the lineage score (the mean correlation of the two
 models' tensors once B's units are matched to A's, :func:`~merge_graphs.gnn.lineage.lineage_score`),
-times a slope
-that depends on the architecture's shape (whether a residual stream joins the layers, log width,
-log depth), fitted by ridge regression through the origin::
+times a slope that depends on the architecture's shape (whether a residual stream joins the layers,
+log width, log depth), fitted by ridge regression through the origin::
 
     barrier = distance * (w0 + w1 * residual stream + w2 * log width + w3 * log depth)
 
