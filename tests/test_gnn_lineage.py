@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from tiny_models import fine_tuned, make, shuffled
 
 from merge_graphs.cli import main
@@ -19,6 +20,7 @@ from merge_graphs.gnn.lineage import (
     lineage,
     lineage_score,
     lineage_threshold,
+    matched_weight_correlations,
 )
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 
@@ -124,3 +126,18 @@ def test_lab_scripts_refuse_architectures_the_zoo_version_lacks(script, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "no architecture gpt3-32" in err and "gpt2-32" in err and "--zoo-version" in err
+
+
+def test_weight_correlations_ignore_what_every_model_shares(encoder):
+    # Norm weights sit near one in every trained model: an offset both models share must not look like
+    # a common base. The score is the mean of the per-tensor correlations.
+    a, b = make("gpt2", seed=0), make("gpt2", seed=1)
+    before = matched_weight_correlations(a, b, encoder=encoder)
+    assert lineage_score(a, b, encoder=encoder) == pytest.approx(sum(before.values()) / len(before))
+    name = "h.0.ln_1.weight"
+    with torch.no_grad():
+        for seed, model in enumerate((a, b)):
+            weight = model.get_parameter(name)
+            weight.copy_(1.0 + 0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)))
+    after = matched_weight_correlations(a, b, encoder=encoder)
+    assert abs(after[name]) < 0.6  # independent deviations around a shared one; the plain cosine would be ~0.99
