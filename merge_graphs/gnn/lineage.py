@@ -84,7 +84,7 @@ def _matching(emb_a: Embeddings, emb_b: Embeddings, solver: str, seed: int) -> P
     """B's units matched to A's on their embeddings (what both scores start from)."""
     if not comparable(emb_a, emb_b):
         raise SpecMismatchError("lineage needs two models of one architecture: their permuted units differ")
-    if not pseudo_tensors(emb_a)[1]:
+    if all(ns.fixed for ns in emb_a.graph.node_sets.values()):
         raise SpecMismatchError("the models have no permuted units to compare")
     return gnn_matching(emb_a.graph.spec, emb_a, emb_b, solver=solver, seed=seed).permutations
 
