@@ -19,7 +19,7 @@ from merge_graphs.gnn import embed as embed_model
 from merge_graphs.gnn.lineage import DIFFERENT, lineage, lineage_threshold
 from merge_graphs.gnn.mergeability import barrier_model, pair_features
 from merge_graphs.graph import NeuralGraph
-from merge_graphs.io import Checkpoint, load_model
+from merge_graphs.io import Checkpoint
 from merge_graphs.io.push import push_folder
 from merge_graphs.run import run_recipe
 from merge_graphs.sources import ModelTensors
@@ -139,8 +139,10 @@ def push(args: argparse.Namespace) -> int:
 
 def embed(args: argparse.Namespace) -> int:
     encoder = default_encoder()
-    # Each model embedded once; its embeddings serve both the pooled table and the lineage pairs.
-    embeddings = [embed_model(load_model(ref, allow_pickle=args.allow_pickle), encoder) for ref in args.models]
+    # Each model embedded once; its embeddings serve both the pooled table and the lineage pairs. Read from the
+    # checkpoints as needed, never loaded whole: lineage's weight matching streams as an alignment does.
+    embeddings = [embed_model(ModelTensors(Checkpoint.open(ref, allow_pickle=args.allow_pickle)), encoder)
+                  for ref in args.models]
     x = torch.nn.functional.normalize(torch.stack([e.pooled for e in embeddings]).float(), dim=1)
     similarity = x @ x.T
     names = [_short(m) for m in args.models]

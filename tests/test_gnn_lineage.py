@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from tiny_models import fine_tuned, make, shuffled
 
 from merge_graphs.cli import main
@@ -23,6 +24,8 @@ from merge_graphs.gnn.lineage import (
     matched_weight_correlations,
 )
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
+from merge_graphs.io import Checkpoint
+from merge_graphs.sources import ModelTensors
 
 FAMILIES = ["mlp", "gpt2", "bert", "llama"]
 
@@ -141,3 +144,38 @@ def test_weight_correlations_ignore_what_every_model_shares(encoder):
             weight.copy_(1.0 + 0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)))
     after = matched_weight_correlations(a, b, encoder=encoder)
     assert abs(after[name]) < 0.6  # independent deviations around a shared one; the plain cosine would be ~0.99
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_a_checkpoint_read_lazily_embeds_and_scores_as_the_model_in_memory(name, encoder, tmp_path):
+    # `merge-graphs embed` reads checkpoints lazily (never loads a model whole): the same tensors, the same answers.
+    a, b = make(name, seed=0), shuffled(fine_tuned(make(name, seed=0)), 2)
+    for i, model in enumerate((a, b)):
+        model.save_pretrained(tmp_path / f"m{i}")
+    on_disk = [embed(ModelTensors(Checkpoint(tmp_path / f"m{i}")), encoder) for i in range(2)]
+    in_memory = [embed(model, encoder) for model in (a, b)]
+    for disk, memory in zip(on_disk, in_memory):
+        assert disk.nodes.keys() == memory.nodes.keys()
+        assert all(torch.allclose(disk.nodes[k], memory.nodes[k], atol=1e-5) for k in memory.nodes)
+    assert lineage_score(*on_disk) == pytest.approx(lineage_score(*in_memory), abs=1e-6)
+
+
+def test_cli_embed_refuses_an_architecture_without_a_spec(tmp_path, capsys):
+    config = transformers.PhiConfig(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=40)
+    transformers.PhiForCausalLM(config).save_pretrained(tmp_path / "phi")
+    assert main(["embed", str(tmp_path / "phi"), str(tmp_path / "phi")]) == 1
+    err = capsys.readouterr().err
+    assert "no symmetry spec for 'PhiForCausalLM'" in err and "Supported:" in err
+
+
+def test_cli_embed_reads_pickles_only_when_allowed(tmp_path, capsys):
+    model = make("bert", seed=0)
+    model.config.architectures = [type(model).__name__]  # what save_pretrained records
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "bin" / "pytorch_model.bin")
+    folder = str(tmp_path / "bin")
+    assert main(["embed", folder, folder]) == 1
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main(["embed", "--allow-pickle", folder, folder]) == 0
+    assert SAME_BASE in capsys.readouterr().out

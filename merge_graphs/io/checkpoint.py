@@ -35,7 +35,8 @@ def pickle_message(found: str, folder: Path) -> str:
     return (
         f"{folder} has only pickle weights ({found}); loading a pickle can run arbitrary code. Convert it to "
         "safetensors (load it once in a trusted environment and `save_pretrained(..., safe_serialization=True)`, "
-        "or use the Hub's safetensors conversion), or opt in with allow_pickle=True (recipe: allow_pickle: true); "
+        "or use the Hub's safetensors conversion), or opt in with allow_pickle=True (recipe: allow_pickle: true; "
+        "`merge-graphs inspect` and `embed`: --allow-pickle); "
         "it is then read with torch.load(weights_only=True)."
     )
 

@@ -203,7 +203,8 @@ def resolve(
             f"Hub repository {str(model)!r} has only pickle weights ({', '.join(pickles)}), which can run "
             "arbitrary code when loaded. Convert them to safetensors (e.g. with the Hub's conversion space, or "
             "load and `save_pretrained` in a trusted environment), or opt in with allow_pickle=True "
-            "(recipe: allow_pickle: true); they are then read with torch.load(weights_only=True)."
+            "(recipe: allow_pickle: true; `merge-graphs inspect` and `embed`: --allow-pickle); they are then read "
+            "with torch.load(weights_only=True)."
         )
     return folder  # the Checkpoint reading it says that it holds no weights
 

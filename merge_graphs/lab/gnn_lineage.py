@@ -250,16 +250,16 @@ def _range(values: Sequence[float]) -> str:
     return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
 
 
-def zoo_parser(script: str, doc: str, out: Path, what: str) -> argparse.ArgumentParser:
+def zoo_parser(script: str, doc: str, out: Path, what: str, version: int = 1) -> argparse.ArgumentParser:
     """The options the zoo's lab scripts share: ``--zoo``, ``--out``, ``--archs``, ``--bench-gpt2``,
-    ``--zoo-version``, ``--threads``."""
+    ``--zoo-version`` (default ``version``: the one the script's shipped json was fitted on), ``--threads``."""
     p = argparse.ArgumentParser(prog=f"python -m merge_graphs.lab.{script}", description=doc.split("\n\n")[0])
     p.add_argument("--zoo", default=str(zoo.DEFAULT_CACHE), help="model zoo cache folder")
     p.add_argument("--out", default=str(out), help=f"where to write {what} and figures ('-' for nowhere)")
     p.add_argument("--archs", nargs="*", help="zoo architectures (default: all)")
     p.add_argument("--bench-gpt2", default="out/bench/models",
                    help="folder of `merge-graphs bench gpt2`'s models (gpt2-seed0-steps800 ...); skipped if absent")
-    p.add_argument("--zoo-version", type=int, default=1,
+    p.add_argument("--zoo-version", type=int, default=version,
                    help="the zoo's architectures up to this version (default %(default)s: what the shipped json was "
                         "fitted on)")
     p.add_argument("--threads", type=int, default=1)

@@ -11,8 +11,9 @@ zoo's held-out data (:func:`~merge_graphs.lab.pretraining_zoo.loss_fn`), the bar
 mean of the two parents' losses.
 
 * Fit: every pair among the training seeds and their fine-tunes; ridge regression through the origin
-  on :func:`~merge_graphs.gnn.mergeability.pair_features` (see :mod:`merge_graphs.gnn.mergeability`), its penalty the one that ranks best (Kendall's tau)
-  in leave-one-architecture-out cross-validation on these pairs.
+  on some of :func:`~merge_graphs.gnn.mergeability.pair_features` (see :mod:`merge_graphs.gnn.mergeability`):
+  the form (one of :data:`FORMS`) and the penalty are those that rank best (Kendall's tau) in
+  leave-one-architecture-out cross-validation on these pairs.
 * Held out: every pair among the held-out seeds and their fine-tunes, each of these against every
   training seed's base, and each long fine-tune against each held-out base. The GNN and the
   regression saw none of these models.
@@ -28,9 +29,9 @@ regression's distance is made of (higher score, lower barrier), the embeddings' 
 likewise), the cosine of the weights as they are (likewise), and a lookup of the mean training
 barrier of the pair's architecture and lineage verdict, which only works inside the zoo.
 
-Run ``python -m merge_graphs.lab.gnn_mergeability`` (~2.5 min on one thread with the zoo cached, 2 more for the out-of-zoo check; it
-trains the zoo first otherwise). It writes ``merge_graphs/gnn/weights/mergeability.json`` unless
-``--out`` says otherwise.
+Run ``python -m merge_graphs.lab.gnn_mergeability`` (zoo version 2's eighteen architectures by default: ~12 min
+on one thread with the zoo cached, 2 more for the out-of-zoo check; it trains the zoo first otherwise; ``--zoo-version
+1`` for the first seven). It writes ``merge_graphs/gnn/weights/mergeability.json`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,18 @@ from merge_graphs.lab.gnn_lineage import (
 )
 
 ALPHAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+#: the regression's candidate inputs, named; each holds the distance (see :mod:`merge_graphs.gnn.mergeability`)
+FORMS = {
+    "distance": ("distance",),
+    "distance, squared": ("distance", "distance squared"),
+    "distance x residual stream": ("distance", "distance x residual stream"),
+    "distance x log width": ("distance", "distance x log width"),
+    "distance x log depth": ("distance", "distance x log depth"),
+    "distance x residual stream, log width": ("distance", "distance x residual stream", "distance x log width"),
+    "distance x residual stream, log depth": ("distance", "distance x residual stream", "distance x log depth"),
+    "distance x every shape term": ("distance", "distance x residual stream", "distance x log width",
+                                    "distance x log depth"),
+}
 TARGET_TAU = 0.6
 PREDICTORS = ("GNN regression", "lineage score", "embedding score", "weight cosine", "zoo lookup")
 
@@ -147,25 +160,42 @@ def shape_ranges(pairs: Sequence[Pair]) -> dict[str, dict[str, tuple[float, floa
     return out
 
 
-def matrix(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.tensor([[p.features[f] for f in FEATURES] for p in pairs], dtype=torch.float64)
+def matrix(pairs: Sequence[Pair], features: Sequence[str] = FEATURES) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.tensor([[p.features[f] for f in features] for p in pairs], dtype=torch.float64)
     return x, torch.tensor([p.barrier for p in pairs], dtype=torch.float64)
 
 
-def choose_alpha(fit: Sequence[Pair]) -> tuple[float, dict[str, dict[str, float]]]:
-    """The ridge penalty whose predictions rank best (Kendall's tau, the figure reported) when each
-    architecture's pairs are predicted by a fit on the other architectures' pairs; with every alpha's
-    tau and mean squared error."""
-    scores = {}
-    for alpha in ALPHAS:
-        predicted, true = [], []
-        for arch in sorted({p.a.arch for p in fit}):
-            model = fit_ridge(*matrix([p for p in fit if p.a.arch != arch]), alpha)
-            predicted += [model.predict(p.features) for p in fit if p.a.arch == arch]
-            true += [p.barrier for p in fit if p.a.arch == arch]
-        scores[str(alpha)] = {"tau": round(float(kendalltau(predicted, true).statistic), 4),
-                              "mse": round(statistics.fmean((x - y) ** 2 for x, y in zip(predicted, true)), 5)}
-    return float(max(scores, key=lambda a: scores[a]["tau"])), scores
+def choose_form(fit: Sequence[Pair], forms: Mapping[str, Sequence[str]] = FORMS,
+                alphas: Sequence[float] = ALPHAS) -> tuple[str, float, dict[str, dict[str, dict[str, float]]]]:
+    """The form and ridge penalty whose predictions rank best (Kendall's tau, the figure reported) when
+    each architecture's pairs are predicted by a fit on the other architectures' pairs; with every
+    form's and alpha's tau and mean squared error.
+
+    Example:
+        Three architectures whose barrier grows with the distance at slopes 1, 2 and 3 (their shape
+        term): the distance alone cannot rank one against another.
+
+        >>> from types import SimpleNamespace as P
+        >>> pairs = [P(a=P(arch=arch), features={"distance": d, "distance x shape": d * s}, barrier=d * s)
+        ...          for arch, s in zip("xyz", (1, 2, 3)) for d in (0.2, 0.4, 0.6)]
+        >>> choose_form(pairs, {"d": ("distance",), "d x shape": ("distance x shape",)}, (1e-3,))[:2]
+        ('d x shape', 0.001)
+    """
+    archs = sorted({p.a.arch for p in fit})
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for form, features in forms.items():
+        scores[form] = {}
+        for alpha in alphas:
+            predicted, true = [], []
+            for arch in archs:
+                model = fit_ridge(*matrix([p for p in fit if p.a.arch != arch], features), alpha, features)
+                predicted += [model.predict(p.features) for p in fit if p.a.arch == arch]
+                true += [p.barrier for p in fit if p.a.arch == arch]
+            scores[form][str(alpha)] = {
+                "tau": round(float(kendalltau(predicted, true).statistic), 4),
+                "mse": round(statistics.fmean((x - y) ** 2 for x, y in zip(predicted, true)), 5)}
+    form, alpha = max(((f, a) for f in scores for a in scores[f]), key=lambda fa: scores[fa[0]][fa[1]]["tau"])
+    return form, float(alpha), scores
 
 
 def tau(pairs: Sequence[Pair], predictor: str) -> float:
@@ -195,7 +225,7 @@ def _cell(x: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = zoo_parser("gnn_mergeability", __doc__, WEIGHTS_DIR / "mergeability.json", "the fitted regression")
+    p = zoo_parser("gnn_mergeability", __doc__, WEIGHTS_DIR / "mergeability.json", "the fitted regression", version=2)
     args = p.parse_args(argv)
     archs, log, start = start_run(p, args)
     if len(archs) < 2:
@@ -209,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fit, heldout = fit + f, heldout + h
         log(f"{arch.name}: {len(f)} fit pairs, {len(h)} held-out pairs measured")
 
-    alpha, cv = choose_alpha(fit)
-    model = fit_ridge(*matrix(fit), alpha, shapes=shape_ranges(fit))
+    form, alpha, cv = choose_form(fit)
+    model = fit_ridge(*matrix(fit, FORMS[form]), alpha, FORMS[form], shapes=shape_ranges(fit))
     threshold = lineage_threshold()
     lookup = defaultdict(list)
     for q in fit:
@@ -226,12 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict(fit + heldout)
 
     independent = [q for q in heldout if not q.same]
+    first = {a.name for a in archs if a.since == 1}
     report = {"fit": summarize(fit), "heldout": summarize(heldout), "heldout_independent": summarize(independent),
               "heldout_same_base": summarize([q for q in heldout if q.same]), "architectures": {}, "kinds": {}}
+    if first != {a.name for a in archs}:
+        report["heldout_version_1"] = summarize([q for q in heldout if q.a.arch in first])
     met = report["heldout"]["tau GNN regression"] >= TARGET_TAU
     print(f"fit on training seeds: {len(fit)} pairs ({report['fit']['same base']} same base, "
-          f"{report['fit']['independent']} independent); ridge penalty {alpha:g}, leave-one-architecture-out "
-          f"tau {cv[str(alpha)]['tau']:.3f}")
+          f"{report['fit']['independent']} independent); form '{form}', ridge penalty {alpha:g}, "
+          f"leave-one-architecture-out tau {cv[form][str(alpha)]['tau']:.3f}")
+    print("leave-one-architecture-out tau of each form (its best penalty): " + "; ".join(
+        f"{name} {max(v['tau'] for v in by_alpha.values()):.3f}" for name, by_alpha in cv.items()))
     print(f"target: relative barrier after weight matching; issue target tau >= {TARGET_TAU}: "
           f"{'met' if met else 'not met'} (held-out tau {report['heldout']['tau GNN regression']:.3f})")
     print()
@@ -242,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [("fit (training seeds, in-sample)", report["fit"]), ("held out, all", report["heldout"]),
             ("held out, independent", report["heldout_independent"]),
             ("held out, same base", report["heldout_same_base"])]
+    if "heldout_version_1" in report:
+        rows.append(("held out, zoo version 1's architectures", report["heldout_version_1"]))
     for arch in archs:
         pairs = [q for q in heldout if q.a.arch == arch.name]
         s = summarize(pairs)
@@ -299,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": " ".join(["python -m merge_graphs.lab.gnn_mergeability",
                                  *(sys.argv[1:] if argv is None else argv)]),
             "encoder_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            "alpha": alpha, "leave_one_architecture_out": cv,
+            "form": form, "alpha": alpha, "leave_one_architecture_out": cv,
             "fine_tune_steps": list(FINE_TUNE_STEPS), "long_fine_tune": STRESS, "target_tau": TARGET_TAU,
             "target_met": met, **report, "seconds": round(seconds, 1), "torch": torch.__version__,
         }
