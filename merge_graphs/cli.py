@@ -147,7 +147,8 @@ def embed(args: argparse.Namespace) -> int:
     similarity = x @ x.T
     names = [_short(m) for m in args.models]
     width = max(8, *(len(n) for n in names))
-    print("cosine similarity of pooled GNN embeddings")
+    print("cosine similarity of pooled GNN embeddings (a summary of each model: near 1 for any two models of one "
+          "architecture)")
     print(" " * width + "".join(f"  {i:>6}" for i in range(len(names))))
     for i, name in enumerate(names):
         print(f"{name:<{width}}" + "".join(f"  {v:6.3f}" for v in similarity[i].tolist()) + f"  [{i}]")

@@ -23,8 +23,9 @@ when the fit saw zoo version 1's seven architectures, and there ranked held-out 
 version 2's eighteen they ranked an architecture left out worse than the distance alone: what makes
 one architecture merge worse than another is not its width or depth (the zoo's learning rates and
 training lengths move the barrier as much). Per-kind cosines (hidden units, residual stream,
-attention), the worst layer and the pooled cosine were tried as further inputs on version 1 and
-ranked worse too. Family one-hots are deliberately absent: they would memorize the zoo's four
+attention), the worst layer and the pooled cosine were tried as further inputs on version 1, and the
+matched correlations per kind of tensor, their minimum and their spread on version 2 (a scratch
+comparison, in issue #19's notes); each ranked worse in cross-validation. Family one-hots are deliberately absent: they would memorize the zoo's four
 families and say nothing about a family it lacks. The fit saw widths and depths of small models:
 outside them it extrapolates (:meth:`BarrierModel.covers` says so). Every input is unchanged when
 either model's units are permuted, so the prediction is too.
