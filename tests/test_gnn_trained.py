@@ -207,6 +207,12 @@ def test_cli_pretrain_gnn_writes_a_loadable_encoder_and_repeats_bit_for_bit(tmp_
         assert info["config"]["steps"] == 6 and info["zoo"]["train"] == ["mlp-t-s0", "mlp-t-s1"]
         assert info["zoo"]["heldout"] == ["mlp-t-s2"] and "--steps 6" in info["command"]
         assert info["zoo"]["validation"] == ["mlp-t-s3", "mlp-t-s4"] and info["best_step"] in (3, 6)
+        # what a later rerun needs to tell a changed zoo or library from a changed script
+        assert info["packages"]["torch"] == torch.__version__ and info["packages"]["POT"]
+        zoo = pretraining_zoo.load_zoo(real_entries([mlp], split="train"), tmp_path / "zoo")
+        assert {name: info["zoo"]["sha256"][name] for name in ("mlp-t-s0", "mlp-t-s1")} == {
+            zm.entry.name: pretrain_gnn.state_sha256(zm.model) for zm in zoo}
+        assert len(set(info["zoo"]["sha256"].values())) == 4
         history = json.loads((out / "history.json").read_text())
         assert len(history["eval"]) == 2 and set(history["naive_barrier"]) == {"mlp-t-s3/4"}
         assert info["validation"]["barrier"] == min(e["barrier"] for e in history["eval"])

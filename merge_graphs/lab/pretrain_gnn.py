@@ -408,6 +408,41 @@ def plot_history(history: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+REPRODUCIBILITY_PACKAGES = ("torch", "transformers", "numpy", "scipy", "POT", "safetensors")
+
+
+def package_versions() -> dict[str, str | None]:
+    """The versions of the packages whose numerics the weights depend on (the zoo's training, the teachers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def known(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {name: known(name) for name in REPRODUCIBILITY_PACKAGES}
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes, in name order): two runs trained on
+    the same zoo models have the same digests.
+
+    Example:
+        >>> a = torch.nn.Linear(2, 2)
+        >>> state_sha256(a) == state_sha256(copy.deepcopy(a)) != state_sha256(torch.nn.Linear(2, 2))
+        True
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: train the zoo (cached), pretrain, save weights, json and learning curves."""
     defaults = PretrainConfig()
@@ -446,10 +481,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = {
         "version": 2,
         "command": " ".join(["python -m merge_graphs.lab.pretrain_gnn", *(sys.argv[1:] if argv is None else argv)]),
-        "config": asdict(config), "seed": config.seed, "torch": torch.__version__,
+        "config": asdict(config), "seed": config.seed, "torch": torch.__version__, "packages": package_versions(),
         "zoo": {"version": args.zoo_version, "train": [zm.entry.name for zm in train_models],
                 "validation": [zm.entry.name for zm in validation_models],
-                "heldout": [e.name for e in pretraining_zoo.zoo_entries(archs, split="heldout")]},
+                "heldout": [e.name for e in pretraining_zoo.zoo_entries(archs, split="heldout")],
+                "sha256": {zm.entry.name: state_sha256(zm.model) for zm in [*train_models, *validation_models]}},
         "teacher_wins": history["teacher_wins"],
         "best_step": history["best_step"],
         "validation": ({k: v for k, v in history["eval"][best].items() if k != "pairs"} if history["eval"] else None),
