@@ -209,6 +209,7 @@ def test_cli_pretrain_gnn_writes_a_loadable_encoder_and_repeats_bit_for_bit(tmp_
         assert info["zoo"]["validation"] == ["mlp-t-s3", "mlp-t-s4"] and info["best_step"] in (3, 6)
         # what a later rerun needs to tell a changed zoo or library from a changed script
         assert info["packages"]["torch"] == torch.__version__ and info["packages"]["POT"]
+        assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         zoo = pretraining_zoo.load_zoo(real_entries([mlp], split="train"), tmp_path / "zoo")
         assert {name: info["zoo"]["sha256"][name] for name in ("mlp-t-s0", "mlp-t-s1")} == {
             zm.entry.name: pretrain_gnn.state_sha256(zm.model) for zm in zoo}

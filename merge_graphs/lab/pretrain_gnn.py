@@ -482,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "version": 2,
         "command": " ".join(["python -m merge_graphs.lab.pretrain_gnn", *(sys.argv[1:] if argv is None else argv)]),
         "config": asdict(config), "seed": config.seed, "torch": torch.__version__, "packages": package_versions(),
+        # torch picks its CPU kernels by instruction set: the same script and zoo can round differently elsewhere
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "zoo": {"version": args.zoo_version, "train": [zm.entry.name for zm in train_models],
                 "validation": [zm.entry.name for zm in validation_models],
                 "heldout": [e.name for e in pretraining_zoo.zoo_entries(archs, split="heldout")],
