@@ -14,8 +14,7 @@ from merge_graphs.errors import UnsupportedArchitectureError
 from merge_graphs.gnn.encoder import GraphEncoder, group_embeddings, pooled_embedding
 from merge_graphs.gnn.pretrained import load_encoder
 from merge_graphs.graph import NeuralGraph
-from merge_graphs.sources import TensorSource
-from merge_graphs.symmetry import symmetry_spec
+from merge_graphs.sources import tensor_source
 
 
 @dataclass
@@ -61,13 +60,14 @@ def embed(model_or_graph, encoder: GraphEncoder | None = None) -> Embeddings:
     """
     if isinstance(model_or_graph, NeuralGraph):
         graph = model_or_graph
-    elif isinstance(model_or_graph, TensorSource):
-        spec = model_or_graph.spec()
+    else:
+        # A model in memory is read as its checkpoint names its tensors (a mixture's experts one tensor each, not
+        # stacked): the encoder scales each weight tensor by its std, so both sources must mean the same tensors.
+        source = tensor_source(model_or_graph)
+        spec = source.spec()
         if spec.unaligned:
             raise UnsupportedArchitectureError(spec.unaligned)
-        graph = NeuralGraph(spec, model_or_graph)
-    else:
-        graph = NeuralGraph(symmetry_spec(model_or_graph), model_or_graph.state_dict())
+        graph = NeuralGraph(spec, source)
     encoder = encoder or default_encoder()
     if graph.edges:
         encoder = encoder.to(graph.tensors[graph.edges[0].tensor].device)

@@ -40,7 +40,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -213,22 +213,22 @@ class MessageLayer(nn.Module):
             yield f(w) @ mix[:, k] / (math.sqrt(p) if signed else p)
 
     def forward(
-        self, graph: NeuralGraph, h: dict[str, torch.Tensor], links: list[Link], scales: Mapping[str, float]
+        self, graph: NeuralGraph, h: dict[str, torch.Tensor], links: list[Link], scales: Sequence[float]
     ) -> dict[str, torch.Tensor]:
         K, d = len(BASES), self.dim
         inbox = {name: [torch.zeros_like(x) for _ in range(3)] for name, x in h.items()}
         counts = {name: [0.0, 0.0, 0.0] for name in h}
         whole = slice(None)
         scratch = _Scratch()
-        for e in graph.edges:
+        for e, scale in zip(graph.edges, scales):
             r = _role(EDGE_ROLES, e.role)
             src_nodes, dst_nodes = e.src_nodes or whole, e.dst_nodes or whole
             src, dst = h[e.src][src_nodes], h[e.dst][dst_nodes]
             raw = graph.block(e).to(device=src.device, dtype=src.dtype)
             if torch.is_grad_enabled():  # training: autograd keeps each basis for the backward pass
-                block, buffers = raw / scales[e.tensor], None
+                block, buffers = raw / scale, None
             else:
-                block, buffers = torch.div(raw, scales[e.tensor], out=scratch.like(0, raw)), scratch
+                block, buffers = torch.div(raw, scale, out=scratch.like(0, raw)), scratch
             n_dst, n_src = block.shape[:2]
             # What each source sends its destinations, and each destination its sources, per basis.
             x = (src @ self.to_dst[r]).view(-1, K, d) * _basis_scale(n_src, src)
@@ -326,7 +326,7 @@ class GraphEncoder(nn.Module):
         return h
 
     def forward(self, graph: NeuralGraph) -> dict[str, torch.Tensor]:
-        scales = {name: _std(graph.tensors[name]) for name in {e.tensor for e in graph.edges}}
+        scales = edge_scales(graph)
         stats = {}
         for name in {f.tensor for f in graph.node_features}:
             t = graph.tensors[name].detach().float()
@@ -336,6 +336,15 @@ class GraphEncoder(nn.Module):
         for layer in self.layers:
             h = layer(graph, h, links, scales)
         return h
+
+
+def edge_scales(graph: NeuralGraph) -> list[float]:
+    """What each edge block of ``graph`` is divided by: its weight tensor's std, as a checkpoint stores
+    the tensor. One expert's slice of experts stacked in one tensor (``select``; the layout a model holds
+    in memory) is a tensor of its own in the per-expert layout ``save_pretrained`` writes, and a fused
+    gate/up projection two: such a block gets its own std, so either layout embeds alike."""
+    whole = {name: _std(graph.tensors[name]) for name in {e.tensor for e in graph.edges if e.select is None}}
+    return [whole[e.tensor] if e.select is None else _std(graph.block(e)) for e in graph.edges]
 
 
 def _std(t: torch.Tensor) -> float:
