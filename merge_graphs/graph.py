@@ -144,10 +144,10 @@ class NeuralGraph:
             (e.src_slice.stop - e.src_slice.start) * (e.dst_slice.stop - e.dst_slice.start) for e in self.edges
         )
 
-    def block(self, edge: EdgeBlock) -> torch.Tensor:
+    def block(self, edge: EdgeBlock, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """The edge block as ``(dst, src, *kernel)``: row ``i`` holds the incoming weights of node
-        ``i`` of ``edge.dst_nodes``."""
-        w = self._core(edge.tensor)
+        ``i`` of ``edge.dst_nodes``; cut from ``tensor`` (shaped as ``edge.tensor``) when given."""
+        w = self._core(edge.tensor, tensor)
         if edge.select is not None:
             w = w.select(*edge.select)
         w = w.narrow(edge.src_axis, edge.src_slice.start, edge.src_slice.stop - edge.src_slice.start)
@@ -159,9 +159,9 @@ class NeuralGraph:
         """The values of one node feature, one per node of its node set."""
         return self._core(feature.tensor)[feature.index]
 
-    def _core(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` without its leading singleton axes (:func:`_lead`)."""
-        w = self.tensors[name]
+    def _core(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or ``tensor`` in its place) without its leading singleton axes (:func:`_lead`)."""
+        w = self.tensors[name] if tensor is None else tensor
         return w.reshape(w.shape[_lead(self.spec.tensors[name]):])
 
     def node_order(self, permutations: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -137,8 +137,9 @@ def matched_weight_correlations(model_a, model_b, *, encoder: GraphEncoder | Non
 
     The matching is the embeddings' (:func:`~merge_graphs.gnn.alignment.gnn_matching`) refined by
     weight matching started from it; the correlation is the cosine of the two tensors, each less its
-    mean (a tensor of one element keeps it). Arguments and errors as :func:`lineage_score`, which is the
-    mean of the values.
+    mean (a tensor of one element keeps it). A tensor that stacks a mixture's experts counts as the
+    tensors a per-expert checkpoint stores: one value per expert and part (``"name#k"``), so either
+    layout scores alike. Arguments and errors as :func:`lineage_score`, which is the mean of the values.
 
     Example:
         >>> import torch, merge_graphs
@@ -153,7 +154,19 @@ def matched_weight_correlations(model_a, model_b, *, encoder: GraphEncoder | Non
     # The embeddings' matching is only a start: fine-tunes drift further in embedding space than in weights.
     perms = weight_matching(spec, a, b, init=_matching(emb_a, emb_b, solver, seed), solver=solver,
                             seed=seed).permutations
-    return {name: _correlation(a[name], permuted(spec, name, b, perms)) for name in spec.tensors}
+    stacked: dict[str, list] = {}
+    for edge in emb_a.graph.edges:
+        if edge.select is not None:
+            stacked.setdefault(edge.tensor, []).append(edge)
+    out = {}
+    for name in spec.tensors:
+        xb = permuted(spec, name, b, perms)
+        if name not in stacked:
+            out[name] = _correlation(a[name], xb)
+            continue
+        for k, edge in enumerate(stacked[name]):
+            out[f"{name}#{k}"] = _correlation(emb_a.graph.block(edge), emb_a.graph.block(edge, xb))
+    return out
 
 
 def lineage_score(model_a, model_b, *, encoder: GraphEncoder | None = None, solver: str = "exact",
