@@ -18,6 +18,7 @@ from merge_graphs.api import load_state
 from merge_graphs.cli import main
 from merge_graphs.errors import SpecMismatchError, UnsupportedArchitectureError
 from merge_graphs.gnn import GraphEncoder, embed
+from merge_graphs.gnn.lineage import lineage_score
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.io import Checkpoint
 from merge_graphs.match import weight_matching
@@ -251,8 +252,6 @@ def test_a_mixture_embeds_alike_in_memory_and_in_either_checkpoint_layout(tmp_pa
     # The GNN scales each weight block by its tensor's std, and lineage averages one correlation per tensor: one
     # expert's slice of a stacked tensor must count as the tensor it is in the per-expert layout, or
     # `merge-graphs embed` and `embed(model)` disagree (they did, by up to 0.21 on the bench Mixtral, before).
-    from merge_graphs.gnn.lineage import lineage_score
-
     encoder = GraphEncoder(dim=16)
     a, b = make(name, seed=0), make(name, seed=1)
     on_disk = [embed(saved(m, tmp_path / f"m{i}", layout), encoder) for i, m in enumerate((a, b))]

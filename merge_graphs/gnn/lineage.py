@@ -37,6 +37,7 @@ from merge_graphs.gnn.alignment import gnn_matching, pseudo_tensors
 from merge_graphs.gnn.embedding import Embeddings, default_encoder, embed
 from merge_graphs.gnn.encoder import GraphEncoder
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
+from merge_graphs.graph import EdgeBlock
 from merge_graphs.match import weight_matching
 from merge_graphs.symmetry.spec import Permutations, SymmetrySpec, permuted
 
@@ -154,7 +155,7 @@ def matched_weight_correlations(model_a, model_b, *, encoder: GraphEncoder | Non
     # The embeddings' matching is only a start: fine-tunes drift further in embedding space than in weights.
     perms = weight_matching(spec, a, b, init=_matching(emb_a, emb_b, solver, seed), solver=solver,
                             seed=seed).permutations
-    stacked: dict[str, list] = {}
+    stacked: dict[str, list[EdgeBlock]] = {}
     for edge in emb_a.graph.edges:
         if edge.select is not None:
             stacked.setdefault(edge.tensor, []).append(edge)

@@ -54,7 +54,7 @@ from scipy.stats import kendalltau
 import merge_graphs as mg
 from merge_graphs.gnn.embedding import default_encoder
 from merge_graphs.gnn.lineage import embedding_score, lineage_threshold
-from merge_graphs.gnn.mergeability import FEATURES, SHAPES, BarrierModel, pair_features
+from merge_graphs.gnn.mergeability import SHAPES, BarrierModel, pair_features
 from merge_graphs.gnn.pretrained import WEIGHTS_DIR
 from merge_graphs.lab import pretraining_zoo as zoo
 from merge_graphs.lab.bench.common import curve
@@ -133,7 +133,7 @@ def split_pairs(pool: list[Member], loss: Callable, parent_loss: dict[str, float
     return fit, heldout
 
 
-def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float, features: Sequence[str] = FEATURES,
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float, features: Sequence[str],
               shapes: dict[str, dict[str, tuple[float, float]]] | None = None) -> BarrierModel:
     """Ridge regression through the origin in closed form, each feature scaled to unit root mean square
     (every feature is 0 for a model against itself, whose barrier is 0: no intercept).
@@ -160,7 +160,7 @@ def shape_ranges(pairs: Sequence[Pair]) -> dict[str, dict[str, tuple[float, floa
     return out
 
 
-def matrix(pairs: Sequence[Pair], features: Sequence[str] = FEATURES) -> tuple[torch.Tensor, torch.Tensor]:
+def matrix(pairs: Sequence[Pair], features: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.tensor([[p.features[f] for f in features] for p in pairs], dtype=torch.float64)
     return x, torch.tensor([p.barrier for p in pairs], dtype=torch.float64)
 

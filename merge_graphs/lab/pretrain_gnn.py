@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -413,7 +415,6 @@ REPRODUCIBILITY_PACKAGES = ("torch", "transformers", "numpy", "scipy", "POT", "s
 
 def package_versions() -> dict[str, str | None]:
     """The versions of the packages whose numerics the weights depend on (the zoo's training, the teachers)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     def known(name: str) -> str | None:
         try:
@@ -433,8 +434,6 @@ def state_sha256(model: nn.Module) -> str:
         >>> state_sha256(a) == state_sha256(copy.deepcopy(a)) != state_sha256(torch.nn.Linear(2, 2))
         True
     """
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -481,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = {
         "version": 2,
         "command": " ".join(["python -m merge_graphs.lab.pretrain_gnn", *(sys.argv[1:] if argv is None else argv)]),
-        "config": asdict(config), "seed": config.seed, "torch": torch.__version__, "packages": package_versions(),
+        "config": asdict(config), "seed": config.seed, "packages": package_versions(),
         # torch picks its CPU kernels by instruction set: the same script and zoo can round differently elsewhere
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "zoo": {"version": args.zoo_version, "train": [zm.entry.name for zm in train_models],
