@@ -16,7 +16,7 @@ from merge_graphs.errors import CheckpointNotFoundError
 from merge_graphs.gnn import default_encoder, embed
 from merge_graphs.gnn.alignment import recovered_fraction
 from merge_graphs.gnn.encoder import GraphEncoder
-from merge_graphs.gnn.pretrained import WEIGHTS_DIR, encoder_info, load_encoder
+from merge_graphs.gnn.pretrained import WEIGHTS_DIR, encoder_info, load_encoder, save_encoder
 from merge_graphs.lab import pretrain_gnn, pretraining_zoo, trainers
 from merge_graphs.lab.pretrain_gnn import PretrainConfig, _graph, contrastive_loss, node_targets, perturb, pretrain
 
@@ -228,3 +228,29 @@ def test_cli_pretrain_gnn_writes_a_loadable_encoder_and_repeats_bit_for_bit(tmp_
         digests.append((out / "encoder.safetensors").read_bytes())
     assert digests[0] == digests[1]
     assert labelled == ["mlp-t-s0"]  # the second run read the pseudo-labels from the zoo's cache
+
+
+def test_cli_pretrain_gnn_validate_prints_each_saved_encoders_validation_barrier(tmp_path, monkeypatch, capsys):
+    """``--validate DIR...`` trains nothing and prints, per saved encoder (float16 as shipped), the
+    early-stopping criterion on the zoo's validation pairs: the figure used to choose between runs."""
+    mlp = pretraining_zoo.Arch("mlp-v", "mlp", {"widths": (64, 12, 10), "activation": "relu"}, {"epochs": 2},
+                               (0, 1, 2, 3, 4), (2,), (3, 4))
+    real_entries = pretraining_zoo.zoo_entries
+    monkeypatch.setattr(pretraining_zoo, "zoo_entries", lambda archs=None, split=None: real_entries([mlp], split=split))
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        encoder = GraphEncoder(dim=8, layers=1)
+        save_encoder(encoder, tmp_path / f"enc{seed}", {})
+        folders.append(str(tmp_path / f"enc{seed}"))
+    assert main(["pretrain-gnn", "--zoo", str(tmp_path / "zoo"), "--validate", *folders]) == 0
+    assert not (tmp_path / "enc0" / "history.json").exists()
+    lines = capsys.readouterr().out.splitlines()
+    printed = {line.split()[0]: (float(line.split()[1]), float(line.split()[2])) for line in lines
+               if line.split() and line.split()[0] in folders}
+    models = pretraining_zoo.load_zoo(real_entries([mlp], split="validation"), tmp_path / "zoo")
+    pairs = pretrain_gnn.validation_pairs(models)
+    assert [p.name for p in pairs] == ["mlp-v-s3/4"] and any(line.startswith("mlp-v-s3/4") for line in lines)
+    for folder in folders:
+        want = pretrain_gnn.validation_barriers(load_encoder(folder), pairs)
+        assert printed[folder] == (round(want["barrier"], 4), round(want["barrier_refined"], 4))

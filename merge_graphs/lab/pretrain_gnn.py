@@ -304,8 +304,10 @@ def pretrain(
     validation pairs or with ``config.keep == "last"``. ``labels``: a folder caching the stage-2
     pseudo-labels.
 
-    Deterministic given ``config.seed`` on one device (use one CPU thread for bit-identical
-    runs across machines).
+    Deterministic given ``config.seed`` on one CPU thread, for one set of package versions and one
+    CPU kernel level (``torch.backends.cpu.get_cpu_capability()``): the same recipe run under
+    ``ATEN_CPU_CAPABILITY=avx2``, ``default`` and the machine's AVX512 trains three different
+    encoders, since 6000 optimizer steps amplify the kernels' last-bit rounding differences.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rng = random.Random(config.seed)
@@ -442,6 +444,29 @@ def state_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def validate(folders: Sequence[str | os.PathLike], zoo: str | os.PathLike, zoo_version: int) -> int:
+    """Print :func:`validation_barriers` of each saved encoder (as shipped: float16 weights) on the
+    validation pairs of ``zoo_version``: one line per encoder, then one per pair."""
+    from merge_graphs.gnn.pretrained import load_encoder
+
+    models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(pretraining_zoo.archs_of(zoo_version),
+                                                                  split="validation"), zoo, progress=True)
+    pairs = validation_pairs(models)
+    if not pairs:
+        logger.error("zoo version %d has no architecture with two validation seeds: nothing to validate on",
+                     zoo_version)
+        return 1
+    results = {str(f): validation_barriers(load_encoder(f), pairs) for f in folders}
+    print(f"validation barrier (share of naive's left, mean of {len(pairs)} zoo version {zoo_version} pairs):")
+    print(f"{'encoder':<48} {'gnn':>8} {'gnn+weight':>11}")
+    for f, r in results.items():
+        print(f"{f:<48} {r['barrier']:8.4f} {r['barrier_refined']:11.4f}")
+    print(f"{'pair':<32}" + "".join(f" {Path(f).name[-16:]:>16}" for f in results))
+    for name in next(iter(results.values()))["pairs"]:
+        print(f"{name:<32}" + "".join(f" {r['pairs'][name]['gnn']:16.4f}" for r in results.values()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: train the zoo (cached), pretrain, save weights, json and learning curves."""
     defaults = PretrainConfig()
@@ -458,12 +483,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--zoo-version", type=int, default=pretraining_zoo.ZOO_VERSION,
                    help="train on this zoo version's architectures (1 with --teacher-steps 0 --keep last: the "
                         "version-1 recipe of the first shipped weights)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: bit-identical across machines)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: bit-identical between runs with the same packages and CPU kernel level)")
+    p.add_argument("--validate", nargs="+", metavar="DIR",
+                   help="train nothing: print the validation barriers of the encoders saved in these folders, on "
+                        "--zoo-version's validation pairs (the early-stopping criterion, to choose between runs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("merge_graphs.match", "merge_graphs.learned"):  # one line per matching is noise here
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.validate:
+        return validate(args.validate, args.zoo, args.zoo_version)
     config = PretrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     archs = pretraining_zoo.archs_of(args.zoo_version)
     train_models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(archs, split="train"), args.zoo,
