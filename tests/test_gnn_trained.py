@@ -3,6 +3,7 @@
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,7 +260,7 @@ def test_cli_pretrain_gnn_validate_prints_each_saved_encoders_validation_barrier
         save_encoder(encoder, tmp_path / f"enc{seed}", {})
         folders.append(str(tmp_path / f"enc{seed}"))
     assert main(["pretrain-gnn", "--zoo", str(tmp_path / "zoo"), "--validate", *folders]) == 0
-    assert not (tmp_path / "enc0" / "history.json").exists()
+    assert all({f.name for f in Path(folder).iterdir()} == {"encoder.safetensors", "encoder.json"} for folder in folders)
     lines = capsys.readouterr().out.splitlines()
     printed = {line.split()[0]: (float(line.split()[1]), float(line.split()[2])) for line in lines
                if line.split() and line.split()[0] in folders}

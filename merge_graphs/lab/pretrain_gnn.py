@@ -8,8 +8,8 @@ by the best teacher the data can find: activation matching, activation matching 
 weight matching, weight matching, and (``--teacher-steps`` > 0) learned permutations
 (straight-through, on the interpolated models' own loss,
 :func:`merge_graphs.learned.learned_permutations`) started from the best of those three,
-whichever reaches the lowest midpoint loss on training data. Labels are cached beside the zoo. Stage 2 steps are mixed with stage 1 steps, so the encoder keeps what it
-learnt.
+whichever reaches the lowest midpoint loss on training data. Labels are cached beside the zoo.
+Stage 2 steps are mixed with stage 1 steps, so the encoder keeps what it learnt.
 
 The loss is InfoNCE on every permuted node set: the cosine similarity of model B's node
 embeddings to model A's (centred, as :mod:`merge_graphs.gnn.alignment` uses them), divided by a
