@@ -193,7 +193,11 @@ def lab(command: str, argv: list[str]) -> int:
         from merge_graphs.lab.pretrain_gnn import main
     rest = list(argv)
     rest.remove(command)
-    return main(rest)
+    try:
+        return main(rest)
+    except MergeGraphsError as e:
+        print(f"merge-graphs: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _parser(command: str | None) -> argparse.ArgumentParser:

@@ -270,3 +270,10 @@ def test_cli_pretrain_gnn_validate_prints_each_saved_encoders_validation_barrier
     for folder in folders:
         want = pretrain_gnn.validation_barriers(load_encoder(folder), pairs)
         assert printed[folder] == (round(want["barrier"], 4), round(want["barrier_refined"], 4))
+
+
+def test_cli_pretrain_gnn_validate_refuses_a_folder_without_an_encoder_before_training_anything(tmp_path, capsys):
+    assert main(["pretrain-gnn", "--zoo", str(tmp_path / "zoo"), "--validate", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert "merge-graphs: error: no GNN weights in" in err and str(tmp_path / "nothing") in err
+    assert "Traceback" not in err and not (tmp_path / "zoo").exists()

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from merge_graphs.gnn.alignment import gnn_matching, recovered_fraction
 from merge_graphs.gnn.embedding import embed
 from merge_graphs.gnn.encoder import GraphEncoder
-from merge_graphs.gnn.pretrained import save_encoder
+from merge_graphs.gnn.pretrained import load_encoder, save_encoder
 from merge_graphs.graph import NeuralGraph
 from merge_graphs.lab import pretraining_zoo
 from merge_graphs.match import weight_matching
@@ -453,9 +453,12 @@ def state_sha256(model: nn.Module) -> str:
 
 def validate(folders: Sequence[str | os.PathLike], zoo: str | os.PathLike, zoo_version: int) -> int:
     """Print :func:`validation_barriers` of each saved encoder (as shipped: float16 weights) on the
-    validation pairs of ``zoo_version``: one line per encoder, then one per pair."""
-    from merge_graphs.gnn.pretrained import load_encoder
+    validation pairs of ``zoo_version``: one line per encoder, then one per pair.
 
+    Raises:
+        CheckpointNotFoundError: a folder holds no saved encoder (before any zoo model is trained).
+    """
+    encoders = {str(f): load_encoder(f) for f in folders}
     models = pretraining_zoo.load_zoo(pretraining_zoo.zoo_entries(pretraining_zoo.archs_of(zoo_version),
                                                                   split="validation"), zoo, progress=True)
     pairs = validation_pairs(models)
@@ -463,7 +466,7 @@ def validate(folders: Sequence[str | os.PathLike], zoo: str | os.PathLike, zoo_v
         logger.error("zoo version %d has no architecture with two validation seeds: nothing to validate on",
                      zoo_version)
         return 1
-    results = {str(f): validation_barriers(load_encoder(f), pairs) for f in folders}
+    results = {f: validation_barriers(encoder, pairs) for f, encoder in encoders.items()}
     print(f"validation barrier (share of naive's left, mean of {len(pairs)} zoo version {zoo_version} pairs):")
     print(f"{'encoder':<48} {'gnn':>8} {'gnn+weight':>11}")
     for f, r in results.items():
